@@ -1,0 +1,13 @@
+"""fastfeat: fast, exactly-once bulk CNN feature extraction (DeCAF, CaffeNet, AlexNet)."""
+
+__version__ = "0.1.0"
+
+
+def extract(source: str, out: str, **kwargs) -> dict:
+    """Extract features of ``source`` into Parquet shards in ``out``; see fastfeat.pipeline.Extractor."""
+    from .pipeline import extract as _extract
+
+    return _extract(source, out, **kwargs)
+
+
+__all__ = ["__version__", "extract"]

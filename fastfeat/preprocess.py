@@ -1,0 +1,226 @@
+"""Image decoding and preprocessing with NVIDIA DALI.
+
+DALI is fed encoded bytes through ``external_source`` by fastfeat's own reader, so
+fastfeat keeps control of ids, order and error handling.  Two styles:
+
+* ``caffe`` (CaffeNet default, as DeCAF): warp the whole image to 256×256 (aspect
+  ratio not kept), centre-crop 227, BGR, subtract a per-channel mean (104, 117, 123)
+  or a mean image from a ``.npy`` file.  Resizing is plain bilinear without
+  antialiasing, as Caffe's ``caffe.io.resize_image`` (order-1 interpolation) did.
+* ``torchvision`` (AlexNet default): resize the shorter side to 256 with antialiased
+  bilinear (torchvision's default), centre-crop 224, RGB, ImageNet mean/std.
+
+Greyscale images are replicated to three channels and an alpha channel is dropped
+(DALI's ``output_type=RGB/BGR`` conversion).  EXIF orientation is applied by DALI's
+decoder (``adjust_orientation``, on by default), so an image is seen upright.
+
+On CUDA, decoding uses nvJPEG (``device="mixed"``) and the resize runs on the GPU;
+without CUDA the whole pipeline runs on the CPU (``device_id=None``).
+
+DALI aborts a whole batch when one sample fails to decode.  ``Decoder.decode``
+then rebuilds the pipeline and decodes the batch's samples one at a time, so the
+bad ones are reported and every good one still gets exactly the pixels it gets in
+a clean batch (DALI's per-sample CPU operators do not depend on batch company).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .models import Preprocess
+
+
+class PreprocessError(ValueError):
+    pass
+
+
+def load_mean(mean_file: str, crop: int, resize: int) -> np.ndarray:
+    """A .npy mean as an HWC float32 array of shape (crop, crop, 3) or (3,) in the model's channel order.
+
+    Accepts Caffe's CHW mean image (3×256×256 as ``ilsvrc_2012_mean.npy``; centre-cropped
+    to the crop like the image), an HWC image, or a per-channel vector of 3.
+    """
+    if not os.path.isfile(mean_file):
+        raise PreprocessError(f"mean file not found: {mean_file}")
+    try:
+        mean = np.load(mean_file, allow_pickle=False).astype(np.float32)
+    except Exception as exc:  # numpy raises several types for a non-.npy file
+        raise PreprocessError(f"cannot read mean file {mean_file}: {exc}") from None
+    if mean.shape == (3,):
+        return mean
+    if mean.ndim == 3 and mean.shape[0] == 3 and mean.shape[2] != 3:
+        mean = mean.transpose(1, 2, 0)
+    if mean.ndim != 3 or mean.shape[2] != 3 or mean.shape[0] != mean.shape[1] or mean.shape[0] < crop:
+        raise PreprocessError(
+            f"mean file {mean_file}: expected shape (3,), (3,S,S) or (S,S,3) with S >= {crop}, got {mean.shape}"
+        )
+    off = (mean.shape[0] - crop) // 2
+    return np.ascontiguousarray(mean[off : off + crop, off : off + crop])
+
+
+def geometry(pre: Preprocess, width: int, height: int) -> tuple[int, int, int, int]:
+    """(resized_h, resized_w, crop_top, crop_left) for an upright width×height image.
+
+    caffe: warp to resize×resize; crop offset (resize - crop) // 2 as Caffe's
+    DataTransformer (integer division: 14 for 256 -> 227).
+    torchvision: shorter side to ``resize``, longer side int(resize * long / short)
+    (truncated, as torchvision's Resize); offset int(round((size - crop) / 2)) as
+    its CenterCrop (Python's round: halves go to even).
+    """
+    crop = pre.crop
+    if pre.style == "caffe":
+        rh = rw = pre.resize
+        top = left = (pre.resize - crop) // 2
+    else:
+        short, long = min(width, height), max(width, height)
+        new_long = int(pre.resize * long / short)
+        rh, rw = (pre.resize, new_long) if height <= width else (new_long, pre.resize)
+        top, left = int(round((rh - crop) / 2.0)), int(round((rw - crop) / 2.0))
+    return rh, rw, top, left
+
+
+def _dali_message(exc: Exception) -> str:
+    """The useful line of a DALI 'Critical error in pipeline' message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if "encountered:" in lines:
+        i = lines.index("encountered:")
+        tail = [ln for ln in lines[i + 1 :] if not ln.startswith("Current pipeline object")]
+        if tail:
+            return " ".join(tail)[:500]
+    return (lines[-1] if lines else type(exc).__name__)[:500]
+
+
+def _pil_diagnosis(encoded: np.ndarray) -> str:
+    """A readable reason for a failed decode (DALI prints its own only to stderr); runs on failures only."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(encoded.tobytes())) as im:
+            im.load()
+    except Exception as exc:  # PIL raises many types; we only want the text
+        return f" ({type(exc).__name__}: {exc})"
+    return ""
+
+
+class Decoder:
+    """A DALI pipeline that turns a list of encoded images into an NHWC float32 torch batch."""
+
+    def __init__(
+        self,
+        pre: Preprocess,
+        batch_size: int,
+        device: torch.device,
+        num_threads: int | None = None,
+        mean_image: np.ndarray | None = None,
+    ):
+        self.pre, self.batch_size, self.device = pre, batch_size, device
+        self.num_threads = num_threads or max(1, os.cpu_count() or 1)
+        mean = np.asarray(pre.mean, np.float32) if mean_image is None else np.asarray(mean_image, np.float32)
+        self.per_channel_mean = mean.shape == (3,)
+        self.channel_mean = [float(v) for v in mean] if self.per_channel_mean else [0.0, 0.0, 0.0]
+        # Mean images are subtracted in torch after the crop; per-channel means fuse into DALI.
+        self.mean_image = None if self.per_channel_mean else torch.from_numpy(mean).to(device)
+        self.std = torch.tensor(pre.std, dtype=torch.float32, device=device)
+        self.pipe = self._build()
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        pre, on_gpu = self.pre, self.device.type == "cuda"
+        mean = self.channel_mean
+        std = list(map(float, self.pre.std)) if self.per_channel_mean else [1.0, 1.0, 1.0]
+
+        @pipeline_def(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=(self.device.index or 0) if on_gpu else None,
+            prefetch_queue_depth=1,
+            exec_dynamic=True,
+        )
+        def pipeline():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=False)
+            # Per-sample geometry computed on the host from the header (see ``geometry``), so that
+            # output sizes and crop offsets follow Caffe's / torchvision's integer arithmetic exactly.
+            size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
+            pos_y = fn.external_source(name="pos_y", dtype=types.FLOAT, ndim=0)
+            pos_x = fn.external_source(name="pos_x", dtype=types.FLOAT, ndim=0)
+            order = types.BGR if pre.channel_order == "BGR" else types.RGB
+            images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=order)
+            images = fn.resize(images, size=size, antialias=pre.style != "caffe")
+            return fn.crop_mirror_normalize(
+                images,
+                crop=(pre.crop, pre.crop),
+                crop_pos_x=pos_x,
+                crop_pos_y=pos_y,
+                mean=mean,
+                std=std,
+                dtype=types.FLOAT,
+                output_layout="HWC",
+            )
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def _run(self, encoded: list[np.ndarray], geoms: list[tuple[int, int, int, int]]) -> torch.Tensor:
+        crop = self.pre.crop
+        self.pipe.feed_input("encoded", encoded)
+        self.pipe.feed_input("size", [np.array(g[:2], np.float32) for g in geoms])
+        # DALI places the crop at round(pos * (size - crop)): an exact integer offset needs pos = off / (size - crop).
+        self.pipe.feed_input("pos_y", [np.array(g[2] / max(g[0] - crop, 1), np.float32) for g in geoms])
+        self.pipe.feed_input("pos_x", [np.array(g[3] / max(g[1] - crop, 1), np.float32) for g in geoms])
+        (out,) = self.pipe.run()
+        tensor = out.as_tensor()
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            batch = torch.empty(tensor.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(tensor, batch, cuda_stream=torch.cuda.current_stream(self.device))
+        else:
+            # Copy: DALI reuses its output buffer on the next run.
+            batch = torch.from_numpy(np.array(tensor, copy=True))
+        return batch
+
+    def decode(
+        self, encoded: list[np.ndarray], sizes: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor | None, dict[int, str]]:
+        """Decode a batch.  Returns (NHWC float32 batch, {bad index: message}).
+
+        The batch always has ``len(encoded)`` rows: a sample that failed to decode
+        gets a row of zeros, so the forward pass sees the same batch shape as in a
+        clean run and the good rows get bit-identical features.  None if all failed.
+        """
+        if not encoded:
+            return None, {}
+        geoms = [geometry(self.pre, w, h) for w, h in sizes]
+        try:
+            batch, bad = self._run(encoded, geoms), {}
+        except RuntimeError:
+            batch, bad = self._decode_one_by_one(encoded, geoms)
+        if batch is not None and self.mean_image is not None:
+            batch -= self.mean_image
+            batch /= self.std
+            batch[list(bad)] = 0.0
+        return batch, bad
+
+    def _decode_one_by_one(self, encoded, geoms):
+        rows: list[torch.Tensor | None] = []
+        bad: dict[int, str] = {}
+        self.pipe = self._build()  # the failed pipeline is not guaranteed usable any more
+        for i, (sample, geom) in enumerate(zip(encoded, geoms, strict=True)):
+            try:
+                rows.append(self._run([sample], [geom])[0])
+            except RuntimeError as exc:
+                bad[i] = _dali_message(exc) + _pil_diagnosis(sample)
+                rows.append(None)
+                self.pipe = self._build()
+        good = [r for r in rows if r is not None]
+        if not good:
+            return None, bad
+        zero = torch.zeros_like(good[0])
+        return torch.stack([zero if r is None else r for r in rows]), bad

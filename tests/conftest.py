@@ -1,0 +1,102 @@
+"""Shared fixtures: real photos shipped inside installed packages, datasets built from them."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
+
+
+def _photo_paths() -> list[str]:
+    import skimage
+    import sklearn
+
+    sk = os.path.join(os.path.dirname(skimage.__file__), "data")
+    sl = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")
+    names = [os.path.join(sk, f) for f in ("astronaut.png", "coffee.png", "rocket.jpg", "chelsea.png", "camera.png")]
+    names += [os.path.join(sl, f) for f in ("china.jpg", "flower.jpg")]
+    return [p for p in names if os.path.isfile(p)]
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[str]:
+    paths = _photo_paths()
+    if len(paths) < 5:
+        pytest.skip("scikit-image / scikit-learn sample photos are not installed")
+    return paths
+
+
+def jpeg_bytes(img: Image.Image, quality: int = 90, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, photos) -> str:
+    """A labelled folder: cat/ and dog/ subfolders plus one unlabelled root image.
+
+    Mixes real PNGs and JPEGs with generated JPEGs (several qualities), a greyscale
+    JPEG and an RGBA PNG.
+    """
+    root = tmp_path_factory.mktemp("dataset")
+    (root / "cat").mkdir()
+    (root / "dog").mkdir()
+    for i, p in enumerate(photos):
+        dst = root / ("cat" if i % 2 == 0 else "dog") / os.path.basename(p)
+        shutil.copy(p, dst)
+        img = Image.open(p).convert("RGB")
+        (root / ("dog" if i % 2 == 0 else "cat") / f"gen_{i}_q{80 + 3 * i}.jpg").write_bytes(
+            jpeg_bytes(img.resize((img.width * 3 // 4, img.height * 3 // 4)), quality=80 + 3 * i)
+        )
+    first = Image.open(photos[0])
+    (root / "grey.jpg").write_bytes(jpeg_bytes(first.convert("L")))
+    first.convert("RGBA").save(root / "cat" / "alpha.png")
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def corrupt_dataset(tmp_path_factory, photos) -> str:
+    """Good photos with a truncated JPEG and a text file named .jpg in between."""
+    root = tmp_path_factory.mktemp("corrupt")
+    good = [p for p in photos if p.endswith((".jpg", ".png"))][:4]
+    for i, p in enumerate(good):
+        shutil.copy(p, root / f"{i * 2:02d}_{os.path.basename(p)}")
+    jpg = next(p for p in photos if p.endswith(".jpg"))
+    data = open(jpg, "rb").read()
+    (root / "01_truncated.jpg").write_bytes(data[: len(data) // 3])
+    (root / "03_text.jpg").write_bytes(b"this is not an image\n" * 20)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def clean_copy(tmp_path_factory, corrupt_dataset) -> str:
+    """The corrupt dataset minus its bad files, with the same ids for the good ones."""
+    root = tmp_path_factory.mktemp("clean")
+    for name in sorted(os.listdir(corrupt_dataset)):
+        if name not in ("01_truncated.jpg", "03_text.jpg"):
+            shutil.copy(os.path.join(corrupt_dataset, name), root / name)
+    return str(root)
+
+
+def read_features(out: str):
+    """All rows of a run's shards, in shard order, as a pyarrow Table."""
+    import glob
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(glob.glob(os.path.join(out, "part-*.parquet")))
+    return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def column_matrix(table, name: str) -> np.ndarray:
+    col = table.column(name).combine_chunks()
+    return np.array(col.flatten().to_numpy(zero_copy_only=False)).reshape(len(table), -1)

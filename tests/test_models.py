@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from fastfeat.backends import make_backend
+from fastfeat.models import ALEXNET, CAFFENET, get_model, parse_layers
+from fastfeat.weights import load_weights
+
+
+def test_mac_counts_match_analytic_figures():
+    assert CAFFENET.total_macs() == 724_406_816
+    assert ALEXNET.total_macs() == 714_188_480
+    # The convolutions carry ~92% of caffenet's MACs (DeCAF's batch-mode observation).
+    macs = CAFFENET.macs()
+    conv = sum(v for k, v in macs.items() if k.startswith("conv"))
+    assert 0.91 < conv / CAFFENET.total_macs() < 0.93
+
+
+def test_shapes():
+    s = CAFFENET.shapes()
+    assert s["conv1"] == (96, 55, 55) and s["pool1"] == (96, 27, 27) and s["norm2"] == (256, 13, 13)
+    assert s["pool5"] == (256, 6, 6) and s["fc6"] == (4096,) and s["fc8"] == (1000,)
+    a = ALEXNET.shapes()
+    assert a["conv1"] == (64, 55, 55) and a["pool2"] == (192, 13, 13) and a["pool5"] == (256, 6, 6)
+
+
+def test_caffenet_param_shapes_follow_caffe():
+    p = CAFFENET.param_shapes()
+    assert p["conv2.weight"] == (256, 48, 5, 5)
+    assert p["conv4.weight"] == (384, 192, 3, 3)
+    assert p["fc6.weight"] == (4096, 9216)
+    assert list(p)[0] == "conv1.weight" and list(p)[-1] == "fc8.bias"
+
+
+def test_alexnet_param_keys_equal_torchvision_state_dict():
+    tv = pytest.importorskip("torchvision.models")
+    sd = tv.alexnet(weights=None).state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == ALEXNET.param_shapes()
+
+
+def test_feature_info_lists_every_layer():
+    info = CAFFENET.feature_info()
+    assert [i["name"] for i in info] == CAFFENET.layer_names
+    assert info[0] == {"name": "conv1", "kind": "conv", "shape": [96, 55, 55], "macs": 105_415_200}
+
+
+def test_parse_layers():
+    assert parse_layers(CAFFENET, "relu7,relu6") == ["relu6", "relu7"]
+    with pytest.raises(ValueError, match="unknown layer 'fc9'"):
+        parse_layers(CAFFENET, "fc9")
+    with pytest.raises(ValueError, match="unknown model"):
+        get_model("vgg16")
+
+
+def test_forward_stops_after_deepest_requested_layer():
+    w = load_weights(CAFFENET, "random:0")
+    net = make_backend("torch", CAFFENET, w.tensors, torch.device("cpu"), torch.float32)
+    ran = []
+    original = net.run_layer
+
+    def spy(i, x, inplace_ok):
+        ran.append(CAFFENET.layers[i].name)
+        return original(i, x, inplace_ok)
+
+    net.run_layer = spy
+    out = net.forward_intermediates(net.prepare(torch.randn(1, 227, 227, 3)), ["norm1"])
+    assert ran == ["conv1", "relu1", "pool1", "norm1"]
+    assert out["norm1"].shape == (1, 96, 27, 27)
+
+
+def test_pre_activation_tap_is_not_overwritten_by_inplace_relu():
+    w = load_weights(ALEXNET, "random:0")
+    net = make_backend("torch", ALEXNET, w.tensors, torch.device("cpu"), torch.float32)
+    out = net.forward_intermediates(net.prepare(torch.randn(2, 224, 224, 3)), ["fc7", "relu7"])
+    assert (out["fc7"] < 0).any()
+    torch.testing.assert_close(out["relu7"], out["fc7"].clamp_min(0))

@@ -1,0 +1,96 @@
+"""DALI preprocessing against an independent PIL/torch(vision) reference."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import jpeg_bytes
+from PIL import Image
+from reference import reference_preprocess, rel_err
+
+from fastfeat.models import get_model
+from fastfeat.pipeline import read_image
+from fastfeat.preprocess import Decoder, PreprocessError, geometry, load_mean
+from fastfeat.sources import Item
+
+# DALI's bilinear resampler and torch's differ in rounding only: measured 0.3-0.8% per photo.
+PREPROCESS_TOL = 0.012
+
+
+def _decode(model, paths, batch_size=8, mean_image=None):
+    spec = get_model(model)
+    dec = Decoder(spec.preprocess, batch_size, torch.device("cpu"), mean_image=mean_image)
+    read = [read_image(Item(p, p, None), 10**9) for p in paths]
+    return dec.decode([r[0] for r in read], [r[1] for r in read])
+
+
+@pytest.mark.parametrize("model", ["caffenet", "alexnet"])
+def test_dali_matches_reference(model, photos):
+    batch, bad = _decode(model, photos)
+    assert bad == {}
+    crop = get_model(model).preprocess.crop
+    assert batch.shape == (len(photos), crop, crop, 3) and batch.dtype == torch.float32
+    for i, p in enumerate(photos):
+        err = rel_err(batch[i], reference_preprocess(p, model)[0])
+        assert err < PREPROCESS_TOL, (p, err)
+
+
+def test_geometry_follows_caffe_and_torchvision_integer_rules():
+    caffe, tv = get_model("caffenet").preprocess, get_model("alexnet").preprocess
+    assert geometry(caffe, 640, 427) == (256, 256, 14, 14)  # Caffe: (256 - 227) // 2
+    assert geometry(tv, 451, 300) == (256, 384, 16, 80)  # int(256 * 451 / 300) = 384
+    assert geometry(tv, 300, 451) == (384, 256, 80, 16)
+    assert geometry(tv, 449, 256) == (256, 449, 16, 112)  # round(112.5) = 112 (half to even)
+
+
+def test_greyscale_and_alpha_become_three_channels(tmp_path, photos):
+    img = Image.open(photos[0]).convert("RGB")
+    grey = tmp_path / "grey.jpg"
+    grey.write_bytes(jpeg_bytes(img.convert("L")))
+    rgba = tmp_path / "rgba.png"
+    img.convert("RGBA").save(rgba)
+    batch, bad = _decode("alexnet", [str(grey), str(rgba)])
+    assert bad == {}
+    g = batch[0]
+    # A grey image normalised per channel: undo the normalisation and all three channels agree.
+    mean = torch.tensor([0.485, 0.456, 0.406]) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]) * 255
+    pixels = g * std + mean
+    assert (pixels[..., 0] - pixels[..., 1]).abs().max() < 0.01
+    assert rel_err(batch[1], reference_preprocess(photos[0], "alexnet")[0]) < PREPROCESS_TOL
+
+
+def test_corrupt_sample_does_not_spoil_its_batch(photos):
+    jpg = next(p for p in photos if p.endswith(".jpg"))
+    data = open(jpg, "rb").read()
+    spec = get_model("caffenet")
+    dec = Decoder(spec.preprocess, 4, torch.device("cpu"))
+    good = [np.fromfile(p, np.uint8) for p in photos[:3]]
+    sizes = [read_image(Item(p, p, None), 10**9)[1] for p in photos[:3]]
+    clean, _ = dec.decode(good, sizes)
+    truncated = np.frombuffer(data[: len(data) // 3], np.uint8)
+    batch, bad = dec.decode([good[0], truncated, good[1], good[2]], [sizes[0], (640, 427), sizes[1], sizes[2]])
+    assert list(bad) == [1] and bad[1]
+    assert torch.equal(batch[1], torch.zeros_like(batch[1]))
+    assert torch.equal(batch[[0, 2, 3]], clean)  # bit-identical to the clean batch
+    again, bad = dec.decode(good, sizes)  # the decoder keeps working afterwards
+    assert bad == {} and torch.equal(again, clean)
+
+
+def test_mean_image_file(tmp_path, photos):
+    rng = np.random.default_rng(0)
+    mean = rng.uniform(90, 130, size=(3, 256, 256)).astype(np.float32)  # Caffe's CHW mean image layout
+    np.save(tmp_path / "mean.npy", mean)
+    m = load_mean(str(tmp_path / "mean.npy"), 227, 256)
+    assert m.shape == (227, 227, 3)
+    np.testing.assert_array_equal(m, mean.transpose(1, 2, 0)[14:241, 14:241])
+    with_image, _ = _decode("caffenet", photos[:2], mean_image=m)
+    plain, _ = _decode("caffenet", photos[:2], mean_image=np.zeros(3, np.float32))
+    torch.testing.assert_close(with_image, plain - torch.from_numpy(m), rtol=0, atol=1e-4)
+
+
+def test_bad_mean_file(tmp_path):
+    np.save(tmp_path / "m.npy", np.zeros((3, 100, 100), np.float32))
+    with pytest.raises(PreprocessError, match="expected shape"):
+        load_mean(str(tmp_path / "m.npy"), 227, 256)
+    with pytest.raises(PreprocessError, match="not found"):
+        load_mean(str(tmp_path / "nope.npy"), 227, 256)
