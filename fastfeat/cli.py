@@ -37,13 +37,21 @@ def _add_extract(sub) -> None:
     p.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse images above this many pixels")
     p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a different run found in --out")
+    p.add_argument("--image-column", default="image", help="image column of Parquet sources (binary or {bytes,path})")
+    p.add_argument("--num-shards", type=int, default=1, help="split the input into K parts (one per process)")
+    p.add_argument("--shard-index", type=int, default=0, help="the part this process extracts, 0..K-1")
+    p.add_argument("--devices", default=None, help="launch one worker per GPU: 0,1,... or auto (all parts share --out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
 
-def _run_extract(args) -> int:
+def _run_extract(args, argv: list[str]) -> int:
     from .pipeline import Extractor, format_summary
 
+    if args.devices:
+        from .launch import launch_per_device
+
+        return launch_per_device(args.devices, argv)
     extractor = Extractor(
         args.source,
         args.out,
@@ -61,6 +69,9 @@ def _run_extract(args) -> int:
         num_threads=args.threads,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        image_column=args.image_column,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
     )
     summary = extractor.run()
     print(format_summary(summary), file=sys.stderr)
@@ -69,19 +80,84 @@ def _run_extract(args) -> int:
     return 0
 
 
+def _add_profile(sub) -> None:
+    # Every option is a plain string checked by fastfeat.profile, so a bad value is one
+    # "fastfeat: error:" line (exit 2) rather than argparse's usage dump.
+    p = sub.add_parser(
+        "profile",
+        help="time every layer of the forward pass (DeCAF Figure 3)",
+        description="Time each op of the forward pass on random images; print a per-layer table.",
+    )
+    p.add_argument("--model", default="caffenet", help=f"one of {', '.join(MODELS)} (default caffenet)")
+    p.add_argument("--backend", default="torch", help="torch, triton, compile or all (default torch)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--precision", default=None, help="fp32, bf16 or fp16 (default: bf16 where supported, else fp32)")
+    p.add_argument("--batch-size", default="1,64", help="comma-separated batch sizes (default 1,64)")
+    p.add_argument("--repeat", default="10", help="timed runs per op; the table shows their median (default 10)")
+    p.add_argument("--warmup", default="2", help="untimed runs per op first (default 2)")
+    p.add_argument("--weights", default="random:0", help="random:SEED (default random:0) or a weights file")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results as a JSON list")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the per-layer shares (needs matplotlib)")
+
+
+def _run_profile(args) -> int:
+    from .profile import check_outputs, format_table, plot_profile, profile, write_json
+
+    check_outputs(args.json, args.plot)  # fail before minutes of profiling, not after
+    results = profile(
+        model=args.model,
+        backends=args.backend,
+        device=args.device,
+        precision=args.precision,
+        batch_sizes=args.batch_size,
+        repeat=args.repeat,
+        warmup=args.warmup,
+        weights=args.weights,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    print(format_table(results))
+    if args.json:
+        write_json(results, args.json)
+    if args.plot:
+        plot_profile(results, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastfeat", description="Fast bulk CNN feature extraction (DeCAF).")
     parser.add_argument("--version", action="version", version=f"fastfeat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_extract(sub)
+    _add_profile(sub)
+    _add_verify(sub)
     return parser
 
 
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check every shard of an output directory against its manifest")
+    p.add_argument("out", help="an output directory of fastfeat extract")
+
+
+def _run_verify(args) -> int:
+    from .writer import verify
+
+    problems = verify(args.out)
+    for problem in problems:
+        print(f"fastfeat verify: {problem}", file=sys.stderr)
+    print(f"{args.out}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 0 if not problems else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "extract":
-            return _run_extract(args)
+            return _run_extract(args, argv)
+        if args.command == "verify":
+            return _run_verify(args)
+        if args.command == "profile":
+            return _run_profile(args)
     except KeyboardInterrupt:
         print("fastfeat: interrupted; finished shards are kept, run the same command again to resume", file=sys.stderr)
         return 130

@@ -36,7 +36,7 @@ from . import __version__
 from .backends import BACKENDS, make_backend
 from .models import ModelSpec, get_model, parse_layers
 from .preprocess import Decoder, PreprocessError, load_mean
-from .sources import Item, list_items
+from .sources import Item, ItemReader, list_items
 from .weights import load_weights
 from .writer import OutputDir, ShardWriter, feature_schema, record_batch
 
@@ -170,13 +170,14 @@ class _Flow:
         return t
 
 
-def read_image(item: Item, max_pixels: int) -> tuple[np.ndarray | None, tuple[int, int], tuple[str, str] | None]:
-    """Bytes and (width, height) of one file, or an error (stage, message)."""
+def read_image(
+    item: Item, max_pixels: int, reader: ItemReader | None = None
+) -> tuple[np.ndarray | None, tuple[int, int], tuple[str, str] | None]:
+    """Bytes and upright (width, height) of one image, or an error (stage, message)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with open(item.path, "rb") as f:
-            data = f.read()
+        data = (reader or ItemReader()).read(item)
     except OSError as exc:
         return None, (0, 0), ("read", exc.strerror or str(exc))
     if not data:
@@ -194,8 +195,8 @@ def read_image(item: Item, max_pixels: int) -> tuple[np.ndarray | None, tuple[in
                     8,
                 ):
                     width, height = height, width
-    except Image.DecompressionBombError as exc:
-        return None, (0, 0), ("header", f"image too large: {exc}")
+    except Image.DecompressionBombError:
+        return None, (0, 0), ("header", f"image too large: over --max-pixels {max_pixels} (decompression bomb?)")
     except UnidentifiedImageError:
         return None, (0, 0), ("header", "not a recognised image format")
     except (OSError, SyntaxError, ValueError) as exc:
@@ -204,7 +205,7 @@ def read_image(item: Item, max_pixels: int) -> tuple[np.ndarray | None, tuple[in
         return (
             None,
             (width, height),
-            ("header", f"image too large: {width}x{height} pixels > --max-pixels {max_pixels}"),
+            ("header", f"image too large: {width}x{height} over --max-pixels {max_pixels}"),
         )
     return np.frombuffer(data, dtype=np.uint8), (width, height), None
 
@@ -233,6 +234,9 @@ class Extractor:
         num_threads: int | None = None,
         overwrite: bool = False,
         progress: bool = True,
+        image_column: str = "image",
+        num_shards: int = 1,
+        shard_index: int = 0,
     ):
         # Everything is checked before anything is written.
         try:
@@ -248,8 +252,14 @@ class Extractor:
             raise ExtractError(f"--shard-size must be >= 1, got {shard_size}")
         if dtype not in OUTPUT_DTYPES:
             raise ExtractError(f"unknown --dtype {dtype!r}; choose float16 or float32")
+        if num_shards < 1 or not 0 <= shard_index < num_shards:
+            raise ExtractError(f"--shard-index must be in [0, --num-shards={num_shards}), got {shard_index}")
         if max_pixels < 1:
             raise ExtractError(f"--max-pixels must be >= 1, got {max_pixels}")
+        from PIL import Image
+
+        # Pillow refuses headers above 2 x MAX_IMAGE_PIXELS by itself: never below our own limit.
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels)
         if weights is None:
             raise ExtractError("--weights is required: a .pth/.safetensors/.caffemodel file, or random:SEED")
         self.device = resolve_device(device)
@@ -262,13 +272,14 @@ class Extractor:
             ok, why = backend_available()
             if not ok:
                 raise ExtractError(why)
-        self.items = list_items(source)  # raises SourceError (a ValueError) for missing/empty sources
+        self.items = list_items(source, image_column)  # SourceError (a ValueError) for missing/empty sources
         self.weights = load_weights(self.spec, weights)
         pre = self.spec.preprocess
         self.mean_image = load_mean(mean_file, pre.crop, pre.resize) if mean_file else None
         self.source, self.out, self.backend_name = source, out, backend
         self.batch_size, self.shard_size, self.dtype = batch_size, shard_size, dtype
         self.max_pixels, self.num_threads, self.progress = max_pixels, num_threads, progress
+        self.image_column, self.num_shards, self.shard_index = image_column, num_shards, shard_index
 
         shapes = self.spec.shapes()
         self.layer_shapes = {n: list(shapes[n]) for n in self.layers}
@@ -306,13 +317,14 @@ class Extractor:
             "batch_size": batch_size,
             "shard_size": shard_size,
             "max_pixels": max_pixels,
+            "image_column": image_column,
         }
         self.output = OutputDir(out, self.config, overwrite=overwrite)
 
     # -- stages -------------------------------------------------------------------------------------
     def _batches(self):
         n_shards = math.ceil(len(self.items) / self.shard_size)
-        for shard in range(n_shards):
+        for shard in range(self.shard_index, n_shards, self.num_shards):  # this part's output shards
             if shard in self.output.shards:
                 continue
             lo, hi = shard * self.shard_size, min((shard + 1) * self.shard_size, len(self.items))
@@ -321,10 +333,11 @@ class Extractor:
                 yield Batch(shard, end == hi, self.items[start:end])
 
     def _read_stage(self, flow: _Flow, q_out: queue.Queue) -> None:
+        reader = ItemReader(self.image_column)
         for batch in self._batches():
             t0 = time.perf_counter()
             for pos, item in enumerate(batch.items):
-                data, size, err = read_image(item, self.max_pixels)
+                data, size, err = read_image(item, self.max_pixels, reader)
                 batch.encoded.append(data)
                 batch.sizes.append(size)
                 if err:
@@ -412,8 +425,9 @@ class Extractor:
         schema = feature_schema({n: math.prod(s) for n, s in self.layer_shapes.items()}, self.dtype, self.metadata)
         self.output.create()
         n_shards = math.ceil(len(self.items) / self.shard_size)
-        done_items = sum(r.end_item - r.first_item for r in self.output.shards.values())
-        todo = len(self.items) - done_items
+        mine = range(self.shard_index, n_shards, self.num_shards)
+        done_items = sum(r.end_item - r.first_item for k, r in self.output.shards.items() if k in mine)
+        todo = sum(min((k + 1) * self.shard_size, len(self.items)) - k * self.shard_size for k in mine) - done_items
         self.rows_written = self.errors_seen = 0
 
         bar = None
@@ -453,10 +467,10 @@ class Extractor:
         if flow.error is not None:
             raise flow.error
         wall = time.perf_counter() - t_start
-        complete = len(self.output.shards) == n_shards
-        self.output.finish(complete)
+        complete = self.output.finish(n_shards)
         summary = {
             "images": len(self.items),
+            "part": f"{self.shard_index}/{self.num_shards}",
             "processed": todo,
             "skipped_already_done": done_items,
             "rows_written": self.rows_written,

@@ -21,6 +21,8 @@ DALI aborts a whole batch when one sample fails to decode.  ``Decoder.decode``
 then rebuilds the pipeline and decodes the batch's samples one at a time, so the
 bad ones are reported and every good one still gets exactly the pixels it gets in
 a clean batch (DALI's per-sample CPU operators do not depend on batch company).
+A sample DALI cannot decode (GIF, for one) is decoded by Pillow and then resized
+and cropped by the same DALI operators; only when Pillow fails too is it an error.
 """
 
 from __future__ import annotations
@@ -93,20 +95,6 @@ def _dali_message(exc: Exception) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:500]
 
 
-def _pil_diagnosis(encoded: np.ndarray) -> str:
-    """A readable reason for a failed decode (DALI prints its own only to stderr); runs on failures only."""
-    import io
-
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(encoded.tobytes())) as im:
-            im.load()
-    except Exception as exc:  # PIL raises many types; we only want the text
-        return f" ({type(exc).__name__}: {exc})"
-    return ""
-
-
 class Decoder:
     """A DALI pipeline that turns a list of encoded images into an NHWC float32 torch batch."""
 
@@ -127,8 +115,10 @@ class Decoder:
         self.mean_image = None if self.per_channel_mean else torch.from_numpy(mean).to(device)
         self.std = torch.tensor(pre.std, dtype=torch.float32, device=device)
         self.pipe = self._build()
+        self.raw_pipe = None  # built on first use by the Pillow fallback
 
-    def _build(self):
+    def _build(self, raw: bool = False):
+        """The DALI pipeline; ``raw`` takes already-decoded HWC uint8 pixels (the PIL fallback)."""
         from nvidia.dali import fn, pipeline_def, types
 
         pre, on_gpu = self.pre, self.device.type == "cuda"
@@ -143,14 +133,20 @@ class Decoder:
             exec_dynamic=True,
         )
         def pipeline():
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=False)
+            if raw:
+                encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=3, layout="HWC")
+            else:
+                encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=False)
             # Per-sample geometry computed on the host from the header (see ``geometry``), so that
             # output sizes and crop offsets follow Caffe's / torchvision's integer arithmetic exactly.
             size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
             pos_y = fn.external_source(name="pos_y", dtype=types.FLOAT, ndim=0)
             pos_x = fn.external_source(name="pos_x", dtype=types.FLOAT, ndim=0)
             order = types.BGR if pre.channel_order == "BGR" else types.RGB
-            images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=order)
+            if raw:
+                images = encoded.gpu() if on_gpu else encoded
+            else:
+                images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=order)
             images = fn.resize(images, size=size, antialias=pre.style != "caffe")
             return fn.crop_mirror_normalize(
                 images,
@@ -167,14 +163,14 @@ class Decoder:
         pipe.build()
         return pipe
 
-    def _run(self, encoded: list[np.ndarray], geoms: list[tuple[int, int, int, int]]) -> torch.Tensor:
-        crop = self.pre.crop
-        self.pipe.feed_input("encoded", encoded)
-        self.pipe.feed_input("size", [np.array(g[:2], np.float32) for g in geoms])
+    def _run(self, encoded: list[np.ndarray], geoms: list[tuple[int, int, int, int]], pipe=None) -> torch.Tensor:
+        crop, pipe = self.pre.crop, pipe or self.pipe
+        pipe.feed_input("encoded", encoded)
+        pipe.feed_input("size", [np.array(g[:2], np.float32) for g in geoms])
         # DALI places the crop at round(pos * (size - crop)): an exact integer offset needs pos = off / (size - crop).
-        self.pipe.feed_input("pos_y", [np.array(g[2] / max(g[0] - crop, 1), np.float32) for g in geoms])
-        self.pipe.feed_input("pos_x", [np.array(g[3] / max(g[1] - crop, 1), np.float32) for g in geoms])
-        (out,) = self.pipe.run()
+        pipe.feed_input("pos_y", [np.array(g[2] / max(g[0] - crop, 1), np.float32) for g in geoms])
+        pipe.feed_input("pos_x", [np.array(g[3] / max(g[1] - crop, 1), np.float32) for g in geoms])
+        (out,) = pipe.run()
         tensor = out.as_tensor()
         if self.device.type == "cuda":
             from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -208,6 +204,33 @@ class Decoder:
             batch[list(bad)] = 0.0
         return batch, bad
 
+    def _pil_fallback(self, sample: np.ndarray, geom, dali_message: str) -> tuple[torch.Tensor | None, str]:
+        """Decode with Pillow what DALI cannot (GIF, odd JPEGs), then resize/crop/normalise in DALI.
+
+        Pillow's first frame, EXIF-transposed and converted to RGB (palette, CMYK,
+        16-bit and alpha images included), goes through the same DALI resize and
+        crop as every other image.  Returns (row, "") or (None, reason).
+        """
+        import io
+
+        from PIL import Image, ImageOps
+
+        try:
+            with Image.open(io.BytesIO(sample.tobytes())) as im:
+                im.seek(0)
+                pixels = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        except Exception as exc:  # Pillow raises many types; we only want the text
+            return None, f"{dali_message} (Pillow: {type(exc).__name__}: {exc})"
+        if self.pre.channel_order == "BGR":
+            pixels = pixels[..., ::-1]
+        if self.raw_pipe is None:
+            self.raw_pipe = self._build(raw=True)
+        try:
+            return self._run([np.ascontiguousarray(pixels)], [geom], self.raw_pipe)[0], ""
+        except RuntimeError as exc:
+            self.raw_pipe = None
+            return None, f"{dali_message} (fallback: {_dali_message(exc)})"
+
     def _decode_one_by_one(self, encoded, geoms):
         rows: list[torch.Tensor | None] = []
         bad: dict[int, str] = {}
@@ -216,9 +239,11 @@ class Decoder:
             try:
                 rows.append(self._run([sample], [geom])[0])
             except RuntimeError as exc:
-                bad[i] = _dali_message(exc) + _pil_diagnosis(sample)
-                rows.append(None)
                 self.pipe = self._build()
+                row, message = self._pil_fallback(sample, geom, _dali_message(exc))
+                rows.append(row)
+                if row is None:
+                    bad[i] = message
         good = [r for r in rows if r is not None]
         if not good:
             return None, bad

@@ -8,15 +8,28 @@ fastfeat owns ids, order and labels (DALI only ever sees bytes through
 * a list file (``.txt``/``.lst``/``.csv``/``.tsv``): one path per line, optionally
   followed by a label (tab- or whitespace-separated).  Relative paths are resolved
   against the list file's folder and the id is the path as written.  Blank lines
-  and lines starting with ``#`` are skipped.
+  and lines starting with ``#`` are skipped;
+* WebDataset tar shards (``shards-{0000..0099}.tar``, brace patterns expanded):
+  members are grouped by key (the member path up to the first dot of its file
+  name); the key is the id, the image member (jpg, png, ...) is the image and a
+  ``.cls`` or ``.txt`` member is the label.  Members whose path is absolute or
+  contains ``..`` are rejected (reported as errors, never read);
+* Parquet files (``data-{00..09}.parquet``) with an image column
+  (``--image-column``, default ``image``): either binary, or a struct with
+  ``bytes`` and ``path`` fields as Hugging Face datasets writes.  The id is
+  ``<file name>:<row>``; a ``label`` column, if present, gives the label.
 
 Order: folders are sorted by id (byte order of the UTF-8 path), list files keep
-their line order.  Both are the same on every run and every machine.
+their line order, tar and Parquet sources follow the expanded pattern's order and
+the order inside each file.  All are the same on every run and every machine,
+and ids are unique within a source (checked).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import tarfile
 from dataclasses import dataclass
 
 IMAGE_EXTENSIONS = frozenset(
@@ -32,8 +45,31 @@ class SourceError(ValueError):
 @dataclass(frozen=True)
 class Item:
     id: str
-    path: str  # absolute path on disk
+    path: str  # absolute path of the file that holds the image
     label: str | None
+    offset: int | None = None  # tar member: byte offset of its data in ``path``; Parquet: row index
+    size: int | None = None  # tar member: byte length
+    error: str | None = None  # an entry refused at listing time (unsafe tar path), reported when read
+
+
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a-{000..002}.tar`` -> a-000.tar, a-001.tar, a-002.tar; ``{x,y}`` -> x, y (nested left to right)."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        choices = body.split(",")
+    return [p for c in choices for p in expand_braces(head + c + tail)]
 
 
 def _walk_folder(root: str) -> list[Item]:
@@ -81,16 +117,151 @@ def _split_list_line(line: str, base: str) -> tuple[str, str | None]:
     return line, None
 
 
-def list_items(source: str) -> list[Item]:
-    """All images of ``source`` in order; raises SourceError for a missing or empty source."""
-    if not os.path.exists(source):
-        raise SourceError(f"source does not exist: {source}")
+def _unsafe_member(name: str) -> bool:
+    return name.startswith("/") or ".." in name.replace("\\", "/").split("/")
+
+
+def _read_tars(paths: list[str]) -> list[Item]:
+    items: list[Item] = []
+    for path in paths:
+        try:
+            with tarfile.open(path, mode="r:") as tar:  # uncompressed: members are read in place by offset
+                members = tar.getmembers()
+        except (tarfile.TarError, OSError) as exc:
+            raise SourceError(f"cannot read tar shard {path}: {exc}") from None
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        order: list[str] = []
+        for m in members:
+            if not m.isfile():
+                continue
+            if _unsafe_member(m.name):
+                items.append(Item(m.name, os.path.abspath(path), None, error=f"unsafe tar member path {m.name!r}"))
+                continue
+            folder, base = os.path.split(m.name)
+            if "." not in base:
+                continue
+            stem, ext = base.split(".", 1)
+            key = f"{folder}/{stem}" if folder else stem
+            if key not in groups:
+                groups[key] = {}
+                order.append(key)
+            groups[key][ext.lower()] = m
+        for key in order:
+            g = groups[key]
+            image = next((g[e] for e in TAR_IMAGE_EXTENSIONS if e in g), None)
+            if image is None:
+                continue
+            label = None
+            for ext in ("cls", "txt"):
+                if ext in g:
+                    with tarfile.open(path, mode="r:") as tar:
+                        label = tar.extractfile(g[ext]).read().decode("utf-8", "replace").strip()
+                    break
+            items.append(Item(key, os.path.abspath(path), label, offset=image.offset_data, size=image.size))
+    return items
+
+
+def _read_parquets(paths: list[str], image_column: str) -> list[Item]:
+    import pyarrow.parquet as pq
+
+    items: list[Item] = []
+    for path in paths:
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise SourceError(f"cannot read Parquet source {path}: {exc}") from None
+        names = pf.schema_arrow.names
+        if image_column not in names:
+            raise SourceError(
+                f"{path}: no image column {image_column!r} (columns: {', '.join(names)}); use --image-column"
+            )
+        labels = pf.read(columns=["label"]).column(0).to_pylist() if "label" in names else [None] * pf.metadata.num_rows
+        base = os.path.basename(path)
+        for row, label in enumerate(labels):
+            items.append(
+                Item(f"{base}:{row}", os.path.abspath(path), None if label is None else str(label), offset=row)
+            )
+    return items
+
+
+def source_kind(source: str) -> str:
+    lower = source.lower()
+    if lower.endswith(".tar"):
+        return "webdataset"
+    if lower.endswith((".parquet", ".arrow")):
+        return "parquet"
     if os.path.isdir(source):
+        return "folder"
+    return "list"
+
+
+def list_items(source: str, image_column: str = "image") -> list[Item]:
+    """All images of ``source`` in order; raises SourceError for a missing or empty source."""
+    kind = source_kind(source)
+    if kind in ("webdataset", "parquet"):
+        paths = expand_braces(source)
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise SourceError(f"source does not exist: {missing[0]}")
+        items = _read_tars(paths) if kind == "webdataset" else _read_parquets(paths, image_column)
+    elif not os.path.exists(source):
+        raise SourceError(f"source does not exist: {source}")
+    elif kind == "folder":
         items = _walk_folder(source)
     elif os.path.splitext(source)[1].lower() in LIST_EXTENSIONS:
         items = _read_list(source)
     else:
-        raise SourceError(f"source must be a folder or a list file ({', '.join(sorted(LIST_EXTENSIONS))}): {source}")
+        raise SourceError(
+            f"source must be a folder, a list file ({', '.join(sorted(LIST_EXTENSIONS))}), .tar shards or .parquet files: {source}"
+        )
     if not items:
         raise SourceError(f"source has no images: {source}")
+    seen: set[str] = set()
+    for it in items:
+        if it.id in seen:
+            raise SourceError(f"duplicate id {it.id!r} in {source}: ids must be unique")
+        seen.add(it.id)
     return items
+
+
+class ItemReader:
+    """Reads an item's encoded bytes; keeps the current Parquet row group (items come in order)."""
+
+    def __init__(self, image_column: str = "image"):
+        self.image_column = image_column
+        self._files: dict[str, object] = {}
+        self._group: tuple[str, int, int, list] | None = None  # (path, first row, end row, values)
+
+    def read(self, item: Item) -> bytes:
+        if item.error:
+            raise OSError(item.error)
+        if item.size is not None:  # tar member
+            with open(item.path, "rb") as f:
+                f.seek(item.offset)
+                return f.read(item.size)
+        if item.offset is not None:  # Parquet row
+            return self._parquet_bytes(item.path, item.offset)
+        with open(item.path, "rb") as f:
+            return f.read()
+
+    def _parquet_bytes(self, path: str, row: int) -> bytes:
+        import pyarrow.parquet as pq
+
+        g = self._group
+        if g is None or g[0] != path or not g[1] <= row < g[2]:
+            pf = self._files.get(path) or pq.ParquetFile(path)
+            self._files = {path: pf}
+            start = 0
+            for i in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(i).num_rows
+                if row < start + n:
+                    values = pf.read_row_group(i, columns=[self.image_column]).column(0).to_pylist()
+                    self._group = g = (path, start, start + n, values)
+                    break
+                start += n
+        value = g[3][row - g[1]]
+        if isinstance(value, dict):
+            value = value.get("bytes")
+        if not value:
+            raise OSError("empty image bytes")
+        return value

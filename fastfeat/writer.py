@@ -17,6 +17,8 @@ therefore either listed and complete, or not listed and redone.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # flock'd while the manifest is read-merged-written: several processes share one OUT
 ERRORS = "errors.parquet"
 SUMMARY = "summary.json"
 FORMAT = "fastfeat/1"
@@ -123,7 +126,7 @@ class OutputDir:
             raise OutputError(f"output path exists and is not a directory: {self.path}")
         if not os.path.isdir(self.path):
             return
-        entries = [e for e in os.listdir(self.path) if not e.startswith(".tmp-")]
+        entries = [e for e in os.listdir(self.path) if not e.startswith(".")]
         if not entries:
             return
         if not os.path.isfile(manifest_path):
@@ -143,10 +146,31 @@ class OutputDir:
                 )
             self._clear()
             return
+        self._merge(manifest)
+
+    def _merge(self, manifest: dict) -> None:
+        """Take the finished shards another process (or an earlier run) recorded."""
         for rec in manifest.get("shards", []):
             rec = ShardRecord(**rec)
-            if os.path.isfile(os.path.join(self.path, rec.file)):
+            if rec.index not in self.shards and os.path.isfile(os.path.join(self.path, rec.file)):
                 self.shards[rec.index] = rec
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Exclusive lock on OUT/.lock, then merge what is on disk: parts of one run share the manifest."""
+        with open(os.path.join(self.path, LOCK), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                try:
+                    with open(os.path.join(self.path, MANIFEST), encoding="utf-8") as f:
+                        on_disk = json.load(f)
+                except (OSError, ValueError):
+                    on_disk = {}
+                if on_disk.get("config_hash") == self.hash:
+                    self._merge(on_disk)
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _clear(self) -> None:
         for entry in os.listdir(self.path):
@@ -154,15 +178,17 @@ class OutputDir:
                 os.unlink(os.path.join(self.path, entry))
 
     def create(self) -> None:
-        """Create OUT/ (only once the run is known to be valid: bad arguments write nothing)."""
+        """Create OUT/ (only once the run is known to be valid: bad arguments write nothing).
+
+        Leftover ``.tmp`` files of a killed run are removed by ShardWriter when it
+        rewrites that shard (a sibling process may be writing its own right now).
+        """
         try:
             os.makedirs(self.path, exist_ok=True)
-            for entry in os.listdir(self.path):  # leftovers of a killed run
-                if entry.endswith(".parquet.tmp") or entry.startswith(".tmp-"):
-                    os.unlink(os.path.join(self.path, entry))
+            with self._locked():
+                self._write_manifest(complete=False)
         except OSError as exc:
-            raise OutputError(f"cannot write to output directory {self.path}: {exc.strerror}") from None
-        self._write_manifest(complete=False)
+            raise OutputError(f"cannot write to output directory {self.path}: {exc.strerror or exc}") from None
 
     # -- records ----------------------------------------------------------------------------------
     def _write_manifest(self, complete: bool) -> None:
@@ -177,11 +203,19 @@ class OutputDir:
         _atomic_write(os.path.join(self.path, MANIFEST), json.dumps(manifest, indent=1).encode())
 
     def commit_shard(self, record: ShardRecord) -> None:
-        self.shards[record.index] = record
-        self._write_manifest(complete=False)
+        with self._locked():
+            self.shards[record.index] = record
+            self._write_manifest(complete=False)
 
-    def finish(self, all_shards_done: bool) -> None:
-        self._write_manifest(complete=all_shards_done)
+    def finish(self, n_shards: int) -> bool:
+        """Record completion (when every shard of every part is done) and write errors.parquet."""
+        with self._locked():
+            complete = len(self.shards) == n_shards
+            self._write_manifest(complete=complete)
+            self._write_errors()
+        return complete
+
+    def _write_errors(self) -> None:
         errors = [e for k in sorted(self.shards) for e in self.shards[k].errors]
         table = pa.table(
             {
@@ -190,7 +224,7 @@ class OutputDir:
                 "message": pa.array([e["message"] for e in errors], pa.string()),
             }
         )
-        tmp = os.path.join(self.path, ERRORS + ".tmp")
+        tmp = os.path.join(self.path, ".tmp-" + ERRORS)
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, os.path.join(self.path, ERRORS))
 
@@ -218,6 +252,7 @@ class ShardWriter:
         self.errors: list[dict] = []
         self._pending: list[pa.RecordBatch] = []
         self._pending_bytes = 0
+        # A stale .tmp of this shard (killed run) is simply overwritten.
         self._writer = pq.ParquetWriter(self.tmp_path, schema, compression="zstd", write_statistics=["id"])
 
     def add(self, batch: pa.RecordBatch) -> None:
@@ -280,3 +315,41 @@ def record_batch(
         values = features[name]
         columns.append(pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1]))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def verify(path: str) -> list[str]:
+    """Check every shard listed in OUT/manifest.json: present, checksum, row count, ids unique.
+
+    Returns a list of problems (empty when the output is intact).
+    """
+    manifest_path = os.path.join(path, MANIFEST)
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"cannot read {manifest_path}: {exc}") from None
+    problems: list[str] = []
+    seen: set[str] = set()
+    for rec in manifest.get("shards", []):
+        file = os.path.join(path, rec["file"])
+        if not os.path.isfile(file):
+            problems.append(f"{rec['file']}: missing")
+            continue
+        if file_sha256(file) != rec["sha256"]:
+            problems.append(f"{rec['file']}: checksum mismatch")
+        try:
+            pf = pq.ParquetFile(file)
+            rows = pf.metadata.num_rows
+            ids = pf.read(columns=["id"]).column(0).to_pylist()
+        except Exception as exc:  # a damaged file raises various pyarrow errors
+            problems.append(f"{rec['file']}: unreadable ({exc})")
+            continue
+        if rows != rec["rows"]:
+            problems.append(f"{rec['file']}: {rows} rows, manifest says {rec['rows']}")
+        dup = seen.intersection(ids)
+        if dup or len(set(ids)) != len(ids):
+            problems.append(f"{rec['file']}: duplicate ids, e.g. {sorted(dup)[:1] or ids[:1]}")
+        seen.update(ids)
+    if manifest.get("complete") and sum(r["rows"] for r in manifest.get("shards", [])) != manifest.get("rows"):
+        problems.append("manifest row total does not match its shards")
+    return problems

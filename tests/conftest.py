@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import sys
 
-import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
+sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py, tests/helpers.py
+
+# Before anything imports triton: the interpreter on CPU-only machines, exact bf16 (see the module).
+from helpers import jpeg_bytes  # noqa: E402
+from triton_interpreter import interpreter_bf16_fix  # noqa: E402, F401
 
 
 def _photo_paths() -> list[str]:
@@ -31,12 +33,6 @@ def photos() -> list[str]:
     if len(paths) < 5:
         pytest.skip("scikit-image / scikit-learn sample photos are not installed")
     return paths
-
-
-def jpeg_bytes(img: Image.Image, quality: int = 90, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality, **kw)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="session")
@@ -84,19 +80,3 @@ def clean_copy(tmp_path_factory, corrupt_dataset) -> str:
         if name not in ("01_truncated.jpg", "03_text.jpg"):
             shutil.copy(os.path.join(corrupt_dataset, name), root / name)
     return str(root)
-
-
-def read_features(out: str):
-    """All rows of a run's shards, in shard order, as a pyarrow Table."""
-    import glob
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    files = sorted(glob.glob(os.path.join(out, "part-*.parquet")))
-    return pa.concat_tables([pq.read_table(f) for f in files])
-
-
-def column_matrix(table, name: str) -> np.ndarray:
-    col = table.column(name).combine_chunks()
-    return np.array(col.flatten().to_numpy(zero_copy_only=False)).reshape(len(table), -1)

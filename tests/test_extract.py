@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import column_matrix, read_features
+from helpers import column_matrix, read_features
 from reference import reference_model, reference_preprocess, rel_err
 
 import fastfeat

@@ -57,7 +57,7 @@ def test_forward_stops_after_deepest_requested_layer():
     ran = []
     original = net.run_layer
 
-    def spy(i, x, inplace_ok):
+    def spy(i, x, inplace_ok=False):
         ran.append(CAFFENET.layers[i].name)
         return original(i, x, inplace_ok)
 

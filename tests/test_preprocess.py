@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import jpeg_bytes
+from helpers import jpeg_bytes
 from PIL import Image
 from reference import reference_preprocess, rel_err
 

@@ -1,0 +1,246 @@
+"""Autotune configs and launch-environment helpers for fastfeat.kernels.
+
+The config factories return one list per kernel family that covers both Ampere (sm80: A100, 164 KiB
+shared memory per block) and Hopper (sm90: H100/H200, 227 KiB). Which GPU the process will use is not
+known at import time (and asking would initialise CUDA before DALI forks its workers), so the lists are
+the union and ``prune_by_shared_memory`` drops, on the first launch, the configs whose pipelined
+operand tiles cannot fit the actual device. Under ``TRITON_INTERPRET=1`` each factory returns exactly
+one small config: the numpy interpreter gains nothing from tuning and every extra config would be
+benchmarked on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+# Power-of-two cap for the M bucket used as an autotune key: beyond it the best tile no longer changes.
+M_BUCKET_CAP = 4096
+# Dtypes every launcher accepts for activations and weights (accumulation is always fp32).
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels in its numpy CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def m_bucket(m: int) -> int:
+    """Round a GEMM M up to a power of two (capped) so autotuning runs once per size class, not per batch."""
+    return min(triton.next_power_of_2(max(int(m), 1)), M_BUCKET_CAP)
+
+
+def _cfg(bm: int, bn: int, bk: int, stages: int, warps: int, group_m: int = 8) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+        num_stages=stages,
+        num_warps=warps,
+    )
+
+
+def _dedup(configs: list[triton.Config]) -> list[triton.Config]:
+    seen: set[tuple] = set()
+    out = []
+    for c in configs:
+        sig = (tuple(sorted(c.kwargs.items())), c.num_stages, c.num_warps)
+        if sig not in seen:
+            seen.add(sig)
+            out.append(c)
+    return out
+
+
+def conv_configs() -> list[triton.Config]:
+    """Configs for the implicit-GEMM convolution (M = output pixels, N = Cout/groups, K = KH*KW*Cin/g).
+
+    Every conv config uses at most 4 warps: with num_warps >= 8 Triton miscompiles the flattened
+    (kh, kw, cin) K loop of a non-1x1 convolution and returns wrong results (pytorch#173068).
+    """
+    if interpreter_active():
+        return [_cfg(128, 64, 64, stages=1, warps=4)]
+    ampere = [
+        _cfg(128, 128, 32, 3, 4),
+        _cfg(128, 64, 32, 4, 4),
+        _cfg(64, 128, 32, 4, 4),
+        _cfg(64, 64, 32, 4, 4),
+        _cfg(128, 64, 16, 4, 4),
+        _cfg(64, 64, 64, 3, 4),
+    ]
+    # Hopper's larger shared memory affords deeper pipelines and wider K slabs at the same warp count.
+    hopper = [
+        _cfg(128, 128, 64, 3, 4),
+        _cfg(128, 128, 32, 5, 4),
+        _cfg(128, 64, 64, 4, 4),
+        _cfg(64, 128, 64, 4, 4),
+    ]
+    return _dedup(ampere + hopper)
+
+
+def gemm_configs() -> list[triton.Config]:
+    """Configs for ``linear``: BLOCK_M=16 weight-streaming tiles for small M, square-ish tiles for large M.
+
+    ``prune_gemm`` keeps only the family that matches the call's M bucket.
+    """
+    if interpreter_active():
+        return [_cfg(16, 128, 256, stages=1, warps=4)]
+    # Small M (1..32 rows): the kernel is bound by streaming the weight, so tiles are thin in M and
+    # long in K to keep many bytes of W in flight per program; split-K (chosen by the launcher) adds
+    # the parallelism that the few N tiles lack.
+    small_m = [
+        _cfg(16, 64, 128, 4, 4),
+        _cfg(16, 128, 128, 4, 4),
+        _cfg(16, 64, 256, 3, 4),
+        _cfg(16, 128, 256, 3, 4),
+        _cfg(32, 64, 128, 4, 4),
+        _cfg(32, 128, 128, 4, 4),
+        _cfg(16, 256, 128, 4, 8),
+        _cfg(16, 128, 128, 6, 4),
+    ]
+    ampere = [
+        _cfg(128, 128, 32, 4, 4),
+        _cfg(128, 256, 32, 3, 8),
+        _cfg(256, 128, 32, 3, 8),
+        _cfg(128, 64, 32, 4, 4),
+        _cfg(64, 128, 32, 4, 4),
+        _cfg(64, 64, 64, 4, 4),
+    ]
+    hopper = [
+        _cfg(128, 256, 64, 3, 8),
+        _cfg(256, 128, 64, 3, 8),
+        _cfg(128, 128, 64, 4, 8),
+        _cfg(128, 128, 64, 5, 4),
+    ]
+    return _dedup(small_m + ampere + hopper)
+
+
+@functools.lru_cache(maxsize=16)
+def _max_shared_memory(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block))
+
+
+def _tile_smem_bytes(config: triton.Config, elem_bytes: int) -> int:
+    kw = config.kwargs
+    per_stage = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem_bytes
+    return per_stage * max(config.num_stages, 1)
+
+
+def prune_by_shared_memory(configs, named_args, tensor_arg: str):
+    """Drop configs whose pipelined A/B tiles exceed the device's shared memory.
+
+    The estimate ignores epilogue scratch, so a borderline config can still fail to launch; the
+    autotuner then scores it as infinitely slow, so this is only a tuning-time saving.
+    """
+    t = named_args[tensor_arg]
+    if not t.is_cuda:
+        return configs
+    limit = _max_shared_memory(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    kept = [c for c in configs if _tile_smem_bytes(c, t.element_size()) <= limit]
+    return kept or configs[:1]
+
+
+def prune_conv(configs, named_args, **kwargs):
+    """Conv pruning: shared-memory fit, and no K slab wider than the channel group in the tap loop."""
+    args = {**named_args, **kwargs}
+    configs = prune_by_shared_memory(configs, args, "x_ptr")
+    if args.get("TAP_LOOP", False):
+        widest = max(16, triton.next_power_of_2(int(args["CIN_G"])))
+        narrow = [c for c in configs if c.kwargs["BLOCK_K"] <= widest]
+        configs = narrow or configs
+    return configs
+
+
+def prune_gemm(configs, named_args, **kwargs):
+    """GEMM pruning: keep thin-M tiles for M <= 32 and full tiles above, then shared-memory fit."""
+    args = {**named_args, **kwargs}
+    small = int(args["M_BUCKET"]) <= 32
+    family = [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == small]
+    return prune_by_shared_memory(family or configs, args, "x_ptr")
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+# Streaming multiprocessors assumed under the interpreter (an H100/H200 has 132), so split-K heuristics
+# behave there as they would on the target GPU and their code path gets exercised on the CPU.
+_NOMINAL_SM_COUNT = 132
+
+
+def sm_count(device: torch.device) -> int:
+    """Number of SMs of ``device`` (a nominal Hopper count on the CPU interpreter)."""
+    if device.type != "cuda":
+        return _NOMINAL_SM_COUNT
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def check_kernel_tensor(name: str, t, *, ndim: int, dtypes=SUPPORTED_DTYPES) -> None:
+    """Validate a launcher argument: a tensor of the given rank and dtype, contiguous, on a usable device.
+
+    Raises ValueError (never asserts) so that callers get a readable message.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have rank {ndim}, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name} has dtype {t.dtype}; supported: {names}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() once, outside the hot loop)")
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and interpreter_active():
+        return
+    raise ValueError(
+        f"{name} is on {t.device}; the triton kernels need a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1)"
+    )
+
+
+def check_same_device(**tensors) -> None:
+    """Raise ValueError unless every given tensor (None entries skipped) lives on one device."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n}={d}" for n, d in devices.items())
+        raise ValueError(f"tensors must be on one device, got {listing}")
+
+
+def check_out(out, *, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """Validate a caller-provided output buffer."""
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if out.dtype != dtype:
+        raise ValueError(f"out has dtype {out.dtype}, expected {dtype}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device}, expected {device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+
+
+def int_pair(name: str, v) -> tuple[int, int]:
+    """An int or a pair of ints as (h, w); ValueError otherwise (bools are rejected)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v, v
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(e, int) and not isinstance(e, bool) for e in v):
+        return int(v[0]), int(v[1])
+    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def resolve_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
+    """``out_dtype`` or ``default``; raises ValueError for dtypes the kernels cannot store."""
+    dtype = default if out_dtype is None else out_dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"out_dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    return dtype
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """``tl.dot`` input precision: exact fp32 ("ieee") unless tf32 is asked for; irrelevant for 16-bit."""
+    if dtype == torch.float32 and not allow_tf32:
+        return "ieee"
+    return "tf32"

@@ -1,0 +1,298 @@
+"""Implicit-GEMM 2-D convolution on NHWC activations, with bias + ReLU fused into the epilogue.
+
+The convolution is computed as one GEMM per channel group without materialising im2col:
+
+    M = N * OH * OW            (output pixels, flattened n, oh, ow)
+    N = Cout / groups          (output channels of the group)
+    K = KH * KW * Cin / groups (taps x input channels, ordered (kh, kw, cin) to match the NHWC gather)
+
+A tile of A is gathered straight from the NHWC input: for a fixed tap (kh, kw) the Cin/g channels of
+one input pixel are contiguous, so each row of the tile is one coalesced load. Two K-loop shapes:
+
+* tap loop (Cin/g >= ``TAP_LOOP_MIN_CIN``, i.e. every CaffeNet/AlexNet layer but conv1): one loop over
+  (tap, channel slab) pairs, so the padding test is one per row per step and no per-element integer
+  division is needed;
+* flattened loop (conv1, Cin = 3): K is walked in BLOCK_K slabs and each k is decomposed into
+  (kh, kw, cin) with constexpr divisors; a 3-channel tap would otherwise waste most of every slab.
+  K = 363 is not a multiple of any BLOCK_K, so every slab is masked on k < K.
+
+Configs keep num_warps <= 4 (see ``autotune.conv_configs``): with num_warps >= 8 Triton miscompiles a
+flattened K loop over a non-1x1 kernel (pytorch#173068), which both loop shapes here are.
+
+Max-pool fusion: not done, by choice. CaffeNet/AlexNet pool with 3x3 windows at stride 2, so windows
+overlap: every odd output row and column of the conv feeds two pool windows. An implicit-GEMM tile owns
+a flat run of output pixels, not a spatial rectangle, so fusing would need (a) a 2-D spatial tiling of
+M plus a one-pixel halo recomputed by neighbouring tiles (about (2T+1)^2/(2T)^2 extra work in the most
+expensive kernel of the network), or (b) atomic max across tiles, which Triton lacks for fp16/bf16 and
+which needs a pre-initialised output. Either way the saving is small: the pool re-reads the conv output
+once (e.g. conv1: 55*55*96 values per image) while the conv does ~KH*KW*Cin/g MACs per output value.
+Feature extraction also often asks for the pre-pool conv blob, which must then be written anyway. So
+ReLU is fused here, and max-pool (+ReLU, + the CaffeNet LRN) is one separate kernel in ``pool.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import (
+    check_kernel_tensor,
+    check_out,
+    check_same_device,
+    conv_configs,
+    dot_precision,
+    int_pair,
+    m_bucket,
+    prune_conv,
+    resolve_out_dtype,
+)
+from .gemm import grouped_tile
+
+# Cin/g at or above which the tap loop is used; below it a channel slab would be mostly padding.
+TAP_LOOP_MIN_CIN = 16
+# The flattened pixel index (n, oh, ow) is kept in int32; element offsets are built in int64.
+MAX_GEMM_M = 2**31 - 1
+
+
+@triton.autotune(
+    configs=conv_configs(),
+    key=["M_BUCKET", "COUT_G", "CIN_G", "KH", "KW", "TAP_LOOP"],
+    prune_configs_by={"early_config_prune": prune_conv},
+)
+@triton.jit
+def _conv2d_nhwc_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    H,
+    W,
+    C_IN,
+    OH,
+    OW,
+    C_OUT,
+    M_GEMM,
+    COUT_G,
+    M_BUCKET,
+    CIN_G: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr,
+    PAD_W: tl.constexpr,
+    TAP_LOOP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    APPLY_RELU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One (BLOCK_M pixels) x (BLOCK_N output channels) tile of one channel group.
+
+    x_ptr: [N, H, W, C_IN] NHWC, contiguous, fp32/fp16/bf16.
+    w_ptr: [groups, COUT_G, KH*KW*CIN_G] contiguous, same dtype as x; K ordered (kh, kw, cin).
+    b_ptr: [C_OUT] fp32 (ignored unless HAS_BIAS).
+    y_ptr: [N, OH, OW, C_OUT] NHWC, contiguous; group g writes channels [g*COUT_G, (g+1)*COUT_G).
+    Grid: (cdiv(M_GEMM, BLOCK_M) * cdiv(COUT_G, BLOCK_N), groups). M_BUCKET is only an autotune key.
+    """
+    K_GEMM: tl.constexpr = KH * KW * CIN_G
+    NUM_CB: tl.constexpr = (CIN_G + BLOCK_K - 1) // BLOCK_K  # channel slabs per tap (tap loop)
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M_GEMM, BLOCK_M), tl.cdiv(COUT_G, BLOCK_N), GROUP_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M_GEMM
+    n_ok = offs_n < COUT_G
+
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    img = t // OH
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+    # Offset of the window's top-left input element in int64: N*H*W*C passes 2^31 at large batch.
+    # It may point into the padding (negative or past the row); such lanes are masked below.
+    row_base = ((img.to(tl.int64) * H + ih0) * W + iw0) * C_IN + g * CIN_G
+
+    w_group = w_ptr + g.to(tl.int64) * COUT_G * K_GEMM
+    w_cols = offs_n * K_GEMM  # int32 is enough: the whole packed weight is far below 2^31 elements
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if TAP_LOOP:
+        # One loop over (tap, channel slab) pairs rather than two nested loops: Triton software-pipelines
+        # only the innermost loop, and a nested slab loop has just 1-6 trips per tap here. The (tap, slab)
+        # split is scalar arithmetic on the loop counter, not per-element work.
+        for it in range(KH * KW * NUM_CB):
+            tap = it // NUM_CB
+            c0 = (it - tap * NUM_CB) * BLOCK_K
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = ih0 + kh
+            iw = iw0 + kw
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            offs_c = c0 + tl.arange(0, BLOCK_K)
+            c_ok = offs_c < CIN_G  # Cin/g need not be a multiple of BLOCK_K (e.g. 48 for conv2)
+            a_rows = row_base + (kh * W + kw) * C_IN
+            a = tl.load(x_ptr + a_rows[:, None] + offs_c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(
+                w_group + w_cols[None, :] + (tap * CIN_G + offs_c)[:, None],
+                mask=c_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    else:
+        for k0 in range(0, K_GEMM, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K_GEMM
+            # Constexpr divisors: these compile to multiply-shift sequences, not hardware division.
+            kh = offs_k // (KW * CIN_G)
+            rem = offs_k - kh * (KW * CIN_G)
+            kw = rem // CIN_G
+            ci = rem - kw * CIN_G
+            ih = ih0[:, None] + kh[None, :]
+            iw = iw0[:, None] + kw[None, :]
+            a_mask = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_off = row_base[:, None] + ((kh * W + kw) * C_IN + ci)[None, :]
+            a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
+            b = tl.load(w_group + w_cols[None, :] + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    # Epilogue in fp32, one rounding to the output dtype at the very end.
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + g * COUT_G + offs_n, mask=n_ok, other=0.0)[None, :]
+    if APPLY_RELU:
+        acc = tl.maximum(acc, 0.0)
+    y_off = offs_m.to(tl.int64)[:, None] * C_OUT + (g * COUT_G + offs_n)[None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def pack_conv_weight(weight: torch.Tensor, groups: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Repack a torch/Caffe conv weight once, at model load, for ``conv2d_nhwc``.
+
+    weight: [Cout, Cin/groups, KH, KW] (the torch.nn.Conv2d / Caffe blob layout).
+    Returns a contiguous [groups, Cout/groups, KH*KW*Cin/groups] tensor whose K axis is ordered
+    (kh, kw, cin), the order in which the kernel gathers NHWC input. ``dtype`` optionally casts.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"conv weight must be a 4-D tensor [Cout, Cin/g, KH, KW], got {shape}")
+    if not weight.is_floating_point():
+        raise ValueError(f"conv weight must be floating point, got {weight.dtype}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    cout, cin_g, kh, kw = weight.shape
+    if cout % groups != 0:
+        raise ValueError(f"Cout={cout} is not divisible by groups={groups}")
+    w = weight.detach()
+    if dtype is not None:
+        w = w.to(dtype)
+    return w.permute(0, 2, 3, 1).reshape(groups, cout // groups, kh * kw * cin_g).contiguous()
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Spatial output size of a convolution (floor mode, as in Caffe and torch)."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def conv2d_nhwc(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    kernel_size,
+    stride=1,
+    padding=0,
+    groups: int = 1,
+    relu: bool = False,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
+    """y = relu?(conv2d(x, w, bias)) with NHWC input and output.
+
+    x: [N, H, W, Cin] contiguous (NHWC), fp32/fp16/bf16. packed: from ``pack_conv_weight``, same dtype
+    as x. bias: [Cout] fp32 or None. Accumulation, bias and ReLU are fp32; the result is rounded once
+    to ``out_dtype`` (default: x.dtype). ``out``: optional preallocated [N, OH, OW, Cout] buffer.
+    fp32 inputs use exact fp32 products unless ``allow_tf32``.
+    """
+    check_kernel_tensor("x", x, ndim=4)
+    check_kernel_tensor("packed", packed, ndim=3)
+    if packed.dtype != x.dtype:
+        raise ValueError(f"packed weight dtype {packed.dtype} != input dtype {x.dtype}; pack with dtype=x.dtype")
+    kh, kw = int_pair("kernel_size", kernel_size)
+    sh, sw = int_pair("stride", stride)
+    ph, pw = int_pair("padding", padding)
+    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"invalid geometry kernel_size={kernel_size} stride={stride} padding={padding}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    n, h, w, cin = x.shape
+    if cin % groups != 0:
+        raise ValueError(f"input channels {cin} are not divisible by groups={groups}")
+    cin_g = cin // groups
+    if packed.shape[0] != groups:
+        raise ValueError(f"packed weight has {packed.shape[0]} groups, conv called with groups={groups}")
+    if packed.shape[2] != kh * kw * cin_g:
+        raise ValueError(
+            f"channel/kernel mismatch: packed weight has K={packed.shape[2]} per output channel, "
+            f"but x has Cin/g={cin_g} and kernel {kh}x{kw} (K={kh * kw * cin_g})"
+        )
+    cout_g = packed.shape[1]
+    cout = groups * cout_g
+    if bias is not None:
+        check_kernel_tensor("bias", bias, ndim=1, dtypes=(torch.float32,))
+        if bias.shape[0] != cout:
+            raise ValueError(f"bias has {bias.shape[0]} entries, expected Cout={cout}")
+    check_same_device(x=x, packed=packed, bias=bias)
+    oh = conv_output_size(h, kh, sh, ph)
+    ow = conv_output_size(w, kw, sw, pw)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding}")
+    m_gemm = n * oh * ow
+    if m_gemm > MAX_GEMM_M:
+        raise ValueError(f"N*OH*OW={m_gemm} exceeds {MAX_GEMM_M}; split the batch")
+    y_dtype = resolve_out_dtype(out_dtype, x.dtype)
+    shape = (n, oh, ow, cout)
+    if out is None:
+        out = torch.empty(shape, dtype=y_dtype, device=x.device)
+    else:
+        check_out(out, shape=shape, dtype=y_dtype, device=x.device)
+    if m_gemm == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(m_gemm, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups)
+
+    _conv2d_nhwc_kernel[grid](
+        x,
+        packed,
+        bias if bias is not None else x,  # dummy pointer, never read when HAS_BIAS is False
+        out,
+        h,
+        w,
+        cin,
+        oh,
+        ow,
+        cout,
+        m_gemm,
+        cout_g,
+        m_bucket(m_gemm),
+        CIN_G=cin_g,
+        KH=kh,
+        KW=kw,
+        STRIDE_H=sh,
+        STRIDE_W=sw,
+        PAD_H=ph,
+        PAD_W=pw,
+        TAP_LOOP=cin_g >= TAP_LOOP_MIN_CIN,
+        HAS_BIAS=bias is not None,
+        APPLY_RELU=bool(relu),
+        DOT_PRECISION=dot_precision(x.dtype, allow_tf32),
+    )
+    return out

@@ -1,0 +1,284 @@
+"""Fully connected layers: y = relu?(x @ W^T + b) with a K-major packed weight and optional split-K.
+
+Layout: the weight is packed once to W^T, [K, N] with N contiguous, so a (BLOCK_K x BLOCK_N) weight
+tile is BLOCK_K coalesced row segments and the kernel never transposes in registers.
+
+Small M (a few images; fc6/fc7/fc8 at batch 1..32) is weight-bandwidth bound: every weight byte is
+used by only M rows. Such calls get thin BLOCK_M=16 tiles with long K slabs (``gemm_configs``), and,
+because N/BLOCK_N tiles alone cannot fill a GPU (fc6: 4096/128 = 32 tiles on 132 SMs), the K range is
+split across programs. Split-K writes fp32 partial tiles to a workspace that a second kernel sums in a
+fixed order (deterministic, unlike atomics) before bias, ReLU and the single downcast.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import (
+    check_kernel_tensor,
+    check_out,
+    check_same_device,
+    dot_precision,
+    gemm_configs,
+    m_bucket,
+    prune_gemm,
+    resolve_out_dtype,
+    sm_count,
+)
+
+# Split-K boundaries are multiples of this, a multiple of every BLOCK_K, so no slab straddles splits.
+SPLIT_K_GRANULE = 256
+# Each split gets at least this much K, so the partial-sum traffic stays small next to the weight reads.
+SPLIT_K_MIN_CHUNK = 512
+# Upper bound on splits: the reduce kernel unrolls over them and the workspace grows with them.
+MAX_SPLIT_K = 32
+# Programs per SM that the split-K heuristic aims for, so loads of one program overlap another's math.
+TARGET_PROGRAMS_PER_SM = 2
+# Nominal tile used by the split-K heuristic (the autotuned tile is not known before launch).
+NOMINAL_BLOCK_N = 128
+# Elements per program in the split-K reduction (a pure streaming kernel).
+REDUCE_BLOCK = 1024
+
+
+@triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Map a linear program id to (pid_m, pid_n), walking GROUP_M row-tiles per column so that
+    concurrently running programs share B tiles in L2."""
+    width = GROUP_M * num_pid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.autotune(
+    configs=gemm_configs(),
+    key=["M_BUCKET", "N", "K", "SPLIT_K"],
+    prune_configs_by={"early_config_prune": prune_gemm},
+)
+@triton.jit
+def _linear_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    ws_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    K_PER_SPLIT,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    APPLY_RELU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One (BLOCK_M x BLOCK_N) output tile over one K split.
+
+    x_ptr: [M, K] row-major contiguous, fp32/fp16/bf16.
+    w_ptr: [K, N] row-major contiguous (W^T, from ``pack_linear_weight``), same dtype as x.
+    b_ptr: [N] fp32 (ignored unless HAS_BIAS).
+    y_ptr: [M, N] contiguous, written only when SPLIT_K == 1.
+    ws_ptr: [SPLIT_K, M, N] fp32 partial sums, written only when SPLIT_K > 1.
+    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K). M_BUCKET is only an autotune key.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    # Row offsets in int64: M*K and K*N pass 2^31 for large batches or wide layers.
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
+
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_end
+        a = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(
+            w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
+            mask=k_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    out_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        if APPLY_RELU:
+            acc = tl.maximum(acc, 0.0)
+        tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + out_off, acc, mask=out_mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    ws_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    APPLY_RELU: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Sum the split-K partials in a fixed order, then bias, ReLU and one downcast.
+
+    ws_ptr: [SPLIT_K, M, N] fp32 contiguous. b_ptr: [N] fp32. y_ptr: [M, N] contiguous.
+    Grid: (cdiv(M*N, BLOCK),).
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    total = tl.cast(M, tl.int64) * N  # tl.cast, not .to(): an int arg equal to 1 arrives as a constexpr
+    mask = offs < total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * total + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0)
+    if APPLY_RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def pack_linear_weight(
+    weight: torch.Tensor,
+    *,
+    input_chw: tuple[int, int, int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Repack a torch/Caffe fc weight [N_out, K] once, at model load, to the [K, N_out] layout of ``linear``.
+
+    ``input_chw=(C, H, W)``: the layer was trained on a torch NCHW flatten (index c*H*W + h*W + w), as
+    fc6 after pool5 is; the columns are permuted once so that the layer accepts the flatten of an NHWC
+    tensor (index (h*W + w)*C + c) instead, and no activation transpose is needed at run time.
+    ``dtype`` optionally casts.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"linear weight must be a 2-D tensor [N_out, K], got {shape}")
+    if not weight.is_floating_point():
+        raise ValueError(f"linear weight must be floating point, got {weight.dtype}")
+    w = weight.detach()
+    if dtype is not None:
+        w = w.to(dtype)
+    n_out, k = w.shape
+    if input_chw is not None:
+        if len(input_chw) != 3 or any(int(d) < 1 for d in input_chw):
+            raise ValueError(f"input_chw must be three positive ints (C, H, W), got {input_chw!r}")
+        c, h, wd = (int(d) for d in input_chw)
+        if c * h * wd != k:
+            raise ValueError(f"input_chw={input_chw} has {c * h * wd} elements but the weight has K={k}")
+        w = w.reshape(n_out, c, h, wd).permute(0, 2, 3, 1).reshape(n_out, k)
+    return w.t().contiguous()
+
+
+def _pick_split_k(m: int, n: int, k: int, device: torch.device) -> int:
+    bm = 16 if m <= 32 else 128
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, NOMINAL_BLOCK_N)
+    target = TARGET_PROGRAMS_PER_SM * sm_count(device)
+    if tiles >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, tiles), k // SPLIT_K_MIN_CHUNK, MAX_SPLIT_K))
+
+
+def linear(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    relu: bool = False,
+    out_dtype: torch.dtype | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    split_k: int | None = None,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
+    """y = relu?(x @ W^T + bias) for x [M, K] and ``w_packed`` = W^T [K, N] from ``pack_linear_weight``.
+
+    x and w_packed: same dtype (fp32/fp16/bf16), contiguous. bias: [N] fp32 or None. Accumulation,
+    bias and ReLU in fp32, one rounding to ``out_dtype`` (default: x.dtype). ``out``: optional
+    preallocated [M, N] buffer. ``split_k``: None picks a split from M, N, K and the SM count; an int
+    forces it (1 disables split-K). fp32 inputs use exact fp32 products unless ``allow_tf32``.
+    """
+    check_kernel_tensor("x", x, ndim=2)
+    check_kernel_tensor("w_packed", w_packed, ndim=2)
+    if w_packed.dtype != x.dtype:
+        raise ValueError(f"w_packed dtype {w_packed.dtype} != x dtype {x.dtype}; pack with dtype=x.dtype")
+    m, k = x.shape
+    if w_packed.shape[0] != k:
+        raise ValueError(
+            f"x has K={k} features but w_packed is {tuple(w_packed.shape)} (expected [K, N] from "
+            "pack_linear_weight; an unpacked [N, K] weight is the usual cause)"
+        )
+    n = w_packed.shape[1]
+    if bias is not None:
+        check_kernel_tensor("bias", bias, ndim=1, dtypes=(torch.float32,))
+        if bias.shape[0] != n:
+            raise ValueError(f"bias has {bias.shape[0]} entries, expected N={n}")
+    check_same_device(x=x, w_packed=w_packed, bias=bias)
+    if split_k is not None and (not isinstance(split_k, int) or not 1 <= split_k <= MAX_SPLIT_K):
+        raise ValueError(f"split_k must be an int in [1, {MAX_SPLIT_K}], got {split_k!r}")
+    y_dtype = resolve_out_dtype(out_dtype, x.dtype)
+    if out is None:
+        out = torch.empty((m, n), dtype=y_dtype, device=x.device)
+    else:
+        check_out(out, shape=(m, n), dtype=y_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        raise ValueError("x has K=0 features")
+
+    splits = split_k if split_k is not None else _pick_split_k(m, n, k, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), SPLIT_K_GRANULE) * SPLIT_K_GRANULE
+    splits = triton.cdiv(k, k_per_split)  # rounding the chunk up may leave fewer, never empty, splits
+    ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
+    b_arg = bias if bias is not None else x  # dummy pointer, never read when HAS_BIAS is False
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), splits)
+
+    _linear_kernel[grid](
+        x,
+        w_packed,
+        b_arg,
+        out,
+        ws,
+        m,
+        n,
+        k,
+        m_bucket(m),
+        k_per_split,
+        SPLIT_K=splits,
+        HAS_BIAS=bias is not None,
+        APPLY_RELU=bool(relu),
+        DOT_PRECISION=dot_precision(x.dtype, allow_tf32),
+    )
+    if splits > 1:
+        _splitk_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
+            ws,
+            b_arg,
+            out,
+            m,
+            n,
+            SPLIT_K=splits,
+            HAS_BIAS=bias is not None,
+            APPLY_RELU=bool(relu),
+            BLOCK=REDUCE_BLOCK,
+        )
+    return out

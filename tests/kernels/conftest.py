@@ -1,0 +1,67 @@
+"""Fixtures of the fastfeat.kernels tests (the interpreter set-up lives in tests/triton_interpreter.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastfeat.kernels import backend_available
+
+
+@pytest.fixture(autouse=True)
+def _require_backend():
+    ok, why = backend_available()
+    if not ok:
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the kernels' tensors live: the GPU if there is one, else the CPU (interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# Free GPU memory the > 2^31-element indexing tests need (a 4.5 GiB input plus outputs and references).
+LARGE_TEST_GPU_BYTES = 16 * 2**30
+
+
+@pytest.fixture
+def large_gpu():
+    """Skip unless a CUDA GPU with room for tensors of more than 2^31 elements is present.
+
+    Those tests check the int64 offset arithmetic; under the interpreter they would need hours and
+    more RAM than a CI machine has, so they are GPU-only.
+    """
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: > 2^31-element tensors are far too slow for the CPU interpreter")
+    free, _ = torch.cuda.mem_get_info()
+    if free < LARGE_TEST_GPU_BYTES:
+        pytest.skip(f"needs {LARGE_TEST_GPU_BYTES / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    return torch.device("cuda")
+
+
+@pytest.fixture
+def nan_like():
+    """``nan_like(shape, dtype, device)``: an output buffer poisoned with NaN, so unwritten elements show."""
+
+    def make(shape, dtype, device):
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+
+    return make
+
+
+@pytest.fixture
+def assert_close():
+    """``assert_close(out, ref, tol)``: no NaN/inf anywhere and ||out - ref|| / ||ref|| <= tol (in fp64)."""
+
+    def check(out: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
+        assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+        out64 = out.detach().cpu().double()
+        ref64 = ref.detach().cpu().double()
+        assert torch.isfinite(out64).all(), f"{(~torch.isfinite(out64)).sum().item()} non-finite outputs"
+        denom = ref64.norm().item()
+        assert denom > 0, "reference is all zeros; the test inputs are degenerate"
+        err = (out64 - ref64).norm().item() / denom
+        assert err <= tol, f"relative error {err:.3e} > tolerance {tol:.1e}"
+        return err
+
+    return check

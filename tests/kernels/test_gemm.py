@@ -1,0 +1,186 @@
+"""linear / pack_linear_weight against torch.nn.functional.linear (fp32).
+
+Inputs are rounded to the tested dtype first; the reference is fp32 math on the same rounded values.
+CaffeNet and torchvision AlexNet share the fc shapes (9216 -> 4096 -> 4096 -> 1000), so the real-size
+cases cover both nets.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fastfeat.kernels import linear, pack_linear_weight
+from fastfeat.kernels.autotune import gemm_configs, prune_gemm
+from fastfeat.kernels.gemm import SPLIT_K_GRANULE
+
+# Relative error ||out - ref|| / ||ref|| allowed, keyed by OUTPUT dtype. fp32: exact products, fp32
+# accumulation in another order (K up to 9216, measured <= ~1e-6). fp16 / bf16: the final rounding of
+# each output dominates (rms ~2.8e-4 / ~2.3e-3). A lost K slab or split is a >= 1e-2 error.
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 6e-3}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# pool5 of both nets: 256 channels of 6x6; fc6 was trained on its NCHW (C, H, W) flatten.
+POOL5_CHW = (256, 6, 6)
+
+
+def _inputs(m, k, n, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    b = 0.1 * torch.randn(n, generator=gen)
+    return x.to(dtype).to(device), w.to(dtype).to(device), b.to(device)
+
+
+def _reference(x, w, b, relu):
+    y = F.linear(x.float(), w.float(), b)
+    return F.relu(y) if relu else y
+
+
+def _check(x, packed, w, b, relu, out_dtype, device, nan_like, assert_close, split_k=None):
+    out = nan_like((x.shape[0], w.shape[0]), out_dtype, device)
+    y = linear(x, packed, b, relu, out_dtype, out=out, split_k=split_k)
+    assert y is out
+    assert not torch.isnan(y).any(), "some outputs were never written"
+    assert_close(y, _reference(x, w, b, relu), TOLERANCES[out_dtype])
+
+
+def test_fc6_real_size_nhwc_flatten(device, nan_like, assert_close):
+    """fc6 at full size, M=2, fed the NHWC flatten of pool5 through the permuted packing."""
+    c, h, w_ = POOL5_CHW
+    gen = torch.Generator().manual_seed(6)
+    pool5_nchw = torch.randn(2, c, h, w_, generator=gen).to(torch.float16).to(device)
+    weight = (torch.randn(4096, c * h * w_, generator=gen) / (c * h * w_) ** 0.5).to(torch.float16).to(device)
+    bias = (0.1 * torch.randn(4096, generator=gen)).to(device)
+    packed = pack_linear_weight(weight, input_chw=POOL5_CHW)
+    x_nhwc_flat = pool5_nchw.permute(0, 2, 3, 1).reshape(2, -1).contiguous()
+    out = nan_like((2, 4096), torch.float16, device)
+    y = linear(x_nhwc_flat, packed, bias, True, out=out)
+    assert not torch.isnan(y).any()
+    ref = F.relu(F.linear(pool5_nchw.float().flatten(1), weight.float(), bias))  # torch's NCHW flatten
+    assert_close(y, ref, TOLERANCES[torch.float16])
+
+
+@pytest.mark.parametrize(
+    "name, k, n, relu",
+    [("fc7", 4096, 4096, True), ("fc8", 4096, 1000, False)],
+)
+def test_fc_real_sizes(name, k, n, relu, device, nan_like, assert_close):
+    x, w, b = _inputs(2, k, n, torch.float16, device)
+    _check(x, pack_linear_weight(w), w, b, relu, torch.float16, device, nan_like, assert_close)
+
+
+def test_fc8_fp32_features_from_bf16(device, nan_like, assert_close):
+    x, w, b = _inputs(2, 4096, 1000, torch.bfloat16, device)
+    _check(x, pack_linear_weight(w), w, b, False, torch.float32, device, nan_like, assert_close)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "m, k, n",
+    [
+        (1, 70, 50),  # batch 1, nothing a multiple of a block
+        (2, 1000, 77),
+        (17, 300, 130),  # M just past the 16-row tile
+        (33, 600, 65),  # M past the small-M family
+        (150, 129, 300),  # large-M family, K tail of one element
+    ],
+)
+@pytest.mark.parametrize("split_k", [1, 3, None], ids=["nosplit", "split3", "auto"])
+def test_odd_shapes(m, k, n, split_k, dtype, device, nan_like, assert_close):
+    x, w, b = _inputs(m, k, n, dtype, device)
+    _check(x, pack_linear_weight(w), w, b, True, dtype, device, nan_like, assert_close, split_k=split_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp32_output_without_bias(dtype, device, nan_like, assert_close):
+    x, w, _ = _inputs(5, 520, 96, dtype, device)
+    out = nan_like((5, 96), torch.float32, device)
+    for split_k in (1, 2):
+        y = linear(x, pack_linear_weight(w), None, False, torch.float32, out=out, split_k=split_k)
+        assert_close(y, F.linear(x.float(), w.float()), TOLERANCES[torch.float32])
+
+
+def test_split_k_actually_splits(device):
+    """Split and unsplit runs agree to fp32 rounding, and the split run takes the workspace path."""
+    x, w, b = _inputs(3, 2048, 40, torch.float32, device)
+    packed = pack_linear_weight(w)
+    one = linear(x, packed, b, split_k=1)
+    four = linear(x, packed, b, split_k=4)
+    torch.testing.assert_close(four, one, rtol=1e-5, atol=1e-5)
+
+
+def test_relu_applied(device):
+    x, w, b = _inputs(4, 64, 32, torch.float32, device)
+    packed = pack_linear_weight(w)
+    raw = linear(x, packed, b)
+    assert (raw < 0).any(), "degenerate test: no negative pre-activations"
+    torch.testing.assert_close(linear(x, packed, b, relu=True), raw.clamp_min(0), rtol=0, atol=0)
+
+
+def test_pack_linear_weight_layout_and_chw_permutation():
+    c, h, w_ = 5, 3, 4
+    weight = torch.randn(7, c * h * w_)
+    packed = pack_linear_weight(weight)
+    assert packed.shape == (c * h * w_, 7) and packed.is_contiguous()
+    assert torch.equal(packed, weight.t())
+    permuted = pack_linear_weight(weight, input_chw=(c, h, w_))
+    # Row (h, w, c) of the permuted packing must be column (c, h, w) of the original weight.
+    for ci in range(c):
+        for hi in range(h):
+            for wi in range(w_):
+                assert torch.equal(permuted[(hi * w_ + wi) * c + ci], weight[:, (ci * h + hi) * w_ + wi])
+    # End to end on the small case: NHWC flatten + permuted weight == NCHW flatten + original weight.
+    x = torch.randn(2, c, h, w_)
+    torch.testing.assert_close(
+        x.permute(0, 2, 3, 1).reshape(2, -1) @ permuted, x.flatten(1) @ weight.t(), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda x, p, b: (x[0], p, b, {}), "rank 2"),
+        (lambda x, p, b: (x, p.t().contiguous(), b, {}), "unpacked"),
+        (lambda x, p, b: (x.half(), p, b, {}), "dtype"),
+        (lambda x, p, b: (x.t().contiguous().t(), p, b, {}), "contiguous"),
+        (lambda x, p, b: (x, p, b.half(), {}), "bias"),
+        (lambda x, p, b: (x, p, b[:3], {}), "bias"),
+        (lambda x, p, b: (x, p, b, {"split_k": 0}), "split_k"),
+        (lambda x, p, b: (x, p, b, {"out": torch.empty(4, 5, device=x.device)}), "out has shape"),
+    ],
+)
+def test_value_errors(mutate, match, device):
+    x = torch.randn(4, 8, device=device)
+    packed = pack_linear_weight(torch.randn(6, 8, device=device))
+    bias = torch.zeros(6, device=device)
+    x, packed, bias, extra = mutate(x, packed, bias)
+    with pytest.raises(ValueError, match=match):
+        linear(x, packed, bias, **extra)
+
+
+def test_pack_linear_weight_value_errors():
+    with pytest.raises(ValueError, match="2-D"):
+        pack_linear_weight(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="input_chw"):
+        pack_linear_weight(torch.randn(6, 8), input_chw=(2, 2, 3))
+
+
+def test_int64_offsets_past_2_31(large_gpu, assert_close):
+    """x has 240000*9216 > 2^31 elements: the last rows' offsets overflow int32."""
+    x = torch.empty(240_000, 9216, dtype=torch.float16, device=large_gpu).normal_()
+    w = (torch.randn(16, 9216, device=large_gpu) / 96).half()
+    y = linear(x, pack_linear_weight(w))
+    assert_close(y[-1000:], F.linear(x[-1000:].float(), w.float()), TOLERANCES[torch.float16])
+
+
+def test_gpu_config_lists(monkeypatch):
+    """Small M keeps the thin BLOCK_M tiles, large M the full ones; no K slab straddles a split."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    configs = gemm_configs()
+    assert all(SPLIT_K_GRANULE % c.kwargs["BLOCK_K"] == 0 for c in configs)
+    x = torch.empty(1, 1)
+    small = prune_gemm(configs, {"x_ptr": x, "M_BUCKET": 2})
+    large = prune_gemm(configs, {"x_ptr": x, "M_BUCKET": 1024})
+    assert small and all(c.kwargs["BLOCK_M"] <= 32 for c in small)
+    assert any(c.kwargs["BLOCK_M"] == 16 for c in small)
+    assert large and all(c.kwargs["BLOCK_M"] >= 64 for c in large)
