@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -91,7 +90,13 @@ def fastfeat_run(corpus, batch_size, precision=None) -> float:
     out = tempfile.mkdtemp(prefix="fastfeat-bench-")
     try:
         s = fastfeat.extract(
-            corpus, out, model=MODEL, weights=WEIGHTS, layers=LAYERS, batch_size=batch_size, precision=precision,
+            corpus,
+            out,
+            model=MODEL,
+            weights=WEIGHTS,
+            layers=LAYERS,
+            batch_size=batch_size,
+            precision=precision,
             progress=False,
         )
         return s["images_per_s"]
@@ -159,7 +164,7 @@ def main() -> None:
     summary = {name: dict(zip(("p20", "p50", "p80"), percentiles(v), strict=True)) for name, v in samples.items()}
     base = summary["textbook (PIL+DataLoader, eager fp32)"]["p50"]
     result = {
-        "benchmark": "end-to-end img/s, alexnet relu6+relu7, batch %d" % args.batch_size,
+        "benchmark": f"end-to-end img/s, alexnet relu6+relu7, batch {args.batch_size}",
         "device": dev,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "corpus": corpus_stats or {"path": corpus, "count": len(items)},
@@ -173,9 +178,18 @@ def main() -> None:
         json.dump(result, f, indent=1)
     append(
         [
-            {"kernel": "extract_e2e", "provider": name, "shape": "alexnet 224", "dtype": "", "batch": args.batch_size,
-             "metric": "img/s", "p20": round(v["p20"], 2), "p50": round(v["p50"], 2), "p80": round(v["p80"], 2),
-             "device": dev}
+            {
+                "kernel": "extract_e2e",
+                "provider": name,
+                "shape": "alexnet 224",
+                "dtype": "",
+                "batch": args.batch_size,
+                "metric": "img/s",
+                "p20": round(v["p20"], 2),
+                "p50": round(v["p50"], 2),
+                "p80": round(v["p80"], 2),
+                "device": dev,
+            }
             for name, v in summary.items()
         ]
     )

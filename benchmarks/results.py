@@ -21,7 +21,9 @@ COLUMNS = ["kernel", "provider", "shape", "dtype", "batch", "metric", "p20", "p5
 def git_sha() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         return ""
 

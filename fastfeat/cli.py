@@ -94,7 +94,7 @@ def _add_profile(sub) -> None:
     p.add_argument("--precision", default=None, help="fp32, bf16 or fp16 (default: bf16 where supported, else fp32)")
     p.add_argument("--batch-size", default="1,64", help="comma-separated batch sizes (default 1,64)")
     p.add_argument("--repeat", default="10", help="timed runs per op; the table shows their median (default 10)")
-    p.add_argument("--warmup", default="2", help="untimed runs per op first (default 2)")
+    p.add_argument("--warmup", default="2", help="untimed runs per op (default 2; at least 1 where ops compile)")
     p.add_argument("--weights", default="random:0", help="random:SEED (default random:0) or a weights file")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as a JSON list")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the per-layer shares (needs matplotlib)")

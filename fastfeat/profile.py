@@ -49,7 +49,7 @@ assert set(TYPE_ORDER) == set(LAYER_KINDS)
 # Argument parsing (shared by the CLI and the Python API)
 # ----------------------------------------------------------------------------------------------
 def parse_batch_sizes(batch_sizes: str | int | Iterable[int]) -> list[int]:
-    """ "1,64,256" or [1, 64] -> [1, 64, 256], positive, deduplicated, in the given order."""
+    """Batch sizes from "1,64,256" or [1, 64]: positive, deduplicated, in the given order."""
     if isinstance(batch_sizes, str):
         parts = [p.strip() for p in batch_sizes.split(",")]
         if not all(p.isdigit() for p in parts):
@@ -189,8 +189,7 @@ def time_plan(
     with no_fallback:
         for op in ops:
             run = _compile_op(op, device) if compile_ops else op.run
-            # The first call of a compiled op compiles it: never time it.
-            for _ in range(max(warmup, 1) if compile_ops else warmup):
+            for _ in range(warmup):
                 run(x)
             times, y = _time_runs(run, x, repeat, device)
             timed.append((op, times, tuple(y.shape)))
@@ -312,11 +311,15 @@ def profile(
         # "compile" compiles the torch backend's ops; the net itself is the torch one.
         net = make_backend("torch" if name == "compile" else name, spec, tensors, dev, PRECISIONS[precision])
         ops = net.plan([deepest])
+        # The first call of a torch.compile'd op or of a Triton kernel on a GPU compiles (and
+        # autotunes) it: never time that call, whatever --warmup says.
+        jit = name == "compile" or (name == "triton" and dev.type == "cuda")
+        op_warmup = max(warmup, 1) if jit else warmup
         for batch in sizes:
             if log is not None:
                 log(f"profiling {spec.name} {name} batch {batch} on {dev} ({precision}, repeat {repeat})")
-            timed = time_plan(ops, net.prepare(images[batch]), repeat, warmup, dev, compile_ops=name == "compile")
-            results.append(_result(spec, name, dev, precision, batch, timed, repeat, warmup, weights))
+            timed = time_plan(ops, net.prepare(images[batch]), repeat, op_warmup, dev, compile_ops=name == "compile")
+            results.append(_result(spec, name, dev, precision, batch, timed, repeat, op_warmup, weights))
         del net, ops
         if name == "compile":
             torch._dynamo.reset()
@@ -403,7 +406,9 @@ def _model_table(results: list[dict]) -> str:
     for r in results:
         rows[-1] += _group_cells(r["total_ms"], r["batch_size"], 100.0, r["gflops"])
 
-    rows.append(["by type"] + [""] * (len(rows[1]) - 1))
+    fused = any(len(op["covers"]) > 1 for r in results for op in r["layers"])
+    by_type = "by type (a fused op counts as the type of its first layer)" if fused else "by type"
+    rows.append([by_type] + [""] * (len(rows[1]) - 1))
     for kind in TYPE_ORDER:
         kind_macs = sum(per_image_macs[layer.name] for layer in spec.layers if layer.kind == kind)
         row = [kind, "", "", _fmt_macs(kind_macs)]

@@ -25,6 +25,7 @@ if not torch.cuda.is_available():
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
 from fastfeat.kernels import interpreter_active  # noqa: E402
 
 

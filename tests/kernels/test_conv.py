@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastfeat.kernels import conv2d_nhwc, conv_output_size, interpreter_active, pack_conv_weight
 from fastfeat.kernels.autotune import conv_configs, prune_conv
 

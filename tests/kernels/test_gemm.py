@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastfeat.kernels import linear, pack_linear_weight
 from fastfeat.kernels.autotune import gemm_configs, prune_gemm
 from fastfeat.kernels.gemm import SPLIT_K_GRANULE

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastfeat.kernels import LRNParams, lrn_nhwc, maxpool2d_nhwc, pool_output_size
 
 # Relative error allowed, keyed by OUTPUT dtype, for anything that includes LRN. fp32: exp2/log2 and
