@@ -44,7 +44,8 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 OUTPUT_DTYPES = {"float16": (torch.float16, np.float16), "float32": (torch.float32, np.float32)}
 DEFAULT_MAX_PIXELS = 100_000_000  # refuse decompression bombs above 100 megapixels (configurable)
 QUEUE_DEPTH = 3  # batches in flight between two stages: enough to hide jitter, bounded memory
-STAGES = ("read", "decode", "forward", "write")
+STAGES = ("read", "decode", "h2d", "forward", "d2h", "write")  # busy time is accounted per stage
+THREADS = ("read", "decode", "forward", "write")  # each waits on its queues: idle time per thread
 EXIF_ORIENTATION = 0x0112  # values 5-8 rotate by 90 degrees: width and height swap
 
 
@@ -135,28 +136,37 @@ class _Flow:
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.busy = dict.fromkeys(STAGES, 0.0)
+        self.wait = dict.fromkeys(THREADS, 0.0)
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
             self.error = exc
         self.stop.set()
 
-    def put(self, q: queue.Queue, item) -> bool:
-        while not self.stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def put(self, q: queue.Queue, item, thread: str) -> bool:
+        t0 = time.perf_counter()
+        try:
+            while not self.stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+        finally:
+            self.wait[thread] += time.perf_counter() - t0
 
-    def get(self, q: queue.Queue):
-        while True:
-            try:
-                return q.get(timeout=0.1)
-            except queue.Empty:
-                if self.stop.is_set():
-                    return _END
+    def get(self, q: queue.Queue, thread: str):
+        t0 = time.perf_counter()
+        try:
+            while True:
+                try:
+                    return q.get(timeout=0.1)
+                except queue.Empty:
+                    if self.stop.is_set():
+                        return _END
+        finally:
+            self.wait[thread] += time.perf_counter() - t0
 
     def thread(self, name: str, target, *args) -> threading.Thread:
         def run():
@@ -343,12 +353,12 @@ class Extractor:
                 if err:
                     batch.errors[pos] = err
             flow.busy["read"] += time.perf_counter() - t0
-            if not flow.put(q_out, batch):
+            if not flow.put(q_out, batch, "read"):
                 return
-        flow.put(q_out, _END)
+        flow.put(q_out, _END, "read")
 
     def _decode_stage(self, flow: _Flow, decoder: Decoder, q_in: queue.Queue, q_out: queue.Queue) -> None:
-        while (batch := flow.get(q_in)) is not _END:
+        while (batch := flow.get(q_in, "decode")) is not _END:
             t0 = time.perf_counter()
             readable = [i for i in range(len(batch.items)) if i not in batch.errors]
             # Unreadable files keep their slot as a zero image: the batch shape stays that of a clean run.
@@ -362,28 +372,40 @@ class Extractor:
                 batch.images = full
             batch.encoded = []
             flow.busy["decode"] += time.perf_counter() - t0
-            if not flow.put(q_out, batch):
+            if not flow.put(q_out, batch, "decode"):
                 return
-        flow.put(q_out, _END)
+        flow.put(q_out, _END, "decode")
 
-    def _forward(self, net, batch: Batch) -> None:
+    def _forward(self, net, batch: Batch, busy: dict[str, float]) -> None:
+        """Host->device, forward, device->host; each timed on its own (synchronised on CUDA)."""
         if batch.images is None or not batch.good:
             batch.features = None
             return
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         torch_dtype, _ = OUTPUT_DTYPES[self.dtype]
-        acts = net.forward_intermediates(net.prepare(batch.images), self.layers)
+        t0 = time.perf_counter()
+        x = net.prepare(batch.images)
         good = torch.tensor(batch.good, device=self.device)
+        sync()
+        t1 = time.perf_counter()
+        acts = net.forward_intermediates(x, self.layers)
+        sync()
+        t2 = time.perf_counter()
         feats = {}
         for name in self.layers:
             a = acts[name].index_select(0, good).reshape(len(batch.good), -1)
             feats[name] = a.to(torch_dtype).cpu().numpy()
         batch.features = feats
         batch.images = None
+        t3 = time.perf_counter()
+        busy["h2d"] += t1 - t0
+        busy["forward"] += t2 - t1
+        busy["d2h"] += t3 - t2
 
     def _write_stage(self, flow: _Flow, q_in: queue.Queue, schema, bar) -> None:
         writer: ShardWriter | None = None
         try:
-            while (batch := flow.get(q_in)) is not _END:
+            while (batch := flow.get(q_in, "write")) is not _END:
                 t0 = time.perf_counter()
                 if writer is None:
                     lo = batch.shard * self.shard_size
@@ -447,13 +469,11 @@ class Extractor:
             flow.thread("write", self._write_stage, flow, q_features, schema, bar),
         ]
         try:
-            while (batch := flow.get(q_decoded)) is not _END:
-                t0 = time.perf_counter()
-                self._forward(net, batch)
-                flow.busy["forward"] += time.perf_counter() - t0
-                if not flow.put(q_features, batch):
+            while (batch := flow.get(q_decoded, "forward")) is not _END:
+                self._forward(net, batch, flow.busy)
+                if not flow.put(q_features, batch, "forward"):
                     break
-            flow.put(q_features, _END)
+            flow.put(q_features, _END, "forward")
             for t in threads:
                 while t.is_alive():
                     t.join(timeout=0.1)
@@ -478,6 +498,7 @@ class Extractor:
             "wall_s": round(wall, 3),
             "images_per_s": round(todo / wall, 2) if wall > 0 else None,
             "stage_busy_s": {k: round(v, 3) for k, v in flow.busy.items()},
+            "thread_wait_s": {k: round(v, 3) for k, v in flow.wait.items()},
             "complete": complete,
             "out": os.path.abspath(self.out),
             "model": self.spec.name,
@@ -508,11 +529,12 @@ def extract(source: str, out: str, **kwargs) -> dict:
 def format_summary(summary: dict) -> str:
     busy = summary["stage_busy_s"]
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in busy.items())
+    waits = ", ".join(f"{k} {v:.2f}s" for k, v in summary["thread_wait_s"].items())
     return (
         f"{summary['processed']} images ({summary['rows_written']} rows, {summary['errors']} errors"
         + (f", {summary['skipped_already_done']} already done" if summary["skipped_already_done"] else "")
         + f") in {summary['wall_s']:.2f}s = {summary['images_per_s'] or 0:.1f} img/s; "
-        f"stage busy time: {stages}; out: {summary['out']}"
+        f"stage busy: {stages}; waiting on queues: {waits}; out: {summary['out']}"
     )
 
 

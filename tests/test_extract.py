@@ -39,7 +39,9 @@ def test_cli_writes_shards_manifest_and_summary(cli_run, dataset):
     out, summary, stderr = cli_run
     n_images = sum(len(f) for _, _, f in os.walk(dataset))
     assert summary["images"] == n_images and summary["rows_written"] == n_images and summary["errors"] == 0
-    assert set(summary["stage_busy_s"]) == {"read", "decode", "forward", "write"}
+    assert set(summary["stage_busy_s"]) == {"read", "decode", "h2d", "forward", "d2h", "write"}
+    assert set(summary["thread_wait_s"]) == {"read", "decode", "forward", "write"}
+    assert 0 < summary["stage_busy_s"]["forward"] < summary["wall_s"]
     assert "img/s" in stderr
     files = sorted(f for f in os.listdir(out) if f.startswith("part-"))
     assert files == [f"part-{i:05d}.parquet" for i in range(-(-n_images // 5))]
