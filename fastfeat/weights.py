@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .caffemodel import CaffeModelError, read_caffemodel
+from .checksum import file_sha256
 from .models import ModelSpec
 
 
@@ -33,14 +34,6 @@ class Weights:
     @property
     def is_random(self) -> bool:
         return self.source.startswith("random:")
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def random_weights(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
@@ -127,4 +120,4 @@ def load_weights(spec: ModelSpec, source: str) -> Weights:
     except (CaffeModelError, Exception) as exc:  # torch/safetensors raise many types for a bad file
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"cannot read weights {source}: {msg}") from None
-    return Weights(validate_state_dict(spec, state, source), _sha256_file(source), os.path.abspath(source))
+    return Weights(validate_state_dict(spec, state, source), file_sha256(source), os.path.abspath(source))

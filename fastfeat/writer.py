@@ -30,6 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .checksum import file_sha256
+
 MANIFEST = "manifest.json"
 LOCK = ".lock"  # flock'd while the manifest is read-merged-written: several processes share one OUT
 ERRORS = "errors.parquet"
@@ -51,14 +53,6 @@ def shard_name(index: int) -> str:
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -20,14 +20,29 @@ from ..models import ModelSpec
 from .plan import Op, run_plan
 
 
-def lrn_fp32(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
-    """Caffe LRN across channels, computed in fp32 and returned in x's dtype.
+def lrn_band(channels: int, size: int, alpha: float, device: torch.device) -> torch.Tensor:
+    """[C, C, 1, 1] weights of a 1×1 conv that sums each channel's window of ``size`` squares × alpha/size."""
+    idx = torch.arange(channels)
+    band = ((idx[:, None] - idx[None, :]).abs() <= size // 2).float() * (alpha / size)
+    return band[:, :, None, None].to(device).contiguous(memory_format=torch.channels_last)
 
-    torch's local_response_norm has no bf16 kernel on CPU (no bf16 avg_pool3d), and
-    the sum of squares wants fp32 anyway.
+
+def lrn_fp32(x: torch.Tensor, band: torch.Tensor, beta: float, k: float) -> torch.Tensor:
+    """Caffe LRN across channels, y = x / (k + alpha/n * sum_window x^2)^beta, in fp32, back in x's dtype.
+
+    The windowed sum of squares is a 1×1 convolution with a banded C×C matrix: oneDNN runs it as a
+    GEMM, 3.3x faster than torch's local_response_norm (avg_pool3d) at CaffeNet's norm1, batch 64,
+    on the 2-core dev box (14 vs 47 ms), and it has no bf16 gap (torch's LRN has no bf16 CPU kernel).
     """
-    y = F.local_response_norm(x.float(), size, alpha=alpha, beta=beta, k=k)
-    return y.to(x.dtype)
+    xf = x.float()
+    scale = F.conv2d(xf * xf, band).add_(k)
+    if beta == 0.75:  # Caffe's value: s^-0.75 = s^-0.5 * s^-0.25, two cheap roots instead of pow
+        scale.rsqrt_()
+        xf.mul_(scale)
+        scale.sqrt_()
+    else:
+        scale.pow_(-beta)
+    return xf.mul_(scale).to(x.dtype)
 
 
 class TorchNet:
@@ -46,6 +61,12 @@ class TorchNet:
             if layer.kind == "conv":
                 w = w.contiguous(memory_format=torch.channels_last)
             self.params[layer.name] = (w, b)
+        shapes = spec.shapes()
+        self.lrn_bands = {
+            layer.name: lrn_band(shapes[layer.name][0], layer.params["size"], layer.params["alpha"], device)
+            for layer in spec.layers
+            if layer.kind == "norm"
+        }
 
     def prepare(self, images_nhwc: torch.Tensor) -> torch.Tensor:
         """NHWC float batch -> NCHW-shaped, channels_last-strided compute tensor on the device."""
@@ -63,7 +84,7 @@ class TorchNet:
         if layer.kind == "pool":
             return F.max_pool2d(x, p["kernel"], p["stride"], ceil_mode=p["ceil"])
         if layer.kind == "norm":
-            return lrn_fp32(x, p["size"], p["alpha"], p["beta"], p["k"])
+            return lrn_fp32(x, self.lrn_bands[layer.name], p["beta"], p["k"])
         if layer.kind == "fc":
             w, b = self.params[layer.name]
             if x.dim() > 2:
