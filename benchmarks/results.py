@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import datetime
 import os
-import platform
 import subprocess
 
 import numpy as np
@@ -29,20 +28,12 @@ def git_sha() -> str:
 
 
 def device_name(device: str = "cpu") -> str:
-    if device.startswith("cuda"):
-        import torch
+    """The CPU model or GPU name the numbers come from (fastfeat profile's wording)."""
+    import torch
 
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} x{os.cpu_count()} cores"
+    from fastfeat.profile import device_name as _device_name
+
+    return _device_name(torch.device(device))
 
 
 def percentiles(samples) -> tuple[float, float, float]:

@@ -79,19 +79,25 @@ def _blob(buf: memoryview) -> np.ndarray:
     shape: list[int] | None = None
     chunks: list[np.ndarray] = []
     for field, wire, value in _fields(buf):
+        # Every field is checked against its declared wire type: a varint where bytes belong
+        # must never be taken as a length to allocate.
         if field in legacy and wire == _VARINT:
             legacy[field] = value
         elif field == 7 and wire == _LEN:
             dims: list[int] = []
             for f, w, v in _fields(value):
-                if f == 1:
-                    dims.extend(_packed_varints(v) if w == _LEN else [v])
+                if f == 1 and w == _LEN:
+                    dims.extend(_packed_varints(v))
+                elif f == 1 and w == _VARINT:
+                    dims.append(v)
             shape = dims
-        elif field == 5:  # float data, packed or not
-            chunks.append(np.frombuffer(bytes(value), dtype="<f4"))
-        elif field == 8:  # double data
-            chunks.append(np.frombuffer(bytes(value), dtype="<f8").astype(np.float32))
-    data = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        elif field == 5 and wire in (_LEN, _FIXED32):  # float data, packed or one value
+            chunks.append(np.frombuffer(value, dtype="<f4"))
+        elif field == 8 and wire in (_LEN, _FIXED64):  # double data
+            chunks.append(np.frombuffer(value, dtype="<f8").astype(np.float32))
+        elif field in (5, 7, 8):
+            raise CaffeModelError(f"blob field {field} has wire type {wire}")
+    data = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)  # bounded by the file's size
     if shape is None:
         shape = [legacy[1], legacy[2], legacy[3], legacy[4]]
     if int(np.prod(shape)) != data.size:

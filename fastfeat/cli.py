@@ -123,10 +123,17 @@ def _run_profile(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr and exit code 2 (not the usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"fastfeat: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastfeat", description="Fast bulk CNN feature extraction (DeCAF).")
+    parser = _Parser(prog="fastfeat", description="Fast bulk CNN feature extraction (DeCAF).")
     parser.add_argument("--version", action="version", version=f"fastfeat {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_extract(sub)
     _add_profile(sub)
     _add_verify(sub)

@@ -34,8 +34,8 @@ import torch
 
 from . import __version__
 from .backends import BACKENDS, make_backend
-from .models import ModelSpec, get_model, parse_layers
-from .preprocess import Decoder, PreprocessError, load_mean
+from .models import ModelSpec, Preprocess, get_model, parse_layers
+from .preprocess import Decoder, PreprocessError, geometry, load_mean
 from .sources import Item, ItemReader, list_items
 from .weights import load_weights
 from .writer import OutputDir, ShardWriter, feature_schema, record_batch
@@ -64,7 +64,13 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ExtractError(f"--device {device}: CUDA is not available on this machine")
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ExtractError(f"bad device {device!r}; use cuda or cuda:N") from None
+        if dev.index is not None and not 0 <= dev.index < torch.cuda.device_count():
+            raise ExtractError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return dev
     raise ExtractError(f"unknown device {device!r}; choose auto, cpu or cuda[:N]")
 
 
@@ -82,6 +88,32 @@ def default_precision(device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
     return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def _library_versions() -> dict:
+    """Versions that can change a feature value: part of the run's configuration."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"fastfeat": __version__, "torch": torch.__version__}
+    for dist in ("nvidia-dali-cuda130", "pillow", "triton"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
 
 
 def _git_sha() -> str | None:
@@ -181,9 +213,13 @@ class _Flow:
 
 
 def read_image(
-    item: Item, max_pixels: int, reader: ItemReader | None = None
+    item: Item, max_pixels: int, reader: ItemReader | None = None, pre: Preprocess | None = None
 ) -> tuple[np.ndarray | None, tuple[int, int], tuple[str, str] | None]:
-    """Bytes and upright (width, height) of one image, or an error (stage, message)."""
+    """Bytes and upright (width, height) of one image, or an error (stage, message).
+
+    Refused from the header alone, before any decoding: more than ``max_pixels`` pixels, or
+    (given the preprocessing ``pre``) an aspect ratio so extreme that the resized image would be.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -197,13 +233,9 @@ def read_image(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 width, height = im.size
-                # DALI applies the EXIF orientation: report and resize by the upright size.
-                if im.format in ("JPEG", "TIFF", "WEBP", "PNG") and im.getexif().get(EXIF_ORIENTATION, 1) in (
-                    5,
-                    6,
-                    7,
-                    8,
-                ):
+                # DALI applies the EXIF orientation: report and resize by the upright size (any format:
+                # phone JPEGs are often "MPO" to Pillow).
+                if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
                     width, height = height, width
     except Image.DecompressionBombError:
         return None, (0, 0), ("header", f"image too large: over --max-pixels {max_pixels} (decompression bomb?)")
@@ -212,11 +244,12 @@ def read_image(
     except (OSError, SyntaxError, ValueError) as exc:
         return None, (0, 0), ("header", f"unreadable image header: {exc}")
     if width * height > max_pixels:
-        return (
-            None,
-            (width, height),
-            ("header", f"image too large: {width}x{height} over --max-pixels {max_pixels}"),
-        )
+        return None, (width, height), ("header", f"image too large: {width}x{height} over --max-pixels {max_pixels}")
+    if pre is not None:
+        rh, rw, _, _ = geometry(pre, width, height)
+        if rh * rw > max_pixels:
+            message = f"aspect ratio too extreme: {width}x{height} resizes to {rw}x{rh}, over --max-pixels {max_pixels}"
+            return None, (width, height), ("header", message)
     return np.frombuffer(data, dtype=np.uint8), (width, height), None
 
 
@@ -262,6 +295,8 @@ class Extractor:
             raise ExtractError(f"--shard-size must be >= 1, got {shard_size}")
         if dtype not in OUTPUT_DTYPES:
             raise ExtractError(f"unknown --dtype {dtype!r}; choose float16 or float32")
+        if num_threads is not None and num_threads < 1:
+            raise ExtractError(f"--threads must be >= 1, got {num_threads}")
         if num_shards < 1 or not 0 <= shard_index < num_shards:
             raise ExtractError(f"--shard-index must be in [0, --num-shards={num_shards}), got {shard_index}")
         if max_pixels < 1:
@@ -306,28 +341,25 @@ class Extractor:
             "precision": self.precision,
             "backend": backend,
             "device": self.device.type,
+            "device_name": _device_name(self.device),
             "dtype": dtype,
             "layers": self.layer_shapes,
             "layer_order": "C,H,W (conv layers flattened in C×H×W order)",
+            "versions": _library_versions(),
         }
-        ids = hashlib.sha256("\n".join(it.id for it in self.items).encode()).hexdigest()
-        # Everything that changes a row or a shard boundary: resuming needs all of it to match.
+        ids_labels = hashlib.sha256("\n".join(f"{it.id}\t{it.label}" for it in self.items).encode()).hexdigest()
+        # Everything that changes a row, a shard boundary or a shard's metadata: a resumed run must
+        # match on all of it, or it could mix shards that differ from a clean run's.
         self.config = {
             "source": os.path.abspath(source),
             "items": len(self.items),
-            "ids_sha256": ids,
-            "model": self.spec.name,
-            "weights_sha256": self.weights.sha256,
+            "ids_labels_sha256": ids_labels,
             "layers": self.layers,
-            "preprocessing": self.metadata["preprocessing"],
-            "precision": self.precision,
-            "backend": backend,
-            "device": self.device.type,
-            "dtype": dtype,
             "batch_size": batch_size,
             "shard_size": shard_size,
             "max_pixels": max_pixels,
             "image_column": image_column,
+            "metadata": self.metadata,
         }
         self.output = OutputDir(out, self.config, overwrite=overwrite)
 
@@ -347,7 +379,7 @@ class Extractor:
         for batch in self._batches():
             t0 = time.perf_counter()
             for pos, item in enumerate(batch.items):
-                data, size, err = read_image(item, self.max_pixels, reader)
+                data, size, err = read_image(item, self.max_pixels, reader, self.spec.preprocess)
                 batch.encoded.append(data)
                 batch.sizes.append(size)
                 if err:
@@ -463,12 +495,13 @@ class Extractor:
         q_decoded: queue.Queue = queue.Queue(QUEUE_DEPTH)
         q_features: queue.Queue = queue.Queue(QUEUE_DEPTH)
         t_start = time.perf_counter()
-        threads = [
-            flow.thread("read", self._read_stage, flow, q_read),
-            flow.thread("decode", self._decode_stage, flow, decoder, q_read, q_decoded),
-            flow.thread("write", self._write_stage, flow, q_features, schema, bar),
-        ]
+        threads: list[threading.Thread] = []
         try:
+            threads += [
+                flow.thread("read", self._read_stage, flow, q_read),
+                flow.thread("decode", self._decode_stage, flow, decoder, q_read, q_decoded),
+                flow.thread("write", self._write_stage, flow, q_features, schema, bar),
+            ]
             while (batch := flow.get(q_decoded, "forward")) is not _END:
                 self._forward(net, batch, flow.busy)
                 if not flow.put(q_features, batch, "forward"):

@@ -84,6 +84,21 @@ def geometry(pre: Preprocess, width: int, height: int) -> tuple[int, int, int, i
     return rh, rw, top, left
 
 
+class SampleError(RuntimeError):
+    """DALI failed on the content of a sample (a corrupt or unsupported image)."""
+
+
+# Failures that are the machine's, not the image's: never turned into per-image error rows.
+_RESOURCE_ERRORS = ("out of memory", "bad_alloc", "cuda error", "cudaerror", "cuda_error", "nvml")
+
+
+def _is_sample_error(message: str, raw: bool) -> bool:
+    lower = message.lower()
+    if any(s in lower for s in _RESOURCE_ERRORS):
+        return False
+    return raw or "decoders.image" in message
+
+
 def _dali_message(exc: Exception) -> str:
     """The useful line of a DALI 'Critical error in pipeline' message."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -146,7 +161,11 @@ class Decoder:
             if raw:
                 images = encoded.gpu() if on_gpu else encoded
             else:
-                images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=order)
+                # hw_decoder_load=0: the hardware JPEG decoder takes a share of each batch by position
+                # and rounds differently from the CUDA decoder, so an image's pixels would depend on
+                # its batch company; one decoder for every sample keeps features bit-reproducible.
+                extra = {"hw_decoder_load": 0.0} if on_gpu else {}
+                images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=order, **extra)
             images = fn.resize(images, size=size, antialias=pre.style != "caffe")
             return fn.crop_mirror_normalize(
                 images,
@@ -164,19 +183,27 @@ class Decoder:
         return pipe
 
     def _run(self, encoded: list[np.ndarray], geoms: list[tuple[int, int, int, int]], pipe=None) -> torch.Tensor:
+        """Run the pipeline on samples; a sample-level failure raises SampleError, anything else propagates."""
         crop, pipe = self.pre.crop, pipe or self.pipe
         pipe.feed_input("encoded", encoded)
         pipe.feed_input("size", [np.array(g[:2], np.float32) for g in geoms])
         # DALI places the crop at round(pos * (size - crop)): an exact integer offset needs pos = off / (size - crop).
         pipe.feed_input("pos_y", [np.array(g[2] / max(g[0] - crop, 1), np.float32) for g in geoms])
         pipe.feed_input("pos_x", [np.array(g[3] / max(g[1] - crop, 1), np.float32) for g in geoms])
-        (out,) = pipe.run()
+        try:
+            (out,) = pipe.run()
+        except RuntimeError as exc:
+            if _is_sample_error(str(exc), raw=pipe is not self.pipe):
+                raise SampleError(_dali_message(exc)) from None
+            raise  # out of memory, CUDA failure...: not the image's fault, must not become an error row
         tensor = out.as_tensor()
         if self.device.type == "cuda":
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
+            stream = torch.cuda.current_stream(self.device)
             batch = torch.empty(tensor.shape(), dtype=torch.float32, device=self.device)
-            feed_ndarray(tensor, batch, cuda_stream=torch.cuda.current_stream(self.device))
+            feed_ndarray(tensor, batch, cuda_stream=stream)
+            stream.synchronize()  # the copy must finish before DALI's next run reuses its buffer
         else:
             # Copy: DALI reuses its output buffer on the next run.
             batch = torch.from_numpy(np.array(tensor, copy=True))
@@ -185,18 +212,19 @@ class Decoder:
     def decode(
         self, encoded: list[np.ndarray], sizes: list[tuple[int, int]]
     ) -> tuple[torch.Tensor | None, dict[int, str]]:
-        """Decode a batch.  Returns (NHWC float32 batch, {bad index: message}).
+        """Decode a batch of encoded images whose upright (width, height) are ``sizes``.
 
-        The batch always has ``len(encoded)`` rows: a sample that failed to decode
-        gets a row of zeros, so the forward pass sees the same batch shape as in a
-        clean run and the good rows get bit-identical features.  None if all failed.
+        Returns (NHWC float32 batch, {bad index: message}).  The batch always has
+        ``len(encoded)`` rows: a sample that failed to decode gets a row of zeros, so
+        the forward pass sees the same batch shape as in a clean run and the good rows
+        get bit-identical features.  None if all failed.
         """
         if not encoded:
             return None, {}
         geoms = [geometry(self.pre, w, h) for w, h in sizes]
         try:
             batch, bad = self._run(encoded, geoms), {}
-        except RuntimeError:
+        except SampleError:
             batch, bad = self._decode_one_by_one(encoded, geoms)
         if batch is not None and self.mean_image is not None:
             batch -= self.mean_image
@@ -219,7 +247,9 @@ class Decoder:
             with Image.open(io.BytesIO(sample.tobytes())) as im:
                 im.seek(0)
                 pixels = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-        except Exception as exc:  # Pillow raises many types; we only want the text
+        except MemoryError:
+            raise
+        except Exception as exc:  # Pillow raises many types for a bad file; we only want the text
             return None, f"{dali_message} (Pillow: {type(exc).__name__}: {exc})"
         if self.pre.channel_order == "BGR":
             pixels = pixels[..., ::-1]
@@ -227,9 +257,9 @@ class Decoder:
             self.raw_pipe = self._build(raw=True)
         try:
             return self._run([np.ascontiguousarray(pixels)], [geom], self.raw_pipe)[0], ""
-        except RuntimeError as exc:
+        except SampleError as exc:
             self.raw_pipe = None
-            return None, f"{dali_message} (fallback: {_dali_message(exc)})"
+            return None, f"{dali_message} (fallback: {exc})"
 
     def _decode_one_by_one(self, encoded, geoms):
         rows: list[torch.Tensor | None] = []
@@ -238,9 +268,9 @@ class Decoder:
         for i, (sample, geom) in enumerate(zip(encoded, geoms, strict=True)):
             try:
                 rows.append(self._run([sample], [geom])[0])
-            except RuntimeError as exc:
+            except SampleError as exc:
                 self.pipe = self._build()
-                row, message = self._pil_fallback(sample, geom, _dali_message(exc))
+                row, message = self._pil_fallback(sample, geom, str(exc))
                 rows.append(row)
                 if row is None:
                     bad[i] = message

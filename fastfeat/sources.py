@@ -5,8 +5,8 @@ fastfeat owns ids, order and labels (DALI only ever sees bytes through
 
 * a folder, walked recursively; an image's id is its path relative to the folder
   (with ``/`` separators) and its label is the first-level subfolder name, if any;
-* a list file (``.txt``/``.lst``/``.csv``/``.tsv``): one path per line, optionally
-  followed by a label (tab- or whitespace-separated).  Relative paths are resolved
+* a list file (``.txt``/``.lst``/``.tsv``/``.csv``): one path per line, optionally
+  followed by a label (tab- or whitespace-separated; comma-separated in ``.csv``).  Relative paths are resolved
   against the list file's folder and the id is the path as written.  Blank lines
   and lines starting with ``#`` are skipped;
 * WebDataset tar shards (``shards-{0000..0099}.tar``, brace patterns expanded):
@@ -27,6 +27,7 @@ and ids are unique within a source (checked).
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import tarfile
@@ -52,6 +53,9 @@ class Item:
     error: str | None = None  # an entry refused at listing time (unsafe tar path), reported when read
 
 
+MAX_LABEL_BYTES = 4096  # a .cls/.txt label member longer than this is not a label
+# Encoded files above this are refused unread: no JPEG/PNG a CNN should see is this large.
+MAX_FILE_BYTES = 1 << 30
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
@@ -90,12 +94,17 @@ def _walk_folder(root: str) -> list[Item]:
 def _read_list(list_path: str) -> list[Item]:
     base = os.path.dirname(os.path.abspath(list_path))
     items, seen = [], set()
-    with open(list_path, encoding="utf-8") as f:
+    ext = os.path.splitext(list_path)[1].lower()
+    with open(list_path, encoding="utf-8", newline="") as f:
         for lineno, raw in enumerate(f, 1):
             line = raw.rstrip("\r\n")
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
-            rel, label = _split_list_line(line, base)
+            if ext == ".csv":  # path[,label], with CSV quoting for paths that hold commas
+                fields = next(csv.reader([line]))
+                rel, label = fields[0].strip(), (fields[1].strip() or None) if len(fields) > 1 else None
+            else:
+                rel, label = _split_list_line(line, base)
             if rel in seen:
                 raise SourceError(f"{list_path}:{lineno}: duplicate path {rel!r} (ids must be unique)")
             seen.add(rel)
@@ -126,42 +135,40 @@ def _read_tars(paths: list[str]) -> list[Item]:
     for path in paths:
         try:
             with tarfile.open(path, mode="r:") as tar:  # uncompressed: members are read in place by offset
-                members = tar.getmembers()
+                items += _tar_items(tar, os.path.abspath(path))
         except (tarfile.TarError, OSError) as exc:
             raise SourceError(f"cannot read tar shard {path}: {exc}") from None
-        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-        order: list[str] = []
-        for m in members:
-            if not m.isfile():
-                continue
-            if _unsafe_member(m.name):
-                items.append(Item(m.name, os.path.abspath(path), None, error=f"unsafe tar member path {m.name!r}"))
-                continue
-            folder, base = os.path.split(m.name)
-            if "." not in base:
-                continue
-            stem, ext = base.split(".", 1)
-            key = f"{folder}/{stem}" if folder else stem
-            if key not in groups:
-                groups[key] = {}
-                order.append(key)
-            groups[key][ext.lower()] = m
-        for key in order:
-            g = groups[key]
-            image = next((g[e] for e in TAR_IMAGE_EXTENSIONS if e in g), None)
-            if image is None:
-                continue
-            label = None
-            for ext in ("cls", "txt"):
-                if ext in g:
-                    with tarfile.open(path, mode="r:") as tar:
-                        label = tar.extractfile(g[ext]).read().decode("utf-8", "replace").strip()
-                    break
-            items.append(Item(key, os.path.abspath(path), label, offset=image.offset_data, size=image.size))
+    return items
+
+
+def _tar_items(tar: tarfile.TarFile, path: str) -> list[Item]:
+    items: list[Item] = []
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    for m in tar.getmembers():
+        if not m.isfile():
+            continue
+        if _unsafe_member(m.name):
+            items.append(Item(m.name, path, None, error=f"unsafe tar member path {m.name!r}"))
+            continue
+        folder, base = os.path.split(m.name)
+        if "." not in base:
+            continue
+        stem, ext = base.split(".", 1)
+        groups.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext.lower()] = m
+    for key, group in groups.items():  # insertion order: the order of the tar
+        image = next((group[e] for e in TAR_IMAGE_EXTENSIONS if e in group), None)
+        if image is None:
+            continue
+        label_member = group.get("cls") or group.get("txt")
+        label = None
+        if label_member is not None and label_member.size <= MAX_LABEL_BYTES:
+            label = tar.extractfile(label_member).read().decode("utf-8", "replace").strip()
+        items.append(Item(key, path, label, offset=image.offset_data, size=image.size))
     return items
 
 
 def _read_parquets(paths: list[str], image_column: str) -> list[Item]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     items: list[Item] = []
@@ -174,6 +181,13 @@ def _read_parquets(paths: list[str], image_column: str) -> list[Item]:
         if image_column not in names:
             raise SourceError(
                 f"{path}: no image column {image_column!r} (columns: {', '.join(names)}); use --image-column"
+            )
+        col_type = pf.schema_arrow.field(image_column).type
+        is_binary = pa.types.is_binary(col_type) or pa.types.is_large_binary(col_type)
+        is_struct = pa.types.is_struct(col_type) and col_type.get_field_index("bytes") >= 0
+        if not (is_binary or is_struct):
+            raise SourceError(
+                f"{path}: column {image_column!r} is {col_type}, not binary image bytes or a struct with 'bytes'"
             )
         labels = pf.read(columns=["label"]).column(0).to_pylist() if "label" in names else [None] * pf.metadata.num_rows
         base = os.path.basename(path)
@@ -188,7 +202,7 @@ def source_kind(source: str) -> str:
     lower = source.lower()
     if lower.endswith(".tar"):
         return "webdataset"
-    if lower.endswith((".parquet", ".arrow")):
+    if lower.endswith(".parquet"):
         return "parquet"
     if os.path.isdir(source):
         return "folder"
@@ -235,6 +249,9 @@ class ItemReader:
     def read(self, item: Item) -> bytes:
         if item.error:
             raise OSError(item.error)
+        size = item.size if item.size is not None else (os.path.getsize(item.path) if item.offset is None else 0)
+        if size > MAX_FILE_BYTES:
+            raise OSError(f"file too large: {size} bytes (limit {MAX_FILE_BYTES})")
         if item.size is not None:  # tar member
             with open(item.path, "rb") as f:
                 f.seek(item.offset)

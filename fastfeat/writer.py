@@ -10,7 +10,7 @@ Layout of an output directory::
 
 Shard k always covers the same slice of the input, whatever failed before, so a
 run can be resumed shard by shard and its result equals an uninterrupted run.  A
-shard is written as ``part-0000k.parquet.tmp``, fsynced and renamed; only then is
+shard is written as ``part-0000k.parquet.<pid>.tmp``, fsynced, checksummed and renamed; only then is
 it added to the manifest, which is itself replaced atomically.  A shard is
 therefore either listed and complete, or not listed and redone.
 """
@@ -37,7 +37,8 @@ LOCK = ".lock"  # flock'd while the manifest is read-merged-written: several pro
 ERRORS = "errors.parquet"
 SUMMARY = "summary.json"
 FORMAT = "fastfeat/1"
-SHARD_RE = re.compile(r"^part-\d{5,}\.parquet(\.tmp)?$")
+SHARD_RE = re.compile(r"^part-\d{5,}\.parquet(\.\d+\.tmp)?$")
+TMP_RE = re.compile(r"^part-\d{5,}\.parquet\.(\d+)\.tmp$")
 # A row group holds about this many bytes of features: small enough to stream with
 # bounded memory on read and write, large enough for efficient column chunks.
 ROW_GROUP_BYTES = 64 << 20
@@ -72,6 +73,23 @@ def _atomic_write(path: str, data: bytes) -> None:
     _fsync_dir(folder)
 
 
+def _remove_orphan_tmp(folder: str) -> None:
+    """Delete shard temp files whose writing process no longer exists (a killed run's partial shard)."""
+    for entry in os.listdir(folder):
+        m = TMP_RE.match(entry)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # that process is alive: a sibling part is writing it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, owned by another user
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(folder, entry))
+
+
 def _fsync_dir(folder: str) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -100,6 +118,7 @@ class ShardRecord:
     first_item: int
     end_item: int
     sha256: str
+    bytes: int = 0  # file size: a truncated file is not taken as finished on resume
     errors: list[dict] = field(default_factory=list)
 
 
@@ -110,48 +129,55 @@ class OutputDir:
         self.path = path
         self.config = config
         self.hash = config_hash(config)
+        self.overwrite = overwrite
         self.shards: dict[int, ShardRecord] = {}
-        self._prepare(overwrite)
+        self._check(self._read_manifest_if_any())
 
     # -- opening ----------------------------------------------------------------------------------
-    def _prepare(self, overwrite: bool) -> None:
-        manifest_path = os.path.join(self.path, MANIFEST)
+    def _read_manifest_if_any(self) -> dict | None:
+        """The manifest of a run already in OUT/, None for a missing or empty OUT/; raises for foreign content."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise OutputError(f"output path exists and is not a directory: {self.path}")
-        if not os.path.isdir(self.path):
-            return
-        entries = [e for e in os.listdir(self.path) if not e.startswith(".")]
-        if not entries:
-            return
+        if not os.path.isdir(self.path) or not [e for e in os.listdir(self.path) if not e.startswith(".")]:
+            return None
+        manifest_path = os.path.join(self.path, MANIFEST)
         if not os.path.isfile(manifest_path):
             raise OutputError(
                 f"output directory {self.path} is not empty and holds no fastfeat run; choose another --out"
             )
         try:
             with open(manifest_path, encoding="utf-8") as f:
-                manifest = json.load(f)
+                return json.load(f)
         except (OSError, ValueError) as exc:
             raise OutputError(f"cannot read {manifest_path}: {exc}") from None
-        if manifest.get("config_hash") != self.hash:
-            if not overwrite:
-                raise OutputError(
-                    f"output directory {self.path} holds a different run ({_describe_diff(manifest.get('config', {}), self.config)}); "
-                    "use another --out, or --overwrite to replace it"
-                )
-            self._clear()
+
+    def _check(self, manifest: dict | None) -> None:
+        """Same run: take its finished shards.  Different run: refuse, unless --overwrite (done in create)."""
+        if manifest is None:
             return
-        self._merge(manifest)
+        if manifest.get("config_hash") == self.hash:
+            self._merge(manifest)
+        elif not self.overwrite:
+            raise OutputError(
+                f"output directory {self.path} holds a different run ({_describe_diff(manifest.get('config', {}), self.config)}); "
+                "use another --out, or --overwrite to replace it"
+            )
 
     def _merge(self, manifest: dict) -> None:
-        """Take the finished shards another process (or an earlier run) recorded."""
+        """Take the finished shards another process (or an earlier run) recorded, if their files are whole."""
         for rec in manifest.get("shards", []):
             rec = ShardRecord(**rec)
-            if rec.index not in self.shards and os.path.isfile(os.path.join(self.path, rec.file)):
+            file = os.path.join(self.path, rec.file)
+            if rec.index not in self.shards and os.path.isfile(file) and os.path.getsize(file) == rec.bytes:
                 self.shards[rec.index] = rec
 
     @contextlib.contextmanager
     def _locked(self):
-        """Exclusive lock on OUT/.lock, then merge what is on disk: parts of one run share the manifest."""
+        """Exclusive lock on OUT/.lock, then merge what is on disk: parts of one run share the manifest.
+
+        A manifest of another configuration appearing meanwhile (another run started on the same
+        OUT/) is an error: the two runs would overwrite each other's shards.
+        """
         with open(os.path.join(self.path, LOCK), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -160,7 +186,12 @@ class OutputDir:
                         on_disk = json.load(f)
                 except (OSError, ValueError):
                     on_disk = {}
-                if on_disk.get("config_hash") == self.hash:
+                if on_disk and on_disk.get("config_hash") != self.hash:
+                    if not self.overwrite:
+                        raise OutputError(f"another run with a different configuration is using {self.path}")
+                    self._clear()  # --overwrite: exactly once, by whichever part takes the lock first
+                    self.overwrite = False
+                elif on_disk:
                     self._merge(on_disk)
                 yield
             finally:
@@ -174,12 +205,14 @@ class OutputDir:
     def create(self) -> None:
         """Create OUT/ (only once the run is known to be valid: bad arguments write nothing).
 
-        Leftover ``.tmp`` files of a killed run are removed by ShardWriter when it
-        rewrites that shard (a sibling process may be writing its own right now).
+        Under the lock: an --overwrite clears the other run here, and temporary files left by killed
+        writers (their process is gone) are removed.
         """
         try:
             os.makedirs(self.path, exist_ok=True)
             with self._locked():
+                self.overwrite = False  # from now on a foreign manifest means a concurrent run
+                _remove_orphan_tmp(self.path)
                 self._write_manifest(complete=False)
         except OSError as exc:
             raise OutputError(f"cannot write to output directory {self.path}: {exc.strerror or exc}") from None
@@ -235,18 +268,20 @@ def _describe_diff(old: dict, new: dict) -> str:
 
 
 class ShardWriter:
-    """Streams the rows of one shard into ``part-k.parquet.tmp`` and renames it when complete."""
+    """Streams the rows of one shard into ``part-k.parquet.<pid>.tmp`` and renames it when complete."""
 
     def __init__(self, out: OutputDir, index: int, first_item: int, end_item: int, schema: pa.Schema):
         self.out, self.index, self.first_item, self.end_item = out, index, first_item, end_item
         self.schema = schema
         self.final_path = os.path.join(out.path, shard_name(index))
-        self.tmp_path = self.final_path + ".tmp"
+        # Unique per writing process: a stray second writer of the same shard (a part restarted while
+        # the old one still runs) can never write into this file.  Same content either way: the
+        # output is deterministic, so whichever rename lands last is correct.
+        self.tmp_path = f"{self.final_path}.{os.getpid()}.tmp"
         self.rows = 0
         self.errors: list[dict] = []
         self._pending: list[pa.RecordBatch] = []
         self._pending_bytes = 0
-        # A stale .tmp of this shard (killed run) is simply overwritten.
         self._writer = pq.ParquetWriter(self.tmp_path, schema, compression="zstd", write_statistics=["id"])
 
     def add(self, batch: pa.RecordBatch) -> None:
@@ -269,17 +304,19 @@ class ShardWriter:
         self._writer.close()
         with open(self.tmp_path, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(self.tmp_path, self.final_path)
-        _fsync_dir(self.out.path)
+        # Checksum and size of the file this process wrote, taken before it becomes visible.
         record = ShardRecord(
             self.index,
             shard_name(self.index),
             self.rows,
             self.first_item,
             self.end_item,
-            file_sha256(self.final_path),
+            file_sha256(self.tmp_path),
+            os.path.getsize(self.tmp_path),
             self.errors,
         )
+        os.replace(self.tmp_path, self.final_path)
+        _fsync_dir(self.out.path)
         self.out.commit_shard(record)
         return record
 
@@ -340,10 +377,19 @@ def verify(path: str) -> list[str]:
             continue
         if rows != rec["rows"]:
             problems.append(f"{rec['file']}: {rows} rows, manifest says {rec['rows']}")
+        if rec["rows"] + len(rec.get("errors", [])) != rec["end_item"] - rec["first_item"]:
+            problems.append(
+                f"{rec['file']}: {rec['rows']} rows + {len(rec.get('errors', []))} errors do not account for "
+                f"items [{rec['first_item']}, {rec['end_item']})"
+            )
         dup = seen.intersection(ids)
         if dup or len(set(ids)) != len(ids):
             problems.append(f"{rec['file']}: duplicate ids, e.g. {sorted(dup)[:1] or ids[:1]}")
         seen.update(ids)
-    if manifest.get("complete") and sum(r["rows"] for r in manifest.get("shards", [])) != manifest.get("rows"):
-        problems.append("manifest row total does not match its shards")
+    if manifest.get("complete"):
+        config = manifest.get("config", {})
+        expected = -(-config.get("items", 0) // max(config.get("shard_size", 1), 1))
+        indices = sorted(r["index"] for r in manifest.get("shards", []))
+        if indices != list(range(expected)):
+            problems.append(f"manifest says complete but lists shards {indices}, expected 0..{expected - 1}")
     return problems

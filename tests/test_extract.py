@@ -154,7 +154,9 @@ def test_resume_after_interruption_equals_clean_run(dataset, tmp_path):
     for f in os.listdir(part):
         if f.startswith("part-") and f not in ("part-00000.parquet", "part-00001.parquet"):
             os.unlink(part / f)
-    (part / "part-00002.parquet.tmp").write_bytes(b"half a shard")
+    killed = subprocess.Popen(["true"])
+    killed.wait()  # a process id that no longer runs: its temp file is an orphan
+    (part / f"part-00002.parquet.{killed.pid}.tmp").write_bytes(b"half a shard")
     s = fastfeat.extract(dataset, str(part), **kw)
     assert s["skipped_already_done"] == 6 and s["complete"]
     assert not any(f.endswith(".tmp") for f in os.listdir(part))

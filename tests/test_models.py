@@ -73,3 +73,13 @@ def test_pre_activation_tap_is_not_overwritten_by_inplace_relu():
     out = net.forward_intermediates(net.prepare(torch.randn(2, 224, 224, 3)), ["fc7", "relu7"])
     assert (out["fc7"] < 0).any()
     torch.testing.assert_close(out["relu7"], out["fc7"].clamp_min(0))
+
+
+def test_fp32_pool_tap_is_not_overwritten_by_the_following_lrn():
+    w = load_weights(CAFFENET, "random:0")
+    net = make_backend("torch", CAFFENET, w.tensors, torch.device("cpu"), torch.float32)
+    x = net.prepare(torch.randn(1, 227, 227, 3) * 50)
+    both = net.forward_intermediates(x, ["pool1", "norm1"])
+    alone = net.forward_intermediates(x, ["pool1"])
+    assert torch.equal(both["pool1"], alone["pool1"])
+    assert not torch.equal(both["pool1"], both["norm1"])

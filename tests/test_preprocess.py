@@ -94,3 +94,13 @@ def test_bad_mean_file(tmp_path):
         load_mean(str(tmp_path / "m.npy"), 227, 256)
     with pytest.raises(PreprocessError, match="not found"):
         load_mean(str(tmp_path / "nope.npy"), 227, 256)
+
+
+def test_resource_failures_are_not_taken_for_bad_images():
+    from fastfeat.preprocess import _is_sample_error
+
+    decode_failure = "Error in CPU operator `nvidia.dali.fn.decoders.image`,\nencountered:\nFailed to decode sample #0"
+    assert _is_sample_error(decode_failure, raw=False)
+    assert not _is_sample_error(decode_failure + "\nstd::bad_alloc", raw=False)
+    assert not _is_sample_error("CUDA error: out of memory in fn.resize", raw=False)
+    assert not _is_sample_error("Error in CPU operator `nvidia.dali.fn.resize`", raw=False)

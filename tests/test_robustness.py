@@ -392,3 +392,87 @@ def test_full_disk_keeps_finished_shards(dataset, tmp_path, monkeypatch):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     s = fastfeat.extract(dataset, str(out), batch_size=2, shard_size=2, **KW)  # resume once space is back
     assert s["complete"] and s["skipped_already_done"] == 4
+
+
+def test_extreme_aspect_ratio_is_refused_from_the_header(tmp_path, photos):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(photos[0], src / "a_good.png")
+    Image.new("RGB", (20_000, 1), (9, 9, 9)).save(src / "b_sliver.png")  # 20,000 pixels only
+    out = str(tmp_path / "out")
+    s = fastfeat.extract(str(src), out, model="alexnet", weights="random:0", progress=False)
+    stage, message = _errors(out)["b_sliver.png"]
+    assert stage == "header" and "aspect ratio too extreme" in message  # would resize to 5,120,000x256
+    assert s["rows_written"] == 1
+
+
+def test_changed_labels_are_a_different_run(photos, tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{p}\tA\n" for p in photos[:2]))
+    out = str(tmp_path / "out")
+    fastfeat.extract(str(lst), out, **KW)
+    lst.write_text("".join(f"{p}\tB\n" for p in photos[:2]))
+    with pytest.raises(ValueError, match="different run"):
+        fastfeat.extract(str(lst), out, **KW)
+
+
+def test_csv_list_file(photos, tmp_path):
+    lst = tmp_path / "list.csv"
+    lst.write_text("".join(f'"{p}",cls{i}\n' for i, p in enumerate(photos[:3])))
+    out = str(tmp_path / "out")
+    s = fastfeat.extract(str(lst), out, **KW)
+    assert s["rows_written"] == 3 and read_features(out).column("label").to_pylist() == ["cls0", "cls1", "cls2"]
+
+
+def test_parquet_column_of_the_wrong_type(photos, tmp_path, capsys):
+    pq.write_table(pa.table({"path": pa.array(photos[:2])}), tmp_path / "d.parquet")
+    code = main(["extract", str(tmp_path / "d.parquet"), "--out", str(tmp_path / "o"), "--weights", "random:0",
+                 "--image-column", "path"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not binary image bytes" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args", [["--batch-size", "abc"], ["--threads", "0"], ["--precision", "fp64"]])
+def test_malformed_options_are_one_line(dataset, tmp_path, capsys, args):
+    try:
+        code = main(["extract", dataset, "--out", str(tmp_path / "o"), "--weights", "random:0", *args])
+    except SystemExit as exc:  # argparse's own checks exit from inside the parser
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("fastfeat: error:") and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_verify_reports_a_shard_missing_from_a_complete_manifest(dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    fastfeat.extract(dataset, str(out), batch_size=4, shard_size=4, **KW)
+    manifest = json.load(open(out / "manifest.json"))
+    manifest["shards"] = manifest["shards"][1:]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    assert "expected 0.." in capsys.readouterr().err
+
+
+def test_truncated_shard_is_redone_on_resume(dataset, tmp_path):
+    out = tmp_path / "out"
+    fastfeat.extract(dataset, str(out), batch_size=4, shard_size=4, **KW)
+    clean = read_features(str(out))
+    shard = out / "part-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])  # e.g. a copy that was cut short
+    s = fastfeat.extract(dataset, str(out), batch_size=4, shard_size=4, **KW)
+    assert s["processed"] == 4 and s["complete"]
+    assert read_features(str(out)).equals(clean)
+
+
+def test_a_concurrent_run_with_another_configuration_is_stopped(dataset, tmp_path):
+    from fastfeat.writer import OutputDir, OutputError
+
+    out = str(tmp_path / "out")
+    first = OutputDir(out, {"run": "A"})
+    first.create()
+    second = OutputDir(out, {"run": "B"}, overwrite=True)
+    second.create()  # --overwrite takes the directory over
+    with pytest.raises(OutputError, match="another run with a different configuration"):
+        first.finish(1)  # the first run must not write into the second run's directory

@@ -110,3 +110,24 @@ def test_bad_random_spec():
         load_weights(CAFFENET, "random:abc")
     with pytest.raises(WeightsError, match="not found"):
         load_weights(CAFFENET, "/nonexistent/w.pth")
+
+
+def test_malicious_caffemodel_fails_fast_without_huge_allocation(tmp_path):
+    import resource
+
+    from fastfeat.caffemodel import _encode_varint, _key
+
+    # A blob whose float data field is a varint of 2^28: bytes(2^28) would allocate 256 MiB.
+    blob = _key(5, 0) + _encode_varint(1 << 28)
+    layer = field(1, b"conv1") + field(7, blob)
+    (tmp_path / "evil.caffemodel").write_bytes(field(100, layer))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(WeightsError, match="cannot read weights"):
+        load_weights(CAFFENET, str(tmp_path / "evil.caffemodel"))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+
+
+def test_caffemodel_shape_larger_than_data_is_refused():
+    blob = field(7, field(1, b"".join(bytes([v]) for v in (100, 100, 100)))) + field(5, b"\0" * 16)
+    with pytest.raises(ValueError, match="does not match"):
+        read_caffemodel(field(100, field(1, b"conv1") + field(7, blob)))

@@ -34,7 +34,8 @@ def lrn_fp32(x: torch.Tensor, band: torch.Tensor, beta: float, k: float) -> torc
     GEMM, 3.3x faster than torch's local_response_norm (avg_pool3d) at CaffeNet's norm1, batch 64,
     on the 2-core dev box (14 vs 47 ms), and it has no bf16 gap (torch's LRN has no bf16 CPU kernel).
     """
-    xf = x.float()
+    # A private fp32 copy: the in-place ops below must never write into x (a tapped pool output).
+    xf = x.to(torch.float32, copy=True)
     scale = F.conv2d(xf * xf, band).add_(k)
     if beta == 0.75:  # Caffe's value: s^-0.75 = s^-0.5 * s^-0.25, two cheap roots instead of pow
         scale.rsqrt_()
@@ -52,6 +53,9 @@ class TorchNet:
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
         self.spec, self.device, self.dtype = spec, device, dtype
+        if device.type == "cuda" and dtype == torch.float32:
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in spec.layers:
             if layer.param_key is None:
