@@ -19,35 +19,16 @@ The targets it reports against (issue 3, H200, bf16, batch 256): whole forward
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checkout import make_importable  # noqa: E402
+
 BENCH = os.path.dirname(os.path.abspath(__file__))
-
-
-def make_importable() -> None:
-    """``fastfeat`` and ``fastfeat.kernels`` from this checkout when the package is not installed."""
-    try:
-        import fastfeat.kernels  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    sys.path.insert(0, ROOT)
-    import fastfeat
-
-    spec = importlib.util.spec_from_file_location(
-        "fastfeat.kernels", os.path.join(ROOT, "kernels", "__init__.py"),
-        submodule_search_locations=[os.path.join(ROOT, "kernels")],
-    )  # fmt: skip
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fastfeat.kernels"] = module
-    spec.loader.exec_module(module)
-    fastfeat.kernels = module
 
 
 class _Counts:

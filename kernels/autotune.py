@@ -4,9 +4,11 @@ The config factories return one list per kernel family that covers both Ampere (
 shared memory per block) and Hopper (sm90: H100/H200, 227 KiB). Which GPU the process will use is not
 known at import time (and asking would initialise CUDA before DALI forks its workers), so the lists are
 the union and ``prune_by_shared_memory`` drops, on the first launch, the configs whose pipelined
-operand tiles cannot fit the actual device. Under ``TRITON_INTERPRET=1`` each factory returns exactly
-one small config: the numpy interpreter gains nothing from tuning and every extra config would be
-benchmarked on the CPU.
+operand tiles cannot fit the actual device. ``prune_by_registers`` drops the configs that would spill
+registers for the launch at hand (budgets measured with ``benchmarks/compile_check.py``, which compiles
+every kernel and config for sm80 and sm90 without a GPU). Under ``TRITON_INTERPRET=1`` each factory
+returns exactly one small config: the numpy interpreter gains nothing from tuning and every extra
+config would be benchmarked on the CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +23,24 @@ import triton
 M_BUCKET_CAP = 4096
 # Dtypes every launcher accepts for activations and weights (accumulation is always fp32).
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Register budgets of the pruning rules: estimated 32-bit registers per thread held by the fp32
+# accumulator plus the operand tiles that live in registers (see ``_tile_regs``). Calibrated with
+# benchmarks/compile_check.py (triton 3.8, ptxas 12.9, sm_80 and sm_90): configs above them spill.
+# Flattened conv loop: A is gathered element by element, with per-element index and padding math.
+GATHER_A_REG_BUDGET = 96
+# GEMM whose N is not a multiple of 16 (fc8: 1000): W^T rows are unaligned, so B loads are scalar.
+GATHER_B_REG_BUDGET = 96
+# input_precision="ieee" (exact fp32): tl.dot runs on FMA units with both operand tiles in registers.
+FMA_REG_BUDGET = 88
+# Pre-Hopper mma.sync conv: the A/B fragments of a whole K slab sit in registers beside the accumulator.
+MMA_SYNC_REG_BUDGET = 160
+# First compute capability whose tl.dot (wgmma) reads its operands from shared memory.
+HOPPER_CAPABILITY = 9
+# Smallest BLOCK_M that Triton lowers to wgmma (one warpgroup covers 64 rows); thinner tiles use mma.sync.
+WGMMA_MIN_BLOCK_M = 64
+# Triton specialises an int argument on divisibility by 16 only; anything else is "unaligned".
+ALIGN_ELEMS = 16
 
 
 def interpreter_active() -> bool:
@@ -105,6 +125,7 @@ def gemm_configs() -> list[triton.Config]:
         _cfg(128, 64, 32, 4, 4),
         _cfg(64, 128, 32, 4, 4),
         _cfg(64, 64, 64, 4, 4),
+        _cfg(64, 64, 32, 4, 4),  # the one full tile within FMA_REG_BUDGET (exact fp32)
     ]
     hopper = [
         _cfg(128, 256, 64, 3, 8),
@@ -121,10 +142,22 @@ def _max_shared_memory(device_index: int) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block))
 
 
-def _tile_smem_bytes(config: triton.Config, elem_bytes: int) -> int:
+@functools.lru_cache(maxsize=16)
+def _device_capability(device_index: int) -> int:
+    return int(torch.cuda.get_device_capability(device_index)[0])
+
+
+def _device_index(t) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+def _tile_smem_bytes(config: triton.Config, elem_bytes: int, capability: int) -> int:
+    """Bytes of the pipelined A/B buffers: triton 3.8 allocates num_stages of them for wgmma (Hopper,
+    BLOCK_M >= 64) and num_stages - 1 otherwise (measured with benchmarks/compile_check.py)."""
     kw = config.kwargs
     per_stage = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem_bytes
-    return per_stage * max(config.num_stages, 1)
+    wgmma = capability >= HOPPER_CAPABILITY and kw["BLOCK_M"] >= WGMMA_MIN_BLOCK_M
+    return per_stage * max(config.num_stages - (0 if wgmma else 1), 1)
 
 
 def prune_by_shared_memory(configs, named_args, tensor_arg: str):
@@ -136,28 +169,61 @@ def prune_by_shared_memory(configs, named_args, tensor_arg: str):
     t = named_args[tensor_arg]
     if not t.is_cuda:
         return configs
-    limit = _max_shared_memory(t.device.index if t.device.index is not None else torch.cuda.current_device())
-    kept = [c for c in configs if _tile_smem_bytes(c, t.element_size()) <= limit]
+    index = _device_index(t)
+    limit, capability = _max_shared_memory(index), _device_capability(index)
+    kept = [c for c in configs if _tile_smem_bytes(c, t.element_size(), capability) <= limit]
     return kept or configs[:1]
 
 
+def _tile_regs(config: triton.Config, a_weight: float, b_weight: float) -> float:
+    """Estimated 32-bit registers per thread: the fp32 accumulator plus weighted A and B tiles."""
+    kw = config.kwargs
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    return (bm * bn + a_weight * bm * bk + b_weight * bk * bn) / (32 * config.num_warps)
+
+
+def prune_by_registers(configs, budget: float, a_weight: float, b_weight: float):
+    """Drop configs whose ``_tile_regs`` estimate exceeds ``budget``; keep the smallest if none fits."""
+    estimate = lambda c: _tile_regs(c, a_weight, b_weight)
+    return [c for c in configs if estimate(c) <= budget] or [min(configs, key=estimate)]
+
+
+def _prune_fma(configs, args):
+    if args.get("DOT_PRECISION") == "ieee":
+        return prune_by_registers(configs, FMA_REG_BUDGET, 1.0, 1.0)
+    return configs
+
+
 def prune_conv(configs, named_args, **kwargs):
-    """Conv pruning: shared-memory fit, and no K slab wider than the channel group in the tap loop."""
+    """Conv pruning: shared-memory fit, no K slab wider than the channel group in the tap loop, and the
+    register budgets (flattened-loop gathers, exact-fp32 FMA dot, pre-Hopper mma.sync fragments)."""
     args = {**named_args, **kwargs}
     configs = prune_by_shared_memory(configs, args, "x_ptr")
     if args.get("TAP_LOOP", False):
         widest = max(16, triton.next_power_of_2(int(args["CIN_G"])))
         narrow = [c for c in configs if c.kwargs["BLOCK_K"] <= widest]
         configs = narrow or configs
+    elif "TAP_LOOP" in args:
+        # Each gathered A element costs its value, address and padding test: weigh A twice.
+        configs = prune_by_registers(configs, GATHER_A_REG_BUDGET, 2.0, 0.0)
+    configs = _prune_fma(configs, args)
+    x = args["x_ptr"]
+    if x.is_cuda and args.get("DOT_PRECISION") != "ieee" and _device_capability(_device_index(x)) < HOPPER_CAPABILITY:
+        words = x.element_size() / 4  # 32-bit registers per operand element
+        configs = prune_by_registers(configs, MMA_SYNC_REG_BUDGET, words, words)
     return configs
 
 
 def prune_gemm(configs, named_args, **kwargs):
-    """GEMM pruning: keep thin-M tiles for M <= 32 and full tiles above, then shared-memory fit."""
+    """GEMM pruning: keep thin-M tiles for M <= 32 and full tiles above, then shared-memory fit, then
+    the register budgets (scalar B loads when N is unaligned, exact-fp32 FMA dot)."""
     args = {**named_args, **kwargs}
     small = int(args["M_BUCKET"]) <= 32
     family = [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == small]
-    return prune_by_shared_memory(family or configs, args, "x_ptr")
+    configs = prune_by_shared_memory(family or configs, args, "x_ptr")
+    if "N" in args and int(args["N"]) % ALIGN_ELEMS != 0:
+        configs = prune_by_registers(configs, GATHER_B_REG_BUDGET, 0.0, 1.0)
+    return _prune_fma(configs, args)
 
 
 @functools.lru_cache(maxsize=16)

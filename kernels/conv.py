@@ -14,7 +14,9 @@ one input pixel are contiguous, so each row of the tile is one coalesced load. T
   division is needed;
 * flattened loop (conv1, Cin = 3): K is walked in BLOCK_K slabs and each k is decomposed into
   (kh, kw, cin) with constexpr divisors; a 3-channel tap would otherwise waste most of every slab.
-  K = 363 is not a multiple of any BLOCK_K, so every slab is masked on k < K.
+  K = 363 is not a multiple of any BLOCK_K, so every slab is masked on k < K. Neither operand can be
+  loaded in vectors (3-channel pixels, 363-element weight rows), so this loop is computed transposed
+  (see the kernel) and ``autotune.prune_conv`` keeps only tiles whose gathers fit in registers.
 
 Configs keep num_warps <= 4 (see ``autotune.conv_configs``): with num_warps >= 8 Triton miscompiles a
 flattened K loop over a non-1x1 kernel (pytorch#173068), which both loop shapes here are.
@@ -48,6 +50,7 @@ from .autotune import (
     resolve_out_dtype,
 )
 from .gemm import grouped_tile
+from .indexing import nhwc_window_origin
 
 # Cin/g at or above which the tap loop is used; below it a channel slab would be mostly padding.
 TAP_LOOP_MIN_CIN = 16
@@ -110,15 +113,9 @@ def _conv2d_nhwc_kernel(
     m_ok = offs_m < M_GEMM
     n_ok = offs_n < COUT_G
 
-    ow = offs_m % OW
-    t = offs_m // OW
-    oh = t % OH
-    img = t // OH
-    ih0 = oh * STRIDE_H - PAD_H
-    iw0 = ow * STRIDE_W - PAD_W
-    # Offset of the window's top-left input element in int64: N*H*W*C passes 2^31 at large batch.
-    # It may point into the padding (negative or past the row); such lanes are masked below.
-    row_base = ((img.to(tl.int64) * H + ih0) * W + iw0) * C_IN + g * CIN_G
+    # Window corners (int64 offsets; corners in the padding are masked below), then group g's channels.
+    ih0, iw0, row_base = nhwc_window_origin(offs_m, H, W, C_IN, OH, OW, STRIDE_H, STRIDE_W, PAD_H, PAD_W)
+    row_base += g * CIN_G
 
     w_group = w_ptr + g.to(tl.int64) * COUT_G * K_GEMM
     w_cols = offs_n * K_GEMM  # int32 is enough: the whole packed weight is far below 2^31 elements
@@ -147,6 +144,12 @@ def _conv2d_nhwc_kernel(
             )
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     else:
+        # Computed transposed, acc^T = W_g x A^T, so that the gathered tile is [BLOCK_K, BLOCK_M]: with
+        # no contiguous axis to coalesce, Triton spreads the threads over the last axis, the pixels, and
+        # each thread keeps the loop-invariant row state (base offset, window origin, bounds) of a few
+        # pixels instead of BLOCK_M / num_warps of them; as A @ W^T this loop spilled registers in most
+        # configs (found by benchmarks/compile_check.py).
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K_GEMM, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K_GEMM
@@ -155,13 +158,14 @@ def _conv2d_nhwc_kernel(
             rem = offs_k - kh * (KW * CIN_G)
             kw = rem // CIN_G
             ci = rem - kw * CIN_G
-            ih = ih0[:, None] + kh[None, :]
-            iw = iw0[:, None] + kw[None, :]
-            a_mask = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_off = row_base[:, None] + ((kh * W + kw) * C_IN + ci)[None, :]
-            a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
-            b = tl.load(w_group + w_cols[None, :] + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            ih = ih0[None, :] + kh[:, None]
+            iw = iw0[None, :] + kw[:, None]
+            a_mask = m_ok[None, :] & k_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_off = row_base[None, :] + ((kh * W + kw) * C_IN + ci)[:, None]
+            a_t = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
+            b_t = tl.load(w_group + w_cols[:, None] + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc_t = tl.dot(b_t, a_t, acc_t, input_precision=DOT_PRECISION)
+        acc = tl.trans(acc_t)  # once per tile, into the epilogue's [BLOCK_M, BLOCK_N] orientation
 
     # Epilogue in fp32, one rounding to the output dtype at the very end.
     if HAS_BIAS:

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .autotune import check_kernel_tensor, check_out, int_pair, resolve_out_dtype
+from .indexing import nhwc_window_origin
 from .lrn import LRN_NUM_WARPS, LRNParams, check_lrn_params, lrn_across_channels, lrn_tile
 
 # Channel tile of the unfused pool: 64 contiguous channels = 128 B rows in fp16.
@@ -60,14 +61,8 @@ def _maxpool_nhwc_kernel(
     p_ok = offs_p < P_TOTAL
     c_ok = offs_c < C
 
-    ow = offs_p % OW
-    t = offs_p // OW
-    oh = t % OH
-    img = t // OH
-    ih0 = oh * STRIDE_H - PAD_H
-    iw0 = ow * STRIDE_W - PAD_W
-    # int64 window origin: N*H*W*C passes 2^31 at large batch; may point into the padding (masked).
-    row_base = ((img.to(tl.int64) * H + ih0) * W + iw0) * C
+    # int64 window corners; corners in the padding are masked below.
+    ih0, iw0, row_base = nhwc_window_origin(offs_p, H, W, C, OH, OW, STRIDE_H, STRIDE_W, PAD_H, PAD_W)
 
     best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), dtype=tl.float32)
     for kh in tl.static_range(KH):

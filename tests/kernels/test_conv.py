@@ -12,8 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastfeat.kernels import conv2d_nhwc, conv_output_size, interpreter_active, pack_conv_weight
-from fastfeat.kernels.autotune import conv_configs, prune_conv
+from fastfeat.kernels import autotune, conv2d_nhwc, conv_output_size, interpreter_active, pack_conv_weight
+from fastfeat.kernels.autotune import (
+    FMA_REG_BUDGET,
+    GATHER_A_REG_BUDGET,
+    MMA_SYNC_REG_BUDGET,
+    _tile_regs,
+    conv_configs,
+    prune_conv,
+)
 
 # Relative error ||out - ref|| / ||ref|| allowed, keyed by OUTPUT dtype. fp32: exact-product fp32
 # accumulation in another order (measured ~4e-7). fp16 / bf16: dominated by the final rounding of each
@@ -231,7 +238,42 @@ def test_gpu_config_lists(monkeypatch):
     # pytorch#173068: num_warps >= 8 miscompiles the flattened non-1x1 conv K loop.
     assert all(c.num_warps <= 4 for c in configs)
     x = torch.empty(1, 1, 1, 1)
-    # Tap loop over Cin/g = 48: no K slab wider than 64 channels survives; the flattened loop keeps all.
+    # Tap loop over Cin/g = 48: no K slab wider than 64 channels survives.
     tap = prune_conv(configs, {"x_ptr": x}, TAP_LOOP=True, CIN_G=48)
     assert tap and all(c.kwargs["BLOCK_K"] <= 64 for c in tap)
-    assert prune_conv(configs, {"x_ptr": x}, TAP_LOOP=False, CIN_G=3) == configs
+    # Flattened loop (conv1): only tiles whose element-wise gathers fit in registers.
+    flat = prune_conv(configs, {"x_ptr": x}, TAP_LOOP=False, CIN_G=3, DOT_PRECISION="tf32")
+    assert 0 < len(flat) < len(configs)
+    assert all(_tile_regs(c, 2.0, 0.0) <= GATHER_A_REG_BUDGET for c in flat)
+    # Exact fp32 products run on FMA units with both operands in registers: small tiles only, both loops.
+    for tap_loop, cin_g in ((True, 256), (False, 3)):
+        ieee = prune_conv(configs, {"x_ptr": x}, TAP_LOOP=tap_loop, CIN_G=cin_g, DOT_PRECISION="ieee")
+        assert ieee and all(_tile_regs(c, 1.0, 1.0) <= FMA_REG_BUDGET for c in ieee)
+
+
+class _FakeCudaTensor:
+    """What the prune hooks read from a CUDA tensor, on a machine without one."""
+
+    is_cuda = True
+    device = torch.device("cuda", 0)
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+
+def test_gpu_prune_per_device(monkeypatch):
+    """A100 (sm80, mma.sync) drops the tap-loop tiles whose operand fragments would spill; H100 keeps them."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    configs = conv_configs()
+    args = {"x_ptr": _FakeCudaTensor(torch.bfloat16)}
+    kept = {}
+    for capability, smem in ((8, 163 * 1024), (9, 227 * 1024)):
+        monkeypatch.setattr(autotune, "_device_capability", lambda index, c=capability: c)
+        monkeypatch.setattr(autotune, "_max_shared_memory", lambda index, s=smem: s)
+        kept[capability] = prune_conv(configs, args, TAP_LOOP=True, CIN_G=256, DOT_PRECISION="tf32")
+        assert all(autotune._tile_smem_bytes(c, 2, capability) <= smem for c in kept[capability])
+    assert all(_tile_regs(c, 0.5, 0.5) <= MMA_SYNC_REG_BUDGET for c in kept[8])
+    assert len(kept[9]) == len(configs) > len(kept[8]) > 0

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastfeat.kernels import linear, pack_linear_weight
-from fastfeat.kernels.autotune import gemm_configs, prune_gemm
+from fastfeat.kernels.autotune import FMA_REG_BUDGET, GATHER_B_REG_BUDGET, _tile_regs, gemm_configs, prune_gemm
 from fastfeat.kernels.gemm import SPLIT_K_GRANULE
 
 # Relative error ||out - ref|| / ||ref|| allowed, keyed by OUTPUT dtype. fp32: exact products, fp32
@@ -185,3 +185,12 @@ def test_gpu_config_lists(monkeypatch):
     assert small and all(c.kwargs["BLOCK_M"] <= 32 for c in small)
     assert any(c.kwargs["BLOCK_M"] == 16 for c in small)
     assert large and all(c.kwargs["BLOCK_M"] >= 64 for c in large)
+    # An aligned N changes nothing; fc8's N = 1000 makes the W^T rows unaligned and the B loads scalar.
+    for m_bucket, family in ((2, small), (1024, large)):
+        assert prune_gemm(configs, {"x_ptr": x, "M_BUCKET": m_bucket, "N": 4096}) == family
+        unaligned = prune_gemm(configs, {"x_ptr": x, "M_BUCKET": m_bucket, "N": 1000})
+        assert 0 < len(unaligned) < len(family)
+        assert all(_tile_regs(c, 0.0, 1.0) <= GATHER_B_REG_BUDGET for c in unaligned)
+        # Exact fp32 products (FMA units, operands in registers) keep the small tiles only.
+        ieee = prune_gemm(configs, {"x_ptr": x, "M_BUCKET": m_bucket, "N": 4096, "DOT_PRECISION": "ieee"})
+        assert ieee and all(_tile_regs(c, 1.0, 1.0) <= FMA_REG_BUDGET for c in ieee)
