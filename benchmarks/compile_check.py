@@ -165,7 +165,7 @@ class _Recorder:
 def recording(sm_count: int):
     """Replace every kernel by a recorder; let the launchers accept CPU tensors; fix the SM count."""
     import fastfeat.kernels as fk
-    from fastfeat.kernels import autotune, gemm
+    from fastfeat.kernels import autotune, gemm, launch_args
 
     sink: list = []
     saved = []
@@ -181,6 +181,7 @@ def recording(sm_count: int):
         # The launchers' device checks accept CPU tensors only "under the interpreter".
         patch(fk, "interpreter_active", lambda: True)
         patch(autotune, "interpreter_active", lambda: True)
+        patch(launch_args, "interpreter_active", lambda: True)
         patch(gemm, "sm_count", lambda device: sm_count)
         yield sink
     finally:

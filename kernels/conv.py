@@ -38,19 +38,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import (
-    check_kernel_tensor,
-    check_out,
-    check_same_device,
-    conv_configs,
-    dot_precision,
-    int_pair,
-    m_bucket,
-    prune_conv,
-    resolve_out_dtype,
-)
+from .autotune import conv_configs, m_bucket, prune_conv
 from .gemm import grouped_tile
 from .indexing import nhwc_window_origin
+from .launch_args import (
+    check_kernel_tensor,
+    check_same_device,
+    dot_precision,
+    int_pair,
+    output_buffer,
+    resolve_out_dtype,
+)
 
 # Cin/g at or above which the tap loop is used; below it a channel slab would be mostly padding.
 TAP_LOOP_MIN_CIN = 16
@@ -263,10 +261,7 @@ def conv2d_nhwc(
         raise ValueError(f"N*OH*OW={m_gemm} exceeds {MAX_GEMM_M}; split the batch")
     y_dtype = resolve_out_dtype(out_dtype, x.dtype)
     shape = (n, oh, ow, cout)
-    if out is None:
-        out = torch.empty(shape, dtype=y_dtype, device=x.device)
-    else:
-        check_out(out, shape=shape, dtype=y_dtype, device=x.device)
+    out = output_buffer(out, shape=shape, dtype=y_dtype, device=x.device)
     if m_gemm == 0:
         return out
 

@@ -16,17 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import (
-    check_kernel_tensor,
-    check_out,
-    check_same_device,
-    dot_precision,
-    gemm_configs,
-    m_bucket,
-    prune_gemm,
-    resolve_out_dtype,
-    sm_count,
-)
+from .autotune import gemm_configs, m_bucket, prune_gemm, sm_count
+from .launch_args import check_kernel_tensor, check_same_device, dot_precision, output_buffer, resolve_out_dtype
 
 # Split-K boundaries are multiples of this, a multiple of every BLOCK_K, so no slab straddles splits.
 SPLIT_K_GRANULE = 256
@@ -235,10 +226,7 @@ def linear(
     if split_k is not None and (not isinstance(split_k, int) or not 1 <= split_k <= MAX_SPLIT_K):
         raise ValueError(f"split_k must be an int in [1, {MAX_SPLIT_K}], got {split_k!r}")
     y_dtype = resolve_out_dtype(out_dtype, x.dtype)
-    if out is None:
-        out = torch.empty((m, n), dtype=y_dtype, device=x.device)
-    else:
-        check_out(out, shape=(m, n), dtype=y_dtype, device=x.device)
+    out = output_buffer(out, shape=(m, n), dtype=y_dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     if k == 0:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import check_kernel_tensor, check_out, resolve_out_dtype
+from .launch_args import check_kernel_tensor, output_buffer, resolve_out_dtype
 
 # A program holds every channel of its pixels in registers; beyond this the tile would spill.
 MAX_LRN_CHANNELS = 2048
@@ -133,10 +133,7 @@ def lrn_nhwc(
     n, h, w, c = x.shape
     check_lrn_params(size, alpha, beta, k, c)
     y_dtype = resolve_out_dtype(out_dtype, x.dtype)
-    if out is None:
-        out = torch.empty(x.shape, dtype=y_dtype, device=x.device)
-    else:
-        check_out(out, shape=tuple(x.shape), dtype=y_dtype, device=x.device)
+    out = output_buffer(out, shape=tuple(x.shape), dtype=y_dtype, device=x.device)
     p_total = n * h * w
     if p_total == 0 or c == 0:
         return out

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import check_kernel_tensor, check_out, int_pair, resolve_out_dtype
 from .indexing import nhwc_window_origin
+from .launch_args import check_kernel_tensor, int_pair, output_buffer, resolve_out_dtype
 from .lrn import LRN_NUM_WARPS, LRNParams, check_lrn_params, lrn_across_channels, lrn_tile
 
 # Channel tile of the unfused pool: 64 contiguous channels = 128 B rows in fp16.
@@ -137,10 +137,7 @@ def maxpool2d_nhwc(
         raise ValueError(f"input {h}x{w} is too small for a {kh}x{kw} pool with padding {padding}")
     y_dtype = resolve_out_dtype(out_dtype, x.dtype)
     shape = (n, oh, ow, c)
-    if out is None:
-        out = torch.empty(shape, dtype=y_dtype, device=x.device)
-    else:
-        check_out(out, shape=shape, dtype=y_dtype, device=x.device)
+    out = output_buffer(out, shape=shape, dtype=y_dtype, device=x.device)
     p_total = n * oh * ow
     if p_total == 0 or c == 0:
         return out

@@ -1,0 +1,87 @@
+"""Argument checks and output allocation shared by the kernel launchers.
+
+Every check raises ValueError with a readable message (never ``assert``): these run on user input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .autotune import SUPPORTED_DTYPES, interpreter_active
+
+
+def check_kernel_tensor(name: str, t, *, ndim: int, dtypes=SUPPORTED_DTYPES) -> None:
+    """Validate a launcher argument: a tensor of the given rank and dtype, contiguous, on a usable device.
+
+    Raises ValueError (never asserts) so that callers get a readable message.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have rank {ndim}, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name} has dtype {t.dtype}; supported: {names}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() once, outside the hot loop)")
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and interpreter_active():
+        return
+    raise ValueError(
+        f"{name} is on {t.device}; the triton kernels need a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1)"
+    )
+
+
+def check_same_device(**tensors) -> None:
+    """Raise ValueError unless every given tensor (None entries skipped) lives on one device."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n}={d}" for n, d in devices.items())
+        raise ValueError(f"tensors must be on one device, got {listing}")
+
+
+def output_buffer(out, *, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A new output tensor, or the caller's ``out`` once it is checked to fit exactly."""
+    if out is None:
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    check_out(out, shape=shape, dtype=dtype, device=device)
+    return out
+
+
+def check_out(out, *, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """Validate a caller-provided output buffer."""
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if out.dtype != dtype:
+        raise ValueError(f"out has dtype {out.dtype}, expected {dtype}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device}, expected {device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+
+
+def int_pair(name: str, v) -> tuple[int, int]:
+    """An int or a pair of ints as (h, w); ValueError otherwise (bools are rejected)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v, v
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(e, int) and not isinstance(e, bool) for e in v):
+        return int(v[0]), int(v[1])
+    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def resolve_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
+    """``out_dtype`` or ``default``; raises ValueError for dtypes the kernels cannot store."""
+    dtype = default if out_dtype is None else out_dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"out_dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    return dtype
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """``tl.dot`` input precision: exact fp32 ("ieee") unless tf32 is asked for; irrelevant for 16-bit."""
+    if dtype == torch.float32 and not allow_tf32:
+        return "ieee"
+    return "tf32"
