@@ -34,9 +34,12 @@ from results import append, device_name, percentiles  # noqa: E402
 
 import fastfeat  # noqa: E402
 from fastfeat.backends import make_backend  # noqa: E402
+from fastfeat.decode import (
+    Decoder,  # noqa: E402
+    read_image,  # noqa: E402
+)
 from fastfeat.models import get_model  # noqa: E402
-from fastfeat.pipeline import default_precision, read_image  # noqa: E402
-from fastfeat.preprocess import Decoder  # noqa: E402
+from fastfeat.runtime import default_precision  # noqa: E402
 from fastfeat.sources import list_items  # noqa: E402
 from fastfeat.weights import load_weights  # noqa: E402
 

@@ -31,9 +31,9 @@ def device_name(device: str = "cpu") -> str:
     """The CPU model or GPU name the numbers come from (fastfeat profile's wording)."""
     import torch
 
-    from fastfeat.profile import device_name as _device_name
+    from fastfeat.runtime import device_name as _device_name
 
-    return _device_name(torch.device(device))
+    return _device_name(torch.device(device), with_threads=True)
 
 
 def percentiles(samples) -> tuple[float, float, float]:

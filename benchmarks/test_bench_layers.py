@@ -18,21 +18,20 @@ import pytest
 import torch
 from results import device_name
 
-from fastfeat.backends import make_backend
+from fastfeat.backends import make_backend, unavailable_reason
 from fastfeat.backends.plan import Op
 from fastfeat.models import MODELS, get_model
-from fastfeat.pipeline import PRECISIONS, _keep_freed_memory
-from fastfeat.profile import backend_unavailable
+from fastfeat.runtime import PRECISIONS, keep_freed_memory
 from fastfeat.weights import load_weights
 
 BATCH = 64
 # The same heap behaviour as `fastfeat extract` and `fastfeat profile`: without it every CPU op
 # page-faults its output in again and memory-bound layers look 2-3x slower than they run.
-_keep_freed_memory()
+keep_freed_memory()
 PRECISION = "bf16"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Triton only on a GPU: the CPU interpreter measures numpy, not the kernels.
-BACKENDS = ["torch"] + (["triton"] if DEVICE.type == "cuda" and backend_unavailable("triton", DEVICE) is None else [])
+BACKENDS = ["torch"] + (["triton"] if DEVICE.type == "cuda" and unavailable_reason("triton", DEVICE) is None else [])
 
 CASES = [
     pytest.param(model, backend, layer, id=f"{model}-{backend}-{layer}")

@@ -4,8 +4,8 @@ __version__ = "0.1.0"
 
 
 def extract(source: str, out: str, **kwargs) -> dict:
-    """Extract features of ``source`` into Parquet shards in ``out``; see fastfeat.pipeline.Extractor."""
-    from .pipeline import extract as _extract
+    """Extract features of ``source`` into shards in ``out``; see fastfeat.extractor.Extractor."""
+    from .extractor import extract as _extract
 
     return _extract(source, out, **kwargs)
 

@@ -7,36 +7,96 @@ import json
 import sys
 
 from . import __version__
+from .backends import backend_names
 from .models import DEFAULT_LAYERS, MODELS
+from .sinks import DEFAULT_FORMAT, format_names
+
+
+def _compact(names: list[str]) -> str:
+    """conv1 conv2 conv3 -> conv1-3; pool1 pool2 pool5 -> pool1,2,5; conv1_1 ... conv5_3 -> conv1_1..conv5_3."""
+    import re
+
+    groups: dict[tuple[str, bool], list[str]] = {}
+    for name in names:
+        prefix = re.sub(r"[\d_]+$", "", name)
+        groups.setdefault((prefix, "_" in name[len(prefix) :]), []).append(name)
+    parts = []
+    for (prefix, nested), group in groups.items():
+        nums = [n[len(prefix) :] for n in group]
+        if len(group) == 1:
+            parts.append(group[0])
+        elif nested or not all(x.isdigit() for x in nums):
+            parts.append(f"{group[0]}..{group[-1]}")
+        elif len(group) > 2 and [int(x) for x in nums] == list(range(int(nums[0]), int(nums[0]) + len(nums))):
+            parts.append(f"{prefix}{nums[0]}-{nums[-1]}")
+        else:
+            parts.append(prefix + ",".join(nums))
+    return " ".join(parts)
+
+
+def _layer_names_help() -> str:
+    """Every registered model's layer names, compactly (for --layers)."""
+    return "; ".join(f"{name}: {_compact(spec.layer_names)}" for name, spec in MODELS.items())
 
 
 def _add_extract(sub) -> None:
     p = sub.add_parser(
         "extract",
-        help="extract CNN features of a folder or list of images into Parquet shards",
-        description="Extract DeCAF-style CNN features into Parquet shards (see README).",
+        help="extract CNN features of a folder, list, tar shards or Parquet files of images into shards",
+        description="Extract DeCAF-style CNN features into Parquet (or .npy) shards (see README).",
     )
-    p.add_argument("source", help="a folder of images (recursive) or a list file with one path [label] per line")
-    p.add_argument("--out", required=True, help="output directory for part-*.parquet, manifest.json, errors.parquet")
+    p.add_argument(
+        "source",
+        help="a folder of images (recursive), a list file (.txt/.lst/.csv/.tsv: path [label] per line), "
+        "WebDataset .tar shards (brace patterns allowed), or .parquet files with an image column",
+    )
+    p.add_argument("--out", required=True, help="output directory for the shards, manifest.json, errors.parquet")
     p.add_argument("--model", default="caffenet", help=f"one of {', '.join(MODELS)} (default caffenet)")
     p.add_argument(
         "--weights", required=True, help="a .pth, .safetensors or .caffemodel file, or random:SEED (tests/benchmarks)"
     )
     p.add_argument(
-        "--layers", default=",".join(DEFAULT_LAYERS), help="comma-separated layer names (default relu6,relu7)"
+        "--layers",
+        default=",".join(DEFAULT_LAYERS),
+        help="comma-separated layer names (default relu6,relu7); DeCAF6 = relu6, DeCAF7 = relu7 "
+        f"(aliases decaf6, decaf7). Layers: {_layer_names_help()}",
     )
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default %(default)s)")
     p.add_argument(
         "--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 where supported, else fp32"
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    p.add_argument("--backend", default="torch", help="torch or triton (default torch)")
-    p.add_argument("--shard-size", type=int, default=10_000, help="rows per Parquet shard at most (default 10000)")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored feature type")
+    p.add_argument("--backend", default="torch", help=f"one of {', '.join(backend_names())} (default torch)")
+    p.add_argument(
+        "--format",
+        default=DEFAULT_FORMAT,
+        help=f"output format: {', '.join(format_names())} (default {DEFAULT_FORMAT})",
+    )
+    p.add_argument("--shard-size", type=int, default=10_000, help="input items per shard at most (default 10000)")
+    p.add_argument(
+        "--dtype", choices=("float16", "float32"), default="float16", help="stored feature type (default %(default)s)"
+    )
     p.add_argument("--mean-file", default=None, help=".npy mean image or per-channel mean (caffe style)")
     p.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse images above this many pixels")
     p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a different run found in --out")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="on an existing output, extract only the items whose ids it does not hold, into new shards",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="skip images the decoder warns about (recoverable corruption) instead of keeping them with a record",
+    )
+    p.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="exit with code 1 when more than this fraction of the images fail (a run with no row always does)",
+    )
     p.add_argument("--image-column", default="image", help="image column of Parquet sources (binary or {bytes,path})")
     p.add_argument("--num-shards", type=int, default=1, help="split the input into K parts (one per process)")
     p.add_argument("--shard-index", type=int, default=0, help="the part this process extracts, 0..K-1")
@@ -46,35 +106,38 @@ def _add_extract(sub) -> None:
 
 
 def _run_extract(args, argv: list[str]) -> int:
-    from .pipeline import Extractor, format_summary
+    from .arguments import check_arguments
 
+    options = dict(
+        model=args.model, weights=args.weights, layers=args.layers, batch_size=args.batch_size,
+        precision=args.precision, device=args.device, backend=args.backend, shard_size=args.shard_size,
+        dtype=args.dtype, max_pixels=args.max_pixels, num_threads=args.threads, num_shards=args.num_shards,
+        shard_index=args.shard_index, format=args.format, max_error_rate=args.max_error_rate,
+    )  # fmt: skip
+    check_arguments(**options)  # before torch and DALI are imported: a bad flag is reported at once
     if args.devices:
         from .launch import launch_per_device
 
         return launch_per_device(args.devices, argv)
+    from .errors import ExtractFailed
+    from .extractor import Extractor, format_summary
+
     extractor = Extractor(
-        args.source,
-        args.out,
-        model=args.model,
-        weights=args.weights,
-        layers=args.layers,
-        batch_size=args.batch_size,
-        precision=args.precision,
-        device=args.device,
-        backend=args.backend,
-        shard_size=args.shard_size,
-        dtype=args.dtype,
-        mean_file=args.mean_file,
-        max_pixels=args.max_pixels,
-        num_threads=args.threads,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        image_column=args.image_column,
-        num_shards=args.num_shards,
-        shard_index=args.shard_index,
-    )
-    summary = extractor.run()
-    print(format_summary(summary), file=sys.stderr)
+        args.source, args.out, **options, mean_file=args.mean_file, overwrite=args.overwrite,
+        progress=not args.no_progress, image_column=args.image_column, append=args.append, strict=args.strict,
+    )  # fmt: skip
+    try:
+        summary = extractor.run()
+    except ExtractFailed as failed:
+        print(format_summary(failed.summary), file=sys.stderr)
+        if args.json:
+            print(json.dumps(failed.summary, indent=1))
+        print(f"fastfeat: error: {failed}", file=sys.stderr)
+        return 1
+    if summary.get("up_to_date"):
+        print(f"{args.out} is already complete ({summary['rows']} rows); nothing to do", file=sys.stderr)
+    else:
+        print(format_summary(summary), file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=1))
     return 0
@@ -89,7 +152,9 @@ def _add_profile(sub) -> None:
         description="Time each op of the forward pass on random images; print a per-layer table.",
     )
     p.add_argument("--model", default="caffenet", help=f"one of {', '.join(MODELS)} (default caffenet)")
-    p.add_argument("--backend", default="torch", help="torch, triton, compile or all (default torch)")
+    p.add_argument(
+        "--backend", default="torch", help=f"{', '.join(backend_names())} or all, comma-separated (default torch)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--precision", default=None, help="fp32, bf16 or fp16 (default: bf16 where supported, else fp32)")
     p.add_argument("--batch-size", default="1,64", help="comma-separated batch sizes (default 1,64)")
@@ -141,14 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_verify(sub) -> None:
-    p = sub.add_parser("verify", help="check every shard of an output directory against its manifest")
+    p = sub.add_parser(
+        "verify",
+        help="check every shard of an output directory against its manifest",
+        description="Check an output directory of fastfeat extract against its manifest.json: every listed "
+        "shard file is present with its recorded SHA-256 checksum and row count, ids are unique across "
+        "shards, rows plus errors account for every input item of each shard, and a run marked complete "
+        "lists all its shards. Each problem is printed on stderr. Exit code 0 when everything matches, "
+        "1 when a problem was found, 2 when the manifest cannot be read.",
+    )
     p.add_argument("out", help="an output directory of fastfeat extract")
+    p.add_argument("--partial", action="store_true", help="accept an unfinished run: check only the finished shards")
 
 
 def _run_verify(args) -> int:
-    from .writer import verify
+    from .output import verify
 
-    problems = verify(args.out)
+    problems = verify(args.out, partial=args.partial)
     for problem in problems:
         print(f"fastfeat verify: {problem}", file=sys.stderr)
     print(f"{args.out}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
@@ -157,7 +231,11 @@ def _run_verify(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not argv:  # a bare `fastfeat`: the whole usage, not just "the following arguments are required"
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         if args.command == "extract":
             return _run_extract(args, argv)

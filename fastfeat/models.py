@@ -15,27 +15,9 @@ post-ReLU one.  DeCAF's "DeCAF7" feature therefore corresponds to ``relu7``
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-LAYER_KINDS = ("conv", "relu", "pool", "norm", "fc")
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One named layer.
-
-    ``params`` holds the hyper-parameters of the kind:
-    conv: out, kernel, stride, pad, groups; pool: kernel, stride, ceil;
-    norm: size, alpha, beta, k (Caffe semantics, alpha divided by size); fc: out.
-    ``param_key`` is the state-dict prefix of a layer that has weights
-    (``"conv1"`` for CaffeNet, ``"features.0"`` for torchvision's AlexNet).
-    """
-
-    name: str
-    kind: str
-    params: dict = field(default_factory=dict)
-    param_key: str | None = None
+from .layers import LRN, Conv, Layer, Linear, MaxPool, ReLU, Shape
 
 
 @dataclass(frozen=True)
@@ -62,11 +44,17 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A network as data.  ``expected_macs`` and ``expected_shapes`` are analytic figures stored with
+    the spec (from the paper or the reference implementation); the tests check the derived ones
+    against them for every registered model."""
+
     name: str
     input_size: int
     layers: tuple[Layer, ...]
     preprocess: Preprocess
     description: str = ""
+    expected_macs: int | None = None
+    expected_shapes: dict[str, Shape] = field(default_factory=dict)
 
     # -- lookup ---------------------------------------------------------------------------------
     @property
@@ -79,69 +67,39 @@ class ModelSpec:
                 return i
         raise KeyError(f"unknown layer {name!r} for model {self.name!r}; choose from {', '.join(self.layer_names)}")
 
-    # -- shapes and cost --------------------------------------------------------------------------
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-image output shape of every layer: (C, H, W) for spatial layers, (F,) for fc."""
-        c, h, w = 3, self.input_size, self.input_size
-        out: dict[str, tuple[int, ...]] = {}
-        flat = None
-        for layer in self.layers:
-            p = layer.params
-            if layer.kind == "conv":
-                h = (h + 2 * p["pad"] - p["kernel"]) // p["stride"] + 1
-                w = (w + 2 * p["pad"] - p["kernel"]) // p["stride"] + 1
-                c = p["out"]
-            elif layer.kind == "pool":
-                h = pool_out_size(h, p["kernel"], p["stride"], p["ceil"])
-                w = pool_out_size(w, p["kernel"], p["stride"], p["ceil"])
-            elif layer.kind == "fc":
-                flat = p["out"]
-            out[layer.name] = (flat,) if flat is not None else (c, h, w)
-        return out
+    def layer(self, name: str) -> Layer:
+        return self.layers[self.index(name)]
 
-    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+    # -- shapes and cost --------------------------------------------------------------------------
+    def input_shapes(self) -> dict[str, Shape]:
         """Per-image input shape of every layer."""
-        shapes = self.shapes()
-        prev: tuple[int, ...] = (3, self.input_size, self.input_size)
+        shape: Shape = (3, self.input_size, self.input_size)
         result = {}
         for layer in self.layers:
-            result[layer.name] = prev
-            prev = shapes[layer.name]
+            result[layer.name] = shape
+            shape = layer.out_shape(shape)
         return result
+
+    def shapes(self) -> dict[str, Shape]:
+        """Per-image output shape of every layer: (C, H, W) for spatial layers, (F,) for fc."""
+        inputs = self.input_shapes()
+        return {layer.name: layer.out_shape(inputs[layer.name]) for layer in self.layers}
 
     def macs(self) -> dict[str, int]:
         """Multiply-accumulates per image of every layer (0 for relu/pool/norm)."""
-        shapes, inputs = self.shapes(), self.input_shapes()
-        result = {}
-        for layer in self.layers:
-            p = layer.params
-            if layer.kind == "conv":
-                cin = inputs[layer.name][0]
-                cout, oh, ow = shapes[layer.name]
-                result[layer.name] = oh * ow * cout * p["kernel"] * p["kernel"] * (cin // p["groups"])
-            elif layer.kind == "fc":
-                result[layer.name] = math.prod(inputs[layer.name]) * p["out"]
-            else:
-                result[layer.name] = 0
-        return result
+        inputs = self.input_shapes()
+        return {layer.name: layer.macs(inputs[layer.name]) for layer in self.layers}
 
     def total_macs(self) -> int:
         return sum(self.macs().values())
 
     # -- weights --------------------------------------------------------------------------------
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+    def param_shapes(self) -> dict[str, Shape]:
         """State-dict key -> shape, in the naming of the published weights."""
         inputs = self.input_shapes()
-        result: dict[str, tuple[int, ...]] = {}
+        result: dict[str, Shape] = {}
         for layer in self.layers:
-            p = layer.params
-            if layer.kind == "conv":
-                cin = inputs[layer.name][0]
-                result[f"{layer.param_key}.weight"] = (p["out"], cin // p["groups"], p["kernel"], p["kernel"])
-                result[f"{layer.param_key}.bias"] = (p["out"],)
-            elif layer.kind == "fc":
-                result[f"{layer.param_key}.weight"] = (p["out"], math.prod(inputs[layer.name]))
-                result[f"{layer.param_key}.bias"] = (p["out"],)
+            result.update(layer.param_shapes(inputs[layer.name]))
         return result
 
     def feature_info(self) -> list[dict]:
@@ -153,109 +111,170 @@ class ModelSpec:
         ]
 
 
-def pool_out_size(size: int, kernel: int, stride: int, ceil: bool) -> int:
-    if ceil:
-        out = -(-(size - kernel) // stride) + 1
-        # Caffe/torch rule: the last window must start inside the input.
-        if (out - 1) * stride >= size:
-            out -= 1
-        return out
-    return (size - kernel) // stride + 1
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add a spec to the registry that ``--model``, the CLI help and the tests read."""
+    if spec.name in MODELS:
+        raise ValueError(f"model {spec.name!r} is registered twice")
+    MODELS[spec.name] = spec
+    return spec
+
+
+def list_models() -> list[str]:
+    return list(MODELS)
 
 
 # ----------------------------------------------------------------------------------------------
-# The two architectures
+# The architectures
 # ----------------------------------------------------------------------------------------------
-def _conv(name, key, out, kernel, stride=1, pad=0, groups=1):
-    return Layer(name, "conv", {"out": out, "kernel": kernel, "stride": stride, "pad": pad, "groups": groups}, key)
+# Caffe's LRN: b = a / (k + alpha/n * sum_n a^2)^beta, ACROSS_CHANNELS, n = 5.
+CAFFE_LRN = {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 1.0}
 
-
-def _pool(name, ceil):
-    return Layer(name, "pool", {"kernel": 3, "stride": 2, "ceil": ceil})
-
-
-def _norm(name):
-    # Caffe's LRN: b = a / (k + alpha/n * sum_n a^2)^beta, ACROSS_CHANNELS.
-    return Layer(name, "norm", {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 1.0})
-
-
-def _fc(name, key, out):
-    return Layer(name, "fc", {"out": out}, key)
-
-
-def _relu(name):
-    return Layer(name, "relu")
-
-
-CAFFENET = ModelSpec(
-    name="caffenet",
-    input_size=227,
-    description="BVLC reference CaffeNet (DeCAF's network): conv→relu→pool→norm order, grouped conv2/4/5",
-    layers=(
-        _conv("conv1", "conv1", 96, 11, stride=4),
-        _relu("relu1"),
-        _pool("pool1", ceil=True),
-        _norm("norm1"),
-        _conv("conv2", "conv2", 256, 5, pad=2, groups=2),
-        _relu("relu2"),
-        _pool("pool2", ceil=True),
-        _norm("norm2"),
-        _conv("conv3", "conv3", 384, 3, pad=1),
-        _relu("relu3"),
-        _conv("conv4", "conv4", 384, 3, pad=1, groups=2),
-        _relu("relu4"),
-        _conv("conv5", "conv5", 256, 3, pad=1, groups=2),
-        _relu("relu5"),
-        _pool("pool5", ceil=True),
-        _fc("fc6", "fc6", 4096),
-        _relu("relu6"),
-        _fc("fc7", "fc7", 4096),
-        _relu("relu7"),
-        _fc("fc8", "fc8", 1000),
-    ),
-    preprocess=Preprocess(
-        style="caffe", resize=256, crop=227, channel_order="BGR", mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0)
-    ),
+CAFFENET = register_model(
+    ModelSpec(
+        name="caffenet",
+        input_size=227,
+        description="BVLC reference CaffeNet (DeCAF's network): conv→relu→pool→norm order, grouped conv2/4/5",
+        layers=(
+            Conv("conv1", key="conv1", out=96, kernel=11, stride=4),
+            ReLU("relu1"),
+            MaxPool("pool1", kernel=3, stride=2, ceil=True),
+            LRN("norm1", **CAFFE_LRN),
+            Conv("conv2", key="conv2", out=256, kernel=5, pad=2, groups=2),
+            ReLU("relu2"),
+            MaxPool("pool2", kernel=3, stride=2, ceil=True),
+            LRN("norm2", **CAFFE_LRN),
+            Conv("conv3", key="conv3", out=384, kernel=3, pad=1),
+            ReLU("relu3"),
+            Conv("conv4", key="conv4", out=384, kernel=3, pad=1, groups=2),
+            ReLU("relu4"),
+            Conv("conv5", key="conv5", out=256, kernel=3, pad=1, groups=2),
+            ReLU("relu5"),
+            MaxPool("pool5", kernel=3, stride=2, ceil=True),
+            Linear("fc6", key="fc6", out=4096),
+            ReLU("relu6"),
+            Linear("fc7", key="fc7", out=4096),
+            ReLU("relu7"),
+            Linear("fc8", key="fc8", out=1000),
+        ),
+        preprocess=Preprocess(
+            style="caffe", resize=256, crop=227, channel_order="BGR", mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0)
+        ),
+        expected_macs=724_406_816,
+        expected_shapes={"conv1": (96, 55, 55), "pool1": (96, 27, 27), "norm2": (256, 13, 13), "pool5": (256, 6, 6)},
+    )
 )
 
-ALEXNET = ModelSpec(
-    name="alexnet",
-    input_size=224,
-    description="torchvision AlexNet (64-192-384-256-256); loads alexnet-owt-7be5be79.pth unchanged",
-    layers=(
-        _conv("conv1", "features.0", 64, 11, stride=4, pad=2),
-        _relu("relu1"),
-        _pool("pool1", ceil=False),
-        _conv("conv2", "features.3", 192, 5, pad=2),
-        _relu("relu2"),
-        _pool("pool2", ceil=False),
-        _conv("conv3", "features.6", 384, 3, pad=1),
-        _relu("relu3"),
-        _conv("conv4", "features.8", 256, 3, pad=1),
-        _relu("relu4"),
-        _conv("conv5", "features.10", 256, 3, pad=1),
-        _relu("relu5"),
-        _pool("pool5", ceil=False),
-        # torchvision's AdaptiveAvgPool2d((6, 6)) is the identity on a 6×6 map (224 input).
-        _fc("fc6", "classifier.1", 4096),
-        _relu("relu6"),
-        _fc("fc7", "classifier.4", 4096),
-        _relu("relu7"),
-        _fc("fc8", "classifier.6", 1000),
-    ),
-    preprocess=Preprocess(
-        style="torchvision",
-        resize=256,
-        crop=224,
-        channel_order="RGB",
-        mean=(0.485 * 255, 0.456 * 255, 0.406 * 255),
-        std=(0.229 * 255, 0.224 * 255, 0.225 * 255),
-    ),
+TORCHVISION_PREPROCESS = Preprocess(
+    style="torchvision",
+    resize=256,
+    crop=224,
+    channel_order="RGB",
+    mean=(0.485 * 255, 0.456 * 255, 0.406 * 255),
+    std=(0.229 * 255, 0.224 * 255, 0.225 * 255),
 )
 
-MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (CAFFENET, ALEXNET)}
+ALEXNET = register_model(
+    ModelSpec(
+        name="alexnet",
+        input_size=224,
+        description="torchvision AlexNet (64-192-384-256-256); loads alexnet-owt-7be5be79.pth unchanged",
+        layers=(
+            Conv("conv1", key="features.0", out=64, kernel=11, stride=4, pad=2),
+            ReLU("relu1"),
+            MaxPool("pool1", kernel=3, stride=2),
+            Conv("conv2", key="features.3", out=192, kernel=5, pad=2),
+            ReLU("relu2"),
+            MaxPool("pool2", kernel=3, stride=2),
+            Conv("conv3", key="features.6", out=384, kernel=3, pad=1),
+            ReLU("relu3"),
+            Conv("conv4", key="features.8", out=256, kernel=3, pad=1),
+            ReLU("relu4"),
+            Conv("conv5", key="features.10", out=256, kernel=3, pad=1),
+            ReLU("relu5"),
+            MaxPool("pool5", kernel=3, stride=2),
+            # torchvision's AdaptiveAvgPool2d((6, 6)) is the identity on a 6×6 map (224 input).
+            Linear("fc6", key="classifier.1", out=4096),
+            ReLU("relu6"),
+            Linear("fc7", key="classifier.4", out=4096),
+            ReLU("relu7"),
+            Linear("fc8", key="classifier.6", out=1000),
+        ),
+        preprocess=TORCHVISION_PREPROCESS,
+        expected_macs=714_188_480,
+        expected_shapes={"conv1": (64, 55, 55), "pool2": (192, 13, 13), "pool5": (256, 6, 6)},
+    )
+)
+
+
+VGG16 = register_model(
+    ModelSpec(
+        name="vgg16",
+        input_size=224,
+        description="torchvision VGG-16 (configuration D, no batch norm); loads vgg16-397923af.pth unchanged",
+        layers=(
+            Conv("conv1_1", key="features.0", out=64, kernel=3, pad=1),
+            ReLU("relu1_1"),
+            Conv("conv1_2", key="features.2", out=64, kernel=3, pad=1),
+            ReLU("relu1_2"),
+            MaxPool("pool1", kernel=2, stride=2),  # features.4
+            Conv("conv2_1", key="features.5", out=128, kernel=3, pad=1),
+            ReLU("relu2_1"),
+            Conv("conv2_2", key="features.7", out=128, kernel=3, pad=1),
+            ReLU("relu2_2"),
+            MaxPool("pool2", kernel=2, stride=2),  # features.9
+            Conv("conv3_1", key="features.10", out=256, kernel=3, pad=1),
+            ReLU("relu3_1"),
+            Conv("conv3_2", key="features.12", out=256, kernel=3, pad=1),
+            ReLU("relu3_2"),
+            Conv("conv3_3", key="features.14", out=256, kernel=3, pad=1),
+            ReLU("relu3_3"),
+            MaxPool("pool3", kernel=2, stride=2),  # features.16
+            Conv("conv4_1", key="features.17", out=512, kernel=3, pad=1),
+            ReLU("relu4_1"),
+            Conv("conv4_2", key="features.19", out=512, kernel=3, pad=1),
+            ReLU("relu4_2"),
+            Conv("conv4_3", key="features.21", out=512, kernel=3, pad=1),
+            ReLU("relu4_3"),
+            MaxPool("pool4", kernel=2, stride=2),  # features.23
+            Conv("conv5_1", key="features.24", out=512, kernel=3, pad=1),
+            ReLU("relu5_1"),
+            Conv("conv5_2", key="features.26", out=512, kernel=3, pad=1),
+            ReLU("relu5_2"),
+            Conv("conv5_3", key="features.28", out=512, kernel=3, pad=1),
+            ReLU("relu5_3"),
+            MaxPool("pool5", kernel=2, stride=2),  # features.30
+            # torchvision's AdaptiveAvgPool2d((7, 7)) is the identity on a 7×7 map (224 input);
+            # its Dropouts (classifier.2, .5) are no-ops at inference.
+            Linear("fc6", key="classifier.0", out=4096),
+            ReLU("relu6"),
+            Linear("fc7", key="classifier.3", out=4096),
+            ReLU("relu7"),
+            Linear("fc8", key="classifier.6", out=1000),
+        ),
+        preprocess=TORCHVISION_PREPROCESS,
+        # Hand formula, per image: sum over convs of OH·OW·Cout·3·3·Cin (224² ×2, 112² ×2, 56² ×3,
+        # 28² ×3, 14² ×3) = 15,346,630,656, plus fc 25088·4096 + 4096·4096 + 4096·1000 = 123,633,664.
+        # Cross-checked against torch.utils.flop_counter.FlopCounterMode on torchvision's vgg16 at
+        # 1×3×224×224: 30,940,528,640 FLOPs = 2 × this (torchvision's "15.47 GFLOPS" is this count).
+        expected_macs=15_470_264_320,
+        expected_shapes={
+            "conv1_1": (64, 224, 224),
+            "pool1": (64, 112, 112),
+            "conv3_3": (256, 56, 56),
+            "pool4": (512, 14, 14),
+            "pool5": (512, 7, 7),
+            "fc6": (4096,),
+            "fc8": (1000,),
+        },
+    )
+)
 
 DEFAULT_LAYERS = ("relu6", "relu7")
+# DeCAF6 and DeCAF7 (Donahue et al. 2014) are the rectified fc6/fc7 outputs; accepted case-insensitively.
+LAYER_ALIASES = {"decaf6": "relu6", "decaf7": "relu7"}
 
 
 def get_model(name: str) -> ModelSpec:
@@ -266,7 +285,9 @@ def get_model(name: str) -> ModelSpec:
 
 
 def parse_layers(spec: ModelSpec, layers: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """Validate requested layer names; returns them in forward order, deduplicated."""
+    """Validate requested layer names; returns them in forward order, deduplicated.
+
+    The aliases decaf6/decaf7 (any case) name relu6/relu7 of every model that has them."""
     if layers is None:
         names = list(DEFAULT_LAYERS)
     elif isinstance(layers, str):
@@ -276,7 +297,10 @@ def parse_layers(spec: ModelSpec, layers: str | list[str] | tuple[str, ...] | No
     if not names:
         raise ValueError("no layers requested")
     known = set(spec.layer_names)
+    canonical = []
     for n in names:
-        if n not in known:
+        name = LAYER_ALIASES.get(n.lower(), n) if isinstance(n, str) else n
+        if name not in known:
             raise ValueError(f"unknown layer {n!r} for model {spec.name!r}; choose from {', '.join(spec.layer_names)}")
-    return sorted(set(names), key=spec.index)
+        canonical.append(name)
+    return sorted(set(canonical), key=spec.index)

@@ -4,11 +4,34 @@ fastfeat owns ids, order and labels (DALI only ever sees bytes through
 ``external_source``):
 
 * a folder, walked recursively; an image's id is its path relative to the folder
-  (with ``/`` separators) and its label is the first-level subfolder name, if any;
-* a list file (``.txt``/``.lst``/``.tsv``/``.csv``): one path per line, optionally
-  followed by a label (tab- or whitespace-separated; comma-separated in ``.csv``).  Relative paths are resolved
-  against the list file's folder and the id is the path as written.  Blank lines
-  and lines starting with ``#`` are skipped;
+  (with ``/`` separators) and its label is the first-level subfolder name, if any.
+  Hidden files and folders (``.name``) are skipped, and only files with an image
+  extension (:data:`IMAGE_EXTENSIONS`) are listed.  Symbolic links are followed,
+  to files and to folders, except a folder link that loops back to a folder it is
+  inside (the folder itself or one of its parents, the source included; folders
+  are compared by ``(st_dev, st_ino)``, so bind mounts count too).  Such links,
+  broken links and unreadable folders are skipped and reported in
+  ``ItemList.skipped`` (see :func:`format_skipped`);
+* a list file (``.txt``/``.lst``/``.list``/``.tsv``/``.csv``), one image per line.
+  Relative paths are resolved against the list file's folder and the id is the
+  path as written.  Blank lines and lines starting with ``#`` are skipped.  The
+  format of a line, so that paths and labels may hold spaces:
+
+  - ``.csv``: CSV (``path[,label]``; quote a field that holds a comma, quote or
+    spaces at its ends).  An optional header row is recognised when its first
+    field is ``path``, ``filename`` or ``file``; the label column is then the
+    one named ``label`` (else the second one) and other columns are ignored.
+    Without a header, a row with more than two fields is an error;
+  - ``.tsv``, and any line that contains a tab: ``path<TAB>label`` (``path``
+    alone: no label).  A ``.tsv`` may start with a header as ``.csv`` may.  More
+    than two tab-separated fields are an error (unless a header names them);
+  - other lines of ``.txt``/``.lst``/``.list`` files (no tab): the whole line is
+    the path when it names an existing file or holds no white space; otherwise
+    ``path label``, split at the last run of white space, which is accepted when
+    the path part holds no white space or names an existing file.  Any other line
+    could be split in more than one way and is an error (SourceError naming
+    ``file:line``): write such lists with tabs, or as ``.tsv``/``.csv``;
+
 * WebDataset tar shards (``shards-{0000..0099}.tar``, brace patterns expanded):
   members are grouped by key (the member path up to the first dot of its file
   name); the key is the id, the image member (jpg, png, ...) is the image and a
@@ -23,6 +46,15 @@ Order: folders are sorted by id (byte order of the UTF-8 path), list files keep
 their line order, tar and Parquet sources follow the expanded pattern's order and
 the order inside each file.  All are the same on every run and every machine,
 and ids are unique within a source (checked).
+
+:func:`list_items` returns an :class:`ItemList`: a read-only sequence of
+:class:`Item` that holds its columns compactly (ids in one UTF-8 buffer, labels as
+small integer codes, paths derived from the source's folder) and makes ``Item``
+objects on access, so a million-image source takes tens of MB, not hundreds.
+
+Read errors (:meth:`ItemReader.read`) are ``OSError`` whose ``strerror`` (and
+``str()``) name what was read: the file, the tar shard and member, or the
+Parquet file and row.
 """
 
 from __future__ import annotations
@@ -31,19 +63,27 @@ import csv
 import os
 import re
 import tarfile
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple, overload
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pnm", ".ppm", ".pgm", ".jp2", ".gif"}
 )
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list", ".csv", ".tsv"})
+_IMAGE_EXTENSIONS_B = frozenset(e.encode() for e in IMAGE_EXTENSIONS)
+_HEADER_PATH_NAMES = frozenset({"path", "filename", "file"})
+PROGRESS_EVERY = 10_000  # ``progress`` is called about every this many entries (files, lines, members, rows)
+
+Progress = Callable[[int], None]
 
 
 class SourceError(ValueError):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     id: str
     path: str  # absolute path of the file that holds the image
@@ -51,6 +91,15 @@ class Item:
     offset: int | None = None  # tar member: byte offset of its data in ``path``; Parquet: row index
     size: int | None = None  # tar member: byte length
     error: str | None = None  # an entry refused at listing time (unsafe tar path), reported when read
+
+
+class Skipped(NamedTuple):
+    """A folder entry that listing left out (``ItemList.skipped``)."""
+
+    path: str  # relative to the source folder, ``/`` separators
+    reason: str  # "loop" (a folder link back to a folder it is inside), "broken link", "unreadable", "not a file"
+    target: str | None  # a link's target, as written in the link
+    message: str | None  # why: the error, or what the entry is
 
 
 MAX_LABEL_BYTES = 4096  # a .cls/.txt label member longer than this is not a label
@@ -76,85 +125,435 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for c in choices for p in expand_braces(head + c + tail)]
 
 
-def _walk_folder(root: str) -> list[Item]:
-    items = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for fname in filenames:
-            if fname.startswith(".") or os.path.splitext(fname)[1].lower() not in IMAGE_EXTENSIONS:
+# ---------------------------------------------------------------------------------------------
+# The item list: columns, Items made on access
+
+
+def _encode(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")  # undecodable file names round-trip (os.fsdecode's escapes)
+
+
+def _decode(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def _small_codes(codes: array, n_values: int) -> array:
+    """The same integer codes (-1 = none) in the smallest array type that holds them."""
+    for typecode, limit in (("b", 1 << 7), ("h", 1 << 15)):
+        if n_values < limit:
+            return array(typecode, codes)
+    return codes
+
+
+class ItemList(Sequence[Item]):
+    """The items of a source, in order: a read-only sequence of :class:`Item`.
+
+    Columns are held compactly: ids in one UTF-8 buffer with end offsets, labels and
+    container paths as codes into small tables, a folder's paths as ``root/id``, tar
+    offsets/sizes as integer arrays.  ``items[i]`` makes an ``Item``; ``items[a:b]`` a
+    list of them.  ``ids()``/``labels()`` iterate one column without making Items.
+    ``skipped`` lists the folder entries that listing left out (see :func:`format_skipped`).
+    """
+
+    __slots__ = ("_blob", "_ends", "_labels", "_label_table", "_root", "_path_mode", "_prefix", "_path_codes",
+                 "_path_table", "_offsets", "_sizes", "_errors", "skipped")  # fmt: skip
+
+    def __init__(self, blob: bytes, ends: array, labels: array, label_table: list[str], *, root: str | None = None,
+                 path_mode: str = "join", path_codes: array | None = None, path_table: list[str] | None = None,
+                 offsets: array | None = None, sizes: array | None = None, errors: dict[int, str] | None = None,
+                 skipped: list[Skipped] | None = None):  # fmt: skip
+        self._blob, self._ends = blob, ends
+        self._labels, self._label_table = labels, label_table
+        # path_mode "join": root/id (a folder); "abspath": abspath(join(root, id)) (a list file);
+        # "table": path_table[path_codes[i]] (tar and Parquet sources: a few container files).
+        self._root, self._path_mode = root, path_mode
+        self._prefix = os.path.join(root, "") if root is not None else ""
+        self._path_codes, self._path_table = path_codes, path_table or []
+        self._offsets, self._sizes, self._errors = offsets, sizes, errors or {}
+        self.skipped: list[Skipped] = skipped or []
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def _id(self, i: int) -> str:
+        return _decode(self._blob[self._ends[i - 1] if i else 0 : self._ends[i]])
+
+    def _path(self, i: int, id_: str) -> str:
+        if self._path_mode == "join":  # root is absolute and normalised, id has no "." or ".." parts
+            return self._prefix + (id_ if os.sep == "/" else id_.replace("/", os.sep))
+        if self._path_mode == "abspath":
+            return os.path.abspath(os.path.join(self._root, id_))
+        return self._path_table[self._path_codes[i]]
+
+    def _item(self, i: int) -> Item:
+        id_ = self._id(i)
+        code = self._labels[i]
+        offset = size = None
+        if self._offsets is not None and (o := self._offsets[i]) >= 0:
+            offset = o
+        if self._sizes is not None and (s := self._sizes[i]) >= 0:
+            size = s
+        label = None if code < 0 else self._label_table[code]
+        return Item(id_, self._path(i, id_), label, offset, size, self._errors.get(i))
+
+    @overload
+    def __getitem__(self, index: int) -> Item: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Item]: ...
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._item(i) for i in range(*index.indices(len(self)))]
+        n = len(self)
+        i = index.__index__()
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("item index out of range")
+        return self._item(i)
+
+    def __iter__(self) -> Iterator[Item]:
+        return (self._item(i) for i in range(len(self)))
+
+    def ids(self) -> Iterator[str]:
+        blob, start = self._blob, 0
+        for end in self._ends:
+            yield _decode(blob[start:end])
+            start = end
+
+    def labels(self) -> Iterator[str | None]:
+        table = self._label_table
+        return (None if c < 0 else table[c] for c in self._labels)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(it) for it in self[:2])
+        return f"ItemList({len(self)} items: [{head}{', ...' if len(self) > 2 else ''}])"
+
+    def nbytes(self) -> int:
+        """Bytes held by the columns (not counting the small tables)."""
+        arrays = (self._ends, self._labels, self._path_codes, self._offsets, self._sizes)
+        return len(self._blob) + sum(a.itemsize * len(a) for a in arrays if a is not None)
+
+
+class _Builder:
+    """Appends items one by one into ItemList columns (list files, tar and Parquet sources)."""
+
+    def __init__(self, root: str | None = None, path_mode: str = "table", progress: Progress | None = None):
+        self.root, self.path_mode, self.progress = root, path_mode, progress
+        self.blob = bytearray()
+        self.ends = array("Q")
+        self.labels = array("i")
+        self.label_codes: dict[str, int] = {}
+        self.path_codes = array("i")
+        self.path_index: dict[str, int] = {}
+        self.offsets = array("q")
+        self.sizes = array("q")
+        self.errors: dict[int, str] = {}
+        self.seen: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def add(self, id_: str, label: str | None, path: str | None = None, offset: int | None = None,
+            size: int | None = None, error: str | None = None) -> None:  # fmt: skip
+        """Raises KeyError(id) for a duplicate id."""
+        if id_ in self.seen:
+            raise KeyError(id_)
+        self.seen.add(id_)
+        n = len(self.ends)
+        if error is not None:
+            self.errors[n] = error
+        self.blob += _encode(id_)
+        self.ends.append(len(self.blob))
+        self.labels.append(-1 if label is None else self.label_codes.setdefault(label, len(self.label_codes)))
+        if self.path_mode == "table":
+            self.path_codes.append(self.path_index.setdefault(path, len(self.path_index)))
+        self.offsets.append(-1 if offset is None else offset)
+        self.sizes.append(-1 if size is None else size)
+        if self.progress is not None and (n + 1) % PROGRESS_EVERY == 0:
+            self.progress(n + 1)
+
+    def build(self) -> ItemList:
+        table = self.path_mode == "table"
+        return ItemList(
+            bytes(self.blob), _compact_ends(self.ends), _small_codes(self.labels, len(self.label_codes)),
+            list(self.label_codes), root=self.root, path_mode=self.path_mode,
+            path_codes=_small_codes(self.path_codes, len(self.path_index)) if table else None,
+            path_table=list(self.path_index) if table else None,
+            offsets=self.offsets if any(o >= 0 for o in self.offsets) else None,
+            sizes=self.sizes if any(s >= 0 for s in self.sizes) else None,
+            errors=self.errors,
+        )  # fmt: skip
+
+
+def _compact_ends(ends: array) -> array:
+    return array("I", ends) if not ends or ends[-1] < (1 << 32) else ends
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders
+
+
+def _walk_folder(root: str, progress: Progress | None = None) -> ItemList:
+    """Sorted by id without a global sort: each folder's entries are sorted by name, a folder's
+    name followed by ``/``, which is the byte order of the full ids (a folder's ids are contiguous
+    and start with ``name/``).  Names are handled as bytes: no per-file encode, decode or stat."""
+    root_abs = os.path.abspath(root)
+    skipped: list[Skipped] = []
+    blob = bytearray()
+    ends = array("Q")
+    labels = array("i")
+    label_table: list[str] = []
+    seen = found = 0  # entries examined, images found
+    exts = _IMAGE_EXTENSIONS_B
+
+    def scan(dir_b: bytes, prefix: bytes) -> list[bytes]:
+        """The sorted names of a folder's images, and of its folders with a trailing ``/``."""
+        nonlocal seen, found
+        names: list[bytes] = []
+        with os.scandir(dir_b) as entries:
+            for entry in entries:
+                seen += 1
+                if progress is not None and seen % PROGRESS_EVERY == 0:
+                    progress(found)
+                name = entry.name
+                if name[:1] == b".":
+                    continue
+                try:
+                    is_dir = entry.is_dir()  # follows links; no system call for a plain folder or file
+                except OSError as exc:  # a link that cannot be resolved: a cycle of links, a denied target
+                    skipped.append(_skipped_link(entry, prefix, exc))
+                    continue
+                if is_dir:
+                    names.append(name + b"/")
+                    continue
+                dot = name.rfind(b".")
+                if dot > 0 and name[dot:].lower() in exts:
+                    if entry.is_file():
+                        names.append(name)
+                        found += 1
+                    elif entry.is_symlink():
+                        skipped.append(_skipped_link(entry, prefix))
+                    else:
+                        skipped.append(Skipped(os.fsdecode(prefix + name), "not a file", None, "not a regular file"))
+                elif entry.is_symlink() and not entry.is_file():  # a link to something gone, a folder perhaps
+                    skipped.append(_skipped_link(entry, prefix))
+        names.sort()
+        return names
+
+    root_b = os.fsencode(root_abs)
+    try:
+        st = os.stat(root_b)
+        root_names = scan(root_b, b"")
+    except OSError as exc:
+        raise SourceError(f"cannot read folder {root}: {exc.strerror or exc}") from None
+    # Depth first.  A frame: [sorted names, next position, folder path, id prefix, label code, (dev, ino)];
+    # ``ancestors`` holds the (dev, ino) of the folders on the stack: a folder among them is a loop.
+    root_key = (st.st_dev, st.st_ino)
+    stack = [[root_names, 0, root_b, b"", -1, root_key]]
+    ancestors = {root_key}
+    while stack:
+        frame = stack[-1]
+        names, pos, dir_b, prefix, label = frame[0], frame[1], frame[2], frame[3], frame[4]
+        while pos < len(names):
+            name = names[pos]
+            pos += 1
+            if name[-1:] != b"/":
+                blob += prefix
+                blob += name
+                ends.append(len(blob))
+                labels.append(label)
                 continue
-            path = os.path.join(dirpath, fname)
-            rel = os.path.relpath(path, root).replace(os.sep, "/")
-            parts = rel.split("/")
-            items.append(Item(rel, os.path.abspath(path), parts[0] if len(parts) > 1 else None))
-    items.sort(key=lambda it: it.id.encode("utf-8"))
-    return items
+            name = name[:-1]
+            sub_b, rel = os.path.join(dir_b, name), prefix + name
+            try:
+                st = os.stat(sub_b)
+                key = (st.st_dev, st.st_ino)
+                if key in ancestors:
+                    target = _readlink(sub_b)
+                    skipped.append(Skipped(os.fsdecode(rel), "loop", target, None if target else "a parent folder"))
+                    continue
+                sub_names = scan(sub_b, rel + b"/")
+            except OSError as exc:
+                skipped.append(Skipped(os.fsdecode(rel), "unreadable", None, exc.strerror or str(exc)))
+                continue
+            sub_label = label
+            if not prefix:
+                sub_label = len(label_table)
+                label_table.append(os.fsdecode(name))
+            frame[1] = pos
+            stack.append([sub_names, 0, sub_b, rel + b"/", sub_label, key])
+            ancestors.add(key)
+            break
+        else:
+            stack.pop()
+            ancestors.discard(frame[5])
+    if progress is not None:
+        progress(len(ends))
+    return ItemList(bytes(blob), _compact_ends(ends), _small_codes(labels, len(label_table)), label_table,
+                    root=root_abs, path_mode="join", skipped=skipped)  # fmt: skip
 
 
-def _read_list(list_path: str) -> list[Item]:
+def _readlink(path: bytes) -> str | None:
+    try:
+        return os.fsdecode(os.readlink(path))
+    except OSError:  # not a link (a bind mount, say)
+        return None
+
+
+def _skipped_link(entry: os.DirEntry, prefix: bytes, exc: OSError | None = None) -> Skipped:
+    message = (exc.strerror or str(exc)) if exc is not None else "target does not exist"
+    return Skipped(os.fsdecode(prefix + entry.name), "broken link", _readlink(entry.path), message)
+
+
+_SKIP_WORDS = {
+    "loop": ("directory link that loops back", "directory links that loop back"),
+    "broken link": ("broken link", "broken links"),
+    "unreadable": ("unreadable folder", "unreadable folders"),
+    "not a file": ("entry that is not a regular file", "entries that are not regular files"),
+}
+
+
+def format_skipped(skipped: Sequence[Skipped]) -> str | None:
+    """One line about what a folder listing skipped, or None when it skipped nothing::
+
+    skipped 2 directory links that loop back (e.g. a/b -> ..), 1 broken link (e.g. c/x.jpg -> gone.jpg)
+    """
+    parts = []
+    for reason, (one, many) in _SKIP_WORDS.items():
+        group = [s for s in skipped if s.reason == reason]
+        if group:
+            s = group[0]
+            example = f"{s.path} -> {s.target}" if s.target is not None else f"{s.path}: {s.message}"
+            parts.append(f"{len(group)} {one if len(group) == 1 else many} (e.g. {example})")
+    return "skipped " + ", ".join(parts) if parts else None
+
+
+# ---------------------------------------------------------------------------------------------
+# List files
+
+
+def _read_list(list_path: str, progress: Progress | None = None) -> ItemList:
     base = os.path.dirname(os.path.abspath(list_path))
-    items, seen = [], set()
     ext = os.path.splitext(list_path)[1].lower()
-    with open(list_path, encoding="utf-8", newline="") as f:
+    out = _Builder(base, "abspath", progress)
+    header: tuple[int, int | None] | None = None  # (path column, label column) named by a header row
+    first = True
+    with open(list_path, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
         for lineno, raw in enumerate(f, 1):
             line = raw.rstrip("\r\n")
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
-            if ext == ".csv":  # path[,label], with CSV quoting for paths that hold commas
-                fields = next(csv.reader([line]))
-                rel, label = fields[0].strip(), (fields[1].strip() or None) if len(fields) > 1 else None
+            where = f"{list_path}:{lineno}"
+            if ext == ".csv" or (ext == ".tsv" or "\t" in line):
+                fields = next(csv.reader([line])) if ext == ".csv" else line.split("\t")
+                fields = [x.strip() for x in fields]
+                if first and ext in (".csv", ".tsv") and fields[0].lower() in _HEADER_PATH_NAMES:
+                    header = _header_columns(fields)
+                    first = False
+                    continue
+                rel, label = _pick_fields(fields, header, where, ext)
             else:
-                rel, label = _split_list_line(line, base)
-            if rel in seen:
-                raise SourceError(f"{list_path}:{lineno}: duplicate path {rel!r} (ids must be unique)")
-            seen.add(rel)
-            items.append(Item(rel, os.path.abspath(os.path.join(base, rel)), label))
-    return items
+                rel, label = _split_spaces(line, base, where)
+            first = False
+            if not rel:
+                raise SourceError(f"{where}: empty path")
+            try:
+                out.add(rel, label)
+            except KeyError:
+                raise SourceError(f"{where}: duplicate path {rel!r} (ids must be unique)") from None
+    if progress is not None:
+        progress(len(out))
+    return out.build()
 
 
-def _split_list_line(line: str, base: str) -> tuple[str, str | None]:
-    if "\t" in line:
-        path, label = line.split("\t", 1)
-        return path.strip(), (label.strip() or None)
+def _header_columns(fields: list[str]) -> tuple[int, int | None]:
+    names = [x.lower() for x in fields]
+    label = names.index("label") if "label" in names else (1 if len(names) > 1 else None)
+    return 0, label
+
+
+def _pick_fields(
+    fields: list[str], header: tuple[int, int | None] | None, where: str, ext: str
+) -> tuple[str, str | None]:
+    if header is not None:
+        path_col, label_col = header
+        rel = fields[path_col] if path_col < len(fields) else ""
+        label = fields[label_col] if label_col is not None and label_col < len(fields) else ""
+        return rel, label or None
+    if len(fields) > 2:
+        sep = "comma" if ext == ".csv" else "tab"
+        raise SourceError(
+            f"{where}: {len(fields)} {sep}-separated fields, expected path{',' if sep == 'comma' else '<TAB>'}label; "
+            f"quote fields that hold a {sep}, or start the file with a header row naming the columns (path, label)"
+        )
+    return fields[0], (fields[1] or None) if len(fields) > 1 else None
+
+
+def _split_spaces(line: str, base: str, where: str) -> tuple[str, str | None]:
+    """A ``.txt``/``.lst`` line without a tab: ``path`` or ``path label`` when that is the only reading."""
     line = line.strip()
-    # A path may itself contain spaces: take the whole line as the path when that file exists.
+    parts = line.rsplit(None, 1)
+    if len(parts) == 1:
+        return line, None  # one token
+    # A path may itself contain spaces: the whole line is the path when that file exists.
     if os.path.exists(os.path.join(base, line)):
         return line, None
-    parts = line.rsplit(None, 1)
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    return line, None
+    path, label = parts
+    if not any(c.isspace() for c in path) or os.path.isfile(os.path.join(base, path)):
+        return path, label
+    raise SourceError(
+        f"{where}: ambiguous line {line!r}: neither the whole line nor {path!r} is an existing file, so "
+        "it cannot be told which spaces belong to the path and which to the label; separate path and label "
+        "with a tab, or use a .tsv or .csv list (path,label)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# WebDataset tar shards and Parquet files
 
 
 def _unsafe_member(name: str) -> bool:
     return name.startswith("/") or ".." in name.replace("\\", "/").split("/")
 
 
-def _read_tars(paths: list[str]) -> list[Item]:
-    items: list[Item] = []
+def _read_tars(paths: list[str], progress: Progress | None = None) -> ItemList:
+    out = _Builder(progress=progress)
     for path in paths:
         try:
             with tarfile.open(path, mode="r:") as tar:  # uncompressed: members are read in place by offset
-                items += _tar_items(tar, os.path.abspath(path))
+                _tar_items(tar, os.path.abspath(path), out)
         except (tarfile.TarError, OSError) as exc:
             raise SourceError(f"cannot read tar shard {path}: {exc}") from None
-    return items
+        except KeyError as exc:
+            raise SourceError(f"duplicate id {exc.args[0]!r} in tar shard {path}: ids must be unique") from None
+    if progress is not None:
+        progress(len(out))
+    return out.build()
 
 
-def _tar_items(tar: tarfile.TarFile, path: str) -> list[Item]:
-    items: list[Item] = []
+def _tar_items(tar: tarfile.TarFile, path: str, out: _Builder) -> None:
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    unsafe: list[str] = []
     for m in tar.getmembers():
         if not m.isfile():
             continue
         if _unsafe_member(m.name):
-            items.append(Item(m.name, path, None, error=f"unsafe tar member path {m.name!r}"))
+            unsafe.append(m.name)
             continue
         folder, base = os.path.split(m.name)
         if "." not in base:
             continue
         stem, ext = base.split(".", 1)
         groups.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext.lower()] = m
+    for name in unsafe:
+        out.add(name, None, path, error=f"unsafe tar member path {name!r} in {path}")
     for key, group in groups.items():  # insertion order: the order of the tar
         image = next((group[e] for e in TAR_IMAGE_EXTENSIONS if e in group), None)
         if image is None:
@@ -163,15 +562,14 @@ def _tar_items(tar: tarfile.TarFile, path: str) -> list[Item]:
         label = None
         if label_member is not None and label_member.size <= MAX_LABEL_BYTES:
             label = tar.extractfile(label_member).read().decode("utf-8", "replace").strip()
-        items.append(Item(key, path, label, offset=image.offset_data, size=image.size))
-    return items
+        out.add(key, label, path, offset=image.offset_data, size=image.size)
 
 
-def _read_parquets(paths: list[str], image_column: str) -> list[Item]:
+def _read_parquets(paths: list[str], image_column: str, progress: Progress | None = None) -> ItemList:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    items: list[Item] = []
+    out = _Builder(progress=progress)
     for path in paths:
         try:
             pf = pq.ParquetFile(path)
@@ -191,11 +589,17 @@ def _read_parquets(paths: list[str], image_column: str) -> list[Item]:
             )
         labels = pf.read(columns=["label"]).column(0).to_pylist() if "label" in names else [None] * pf.metadata.num_rows
         base = os.path.basename(path)
-        for row, label in enumerate(labels):
-            items.append(
-                Item(f"{base}:{row}", os.path.abspath(path), None if label is None else str(label), offset=row)
-            )
-    return items
+        abspath = os.path.abspath(path)
+        try:
+            for row, label in enumerate(labels):
+                out.add(f"{base}:{row}", None if label is None else str(label), abspath, offset=row)
+        except KeyError as exc:
+            raise SourceError(
+                f"duplicate id {exc.args[0]!r}: two Parquet sources named {base!r}; ids must be unique"
+            ) from None
+    if progress is not None:
+        progress(len(out))
+    return out.build()
 
 
 def source_kind(source: str) -> str:
@@ -209,37 +613,53 @@ def source_kind(source: str) -> str:
     return "list"
 
 
-def list_items(source: str, image_column: str = "image") -> list[Item]:
-    """All images of ``source`` in order; raises SourceError for a missing or empty source."""
+def list_items(source: str, image_column: str = "image", *, progress: Progress | None = None) -> ItemList:
+    """All images of ``source`` in order; raises SourceError for a missing or empty source.
+
+    ``progress(n)``, if given, is called with the number of images found so far about every
+    :data:`PROGRESS_EVERY` entries examined, and once at the end with the total.  What a folder
+    listing skipped (looping folder links, broken links, unreadable folders) is in
+    ``result.skipped``; :func:`format_skipped` makes one line of it.
+    """
     kind = source_kind(source)
     if kind in ("webdataset", "parquet"):
         paths = expand_braces(source)
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise SourceError(f"source does not exist: {missing[0]}")
-        items = _read_tars(paths) if kind == "webdataset" else _read_parquets(paths, image_column)
+        if kind == "webdataset":
+            items = _read_tars(paths, progress)
+        else:
+            items = _read_parquets(paths, image_column, progress)
     elif not os.path.exists(source):
         raise SourceError(f"source does not exist: {source}")
     elif kind == "folder":
-        items = _walk_folder(source)
+        items = _walk_folder(source, progress)  # ids are distinct relative paths by construction
     elif os.path.splitext(source)[1].lower() in LIST_EXTENSIONS:
-        items = _read_list(source)
+        items = _read_list(source, progress)
     else:
         raise SourceError(
             f"source must be a folder, a list file ({', '.join(sorted(LIST_EXTENSIONS))}), .tar shards or .parquet files: {source}"
         )
-    if not items:
-        raise SourceError(f"source has no images: {source}")
-    seen: set[str] = set()
-    for it in items:
-        if it.id in seen:
-            raise SourceError(f"duplicate id {it.id!r} in {source}: ids must be unique")
-        seen.add(it.id)
+    if not len(items):
+        extra = format_skipped(items.skipped)
+        raise SourceError(f"source has no images: {source}" + (f" ({extra})" if extra else ""))
     return items
 
 
+def _with_path(exc: OSError, what: str) -> OSError:
+    """``exc`` again, as the same OSError subclass, with ``what`` it tried to read in its strerror."""
+    reason = exc.strerror or str(exc)
+    if exc.errno is not None:
+        return OSError(exc.errno, f"{reason}: {what}")  # OSError(errno, ...) picks FileNotFoundError & co.
+    return OSError(f"{reason}: {what}")
+
+
 class ItemReader:
-    """Reads an item's encoded bytes; keeps the current Parquet row group (items come in order)."""
+    """Reads an item's encoded bytes; keeps the current Parquet row group (items come in order).
+
+    Every failure is an OSError whose ``strerror`` names what was read: the file, the tar shard
+    and member, or the Parquet file and row."""
 
     def __init__(self, image_column: str = "image"):
         self.image_column = image_column
@@ -249,36 +669,61 @@ class ItemReader:
     def read(self, item: Item) -> bytes:
         if item.error:
             raise OSError(item.error)
-        size = item.size if item.size is not None else (os.path.getsize(item.path) if item.offset is None else 0)
-        if size > MAX_FILE_BYTES:
-            raise OSError(f"file too large: {size} bytes (limit {MAX_FILE_BYTES})")
         if item.size is not None:  # tar member
-            with open(item.path, "rb") as f:
-                f.seek(item.offset)
-                return f.read(item.size)
+            what = f"{item.path!r} (tar member {item.id!r} at byte {item.offset})"
+            if item.size > MAX_FILE_BYTES:
+                raise OSError(f"file too large: {item.size} bytes (limit {MAX_FILE_BYTES}): {what}")
+            try:
+                with open(item.path, "rb") as f:
+                    f.seek(item.offset)
+                    data = f.read(item.size)
+            except OSError as exc:
+                raise _with_path(exc, what) from None
+            if len(data) != item.size:
+                raise OSError(f"truncated tar member: {len(data)} of {item.size} bytes: {what}")
+            return data
         if item.offset is not None:  # Parquet row
             return self._parquet_bytes(item.path, item.offset)
-        with open(item.path, "rb") as f:
-            return f.read()
+        what = repr(item.path)
+        try:
+            with open(item.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                data = f.read() if size <= MAX_FILE_BYTES else None
+        except OSError as exc:
+            raise _with_path(exc, what) from None
+        if data is None:
+            raise OSError(f"file too large: {size} bytes (limit {MAX_FILE_BYTES}): {what}")
+        return data
 
     def _parquet_bytes(self, path: str, row: int) -> bytes:
         import pyarrow.parquet as pq
 
+        what = f"{path!r} row {row}"
         g = self._group
         if g is None or g[0] != path or not g[1] <= row < g[2]:
-            pf = self._files.get(path) or pq.ParquetFile(path)
-            self._files = {path: pf}
-            start = 0
-            for i in range(pf.metadata.num_row_groups):
-                n = pf.metadata.row_group(i).num_rows
-                if row < start + n:
-                    values = pf.read_row_group(i, columns=[self.image_column]).column(0).to_pylist()
-                    self._group = g = (path, start, start + n, values)
-                    break
-                start += n
+            self._group = g = None
+            try:
+                pf = self._files.get(path) or pq.ParquetFile(path)
+                self._files = {path: pf}
+                start = 0
+                for i in range(pf.metadata.num_row_groups):
+                    n = pf.metadata.row_group(i).num_rows
+                    if row < start + n:
+                        values = pf.read_row_group(i, columns=[self.image_column]).column(0).to_pylist()
+                        self._group = g = (path, start, start + n, values)
+                        break
+                    start += n
+            except OSError as exc:
+                raise _with_path(exc, what) from None
+            except Exception as exc:  # pyarrow's own errors (ArrowInvalid, ...) for a damaged file
+                raise OSError(f"{type(exc).__name__}: {exc}: {what}") from None
+            if g is None:
+                raise OSError(f"no such row (the file has {start} rows): {what}")
         value = g[3][row - g[1]]
         if isinstance(value, dict):
             value = value.get("bytes")
         if not value:
-            raise OSError("empty image bytes")
+            raise OSError(f"empty image bytes: {what}")
+        if len(value) > MAX_FILE_BYTES:
+            raise OSError(f"image too large: {len(value)} bytes (limit {MAX_FILE_BYTES}): {what}")
         return value

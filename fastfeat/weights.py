@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +55,49 @@ def random_weights(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
+SAVE_A_STATE_DICT = "save model.state_dict() with torch.save and pass that file"
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # pickle protocol 2 + torch's legacy magic number (a long)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_REJECTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+
+
+def _load_torch_file(path: str):
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code."""
+    with warnings.catch_warnings():
+        # Any pickle that torch.save did not write warns about its protocol before it fails; our error says it all.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _explain_torch_load_error(path: str, exc: BaseException) -> str:
+    """What the file is and what to do, in one line: never torch's advice to load it unsafely."""
+    text = _ANSI.sub("", str(exc))
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    again = f"copy it again, or {SAVE_A_STATE_DICT}"
+    if not head:
+        return f"the file is empty; {SAVE_A_STATE_DICT}"
+    if (m := _REJECTED_GLOBAL.search(text)) is not None:
+        name = m.group(1)
+        if name.split(".")[0] == "numpy":
+            return f"it holds numpy arrays ({name}), not torch tensors; {SAVE_A_STATE_DICT}"
+        return (
+            f"it is a pickled Python object ({name}), e.g. a whole model saved with torch.save(model), "
+            f"not a state dict of tensors (fastfeat loads tensors only); {SAVE_A_STATE_DICT}"
+        )
+    if head == _ZIP_MAGIC:
+        if "central directory" in text or "failed reading" in text:
+            return f"it is a truncated or damaged PyTorch file (its zip archive cannot be read); {again}"
+        return f"it is a zip archive but not one written by torch.save; {SAVE_A_STATE_DICT}"
+    if head.startswith(_LEGACY_MAGIC):
+        return f"it is a truncated or damaged PyTorch file (legacy format); {again}"
+    if head[:1] == b"\x80":  # pickle's PROTO opcode: a pickle, but not one torch.save wrote
+        return f"it is a Python pickle, not a PyTorch weights file; {SAVE_A_STATE_DICT}"
+    return f"it is not a PyTorch weights file (nor, by its name, .safetensors or .caffemodel); {SAVE_A_STATE_DICT}"
+
+
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     ext = os.path.splitext(path)[1].lower()
     if ext == ".safetensors":
@@ -62,11 +107,14 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if ext == ".caffemodel":
         with open(path, "rb") as f:
             return {k: torch.from_numpy(np.array(v)) for k, v in read_caffemodel(f.read()).items()}
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = _load_torch_file(path)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError... for a bad file
+        raise WeightsError(f"cannot read weights {path}: {_explain_torch_load_error(path, exc)}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise WeightsError(f"{path}: expected a state dict, got {type(obj).__name__}")
+        raise WeightsError(f"{path}: expected a state dict, got {type(obj).__name__}; {SAVE_A_STATE_DICT}")
     return obj
 
 
@@ -118,6 +166,7 @@ def load_weights(spec: ModelSpec, source: str) -> Weights:
     except WeightsError:
         raise
     except (CaffeModelError, Exception) as exc:  # torch/safetensors raise many types for a bad file
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = _ANSI.sub("", str(exc)).strip()
+        msg = text.splitlines()[0] if text else type(exc).__name__
         raise WeightsError(f"cannot read weights {source}: {msg}") from None
     return Weights(validate_state_dict(spec, state, source), file_sha256(source), os.path.abspath(source))

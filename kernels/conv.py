@@ -49,6 +49,7 @@ from .launch_args import (
     output_buffer,
     resolve_out_dtype,
 )
+from .sizes import conv_output_size
 
 # Cin/g at or above which the tap loop is used; below it a channel slab would be mostly padding.
 TAP_LOOP_MIN_CIN = 16
@@ -195,11 +196,6 @@ def pack_conv_weight(weight: torch.Tensor, groups: int = 1, dtype: torch.dtype |
     if dtype is not None:
         w = w.to(dtype)
     return w.permute(0, 2, 3, 1).reshape(groups, cout // groups, kh * kw * cin_g).contiguous()
-
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    """Spatial output size of a convolution (floor mode, as in Caffe and torch)."""
-    return (size + 2 * padding - kernel) // stride + 1
 
 
 def conv2d_nhwc(

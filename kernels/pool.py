@@ -20,6 +20,7 @@ import triton.language as tl
 from .indexing import nhwc_window_origin
 from .launch_args import check_kernel_tensor, int_pair, output_buffer, resolve_out_dtype
 from .lrn import LRN_NUM_WARPS, LRNParams, check_lrn_params, lrn_across_channels, lrn_tile
+from .sizes import pool_output_size
 
 # Channel tile of the unfused pool: 64 contiguous channels = 128 B rows in fp16.
 POOL_BLOCK_C = 64
@@ -86,15 +87,6 @@ def _maxpool_nhwc_kernel(
         best = lrn_across_channels(best, offs_c, C, alpha_over_n, beta, lrn_k, LRN_SIZE, BLOCK_P, BLOCK_C)
     y_off = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
     tl.store(y_ptr + y_off, best.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
-
-
-def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
-    """Max-pool output size with torch/Caffe rounding (see the module docstring)."""
-    span = size + 2 * padding - kernel
-    out = (-(-span // stride) if ceil_mode else span // stride) + 1
-    if ceil_mode and (out - 1) * stride >= size + padding:
-        out -= 1
-    return out
 
 
 def maxpool2d_nhwc(

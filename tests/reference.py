@@ -1,8 +1,8 @@
 """Independent plain-PyTorch references for the models and the preprocessing.
 
-Written without fastfeat's layer list: torchvision's own AlexNet class for
-``alexnet`` and an nn.Sequential transcription of Caffe's deploy.prototxt for
-``caffenet``, with Caffe's LRN written out from its formula.
+Written without fastfeat's layer list: torchvision's own AlexNet and VGG-16 classes
+for ``alexnet`` and ``vgg16``, and an nn.Sequential transcription of Caffe's
+deploy.prototxt for ``caffenet``, with Caffe's LRN written out from its formula.
 """
 
 from __future__ import annotations
@@ -86,14 +86,65 @@ class RefAlexNet(nn.Module):
         return out
 
 
+class RefVGG16(nn.Module):
+    """torchvision.models.vgg16 (configuration D) with taps at every pool, conv5_3, relu5_3 and the fc layers.
+
+    Runs torchvision's own ``features``, ``avgpool`` and ``classifier`` modules; the taps are read off
+    by module index (torchvision's numbering, not fastfeat's layer list).
+    """
+
+    # torchvision ``features`` index -> tap name (indices of the MaxPool2d modules, and of conv5_3/relu5_3).
+    FEATURE_TAPS = {4: "pool1", 9: "pool2", 16: "pool3", 23: "pool4", 28: "conv5_3", 29: "relu5_3", 30: "pool5"}
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models import vgg16
+
+        self.net = vgg16(weights=None)
+
+    def load_state_dict(self, state, strict=True):
+        return self.net.load_state_dict(state, strict=strict)
+
+    def forward(self, x):
+        out = {}
+        h = x
+        for i, module in enumerate(self.net.features):
+            if isinstance(module, nn.ReLU):
+                h = F.relu(h)  # torchvision's ReLUs are in place: never overwrite a tapped conv output
+            else:
+                h = module(h)
+            if i in self.FEATURE_TAPS:
+                out[self.FEATURE_TAPS[i]] = h
+        h = self.net.avgpool(h).flatten(1)  # AdaptiveAvgPool2d((7, 7)): identity on pool5's 7×7 map
+        c = self.net.classifier  # Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear
+        out["fc6"] = c[0](h)
+        out["relu6"] = F.relu(out["fc6"])
+        out["fc7"] = c[3](out["relu6"])
+        out["relu7"] = F.relu(out["fc7"])
+        out["fc8"] = c[6](out["relu7"])
+        return out
+
+
+REFERENCES: dict[str, type[nn.Module]] = {"caffenet": RefCaffeNet, "alexnet": RefAlexNet, "vgg16": RefVGG16}
+
+
 def reference_model(name: str, state: dict) -> nn.Module:
-    net = RefCaffeNet() if name == "caffenet" else RefAlexNet()
+    try:
+        net = REFERENCES[name]()
+    except KeyError:
+        raise ValueError(f"no reference model for {name!r}; tests/reference.py has {', '.join(REFERENCES)}") from None
     net.load_state_dict(state)
     return net.eval()
 
 
+# The models preprocessed as torchvision's ImageNet classifiers are (shorter side 256, centre crop 224).
+TORCHVISION_STYLE = ("alexnet", "vgg16")
+
+
 def reference_preprocess(path: str, model: str) -> torch.Tensor:
     """PIL/torch preprocessing, NHWC float32 [1, S, S, 3], independent of DALI."""
+    if model != "caffenet" and model not in TORCHVISION_STYLE:
+        raise ValueError(f"no reference preprocessing for {model!r}")
     img = Image.open(path)
     img = img.convert("RGB")
     a = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None]  # 1,3,H,W RGB 0..255

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastfeat.backends import make_backend
-from fastfeat.models import ALEXNET, CAFFENET, get_model, parse_layers
+from fastfeat.models import ALEXNET, CAFFENET, VGG16, get_model, parse_layers
 from fastfeat.weights import load_weights
 
 
@@ -13,6 +13,9 @@ def test_mac_counts_match_analytic_figures():
     macs = CAFFENET.macs()
     conv = sum(v for k, v in macs.items() if k.startswith("conv"))
     assert 0.91 < conv / CAFFENET.total_macs() < 0.93
+    # VGG-16: torchvision's documented 15.47 GFLOPS (really MACs); the fc layers carry under 1%.
+    assert VGG16.total_macs() == 15_470_264_320
+    assert sum(v for k, v in VGG16.macs().items() if k.startswith("fc")) == 123_633_664
 
 
 def test_shapes():
@@ -21,6 +24,9 @@ def test_shapes():
     assert s["pool5"] == (256, 6, 6) and s["fc6"] == (4096,) and s["fc8"] == (1000,)
     a = ALEXNET.shapes()
     assert a["conv1"] == (64, 55, 55) and a["pool2"] == (192, 13, 13) and a["pool5"] == (256, 6, 6)
+    v = VGG16.shapes()
+    assert v["conv1_2"] == (64, 224, 224) and v["pool1"] == (64, 112, 112) and v["pool3"] == (256, 28, 28)
+    assert v["conv5_3"] == (512, 14, 14) and v["pool5"] == (512, 7, 7) and v["fc6"] == (4096,)
 
 
 def test_caffenet_param_shapes_follow_caffe():
@@ -31,10 +37,11 @@ def test_caffenet_param_shapes_follow_caffe():
     assert list(p)[0] == "conv1.weight" and list(p)[-1] == "fc8.bias"
 
 
-def test_alexnet_param_keys_equal_torchvision_state_dict():
+@pytest.mark.parametrize("name", ["alexnet", "vgg16"])
+def test_torchvision_param_keys_equal_torchvision_state_dict(name):
     tv = pytest.importorskip("torchvision.models")
-    sd = tv.alexnet(weights=None).state_dict()
-    assert {k: tuple(v.shape) for k, v in sd.items()} == ALEXNET.param_shapes()
+    sd = getattr(tv, name)(weights=None).state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == get_model(name).param_shapes()
 
 
 def test_feature_info_lists_every_layer():
@@ -48,7 +55,7 @@ def test_parse_layers():
     with pytest.raises(ValueError, match="unknown layer 'fc9'"):
         parse_layers(CAFFENET, "fc9")
     with pytest.raises(ValueError, match="unknown model"):
-        get_model("vgg16")
+        get_model("vgg99")
 
 
 def test_forward_stops_after_deepest_requested_layer():

@@ -7,9 +7,8 @@ from helpers import jpeg_bytes
 from PIL import Image
 from reference import reference_preprocess, rel_err
 
-from fastfeat.models import get_model
-from fastfeat.pipeline import read_image
-from fastfeat.preprocess import Decoder, PreprocessError, geometry, load_mean
+from fastfeat.decode import Decoder, PreprocessError, geometry, load_mean, read_image
+from fastfeat.models import get_model, list_models
 from fastfeat.sources import Item
 
 # DALI's bilinear resampler and torch's differ in rounding only: measured 0.3-0.8% per photo.
@@ -20,10 +19,11 @@ def _decode(model, paths, batch_size=8, mean_image=None):
     spec = get_model(model)
     dec = Decoder(spec.preprocess, batch_size, torch.device("cpu"), mean_image=mean_image)
     read = [read_image(Item(p, p, None), 10**9) for p in paths]
-    return dec.decode([r[0] for r in read], [r[1] for r in read])
+    batch, bad, _ = dec.decode([r[0] for r in read], [r[1] for r in read])
+    return batch, bad
 
 
-@pytest.mark.parametrize("model", ["caffenet", "alexnet"])
+@pytest.mark.parametrize("model", list_models())
 def test_dali_matches_reference(model, photos):
     batch, bad = _decode(model, photos)
     assert bad == {}
@@ -66,13 +66,13 @@ def test_corrupt_sample_does_not_spoil_its_batch(photos):
     dec = Decoder(spec.preprocess, 4, torch.device("cpu"))
     good = [np.fromfile(p, np.uint8) for p in photos[:3]]
     sizes = [read_image(Item(p, p, None), 10**9)[1] for p in photos[:3]]
-    clean, _ = dec.decode(good, sizes)
+    clean, _, _ = dec.decode(good, sizes)
     truncated = np.frombuffer(data[: len(data) // 3], np.uint8)
-    batch, bad = dec.decode([good[0], truncated, good[1], good[2]], [sizes[0], (640, 427), sizes[1], sizes[2]])
+    batch, bad, _ = dec.decode([good[0], truncated, good[1], good[2]], [sizes[0], (640, 427), sizes[1], sizes[2]])
     assert list(bad) == [1] and bad[1]
     assert torch.equal(batch[1], torch.zeros_like(batch[1]))
     assert torch.equal(batch[[0, 2, 3]], clean)  # bit-identical to the clean batch
-    again, bad = dec.decode(good, sizes)  # the decoder keeps working afterwards
+    again, bad, _ = dec.decode(good, sizes)  # the decoder keeps working afterwards
     assert bad == {} and torch.equal(again, clean)
 
 
@@ -97,7 +97,7 @@ def test_bad_mean_file(tmp_path):
 
 
 def test_resource_failures_are_not_taken_for_bad_images():
-    from fastfeat.preprocess import _is_sample_error
+    from fastfeat.decode import _is_sample_error
 
     decode_failure = "Error in CPU operator `nvidia.dali.fn.decoders.image`,\nencountered:\nFailed to decode sample #0"
     assert _is_sample_error(decode_failure, raw=False)

@@ -1,9 +1,11 @@
 """The triton backend end to end: same layers, names and shapes as the torch backend, same features.
 
 On a CPU-only machine this runs in Triton's interpreter (tests/triton_interpreter.py sets
-TRITON_INTERPRET=1 and makes its bf16 dot and casts exact), on real photos at batch 2.
+TRITON_INTERPRET=1 and makes its bf16 dot and casts exact), on real photos at batch 2 (batch 1 and a
+downscaled input for the networks listed in INTERPRETER_INPUT).
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -15,37 +17,53 @@ from reference import reference_preprocess, rel_err
 
 import fastfeat
 from fastfeat.backends import make_backend
-from fastfeat.kernels import backend_available
-from fastfeat.models import get_model
+from fastfeat.kernels import backend_available, interpreter_active
+from fastfeat.models import get_model, list_models
 from fastfeat.weights import load_weights
 
 # ‖triton − torch‖ / ‖torch‖ on the same input, both in the given precision.  fp32: both exact up to
 # summation order (measured 1.5e-6); fp16/bf16: two independent roundings of every layer
 # (measured 7e-4 fp16; bf16 about 8x that).
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-TAPS = ["conv1", "norm1", "pool5", "relu6", "fc7", "relu7", "fc8"]
+# Each model compares the ones it has.  VGG-16's conv1_2 / relu5_3 taps leave conv1_2 unfused (then
+# relu1_2+pool1 runs in the pool kernel) and conv5_3+relu5_3 fused ahead of a plain 2x2 pool5.
+TAPS = ["conv1", "norm1", "conv1_2", "pool3", "relu5_3", "pool5", "relu6", "fc7", "relu7", "fc8"]
+# Under the interpreter only: (batch, input size) of networks too slow for it at full size.  VGG-16
+# at 224 takes ~60 s for batch 1 up to pool2 alone (conv1_2 ~45 s of it); at 64×64 the whole network
+# runs in ~40 s: every layer's channels and kernel geometry, only the spatial extent shrinks; pool5 is
+# still 2×2 (so fc6's NHWC column permutation is exercised), fc6 reads 512·2·2 features instead of
+# 512·7·7, with random weights drawn for the downscaled spec.
+INTERPRETER_INPUT = {"vgg16": (1, 64)}
 
 pytestmark = pytest.mark.skipif(not backend_available()[0], reason=backend_available()[1])
 
 
 @pytest.mark.parametrize(
     "model,dtype",
-    [("caffenet", torch.float32), ("alexnet", torch.float32), ("caffenet", torch.bfloat16), ("alexnet", torch.float16)],
+    [(name, torch.float32) for name in list_models()] + [("caffenet", torch.bfloat16), ("alexnet", torch.float16)],
+    ids=lambda v: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else None,
 )
 def test_triton_matches_torch_backend(model, dtype, photos):
     spec = get_model(model)
+    batch, size = 2, spec.input_size
+    if interpreter_active() and model in INTERPRETER_INPUT:
+        batch, size = INTERPRETER_INPUT[model]
+        spec = dataclasses.replace(spec, input_size=size)
     weights = load_weights(spec, "random:7")
     taps = [t for t in TAPS if t in spec.layer_names]
-    x = torch.cat([reference_preprocess(p, model) for p in photos[:2]])
+    x = torch.cat([reference_preprocess(p, model) for p in photos[:batch]])
+    if size != x.shape[1]:  # downscaled photos: area-average the preprocessed crop
+        x = torch.nn.functional.interpolate(x.permute(0, 3, 1, 2), size=(size, size), mode="area")
+        x = x.permute(0, 2, 3, 1).contiguous()
     tri = make_backend("triton", spec, weights.tensors, torch.device("cpu"), dtype)
     ref = make_backend("torch", spec, weights.tensors, torch.device("cpu"), dtype)
     got = tri.forward_intermediates(tri.prepare(x), taps)
     want = ref.forward_intermediates(ref.prepare(x), taps)
     shapes = spec.shapes()
     for name in taps:
-        assert got[name].shape == want[name].shape == (2, *shapes[name]), name
+        assert got[name].shape == want[name].shape == (batch, *shapes[name]), name
         # Flattened as the pipeline stores them (C×H×W for conv-side layers).
-        err = rel_err(got[name].reshape(2, -1).float(), want[name].reshape(2, -1).float())
+        err = rel_err(got[name].reshape(batch, -1).float(), want[name].reshape(batch, -1).float())
         assert err < TOLERANCES[dtype], (model, dtype, name, err)
 
 

@@ -3,7 +3,8 @@
 The network is interpreted from its ModelSpec layer list, so the torch and the
 triton backends run exactly the same layers under the same names.
 
-Speed notes (measured on the 2-core Sapphire Rapids dev box, AlexNet batch 64):
+Speed notes (AlexNet batch 64, measured by an earlier session on a 2-core dev box whose CPU it did
+not record; benchmarks/results/ holds this project's numbers with their machine):
 weights are cast to the compute dtype ONCE here (autocast re-casts fp32 weights on
 every call, 21 vs 149 img/s at batch 1), and activations are kept channels_last,
 which is what oneDNN's bf16 kernels want (619 -> 1,050 img/s against autocast).
@@ -16,8 +17,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from ..layers import LRN, Conv, Layer, Linear, MaxPool, ReLU
 from ..models import ModelSpec
-from .plan import Op, run_plan
+from .base import Backend, register_backend
+from .plan import Op
 
 
 def lrn_band(channels: int, size: int, alpha: float, device: torch.device) -> torch.Tensor:
@@ -46,31 +49,58 @@ def lrn_fp32(x: torch.Tensor, band: torch.Tensor, beta: float, k: float) -> torc
     return xf.mul_(scale).to(x.dtype)
 
 
-class TorchNet:
+def _conv(net: TorchNet, layer: Conv, x: torch.Tensor, inplace_ok: bool) -> torch.Tensor:
+    w, b = net.params[layer.name]
+    return F.conv2d(x, w, b, stride=layer.stride, padding=layer.pad, groups=layer.groups)
+
+
+def _relu(net: TorchNet, layer: ReLU, x: torch.Tensor, inplace_ok: bool) -> torch.Tensor:
+    return F.relu(x, inplace=inplace_ok)
+
+
+def _pool(net: TorchNet, layer: MaxPool, x: torch.Tensor, inplace_ok: bool) -> torch.Tensor:
+    return F.max_pool2d(x, layer.kernel, layer.stride, layer.pad, ceil_mode=layer.ceil)
+
+
+def _norm(net: TorchNet, layer: LRN, x: torch.Tensor, inplace_ok: bool) -> torch.Tensor:
+    return lrn_fp32(x, net.lrn_bands[layer.name], layer.beta, layer.k)
+
+
+def _fc(net: TorchNet, layer: Linear, x: torch.Tensor, inplace_ok: bool) -> torch.Tensor:
+    w, b = net.params[layer.name]
+    if x.dim() > 2:
+        x = x.flatten(1)  # C×H×W order, as Caffe and torchvision flatten
+    return F.linear(x, w, b)
+
+
+# The one place that maps a layer kind to a torch op.
+OPS = {Conv: _conv, ReLU: _relu, MaxPool: _pool, LRN: _norm, Linear: _fc}
+
+
+@register_backend
+class TorchNet(Backend):
     """Runs a ModelSpec with torch ops.  ``forward_intermediates`` stops after the deepest tap."""
 
-    backend = "torch"
+    name = "torch"
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
-        self.spec, self.device, self.dtype = spec, device, dtype
+        super().__init__(spec, tensors, device, dtype)
         if device.type == "cuda" and dtype == torch.float32:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
+        inputs = spec.input_shapes()
         self.params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.lrn_bands: dict[str, torch.Tensor] = {}
         for layer in spec.layers:
+            if isinstance(layer, LRN):
+                self.lrn_bands[layer.name] = lrn_band(inputs[layer.name][0], layer.size, layer.alpha, device)
             if layer.param_key is None:
                 continue
             w = tensors[f"{layer.param_key}.weight"].to(device=device, dtype=dtype)
             b = tensors[f"{layer.param_key}.bias"].to(device=device, dtype=dtype)
-            if layer.kind == "conv":
+            if w.dim() == 4:
                 w = w.contiguous(memory_format=torch.channels_last)
             self.params[layer.name] = (w, b)
-        shapes = spec.shapes()
-        self.lrn_bands = {
-            layer.name: lrn_band(shapes[layer.name][0], layer.params["size"], layer.params["alpha"], device)
-            for layer in spec.layers
-            if layer.kind == "norm"
-        }
 
     def prepare(self, images_nhwc: torch.Tensor) -> torch.Tensor:
         """NHWC float batch -> NCHW-shaped, channels_last-strided compute tensor on the device."""
@@ -78,23 +108,8 @@ class TorchNet:
         return x.permute(0, 3, 1, 2)
 
     def run_layer(self, index: int, x: torch.Tensor, inplace_ok: bool = False) -> torch.Tensor:
-        layer = self.spec.layers[index]
-        p = layer.params
-        if layer.kind == "conv":
-            w, b = self.params[layer.name]
-            return F.conv2d(x, w, b, stride=p["stride"], padding=p["pad"], groups=p["groups"])
-        if layer.kind == "relu":
-            return F.relu(x, inplace=inplace_ok)
-        if layer.kind == "pool":
-            return F.max_pool2d(x, p["kernel"], p["stride"], ceil_mode=p["ceil"])
-        if layer.kind == "norm":
-            return lrn_fp32(x, self.lrn_bands[layer.name], p["beta"], p["k"])
-        if layer.kind == "fc":
-            w, b = self.params[layer.name]
-            if x.dim() > 2:
-                x = x.flatten(1)  # C×H×W order, as Caffe and torchvision flatten
-            return F.linear(x, w, b)
-        raise ValueError(f"unknown layer kind {layer.kind!r}")
+        layer: Layer = self.spec.layers[index]
+        return OPS[type(layer)](self, layer, x, inplace_ok)
 
     def plan(self, names: list[str]) -> list[Op]:
         """One op per layer up to the deepest requested one (torch fuses nothing)."""
@@ -106,8 +121,3 @@ class TorchNet:
             inplace = i > 0 and self.spec.layers[i - 1].name not in wanted
             ops.append(Op(layer.name, layer.kind, (layer.name,), partial(self.run_layer, i, inplace_ok=inplace)))
         return ops
-
-    @torch.inference_mode()
-    def forward_intermediates(self, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-        """{name: activation} for the requested layers, computing nothing past the deepest one."""
-        return run_plan(self.plan(names), x, names)

@@ -18,21 +18,35 @@ from __future__ import annotations
 
 import torch
 
+from ..layers import LRN, Conv, Linear, MaxPool, ReLU
 from ..models import ModelSpec
-from .plan import Op, fused_name, run_plan
+from .base import Backend, register_backend
+from .plan import Op, fused_name
 
 
-class TritonNet:
-    backend = "triton"
+@register_backend
+class TritonNet(Backend):
+    name = "triton"
+    compiles_on_first_call = True  # on a GPU; under the interpreter the first call is merely slow
+
+    @classmethod
+    def unavailable(cls, device: torch.device) -> str | None:
+        try:
+            from fastfeat.kernels import backend_available, interpreter_active
+        except ImportError as exc:
+            return f"the triton kernels cannot be imported ({exc})"
+        ok, why = backend_available()
+        if not ok:
+            return why
+        if device.type == "cpu" and not interpreter_active():
+            return "the triton backend runs on CPU tensors only under TRITON_INTERPRET=1 (CPU interpreter)"
+        return None
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
         from fastfeat import kernels
 
-        ok, why = kernels.backend_available()
-        if not ok:
-            raise ValueError(why)
+        super().__init__(spec, tensors, device, dtype)
         self.k = kernels
-        self.spec, self.device, self.dtype = spec, device, dtype
         inputs = spec.input_shapes()
         self.packed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in spec.layers:
@@ -41,8 +55,8 @@ class TritonNet:
             w = tensors[f"{layer.param_key}.weight"].to(device)
             # Bias stays fp32: the epilogue adds it in fp32 before the downcast.
             b = tensors[f"{layer.param_key}.bias"].to(device=device, dtype=torch.float32).contiguous()
-            if layer.kind == "conv":
-                w = kernels.pack_conv_weight(w, groups=layer.params["groups"], dtype=dtype)
+            if isinstance(layer, Conv):
+                w = kernels.pack_conv_weight(w, groups=layer.groups, dtype=dtype)
             else:
                 chw = inputs[layer.name]
                 w = kernels.pack_linear_weight(w, input_chw=chw if len(chw) == 3 else None, dtype=dtype)
@@ -52,75 +66,73 @@ class TritonNet:
         return images_nhwc.to(device=self.device, dtype=self.dtype, non_blocking=True).contiguous()
 
     # -- ops ----------------------------------------------------------------------------------------
-    def _conv(self, name: str, relu: bool):
-        p = self.spec.layers[self.spec.index(name)].params
-        w, b = self.packed[name]
+    def _conv(self, layer: Conv, relu: bool):
+        w, b = self.packed[layer.name]
         return lambda x: self.k.conv2d_nhwc(
-            x, w, b, kernel_size=p["kernel"], stride=p["stride"], padding=p["pad"], groups=p["groups"], relu=relu
+            x, w, b, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad, groups=layer.groups, relu=relu
         )
 
-    def _pool(self, name: str, relu: bool, norm: str | None):
-        p = self.spec.layers[self.spec.index(name)].params
-        lrn = None
-        if norm is not None:
-            q = self.spec.layers[self.spec.index(norm)].params
-            lrn = self.k.LRNParams(q["size"], q["alpha"], q["beta"], q["k"])
+    def _pool(self, layer: MaxPool, relu: bool, norm: LRN | None):
+        lrn = None if norm is None else self.k.LRNParams(norm.size, norm.alpha, norm.beta, norm.k)
         return lambda x: self.k.maxpool2d_nhwc(
-            x, kernel_size=p["kernel"], stride=p["stride"], ceil_mode=p["ceil"], relu=relu, lrn=lrn
+            x,
+            kernel_size=layer.kernel,
+            stride=layer.stride,
+            padding=layer.pad,
+            ceil_mode=layer.ceil,
+            relu=relu,
+            lrn=lrn,
         )
 
-    def _norm(self, name: str):
-        q = self.spec.layers[self.spec.index(name)].params
-        return lambda x: self.k.lrn_nhwc(x, size=q["size"], alpha=q["alpha"], beta=q["beta"], k=q["k"])
+    def _norm(self, layer: LRN):
+        return lambda x: self.k.lrn_nhwc(x, size=layer.size, alpha=layer.alpha, beta=layer.beta, k=layer.k)
 
-    def _fc(self, name: str, relu: bool):
-        w, b = self.packed[name]
+    def _fc(self, layer: Linear, relu: bool):
+        w, b = self.packed[layer.name]
         return lambda x: self.k.linear(x.reshape(x.shape[0], -1), w, b, relu=relu)
 
     def plan(self, names: list[str]) -> list[Op]:
-        """Greedy fusion up to the deepest requested layer, never hiding a requested output."""
+        """Greedy fusion up to the deepest requested layer, never hiding a requested output.
+
+        The one place that maps a layer kind to a kernel: conv(+ReLU), fc(+ReLU), ReLU+pool(+LRN),
+        pool(+LRN), LRN; a ReLU that cannot fuse (its input is requested) runs as torch.relu.
+        """
         layers = self.spec.layers
         wanted = set(names)
         last = max(self.spec.index(n) for n in names)
+
+        def absorbs(j: int, kind: type) -> bool:
+            """Layer j+1 is of ``kind`` and layer j's own output is not requested."""
+            return j + 1 <= last and isinstance(layers[j + 1], kind) and layers[j].name not in wanted
+
         ops: list[Op] = []
         i = 0
-
-        def can_absorb(j: int, kind: str) -> bool:
-            """Layer j+1 is of ``kind`` and layer j's own output is not requested."""
-            return j + 1 <= last and layers[j + 1].kind == kind and layers[j].name not in wanted
-
         while i <= last:
             layer = layers[i]
-            covers = [layer.name]
-            if layer.kind == "conv":
-                relu = can_absorb(i, "relu")
-                covers += [layers[i + 1].name] if relu else []
-                run = self._conv(layer.name, relu)
-            elif layer.kind == "fc":
-                relu = can_absorb(i, "relu")
-                covers += [layers[i + 1].name] if relu else []
-                run = self._fc(layer.name, relu)
-            elif layer.kind == "relu" and can_absorb(i, "pool"):
-                pool = layers[i + 1].name
-                norm = layers[i + 2].name if can_absorb(i + 1, "norm") else None
-                covers += [pool] + ([norm] if norm else [])
-                run = self._pool(pool, relu=True, norm=norm)
-            elif layer.kind == "relu":
+            covers = [layer]
+            if isinstance(layer, (Conv, Linear)):
+                relu = absorbs(i, ReLU)
+                covers += [layers[i + 1]] if relu else []
+                run = self._conv(layer, relu) if isinstance(layer, Conv) else self._fc(layer, relu)
+            elif isinstance(layer, ReLU) and absorbs(i, MaxPool):
+                covers += [layers[i + 1]] + ([layers[i + 2]] if absorbs(i + 1, LRN) else [])
+                run = self._pool(covers[1], relu=True, norm=covers[2] if len(covers) > 2 else None)
+            elif isinstance(layer, ReLU):
                 run = torch.relu  # only when the pre-activation is itself requested
-            elif layer.kind == "pool":
-                norm = layers[i + 1].name if can_absorb(i, "norm") else None
-                covers += [norm] if norm else []
-                run = self._pool(layer.name, relu=False, norm=norm)
-            elif layer.kind == "norm":
-                run = self._norm(layer.name)
+            elif isinstance(layer, MaxPool):
+                covers += [layers[i + 1]] if absorbs(i, LRN) else []
+                run = self._pool(layer, relu=False, norm=covers[1] if len(covers) > 1 else None)
+            elif isinstance(layer, LRN):
+                run = self._norm(layer)
             else:
-                raise ValueError(f"unknown layer kind {layer.kind!r}")
-            ops.append(Op(fused_name(covers), layer.kind, tuple(covers), run))
+                raise ValueError(f"the triton backend has no kernel for layer kind {layer.kind!r} ({layer.name})")
+            names_covered = tuple(c.name for c in covers)
+            ops.append(Op(fused_name(names_covered), layer.kind, names_covered, run))
             i += len(covers)
         return ops
 
     @torch.inference_mode()
     def forward_intermediates(self, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-        out = run_plan(self.plan(names), x, names)
+        out = super().forward_intermediates(x, names)
         # NHWC -> NCHW-shaped views: same shapes and C×H×W flatten order as the torch backend.
         return {n: t.permute(0, 3, 1, 2) if t.dim() == 4 else t for n, t in out.items()}

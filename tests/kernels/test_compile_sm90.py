@@ -7,22 +7,24 @@ reduction, max-pool + ReLU + LRN, stand-alone LRN) with its first autotune confi
 launch-time pruning on an H100, through ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` and
 the ptxas that triton bundles.
 
-It runs ``benchmarks/compile_check.py --representative`` in a subprocess with TRITON_INTERPRET unset:
-this pytest process imported triton under the interpreter (tests/triton_interpreter.py), which turns
-every ``@triton.jit`` kernel into an interpreter function that cannot be compiled, and makes the
-autotune factories return their single interpreter config. The full check (every config, sm_80 and
-sm_90, several dtypes) is the script itself; see its docstring.
+The checker is ``fastfeat.kernels.aot`` (imported here for its constants; it imports no triton itself).
+The compile runs ``benchmarks/compile_check.py --representative`` (its command line) in a subprocess
+with TRITON_INTERPRET unset: this pytest process imported triton under the interpreter
+(tests/triton_interpreter.py), which turns every ``@triton.jit`` kernel into an interpreter function
+that cannot be compiled, and makes the autotune factories return their single interpreter config. The
+full check (every config, sm_80 and sm_90, several dtypes) is the script itself; see its docstring.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+from fastfeat.kernels import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "compile_check.py")
@@ -31,17 +33,7 @@ TIMEOUT_S = 300
 # Usable shared memory per block on H100/H200 (the opt-in maximum).
 SM90_SMEM_LIMIT = 227 * 1024
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("fastfeat_compile_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # @dataclass looks its module up there
-    spec.loader.exec_module(module)  # imports no triton: everything triton happens inside its functions
-    return module
-
-
-CHECK = _load_script()
-CASES = [(template.format(dtype="bf16"), kernel) for template, kernel in CHECK.REPRESENTATIVE]
+CASES = [(template.format(dtype="bf16"), kernel) for template, kernel in aot.REPRESENTATIVE]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +42,7 @@ def sm90_jobs(tmp_path_factory) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, SCRIPT, "--representative", "--targets", "sm90", "--json", str(out)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
-    if proc.returncode == CHECK.EXIT_UNAVAILABLE:
+    if proc.returncode == aot.EXIT_UNAVAILABLE:
         pytest.skip(proc.stdout.strip().splitlines()[-1])
     assert out.is_file(), (
         f"compile check wrote no JSON (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"

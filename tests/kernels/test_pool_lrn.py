@@ -85,6 +85,23 @@ def test_real_pools_fp16(name, shape, ceil_mode, relu, lrn, device, nan_like, as
         assert (unnormalised - ref).norm() > 0.05 * ref.norm(), "degenerate test: LRN barely changes the output"
 
 
+# (name, NHWC input shape, relu): VGG-16's 2x2/stride-2 floor-mode pools at full size, the first and
+# last with the preceding ReLU fused (the triton backend's relu1_2+pool1 when conv1_2 is requested).
+VGG16_POOLS = [
+    ("vgg16_relu1_2_pool1", (1, 224, 224, 64), True),
+    ("vgg16_pool3", (2, 56, 56, 256), False),
+    ("vgg16_relu5_3_pool5", (2, 14, 14, 512), True),
+]
+
+
+@pytest.mark.parametrize("name, shape, relu", VGG16_POOLS, ids=[r[0] for r in VGG16_POOLS])
+def test_vgg16_pools_fp16(name, shape, relu, device, nan_like):
+    _, y, ref = _run_pool(shape, torch.float16, device, nan_like, k=2, s=2, ceil_mode=False, relu=relu)
+    n, h, w, c = shape
+    assert y.shape == (n, h // 2, w // 2, c)
+    assert torch.equal(y.float().cpu(), ref.cpu()), "max-pool must be exact"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "shape, k, s, p, ceil_mode",

@@ -1,4 +1,5 @@
-"""Image decoding and preprocessing with NVIDIA DALI.
+"""Image decoding and preprocessing: the header check of the read stage (``read_image``), then
+NVIDIA DALI.
 
 DALI is fed encoded bytes through ``external_source`` by fastfeat's own reader, so
 fastfeat keeps control of ids, order and error handling.  Two styles:
@@ -27,12 +28,23 @@ and cropped by the same DALI operators; only when Pillow fails too is it an erro
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
+import sys
+import tempfile
+import threading
+import warnings
 
 import numpy as np
 import torch
 
 from .models import Preprocess
+from .sources import Item, ItemReader
+
+DEFAULT_MAX_PIXELS = 100_000_000  # refuse decompression bombs above 100 megapixels (configurable)
+EXIF_ORIENTATION = 0x0112  # values 5-8 rotate by 90 degrees: width and height swap
 
 
 class PreprocessError(ValueError):
@@ -82,6 +94,46 @@ def geometry(pre: Preprocess, width: int, height: int) -> tuple[int, int, int, i
         rh, rw = (pre.resize, new_long) if height <= width else (new_long, pre.resize)
         top, left = int(round((rh - crop) / 2.0)), int(round((rw - crop) / 2.0))
     return rh, rw, top, left
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_native_stderr_lock = threading.Lock()  # one capture at a time: fd 2 is process-wide
+
+
+@contextlib.contextmanager
+def captured_native_stderr():
+    """Collect what native code (DALI's libjpeg, nvImageCodec) writes to file descriptor 2 meanwhile.
+
+    Decoder warnings such as "Corrupt JPEG data: 517 extraneous bytes before marker 0xd9" are
+    printed by C code straight to fd 2: they would break the progress bar and could not be told
+    apart by image.  Python's own writes go through ``sys.stderr``; ``console()`` gives the code
+    that must keep printing meanwhile (the progress bar) a stream that bypasses the capture.
+    Yields a list that holds the captured text (ANSI codes removed) once the block ends.
+    """
+    out: list[str] = []
+    with _native_stderr_lock, tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = _ANSI.sub("", tmp.read().decode("utf-8", errors="replace"))
+            out.append(" ".join(line.strip() for line in text.splitlines() if line.strip())[:500])
+
+
+_console = None
+
+
+def console():
+    """A text stream on a duplicate of the original stderr: unaffected by ``captured_native_stderr``."""
+    global _console
+    if _console is None:
+        _console = os.fdopen(os.dup(2), "w", buffering=1)
+    return _console
 
 
 class SampleError(RuntimeError):
@@ -211,26 +263,40 @@ class Decoder:
 
     def decode(
         self, encoded: list[np.ndarray], sizes: list[tuple[int, int]]
-    ) -> tuple[torch.Tensor | None, dict[int, str]]:
+    ) -> tuple[torch.Tensor | None, dict[int, str], dict[int, str]]:
         """Decode a batch of encoded images whose upright (width, height) are ``sizes``.
 
-        Returns (NHWC float32 batch, {bad index: message}).  The batch always has
-        ``len(encoded)`` rows: a sample that failed to decode gets a row of zeros, so
-        the forward pass sees the same batch shape as in a clean run and the good rows
-        get bit-identical features.  None if all failed.
+        Returns (NHWC float32 batch, {bad index: message}, {warned index: message}).  The batch
+        always has ``len(encoded)`` rows: a sample that failed to decode gets a row of zeros, so
+        the forward pass sees the same batch shape as in a clean run and the good rows get
+        bit-identical features.  None if all failed.  A sample the decoder warned about
+        (recoverable corruption: it decoded, maybe with grey blocks) is in the batch and in the
+        warnings, with the decoder's message.
         """
         if not encoded:
-            return None, {}
+            return None, {}, {}
         geoms = [geometry(self.pre, w, h) for w, h in sizes]
         try:
-            batch, bad = self._run(encoded, geoms), {}
+            with captured_native_stderr() as said:
+                batch, bad, notes = self._run(encoded, geoms), {}, {}
+            if said[0]:  # which sample was it? Decode each alone (rare: only batches with a warning)
+                notes = self._warnings_by_sample(encoded, geoms)
         except SampleError:
-            batch, bad = self._decode_one_by_one(encoded, geoms)
+            batch, bad, notes = self._decode_one_by_one(encoded, geoms)
         if batch is not None and self.mean_image is not None:
             batch -= self.mean_image
             batch /= self.std
             batch[list(bad)] = 0.0
-        return batch, bad
+        return batch, bad, notes
+
+    def _warnings_by_sample(self, encoded, geoms) -> dict[int, str]:
+        notes = {}
+        for i, (sample, geom) in enumerate(zip(encoded, geoms, strict=True)):
+            with captured_native_stderr() as said:
+                self._run([sample], [geom])
+            if said[0]:
+                notes[i] = said[0]
+        return notes
 
     def _pil_fallback(self, sample: np.ndarray, geom, dali_message: str) -> tuple[torch.Tensor | None, str]:
         """Decode with Pillow what DALI cannot (GIF, odd JPEGs), then resize/crop/normalise in DALI.
@@ -264,10 +330,14 @@ class Decoder:
     def _decode_one_by_one(self, encoded, geoms):
         rows: list[torch.Tensor | None] = []
         bad: dict[int, str] = {}
+        notes: dict[int, str] = {}
         self.pipe = self._build()  # the failed pipeline is not guaranteed usable any more
         for i, (sample, geom) in enumerate(zip(encoded, geoms, strict=True)):
             try:
-                rows.append(self._run([sample], [geom])[0])
+                with captured_native_stderr() as said:
+                    rows.append(self._run([sample], [geom])[0])
+                if said[0]:
+                    notes[i] = said[0]
             except SampleError as exc:
                 self.pipe = self._build()
                 row, message = self._pil_fallback(sample, geom, str(exc))
@@ -276,6 +346,47 @@ class Decoder:
                     bad[i] = message
         good = [r for r in rows if r is not None]
         if not good:
-            return None, bad
+            return None, bad, notes
         zero = torch.zeros_like(good[0])
-        return torch.stack([zero if r is None else r for r in rows]), bad
+        return torch.stack([zero if r is None else r for r in rows]), bad, notes
+
+
+def read_image(
+    item: Item, max_pixels: int, reader: ItemReader | None = None, pre: Preprocess | None = None
+) -> tuple[np.ndarray | None, tuple[int, int], tuple[str, str] | None]:
+    """Bytes and upright (width, height) of one image, or an error (stage, message).
+
+    Refused from the header alone, before any decoding: more than ``max_pixels`` pixels, or
+    (given the preprocessing ``pre``) an aspect ratio so extreme that the resized image would be.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = (reader or ItemReader()).read(item)
+    except OSError as exc:
+        return None, (0, 0), ("read", exc.strerror or str(exc))
+    if not data:
+        return None, (0, 0), ("read", "empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                # DALI applies the EXIF orientation: report and resize by the upright size (any format:
+                # phone JPEGs are often "MPO" to Pillow).
+                if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                    width, height = height, width
+    except Image.DecompressionBombError:
+        return None, (0, 0), ("header", f"image too large: over --max-pixels {max_pixels} (decompression bomb?)")
+    except UnidentifiedImageError:
+        return None, (0, 0), ("header", "not a recognised image format")
+    except (OSError, SyntaxError, ValueError) as exc:
+        return None, (0, 0), ("header", f"unreadable image header: {exc}")
+    if width * height > max_pixels:
+        return None, (width, height), ("header", f"image too large: {width}x{height} over --max-pixels {max_pixels}")
+    if pre is not None:
+        rh, rw, _, _ = geometry(pre, width, height)
+        if rh * rw > max_pixels:
+            message = f"aspect ratio too extreme: {width}x{height} resizes to {rw}x{rh}, over --max-pixels {max_pixels}"
+            return None, (width, height), ("header", message)
+    return np.frombuffer(data, dtype=np.uint8), (width, height), None

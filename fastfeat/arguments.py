@@ -1,0 +1,62 @@
+"""Checks of ``extract``'s arguments that need no torch, DALI or data: the CLI runs them before the
+heavy imports, so a bad flag is reported at once (one line, exit code 2)."""
+
+from __future__ import annotations
+
+import re
+
+from .backends import backend_names
+from .errors import ConfigError
+from .models import ModelSpec, get_model, parse_layers
+from .sinks import format_names
+
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+OUTPUT_DTYPE_NAMES = ("float16", "float32")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_arguments(
+    *,
+    model: str,
+    layers,
+    weights: str | None,
+    batch_size: int,
+    shard_size: int,
+    dtype: str,
+    precision: str | None,
+    device: str,
+    backend: str,
+    format: str,
+    max_pixels: int,
+    num_threads: int | None,
+    num_shards: int,
+    shard_index: int,
+    max_error_rate: float | None,
+) -> tuple[ModelSpec, list[str]]:
+    """The model spec and the requested layers in forward order; ConfigError for anything wrong."""
+    try:
+        spec = get_model(model)
+        names = parse_layers(spec, layers)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(str(exc).strip("'\"")) from None
+    for flag, value in (("batch-size", batch_size), ("shard-size", shard_size), ("threads", num_threads),
+                        ("max-pixels", max_pixels)):  # fmt: skip
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag} must be >= 1, got {value}")
+    if dtype not in OUTPUT_DTYPE_NAMES:
+        raise ConfigError(f"unknown --dtype {dtype!r}; choose float16 or float32")
+    if precision is not None and precision not in PRECISION_NAMES:
+        raise ConfigError(f"unknown precision {precision!r}; choose from {', '.join(PRECISION_NAMES)}")
+    if not _DEVICE.match(device):
+        raise ConfigError(f"unknown device {device!r}; choose auto, cpu or cuda[:N]")
+    if backend not in backend_names():
+        raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(backend_names())}")
+    if format not in format_names():
+        raise ConfigError(f"unknown output format {format!r}; choose from {', '.join(format_names())}")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ConfigError(f"--shard-index must be in [0, --num-shards={num_shards}), got {shard_index}")
+    if max_error_rate is not None and not 0 <= max_error_rate <= 1:
+        raise ConfigError(f"--max-error-rate must be a fraction in [0, 1], got {max_error_rate}")
+    if weights is None:
+        raise ConfigError("--weights is required: a .pth/.safetensors/.caffemodel file, or random:SEED")
+    return spec, names

@@ -1,0 +1,85 @@
+"""The ``compile`` backend: the torch backend's forward pass through ``torch.compile`` (Inductor).
+
+On CPU the graph is compiled with *freezing* (weights become constants, so Inductor can pre-pack
+them for oneDNN and fold the layout conversions); on CUDA with max-autotune's Triton templates,
+the fair opponent of the hand-written ``triton`` backend.  One graph per (requested layers, batch
+shape): a run compiles once for its full batches and once for a shard's shorter last batch.
+
+Profiling compiles each op on its own instead (``compiles_each_op``), so every layer keeps its time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+
+import torch
+
+from .base import register_backend
+from .plan import run_plan
+from .torch_backend import TorchNet
+
+# On CUDA, max-autotune searches Triton templates for every conv/GEMM.  No CUDA graphs: profiling
+# times each op alone, and a graph per op would time a replay the real forward pass never does.
+# On CPU, max-autotune buys little and compiles for minutes; freezing is what pays there.
+MODES = {"cuda": "max-autotune-no-cudagraphs", "cpu": None}
+
+NO_CUDA_RUNTIME = "No CUDA runtime is found"
+
+
+class _NoCudaRuntimeFilter(logging.Filter):
+    """Drops exactly torch.utils.cpp_extension's "No CUDA runtime is found, using CUDA_HOME=..." warning.
+
+    A CUDA build of torch logs it (logging, not warnings) when Inductor first imports cpp_extension on a
+    machine without a GPU: true, but irrelevant to a CPU compile.  Every other record passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(NO_CUDA_RUNTIME))
+
+
+# On the logger itself (records created there, before any handler), installed before cpp_extension is imported.
+_cpp_extension_logger = logging.getLogger("torch.utils.cpp_extension")
+if not any(isinstance(f, _NoCudaRuntimeFilter) for f in _cpp_extension_logger.filters):
+    _cpp_extension_logger.addFilter(_NoCudaRuntimeFilter())
+
+
+@register_backend
+class CompileNet(TorchNet):
+    name = "compile"
+    compiles_on_first_call = True
+    compiles_each_op = True  # for fastfeat.profile: time each op compiled on its own
+
+    @classmethod
+    def unavailable(cls, device: torch.device) -> str | None:
+        if not torch._dynamo.is_dynamo_supported():
+            return "torch.compile is not supported on this Python version"
+        if device.type == "cpu":
+            # Inductor writes and builds C++ for CPU kernels.
+            if not any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++")):
+                return "torch.compile on CPU needs a C++ compiler (g++, clang++ or $CXX)"
+        elif importlib.util.find_spec("triton") is None:
+            return "torch.compile on CUDA needs the triton package"
+        return None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._graphs: dict[tuple[str, ...], object] = {}
+
+    def compile_op(self, run):
+        """torch.compile one callable alone (fullgraph: a graph break is an error, not a silent eager run)."""
+        return torch.compile(run, mode=MODES.get(self.device.type), dynamic=False, fullgraph=True)
+
+    @torch.inference_mode()
+    def forward_intermediates(self, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+        key = tuple(names)
+        graph = self._graphs.get(key)
+        if graph is None:
+            ops = self.plan(names)
+            # torch.compile takes a mode or options, not both: CPU gets freezing, CUDA its mode.
+            how = {"options": {"freezing": True}} if self.device.type == "cpu" else {"mode": MODES["cuda"]}
+            graph = torch.compile(lambda t: run_plan(ops, t, names), dynamic=False, fullgraph=True, **how)
+            self._graphs[key] = graph
+        return graph(x)

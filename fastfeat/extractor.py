@@ -1,0 +1,229 @@
+"""``fastfeat.extract``: validate the arguments, then wire sources -> decode -> runner -> backend -> sink.
+
+Everything is checked before anything is written: a bad argument raises a ConfigError (one line,
+exit code 2) and leaves no output directory behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import redirect_stderr
+from functools import partial
+
+import numpy as np
+
+from . import __version__
+from .arguments import check_arguments
+from .backends import make_backend, unavailable_reason
+from .checksum import file_sha256
+from .decode import DEFAULT_MAX_PIXELS, Decoder, console, load_mean, read_image
+from .errors import ConfigError, ExtractFailed
+from .forward import Forward
+from .output import SUMMARY, OutputDir, ShardTransaction, plan_items, shard_tasks
+from .runner import Runner, ShardTask
+from .runtime import (
+    PRECISIONS,
+    device_name,
+    git_sha,
+    keep_freed_memory,
+    library_versions,
+    resolve_device,
+    resolve_precision,
+)
+from .sinks import DEFAULT_FORMAT, get_sink
+from .sinks.base import Layout
+from .sources import ItemReader, list_items
+from .summary import ProgressBar, format_summary, run_summary
+from .weights import WeightsError, load_weights
+
+ExtractError = ConfigError  # the name the Python API has always raised
+
+
+class Extractor:
+    """Validated configuration of one extraction run; ``run()`` does the work."""
+
+    def __init__(
+        self, source: str, out: str, model: str = "caffenet", weights: str | None = None,
+        layers: str | list[str] | None = None, batch_size: int = 64, precision: str | None = None,
+        device: str = "auto", backend: str = "torch", shard_size: int = 10_000, dtype: str = "float16",
+        mean_file: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, num_threads: int | None = None,
+        overwrite: bool = False, progress: bool = True, image_column: str = "image", num_shards: int = 1,
+        shard_index: int = 0, format: str = DEFAULT_FORMAT, append: bool = False, strict: bool = False,
+        max_error_rate: float | None = None,
+    ):  # fmt: skip
+        self.started = time.perf_counter()
+        self.spec, self.layers = check_arguments(
+            model=model, layers=layers, weights=weights, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
+            precision=precision, device=device, backend=backend, format=format, max_pixels=max_pixels,
+            num_threads=num_threads, num_shards=num_shards, shard_index=shard_index, max_error_rate=max_error_rate,
+        )  # fmt: skip
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        if (why := unavailable_reason(backend, self.device)) is not None:
+            raise ConfigError(f"backend {backend!r} is not available: {why}")
+        _raise_pillow_limit(max_pixels)
+        items = list_items(source, image_column)  # SourceError (a ValueError) for missing/empty sources
+        self.weights_source, self.weights_id, self.weights = weights, *weights_identity(self.spec, weights)
+        pre = self.spec.preprocess
+        self.mean_image = load_mean(mean_file, pre.crop, pre.resize) if mean_file else None
+        self.out, self.backend_name, self.format = out, backend, format
+        self.batch_size, self.shard_size, self.dtype = batch_size, shard_size, dtype
+        self.max_pixels, self.num_threads, self.progress = max_pixels, num_threads, progress
+        self.image_column, self.num_shards, self.shard_index = image_column, num_shards, shard_index
+        self.strict, self.max_error_rate = strict, max_error_rate
+        self.metadata = run_metadata(self, mean_file)
+        shapes = self.spec.shapes()
+        self.sink = get_sink(format)(Layout({n: math.prod(shapes[n]) for n in self.layers}, dtype, self.metadata))
+        self.output = OutputDir(out, run_config(self), overwrite=overwrite)
+        self.output.source = os.path.abspath(source)
+        self.items, self.new_generation = plan_items(self.output, items, append)
+        if self.weights is None and not self.up_to_date():  # validate the file before anything is written
+            self.weights = load_weights(self.spec, weights)
+
+    def shards(self) -> list[ShardTask]:
+        """This part's output shards (every ``num_shards``-th one) over every generation, finished or not."""
+        generations = self.output.generations + ([self.new_generation[0]] if self.new_generation else [])
+        return [
+            ShardTask(*t)
+            for t in shard_tasks(generations, self.shard_size)
+            if t[0] % self.num_shards == self.shard_index
+        ]
+
+    def up_to_date(self) -> bool:
+        return self.new_generation is None and all(s.index in self.output.shards for s in self.shards())
+
+    def run(self) -> dict:
+        if self.up_to_date():  # nothing to load or build; the last real run's summary is kept
+            return {**_read_json(os.path.join(self.out, SUMMARY)), "up_to_date": True, "rows": self.output.rows()}
+        keep_freed_memory()
+        net = make_backend(self.backend_name, self.spec, self.weights.tensors, self.device, PRECISIONS[self.precision])
+        pre = self.spec.preprocess
+        decoder = Decoder(pre, self.batch_size, self.device, num_threads=self.num_threads, mean_image=self.mean_image)
+        self.output.create(self.new_generation)
+        self.new_generation = None  # recorded now (by this process or a sibling part): output.generations has it
+        todo = [s for s in self.shards() if s.index not in self.output.shards]
+        done_items = sum(s.end - s.first for s in self.shards()) - sum(s.end - s.first for s in todo)
+        total = sum(s.end - s.first for s in todo)
+        # Python's stderr (and the bar) bypass fd 2, where the decoder's native warnings are captured.
+        with redirect_stderr(console()):
+            bar = ProgressBar(total) if self.progress and total else None
+            runner = Runner(
+                self.items, self.batch_size,
+                read=partial(read_image, max_pixels=self.max_pixels, reader=ItemReader(self.image_column), pre=pre),
+                decode=decoder.decode, forward=Forward(net, self.layers, self.dtype),
+                open_shard=lambda s: ShardTransaction(self.output, self.sink, s.index, s.first, s.end),
+                progress=bar.update if bar is not None else None, strict=self.strict,
+            )  # fmt: skip
+            startup_s = time.perf_counter() - self.started
+            try:
+                stats = runner.run(todo)
+            finally:
+                if bar is not None:
+                    bar.close()
+        complete = self.output.finish()
+        summary = run_summary(self, stats, total, done_items, complete, git_sha(), startup_s=startup_s)
+        self.output.write_summary(summary)
+        _check_failure(summary, self.max_error_rate, self.out)
+        return summary
+
+
+def _check_failure(summary: dict, max_error_rate: float | None, out: str) -> None:
+    """A run that wrote no row, or failed on more than ``max_error_rate`` of its images, is a failure."""
+    processed, errors = summary["processed"], summary["errors"]
+    where = os.path.join(out, "errors.parquet")
+    if processed and summary["rows_written"] == 0:
+        raise ExtractFailed(f"no image could be used: all {processed} failed; see {where}", summary)
+    if max_error_rate is not None and processed and errors / processed > max_error_rate:
+        raise ExtractFailed(
+            f"{errors} of {processed} images failed ({errors / processed:.1%}), above --max-error-rate "
+            f"{max_error_rate:g}; see {where}",
+            summary,
+        )
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def weights_identity(spec, source: str) -> tuple[dict, object]:
+    """({"source", "sha256", "random"}, the loaded Weights or None): a file is hashed, not parsed, so a
+    finished output is recognised without loading a model (parsing happens once there is work)."""
+    if source.startswith("random:"):
+        w = load_weights(spec, source)
+        return {"source": w.source, "sha256": w.sha256, "random": True}, w
+    if not os.path.isfile(source):
+        raise WeightsError(f"weights file not found: {source}")
+    return {"source": os.path.abspath(source), "sha256": file_sha256(source), "random": False}, None
+
+
+def _raise_pillow_limit(max_pixels: int) -> None:
+    from PIL import Image
+
+    # Pillow refuses headers above 2 x MAX_IMAGE_PIXELS by itself: never below our own limit.
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels)
+
+
+def _sha256_array(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def run_metadata(ex: Extractor, mean_file: str | None) -> dict:
+    """What every shard's metadata says about how its features were made."""
+    shapes = ex.spec.shapes()
+    return {
+        "fastfeat_version": __version__,
+        "model": ex.spec.name,
+        "weights": ex.weights_id,
+        "preprocessing": {
+            **ex.spec.preprocess.to_dict(),
+            "mean_file": os.path.abspath(mean_file) if mean_file else None,
+            "mean_sha256": _sha256_array(ex.mean_image) if ex.mean_image is not None else None,
+            "decoder": "nvidia-dali " + ("mixed (nvJPEG)" if ex.device.type == "cuda" else "cpu"),
+        },
+        "precision": ex.precision,
+        "backend": ex.backend_name,
+        "device": ex.device.type,
+        "device_name": device_name(ex.device),
+        "dtype": ex.dtype,
+        "layers": {n: list(shapes[n]) for n in ex.layers},
+        "layer_order": "C,H,W (conv layers flattened in C×H×W order)",
+        "versions": library_versions(),
+    }
+
+
+def run_config(ex: Extractor) -> dict:
+    """Everything that changes a row, a shard boundary or a shard's metadata: a resumed run must
+    match on all of it, or it could mix shards that differ from a clean run's.  Not the items
+    (each generation records its own, see fastfeat.output.plan_items) nor where the source lives:
+    a moved folder with the same ids resumes."""
+    config = {
+        "format": ex.format,
+        "layers": ex.layers,
+        "batch_size": ex.batch_size,
+        "shard_size": ex.shard_size,
+        "max_pixels": ex.max_pixels,
+        "image_column": ex.image_column,
+        "metadata": ex.metadata,
+        "strict": ex.strict,
+    }
+    return config
+
+
+def extract(source: str, out: str, **kwargs) -> dict:
+    """Extract features of every image of ``source`` into shards in ``out``.
+
+    Mirrors ``fastfeat extract``; keyword arguments are those of :class:`Extractor`.
+    Returns the run summary (also written to ``out/summary.json``).
+    """
+    return Extractor(source, out, **kwargs).run()
+
+
+__all__ = ["extract", "Extractor", "ExtractError", "format_summary"]

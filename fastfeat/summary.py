@@ -1,0 +1,131 @@
+"""What a run tells its user: the progress bar while it runs, and the summary at the end
+(``summary.json`` keeps every figure; the terminal gets a short readable block)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from . import __version__
+
+ERRORS_FILE = "errors.parquet"  # fastfeat.output.ERRORS
+
+# The runner's stage keys (summary.json's "stage_busy_s") in plain words.
+STAGE_WORDS = {
+    "read": "reading files",
+    "decode": "decoding (DALI)",
+    "h2d": "the copy to the device",
+    "forward": "the forward pass",
+    "d2h": "the copy from the device",
+    "write": "writing shards",
+}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+class ProgressBar:
+    """tqdm bar over the images of the shards to do; ``update(images, errors)`` after each written batch.
+
+    The running error count shows after the rate ("3 errors") once there is one."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.errors = 0
+        self._bar = tqdm(
+            total=total, unit="img", desc="extract", file=sys.stderr, dynamic_ncols=True, smoothing=0.1
+        )  # fmt: skip
+
+    def update(self, images: int, errors: int = 0) -> None:
+        if errors:  # only batches with errors touch the postfix; update() below redraws (rate-limited)
+            self.errors += errors
+            self._bar.set_postfix_str(_plural(self.errors, "error"), refresh=False)
+        self._bar.update(images)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def run_summary(
+    ex, stats, processed: int, done_items: int, complete: bool, git_sha: str | None, startup_s: float | None = None
+) -> dict:
+    """Every figure of a run, for summary.json (``ex`` is the Extractor, ``stats`` the runner's RunStats).
+
+    ``startup_s`` is the time before the runner started (arguments, model and weights load, decoder
+    build): ``wall_s`` and ``images_per_s`` leave it out, ``images_per_s_with_startup`` counts it.
+    """
+    wall = stats.wall_s
+    total = wall + startup_s if startup_s is not None else None
+    return {
+        "images": len(ex.items),
+        "part": f"{ex.shard_index}/{ex.num_shards}",
+        "processed": processed,
+        "skipped_already_done": done_items,
+        "rows_written": stats.rows,
+        "errors": stats.errors,
+        "warnings": getattr(stats, "warnings", 0),
+        "wall_s": round(wall, 3),
+        "images_per_s": round(processed / wall, 2) if wall > 0 else None,
+        "startup_s": round(startup_s, 3) if startup_s is not None else None,
+        "images_per_s_with_startup": round(processed / total, 2) if total else None,
+        "stage_busy_s": {k: round(v, 3) for k, v in stats.busy.items()},
+        "thread_wait_s": {k: round(v, 3) for k, v in stats.wait.items()},
+        "complete": complete,
+        "out": os.path.abspath(ex.out),
+        "model": ex.spec.name,
+        "backend": ex.backend_name,
+        "format": ex.format,
+        "device": str(ex.device),
+        "precision": ex.precision,
+        "batch_size": ex.batch_size,
+        "fastfeat_version": __version__,
+        "git_sha": git_sha,
+    }
+
+
+def _rate(images: int, seconds: float) -> str:
+    return f"{seconds:.2f} s, {images / seconds:,.1f} img/s" if seconds > 0 and images else f"{seconds:.2f} s"
+
+
+def _bottleneck(summary: dict) -> str | None:
+    busy = {k: v for k, v in summary.get("stage_busy_s", {}).items() if v > 0}
+    wall = summary.get("wall_s") or 0
+    if not busy or wall <= 0:
+        return None
+    stage = max(busy, key=busy.get)
+    share = min(busy[stage] / wall, 1.0)
+    return f"{STAGE_WORDS.get(stage, stage)} (busy {share:.0%} of the time)"
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-run block for the terminal: a few labelled lines, no jargon."""
+    processed, errors, warnings = summary["processed"], summary["errors"], summary.get("warnings", 0)
+    done = summary.get("skipped_already_done", 0)
+    lines = [
+        ("images processed", f"{processed:,}" + (f" ({done:,} more were done by an earlier run)" if done else "")),
+        ("rows written", f"{summary['rows_written']:,}"),
+    ]
+    problems = []
+    if errors:
+        problems.append(f"{_plural(errors, 'image')} skipped")
+    if warnings:
+        problems.append(f"{_plural(warnings, 'image')} kept with a warning")
+    where = os.path.join(summary["out"], ERRORS_FILE)
+    lines.append(("errors", f"{', '.join(problems)}; listed in {where}" if problems else "0"))
+    lines.append(("time", _rate(processed, summary["wall_s"])))
+    startup = summary.get("startup_s")
+    if startup is not None:
+        lines.append(
+            ("with start-up", f"{_rate(processed, summary['wall_s'] + startup)} ({startup:.2f} s to load the model "
+             "and build the decoder)")
+        )  # fmt: skip
+    if processed and (bottleneck := _bottleneck(summary)) is not None:
+        lines.append(("bottleneck", bottleneck))
+    out = summary["out"]
+    if not summary.get("complete", True):
+        out += " (this part is done; other parts still to run)"
+    lines.append(("output", out))
+    width = max(len(label) for label, _ in lines) + 1
+    return "\n".join(f"{label + ':':<{width}} {text}" for label, text in lines)

@@ -1,0 +1,491 @@
+"""Ahead-of-time compile check of the fastfeat.kernels Triton kernels for A100 (sm_80) and H100/H200 (sm_90).
+
+Needs no GPU: Triton compiles (TTIR -> TTGIR -> LLVM -> PTX -> ptxas) for a ``GPUTarget`` on the CPU with
+the ptxas it bundles. That catches what the CPU interpreter never sees: ops or layouts the GPU backend
+rejects, register spills, and configs whose shared memory does not fit the device.
+
+The pieces, in the order a check uses them (``benchmarks/compile_check.py`` is the command line):
+
+* ``recording(sm_count)``: replaces every kernel in ``KERNELS`` by a recorder, so that running the
+  launchers (on empty CPU tensors) collects ``(module, kernel name, kernel, args, kwargs)`` launches;
+* ``build_jobs``: specialises each launch exactly as ``JITFunction.run`` would, expands an autotuned
+  launch into the configs its ``early_config_prune`` hook keeps on the target (each marked with whether
+  the hook keeps it at the target's real shared-memory limit), and deduplicates the compiles;
+* ``compile_jobs`` / ``compile_job``: compiles them (in worker processes), reading registers and
+  spills from ptxas -v and shared memory from the compiled kernel;
+* ``assess`` / ``is_problem`` / ``summarise``: the flags and totals (see ``assess``).
+
+Every private Triton API is reached through ``triton_compat`` (which names the Triton versions it was
+checked against). This module imports neither triton nor torch at import time: a process that has
+imported triton under ``TRITON_INTERPRET=1`` (the test suite) can import it to read its constants, and
+the compiling process must settle TRITON_INTERPRET (unset it) before calling anything here that imports
+triton, since ``@triton.jit`` under the interpreter builds kernels that cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+from . import triton_compat
+from .triton_compat import DEFAULT_NUM_STAGES, DEFAULT_NUM_WARPS, LAUNCH_OPTIONS
+
+
+@dataclass(frozen=True)
+class Target:
+    arch: int  # compute capability x 10, as GPUTarget wants it
+    gpus: str
+    smem_limit: int  # usable shared memory per block (opt-in maximum), bytes
+    sm_count: int  # SMs the split-K heuristic sees
+
+
+TARGETS = {
+    "sm80": Target(80, "A100", 163 * 1024, 108),
+    "sm90": Target(90, "H100/H200", 227 * 1024, 132),
+}
+# ptxas sometimes spills a word or two while far below the register cap (its own occupancy choice); a
+# spill of at most this many bytes with registers to spare is reported as "spill(minor)", not a problem.
+MINOR_SPILL_BYTES = 16
+# The kernels the recorder intercepts: (module under fastfeat.kernels, global name).
+KERNELS = (
+    ("conv", "_conv2d_nhwc_kernel"),
+    ("gemm", "_linear_kernel"),
+    ("gemm", "_splitk_reduce_kernel"),
+    ("pool", "_maxpool_nhwc_kernel"),
+    ("lrn", "_lrn_nhwc_kernel"),
+)
+# Unlimited shared memory, to ask a prune hook which configs it keeps for reasons other than fit.
+NO_SMEM_LIMIT = 1 << 40
+# ptxas's per-thread register ceiling; a kernel at it is one change away from spilling.
+MAX_REGS = 255
+# Exit status when triton cannot compile for a GPU target on this machine (no ptxas, no NVIDIA backend):
+# "skipped", as automake's test drivers read it. 1 means a kernel problem, 0 a clean check.
+EXIT_UNAVAILABLE = 77
+# Longest error text kept per failed compile in the JSON.
+MAX_ERROR_CHARS = 4000
+# One CaffeNet launch per kernel shape family, as (label, kernel): the CI subset (--representative)
+# and the launches that the extra dtypes are compiled for. Labels are "<model>/<op name> <dtype> b<batch>".
+REPRESENTATIVE = (
+    ("caffenet/conv3+relu3 {dtype} b256", "_conv2d_nhwc_kernel"),  # tap loop
+    ("caffenet/conv1+relu1 {dtype} b256", "_conv2d_nhwc_kernel"),  # flattened (kh, kw, cin) loop
+    ("caffenet/fc6+relu6 {dtype} b2048", "_linear_kernel"),  # SPLIT_K == 1, full tiles
+    ("caffenet/fc6+relu6 {dtype} b1", "_linear_kernel"),  # SPLIT_K > 1, thin tiles
+    ("caffenet/fc6+relu6 {dtype} b1", "_splitk_reduce_kernel"),
+    ("caffenet/relu1+pool1+norm1 {dtype} b256", "_maxpool_nhwc_kernel"),  # ReLU + pool + LRN in one kernel
+    ("caffenet/norm1 {dtype} b256", "_lrn_nhwc_kernel"),
+)
+# Batch sizes the representative launches need (b1: M=1 and split-K; b2048: SPLIT_K=1).
+REPRESENTATIVE_BATCHES = (1, 256, 2048)
+# Dtype names of the command line -> torch attribute names.
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Epilogue switches (one fused op each): by default launches that differ only in these compile once, in
+# the heavier setting (True); exhaustive=True compiles every setting that occurs.
+MERGED_FLAGS = ("APPLY_RELU", "HAS_BIAS")
+
+__all__ = [
+    "DEFAULT_NUM_STAGES",
+    "DEFAULT_NUM_WARPS",
+    "DTYPES",
+    "EXIT_UNAVAILABLE",
+    "KERNELS",
+    "LAUNCH_OPTIONS",
+    "MAX_REGS",
+    "MERGED_FLAGS",
+    "MINOR_SPILL_BYTES",
+    "REPRESENTATIVE",
+    "REPRESENTATIVE_BATCHES",
+    "TARGETS",
+    "Target",
+    "assess",
+    "build_jobs",
+    "compile_job",
+    "compile_jobs",
+    "compiler_unavailable",
+    "config_name",
+    "count_compiles",
+    "is_problem",
+    "job_dtype",
+    "label",
+    "merge_key",
+    "prune",
+    "recording",
+    "select_representative",
+    "specialise",
+    "summarise",
+    "to_json",
+    "worker_init",
+]
+
+
+def label(model: str, op_name: str, dtype_name: str, batch: int) -> str:
+    """The label of a recorded launch, as ``REPRESENTATIVE`` and the JSON's ``launches`` spell it."""
+    return f"{model}/{op_name} {dtype_name} b{batch}"
+
+
+# -- recording the launches ------------------------------------------------------------------------
+class _TensorInfo:
+    """A recorded tensor argument: its dtype, and what ``prune_by_shared_memory`` reads from a CUDA tensor.
+
+    Recording keeps no tensors: the (never touched) batch-2048 buffers would otherwise add up to tens of
+    GB of address space and make forking the compiler processes fail.
+    """
+
+    is_cuda = True
+
+    def __init__(self, dtype):
+        import torch
+
+        self.dtype = dtype
+        self.device = torch.device("cuda", 0)
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+
+def _describe(value):
+    import torch
+
+    return _TensorInfo(value.dtype) if isinstance(value, torch.Tensor) else value
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` appends the call instead of launching."""
+
+    def __init__(self, module: str, name: str, kernel, sink: list):
+        self.module, self.name, self.kernel, self.sink = module, name, kernel, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            args = tuple(_describe(a) for a in args)
+            kwargs = {k: _describe(v) for k, v in kwargs.items()}
+            self.sink.append((self.module, self.name, self.kernel, args, kwargs))
+
+        return launch
+
+
+@contextlib.contextmanager
+def recording(sm_count: int):
+    """Replace every kernel by a recorder; let the launchers accept CPU tensors; fix the SM count.
+
+    Yields the list the launches are appended to, as ``(module, kernel name, kernel, args, kwargs)``
+    with tensors replaced by their dtype. Everything is restored on exit.
+    """
+    package = importlib.import_module(__package__)
+    from . import autotune, gemm, launch_args
+
+    sink: list = []
+    saved = []
+
+    def patch(obj, attr, value):
+        saved.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
+
+    try:
+        for module, name in KERNELS:
+            mod = importlib.import_module(f".{module}", __package__)
+            patch(mod, name, _Recorder(module, name, getattr(mod, name), sink))
+        # The launchers' device checks accept CPU tensors only "under the interpreter".
+        patch(package, "interpreter_active", lambda: True)
+        patch(autotune, "interpreter_active", lambda: True)
+        patch(launch_args, "interpreter_active", lambda: True)
+        patch(gemm, "sm_count", lambda device: sm_count)
+        yield sink
+    finally:
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
+
+
+# -- specialisation and pruning ------------------------------------------------------------------
+def _as_arg(value):
+    return triton_compat.mock_tensor(value.dtype) if isinstance(value, _TensorInfo) else value
+
+
+def specialise(fn, bound: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs by name, attrs by (index,)) for a launch with the argument values ``bound``."""
+    return triton_compat.specialise(fn, bound, _as_arg)
+
+
+def prune(autotuner, named_args: dict, kwargs: dict, target: Target, smem_limit: int) -> list:
+    """The configs the autotuner's early_config_prune keeps on ``target`` with ``smem_limit`` bytes."""
+    from . import autotune
+
+    saved = autotune._max_shared_memory, autotune._device_capability
+    autotune._max_shared_memory = lambda index: smem_limit
+    autotune._device_capability = lambda index: target.arch // 10
+    try:
+        return triton_compat.early_prune(autotuner, named_args, kwargs)
+    finally:
+        autotune._max_shared_memory, autotune._device_capability = saved
+
+
+def config_name(kwargs: dict, num_warps: int, num_stages: int) -> str:
+    short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "GROUP_M": "G", "BLOCK_P": "P", "BLOCK_C": "C"}
+    parts = [f"{short.get(k, k)}{v}" for k, v in kwargs.items()]
+    return " ".join(parts + [f"w{num_warps}", f"s{num_stages}"])
+
+
+def merge_key(name: str, constexprs: dict, exhaustive: bool) -> dict:
+    """The constexprs that decide the generated code: what deduplication compares."""
+    key = dict(constexprs)
+    if name == "_linear_kernel" and key["SPLIT_K"] > 1:
+        key["SPLIT_K"] = "> 1"  # exact: the kernel body only tests SPLIT_K == 1
+    if not exhaustive:
+        key.update({f: True for f in MERGED_FLAGS if f in key})
+    return key
+
+
+def build_jobs(launches, targets: list[str], one_config: bool, exhaustive: bool, all_configs: bool) -> list[dict]:
+    """Deduplicated compile jobs for the recorded launches (``{target: [(label, launch)]}``) on each target.
+
+    An autotuned launch compiles the configs its prune hook keeps when shared memory is unlimited (so
+    an overflow is seen, not hidden), or every config with ``all_configs``, or with ``one_config`` only
+    the first config the hook keeps at the real limit; each job records whether the hook, with the
+    target's real limit, keeps it. Launches that differ only in ``MERGED_FLAGS`` compile once (unless
+    ``exhaustive``), and so do the GEMM's SPLIT_K > 1 values.
+    """
+    jobs: dict[tuple, dict] = {}
+    for target_name in targets:
+        target = TARGETS[target_name]
+        for launch_label, (module, name, kernel, args, kwargs) in launches[target_name]:
+            fn = triton_compat.jit_function(kernel)
+            options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+            call_kwargs = {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS}
+            named_args = dict(zip(triton_compat.arg_names(fn), args, strict=False))
+            if triton_compat.is_autotuner(kernel):
+                kept = prune(kernel, named_args, call_kwargs, target, target.smem_limit)
+                if all_configs:
+                    candidates = triton_compat.autotune_configs(kernel)
+                else:
+                    candidates = prune(kernel, named_args, call_kwargs, target, NO_SMEM_LIMIT)
+                if one_config:
+                    candidates = kept[:1]
+                variants = [(*triton_compat.config_fields(c), c in kept) for c in candidates]
+                tuned = True
+            else:
+                nw = options.get("num_warps", DEFAULT_NUM_WARPS)
+                ns = options.get("num_stages", DEFAULT_NUM_STAGES)
+                variants = [({}, nw, ns, True)]
+                tuned = False
+            for cfg_kwargs, num_warps, num_stages, is_kept in variants:
+                bound = {**named_args, **call_kwargs, **cfg_kwargs}
+                if not exhaustive:
+                    bound.update({f: True for f in MERGED_FLAGS if f in bound})
+                signature, constexprs, attrs = specialise(fn, bound)
+                if tuned:
+                    cfg = cfg_kwargs
+                else:  # a fixed launch: name it after its tile constexprs
+                    cfg = {k: v for k, v in constexprs.items() if k.startswith("BLOCK")}
+                key = (
+                    name,
+                    tuple(signature.items()),
+                    repr(sorted(merge_key(name, constexprs, exhaustive).items())),
+                    repr(sorted(attrs.items())),
+                    num_warps,
+                    num_stages,
+                    target.arch,
+                )
+                job = jobs.get(key)
+                if job is None:
+                    job = jobs[key] = {
+                        "kernel": name,
+                        "module": f"{__package__}.{module}",
+                        "target": target_name,
+                        "arch": target.arch,
+                        "config": config_name(cfg, num_warps, num_stages),
+                        "num_warps": num_warps,
+                        "num_stages": num_stages,
+                        "signature": signature,
+                        "constexprs": constexprs,
+                        "attrs": attrs,
+                        "pruned": not is_kept,
+                        "launches": [],
+                    }
+                job["pruned"] = job["pruned"] and not is_kept  # in use if any launch keeps it
+                if launch_label not in job["launches"]:
+                    job["launches"].append(launch_label)
+    return list(jobs.values())
+
+
+def select_representative(items: list, dtype: str) -> list:
+    """The launches named in REPRESENTATIVE, for ``dtype``, from a list of ``(label, launch)``."""
+    chosen = []
+    for template, kernel in REPRESENTATIVE:
+        wanted = template.format(dtype=dtype)
+        match = next((it for it in items if it[0] == wanted and it[1][1] == kernel), None)
+        if match is None:
+            raise RuntimeError(f"no launch of {kernel} labelled {wanted!r}; did the backend's plan change?")
+        chosen.append(match)
+    return chosen
+
+
+def count_compiles(jobs: list[dict]) -> dict[tuple[str, str], int]:
+    """Number of jobs per (kernel, target)."""
+    counts: dict[tuple[str, str], int] = {}
+    for job in jobs:
+        counts[(job["kernel"], job["target"])] = counts.get((job["kernel"], job["target"]), 0) + 1
+    return counts
+
+
+# -- compiling ---------------------------------------------------------------------------------
+_REGS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def worker_init(cache_dir: str) -> None:
+    """Set up a compiling process: compiled (not interpreted) kernels, ``cache_dir``, ptxas -v reports."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    triton_compat.configure_compiler(cache_dir)
+
+
+def compiler_unavailable(arch: int) -> str | None:
+    """Why triton cannot build for ``arch`` here (a trivial kernel fails), or None."""
+    try:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _probe_kernel(x_ptr, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            tl.store(x_ptr + offs, tl.load(x_ptr + offs) + 1.0)
+
+        # A failing ptxas prints the whole PTX; compile_for_cuda captures it.
+        triton_compat.compile_for_cuda(
+            _probe_kernel, {"x_ptr": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 128}, {}, arch
+        )
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot compile here"
+        return f"triton cannot compile for sm_{arch} on this machine: {_reason(f'{type(e).__name__}: {e}')}"
+    return None
+
+
+def compile_job(job: dict) -> dict:
+    """Compile one job; returns its result fields (never raises for a compile error)."""
+    fn = triton_compat.jit_function(getattr(importlib.import_module(job["module"]), job["kernel"]))
+    options = {"num_warps": job["num_warps"], "num_stages": job["num_stages"]}
+    start = time.perf_counter()
+    try:
+        shared, ptxas = triton_compat.compile_for_cuda(
+            fn, job["signature"], job["constexprs"], job["attrs"], job["arch"], options
+        )
+    except Exception as e:  # noqa: BLE001 - every compiler error is a result to report
+        text = f"{type(e).__name__}: {e}"
+        return {"ok": False, "error": text[:MAX_ERROR_CHARS], "reason": _reason(text), "compile_s": _since(start)}
+    regs = [int(r) for r in _REGS.findall(ptxas)]
+    spills = [tuple(int(v) for v in m) for m in _SPILLS.findall(ptxas)]
+    return {
+        "ok": True,
+        "n_regs": max(regs) if regs else None,
+        "stack_bytes": sum(s[0] for s in spills),
+        "spill_store_bytes": sum(s[1] for s in spills),
+        "spill_load_bytes": sum(s[2] for s in spills),
+        "n_spills": sum(s[1] + s[2] for s in spills),
+        "shared_bytes": shared,
+        "compile_s": _since(start),
+    }
+
+
+def compile_jobs(jobs: list[dict], processes: int, cache_dir: str) -> list[dict]:
+    """Compile every job in ``processes`` worker processes; adds the results, ``smem_limit`` and ``flags``."""
+    with ProcessPoolExecutor(max_workers=max(1, processes), initializer=worker_init, initargs=(cache_dir,)) as ex:
+        results = list(ex.map(compile_job, jobs))
+    for job, res in zip(jobs, results, strict=True):
+        job.update(res)
+        job["smem_limit"] = TARGETS[job["target"]].smem_limit
+        job["flags"] = assess(job)
+    return jobs
+
+
+def _since(start: float) -> float:
+    return round(time.perf_counter() - start, 2)
+
+
+def _reason(text: str) -> str:
+    """One line of a compiler error worth showing in the table."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if "error" in ln.lower() and not ln.startswith("Repro"):
+            return ln[:160]
+    return lines[-1][:160] if lines else "unknown error"
+
+
+# -- assessing ---------------------------------------------------------------------------------
+def assess(job: dict) -> list[str]:
+    """Flags of a compiled job.
+
+    * ``FAIL``: the compiler raised;
+    * ``SMEM>LIMIT``: shared memory above the target's limit although the prune hook keeps the config;
+    * ``SPILL``: ptxas spilled registers in a config the prune hook keeps;
+    * ``smem>limit(pruned)``, ``spill(pruned)``, ``pruned``: the hook drops the config on that target;
+    * ``spill(minor)``: at most MINOR_SPILL_BYTES spilled with registers to spare (ptxas's own choice);
+    * ``regs-at-cap``: MAX_REGS registers per thread, no spill.
+
+    FAIL, SMEM>LIMIT and SPILL are problems (``is_problem``).
+    """
+    if not job["ok"]:
+        return ["FAIL"]
+    flags = []
+    limit = TARGETS[job["target"]].smem_limit
+    if job["shared_bytes"] > limit:
+        flags.append("smem>limit(pruned)" if job["pruned"] else "SMEM>LIMIT")
+    elif job["pruned"]:
+        flags.append("pruned")
+    regs = job["n_regs"] or 0
+    if job["n_spills"]:
+        if job["pruned"]:
+            flags.append("spill(pruned)")
+        elif job["n_spills"] <= MINOR_SPILL_BYTES and regs < MAX_REGS:
+            flags.append("spill(minor)")
+        else:
+            flags.append("SPILL")
+    if regs >= MAX_REGS:
+        flags.append("regs-at-cap")
+    return flags
+
+
+def is_problem(job: dict) -> bool:
+    return any(f in ("FAIL", "SMEM>LIMIT", "SPILL") for f in job["flags"])
+
+
+def job_dtype(job: dict) -> str:
+    """The activation dtype of a job (its x, or for the split-K reduction its output)."""
+    sig = job["signature"]
+    return sig.get("x_ptr", sig.get("y_ptr", "?")).lstrip("*")
+
+
+def summarise(jobs: list[dict], wall_s: float) -> dict:
+    """Counts, flags, and the worst registers / spills / shared memory among the configs that can launch."""
+    ok = [j for j in jobs if j["ok"]]
+    kept = [j for j in ok if not j["pruned"]]
+
+    def worst(field):
+        j = max(kept, key=lambda j: j[field] or 0, default=None)
+        if j is None:
+            return None
+        return {"value": j[field], "kernel": j["kernel"], "config": j["config"], "target": j["target"]}
+
+    flags: dict[str, int] = {}
+    for j in jobs:
+        for f in j["flags"]:
+            flags[f] = flags.get(f, 0) + 1
+    return {
+        "compiled": len(jobs),
+        "succeeded": len(ok),
+        "failed": len(jobs) - len(ok),
+        "problems": sum(is_problem(j) for j in jobs),
+        "flags": flags,
+        "worst_regs": worst("n_regs"),
+        "worst_spills": worst("n_spills"),
+        "worst_shared_bytes": worst("shared_bytes"),
+        "wall_s": round(wall_s, 1),
+    }
+
+
+def to_json(jobs: list[dict], summary: dict) -> dict:
+    """The JSON document of a check: summary, targets, and every job (attrs keyed by argument index)."""
+    serialisable = [{**j, "attrs": {str(k[0]): v for k, v in j["attrs"].items()}} for j in jobs]
+    return {"summary": summary, "targets": {k: vars(v) for k, v in TARGETS.items()}, "jobs": serialisable}
