@@ -9,7 +9,8 @@ Reports the peak RSS after the first 5,000 images and over the whole run, and im
     python benchmarks/rss_probe.py --count 60000 --label before --pythonpath /path/to/old/checkout
 
 Variants of the allocator policy can be compared in one run with ``--malloc``:
-``keep`` (fastfeat's default), ``none`` (glibc defaults), or what fastfeat.runtime offers.
+``keep`` (fastfeat's default: freed blocks kept in the heap, trimmed every few thousand images),
+``keep-notrim`` (kept, never trimmed) or ``none`` (glibc's defaults).
 Appends one record per run to benchmarks/results/rss_probe.json.  Never run two benchmarks at once.
 """
 
@@ -76,6 +77,8 @@ def rows_done(out: str) -> int:
 
 MALLOC_PATCH = {
     "keep": "",
+    # fastfeat's heap policy without the periodic trim (the policy before the trim was added)
+    "keep-notrim": "import fastfeat.forward as f; f.release_freed_memory = lambda: None; ",
     "none": "import fastfeat.runtime as r, fastfeat.extractor as e; r.keep_freed_memory = e.keep_freed_memory = lambda: None; ",
 }
 

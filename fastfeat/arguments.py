@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+from .augment import DEFAULT_AUGMENT, check_augment
 from .backends import backend_names
 from .errors import ConfigError
 from .models import ModelSpec, get_model, parse_layers
@@ -32,6 +33,8 @@ def check_arguments(
     num_shards: int,
     shard_index: int,
     max_error_rate: float | None,
+    augment: str = DEFAULT_AUGMENT,
+    augment_reduce: str = "mean",
 ) -> tuple[ModelSpec, list[str]]:
     """The model spec and the requested layers in forward order; ConfigError for anything wrong."""
     try:
@@ -57,6 +60,7 @@ def check_arguments(
         raise ConfigError(f"--shard-index must be in [0, --num-shards={num_shards}), got {shard_index}")
     if max_error_rate is not None and not 0 <= max_error_rate <= 1:
         raise ConfigError(f"--max-error-rate must be a fraction in [0, 1], got {max_error_rate}")
+    check_augment(augment, augment_reduce)
     if weights is None:
         raise ConfigError("--weights is required: a .pth/.safetensors/.caffemodel file, or random:SEED")
     return spec, names

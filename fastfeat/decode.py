@@ -40,6 +40,7 @@ import warnings
 import numpy as np
 import torch
 
+from .augment import AUGMENTS, DEFAULT_AUGMENT, View
 from .models import Preprocess
 from .sources import Item, ItemReader
 
@@ -172,8 +173,10 @@ class Decoder:
         device: torch.device,
         num_threads: int | None = None,
         mean_image: np.ndarray | None = None,
+        views: tuple[View, ...] = AUGMENTS[DEFAULT_AUGMENT],
     ):
         self.pre, self.batch_size, self.device = pre, batch_size, device
+        self.views = views  # the crops of each image (fastfeat.augment): a batch has len(views) rows per image
         self.num_threads = num_threads or max(1, os.cpu_count() or 1)
         mean = np.asarray(pre.mean, np.float32) if mean_image is None else np.asarray(mean_image, np.float32)
         self.per_channel_mean = mean.shape == (3,)
@@ -219,16 +222,23 @@ class Decoder:
                 extra = {"hw_decoder_load": 0.0} if on_gpu else {}
                 images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=order, **extra)
             images = fn.resize(images, size=size, antialias=pre.style != "caffe")
-            return fn.crop_mirror_normalize(
-                images,
-                crop=(pre.crop, pre.crop),
-                crop_pos_x=pos_x,
-                crop_pos_y=pos_y,
-                mean=mean,
-                std=std,
-                dtype=types.FLOAT,
-                output_layout="HWC",
-            )
+            # Every view is cropped from the same resized image: one decode and one resize per image.
+            # A corner's relative position is 0 or 1 (DALI's anchor round(pos * (size - crop)) is then exact).
+            crops = [
+                fn.crop_mirror_normalize(
+                    images,
+                    crop=(pre.crop, pre.crop),
+                    crop_pos_x=pos_x if v.anchor == "center" else float(v.anchor.endswith("right")),
+                    crop_pos_y=pos_y if v.anchor == "center" else float(v.anchor.startswith("bottom")),
+                    mirror=int(v.mirror),
+                    mean=mean,
+                    std=std,
+                    dtype=types.FLOAT,
+                    output_layout="HWC",
+                )
+                for v in self.views
+            ]
+            return crops[0] if len(crops) == 1 else fn.stack(*crops)  # [views, crop, crop, 3] per image
 
         pipe = pipeline()
         pipe.build()
@@ -259,7 +269,7 @@ class Decoder:
         else:
             # Copy: DALI reuses its output buffer on the next run.
             batch = torch.from_numpy(np.array(tensor, copy=True))
-        return batch
+        return batch.flatten(0, 1) if len(self.views) > 1 else batch  # image-major rows: image i's views together
 
     def decode(
         self, encoded: list[np.ndarray], sizes: list[tuple[int, int]]
@@ -267,7 +277,7 @@ class Decoder:
         """Decode a batch of encoded images whose upright (width, height) are ``sizes``.
 
         Returns (NHWC float32 batch, {bad index: message}, {warned index: message}).  The batch
-        always has ``len(encoded)`` rows: a sample that failed to decode gets a row of zeros, so
+        always has ``len(encoded)`` rows per view (image-major): a sample that failed to decode gets a row of zeros, so
         the forward pass sees the same batch shape as in a clean run and the good rows get
         bit-identical features.  None if all failed.  A sample the decoder warned about
         (recoverable corruption: it decoded, maybe with grey blocks) is in the batch and in the
@@ -284,9 +294,10 @@ class Decoder:
         except SampleError:
             batch, bad, notes = self._decode_one_by_one(encoded, geoms)
         if batch is not None and self.mean_image is not None:
-            batch -= self.mean_image
+            by_image = batch.unflatten(0, (-1, len(self.views)))  # a view: the in-place ops below write batch
+            by_image -= self.mean_image  # [crop, crop, 3], or one per view [views, crop, crop, 3]
             batch /= self.std
-            batch[list(bad)] = 0.0
+            by_image[list(bad)] = 0.0
         return batch, bad, notes
 
     def _warnings_by_sample(self, encoded, geoms) -> dict[int, str]:
@@ -322,7 +333,7 @@ class Decoder:
         if self.raw_pipe is None:
             self.raw_pipe = self._build(raw=True)
         try:
-            return self._run([np.ascontiguousarray(pixels)], [geom], self.raw_pipe)[0], ""
+            return self._run([np.ascontiguousarray(pixels)], [geom], self.raw_pipe), ""
         except SampleError as exc:
             self.raw_pipe = None
             return None, f"{dali_message} (fallback: {exc})"
@@ -335,7 +346,7 @@ class Decoder:
         for i, (sample, geom) in enumerate(zip(encoded, geoms, strict=True)):
             try:
                 with captured_native_stderr() as said:
-                    rows.append(self._run([sample], [geom])[0])
+                    rows.append(self._run([sample], [geom]))  # [views, crop, crop, 3]
                 if said[0]:
                     notes[i] = said[0]
             except SampleError as exc:
@@ -348,7 +359,7 @@ class Decoder:
         if not good:
             return None, bad, notes
         zero = torch.zeros_like(good[0])
-        return torch.stack([zero if r is None else r for r in rows]), bad, notes
+        return torch.cat([zero if r is None else r for r in rows]), bad, notes
 
 
 def read_image(

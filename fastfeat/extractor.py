@@ -18,6 +18,7 @@ import numpy as np
 
 from . import __version__
 from .arguments import check_arguments
+from .augment import DEFAULT_AUGMENT, augment_metadata, augmented_mean, get_views
 from .backends import make_backend, unavailable_reason
 from .checksum import file_sha256
 from .decode import DEFAULT_MAX_PIXELS, Decoder, console, load_mean, read_image
@@ -53,13 +54,14 @@ class Extractor:
         mean_file: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, num_threads: int | None = None,
         overwrite: bool = False, progress: bool = True, image_column: str = "image", num_shards: int = 1,
         shard_index: int = 0, format: str = DEFAULT_FORMAT, append: bool = False, strict: bool = False,
-        max_error_rate: float | None = None,
+        max_error_rate: float | None = None, augment: str = DEFAULT_AUGMENT, augment_reduce: str = "mean",
     ):  # fmt: skip
         self.started = time.perf_counter()
         self.spec, self.layers = check_arguments(
             model=model, layers=layers, weights=weights, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
             precision=precision, device=device, backend=backend, format=format, max_pixels=max_pixels,
             num_threads=num_threads, num_shards=num_shards, shard_index=shard_index, max_error_rate=max_error_rate,
+            augment=augment, augment_reduce=augment_reduce,
         )  # fmt: skip
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -69,7 +71,10 @@ class Extractor:
         items = list_items(source, image_column)  # SourceError (a ValueError) for missing/empty sources
         self.weights_source, self.weights_id, self.weights = weights, *weights_identity(self.spec, weights)
         pre = self.spec.preprocess
+        self.views, self.augment, self.augment_reduce = get_views(augment), augment, augment_reduce
         self.mean_image = load_mean(mean_file, pre.crop, pre.resize) if mean_file else None
+        if mean_file and augment != DEFAULT_AUGMENT:  # a mean image is cropped (and mirrored) with each view
+            self.mean_image = augmented_mean(mean_file, pre, self.views)
         self.out, self.backend_name, self.format = out, backend, format
         self.batch_size, self.shard_size, self.dtype = batch_size, shard_size, dtype
         self.max_pixels, self.num_threads, self.progress = max_pixels, num_threads, progress
@@ -102,7 +107,7 @@ class Extractor:
         keep_freed_memory()
         net = make_backend(self.backend_name, self.spec, self.weights.tensors, self.device, PRECISIONS[self.precision])
         pre = self.spec.preprocess
-        decoder = Decoder(pre, self.batch_size, self.device, num_threads=self.num_threads, mean_image=self.mean_image)
+        decoder = Decoder(pre, self.batch_size, self.device, self.num_threads, self.mean_image, self.views)
         self.output.create(self.new_generation)
         self.new_generation = None  # recorded now (by this process or a sibling part): output.generations has it
         todo = [s for s in self.shards() if s.index not in self.output.shards]
@@ -114,7 +119,7 @@ class Extractor:
             runner = Runner(
                 self.items, self.batch_size,
                 read=partial(read_image, max_pixels=self.max_pixels, reader=ItemReader(self.image_column), pre=pre),
-                decode=decoder.decode, forward=Forward(net, self.layers, self.dtype),
+                decode=decoder.decode, forward=Forward(net, self.layers, self.dtype, len(self.views), self.augment_reduce),
                 open_shard=lambda s: ShardTransaction(self.output, self.sink, s.index, s.first, s.end),
                 progress=bar.update if bar is not None else None, strict=self.strict,
             )  # fmt: skip
@@ -177,23 +182,36 @@ def _sha256_array(a: np.ndarray) -> str:
 
 def run_metadata(ex: Extractor, mean_file: str | None) -> dict:
     """What every shard's metadata says about how its features were made."""
-    shapes = ex.spec.shapes()
+    metadata = features_metadata(
+        ex.spec, ex.weights_id, mean_file, ex.mean_image, ex.device, ex.precision, ex.backend_name, ex.dtype, ex.layers
+    )
+    # The run config holds the metadata: a resume with other views or reduction is refused.
+    return {**metadata, "augment": augment_metadata(ex.augment, ex.augment_reduce)}
+
+
+def features_metadata(
+    spec, weights_id: dict, mean_file: str | None, mean_image: np.ndarray | None, device, precision: str,
+    backend: str, dtype: str, layers: list[str],
+) -> dict:  # fmt: skip
+    """How features were made: a shard's metadata, and what ``fastfeat serve`` answers on GET /v1/model
+    (one function, so a served feature and a stored one are described alike and can be compared)."""
+    shapes = spec.shapes()
     return {
         "fastfeat_version": __version__,
-        "model": ex.spec.name,
-        "weights": ex.weights_id,
+        "model": spec.name,
+        "weights": weights_id,
         "preprocessing": {
-            **ex.spec.preprocess.to_dict(),
+            **spec.preprocess.to_dict(),
             "mean_file": os.path.abspath(mean_file) if mean_file else None,
-            "mean_sha256": _sha256_array(ex.mean_image) if ex.mean_image is not None else None,
-            "decoder": "nvidia-dali " + ("mixed (nvJPEG)" if ex.device.type == "cuda" else "cpu"),
+            "mean_sha256": _sha256_array(mean_image) if mean_image is not None else None,
+            "decoder": "nvidia-dali " + ("mixed (nvJPEG)" if device.type == "cuda" else "cpu"),
         },
-        "precision": ex.precision,
-        "backend": ex.backend_name,
-        "device": ex.device.type,
-        "device_name": device_name(ex.device),
-        "dtype": ex.dtype,
-        "layers": {n: list(shapes[n]) for n in ex.layers},
+        "precision": precision,
+        "backend": backend,
+        "device": device.type,
+        "device_name": device_name(device),
+        "dtype": dtype,
+        "layers": {n: list(shapes[n]) for n in layers},
         "layer_order": "C,H,W (conv layers flattened in C×H×W order)",
         "versions": library_versions(),
     }

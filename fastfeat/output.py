@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from .checksum import file_sha256
@@ -41,7 +42,7 @@ SUMMARY = "summary.json"
 FORMAT = "fastfeat/1"
 SHARD_RE = re.compile(r"^part-\d{5,}\.")  # every file of a shard, whatever the format, and their temp files
 TMP_RE = re.compile(r"^part-\d{5,}\..+\.(\d+)\.tmp$")
-ITEMS_RE = re.compile(r"^items-\d{5,}\.parquet$")  # each generation's (id, label) list, in order
+ITEMS_RE = re.compile(r"^items-\d{5,}\.arrow$")  # each generation's (id, label) list, in order (Arrow IPC)
 
 
 class OutputError(ValueError):
@@ -248,7 +249,6 @@ class OutputDir:
         with self._locked():
             self.shards[record.index] = record
             self._write_manifest(complete=False)
-            self._write_errors()  # kept in step with the manifest, so an interrupted run's table is right too
 
     def rows(self) -> int:
         return sum(r.rows for r in self.shards.values())
@@ -344,14 +344,14 @@ def _write_items(path: str, items) -> None:
         }
     )
     tmp = path + ".tmp"
-    pq.write_table(table, tmp, compression="zstd")
+    feather.write_feather(table, tmp, compression="zstd")
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def read_items(path: str, generation: dict) -> tuple[list[str], list[str | None]]:
-    table = pq.read_table(os.path.join(path, generation["items_file"]))
+    table = feather.read_table(os.path.join(path, generation["items_file"]))
     return table.column("id").to_pylist(), table.column("label").to_pylist()
 
 
@@ -372,7 +372,7 @@ def plan_items(out: OutputDir, items: list, append: bool) -> tuple[list, tuple[d
 
     def generation(new: list, index: int, first_item: int, first_shard: int) -> dict:
         return {"items": len(new), "ids_labels_sha256": ids_labels_sha256(new), "first_item": first_item,
-                "first_shard": first_shard, "items_file": f"items-{index:05d}.parquet"}  # fmt: skip
+                "first_shard": first_shard, "items_file": f"items-{index:05d}.arrow"}  # fmt: skip
 
     if not out.generations:
         return items, (generation(items, 0, 0, 0), items)
@@ -512,7 +512,8 @@ def verify(path: str, partial: bool = False) -> list[str]:
     for entry in sorted(os.listdir(path)):
         if SHARD_RE.match(entry) and not entry.endswith(".tmp") and entry not in listed:
             problems.append(f"{entry}: not listed in the manifest (a part-* glob would read its rows too)")
-    problems += _check_errors_table(path, records, manifest.get("complete", False))
+    if manifest.get("complete"):  # written when a run (or part) ends: an interrupted run's may be stale
+        problems += _check_errors_table(path, records)
     return problems
 
 
@@ -531,11 +532,10 @@ def _completeness(manifest: dict, records: list[ShardRecord], partial: bool) -> 
     return []
 
 
-def _check_errors_table(path: str, records: list[ShardRecord], complete: bool) -> list[str]:
+def _check_errors_table(path: str, records: list[ShardRecord]) -> list[str]:
     file = os.path.join(path, ERRORS)
     if not os.path.isfile(file):
-        # Written when a run (or part) ends: a killed first run may not have one yet.
-        return [f"{ERRORS}: missing"] if complete or records else []
+        return [f"{ERRORS}: missing"]
     try:
         table = pq.read_table(file)
     except Exception as exc:  # a damaged file raises various pyarrow errors

@@ -181,8 +181,9 @@ class Runner:
                 (batch.errors if self.strict else batch.warnings)[readable[j]] = ("decode", msg)
             batch.good = [i for i in range(len(batch.items)) if i not in batch.errors]
             if images is not None:
-                full = images.new_zeros((len(batch.items), *images.shape[1:]))
-                full[readable] = images
+                views = len(images) // len(readable)  # rows per image: >1 under test-time augmentation
+                full = images.new_zeros((len(batch.items) * views, *images.shape[1:]))
+                full.unflatten(0, (-1, views))[readable] = images.unflatten(0, (-1, views))
                 batch.images = full
             batch.encoded = []
             flow.busy["decode"] += time.perf_counter() - t0

@@ -407,7 +407,8 @@ def test_full_disk_keeps_finished_shards(dataset, tmp_path, monkeypatch):
     monkeypatch.undo()
     manifest = json.load(open(out / "manifest.json"))
     assert [s["file"] for s in manifest["shards"]] == ["part-00000.parquet", "part-00001.parquet"]
-    assert main(["verify", str(out)]) == 0
+    assert main(["verify", str(out)]) == 1  # unfinished: verify says so ...
+    assert main(["verify", "--partial", str(out)]) == 0  # ... and the finished shards are intact
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     s = fastfeat.extract(dataset, str(out), batch_size=2, shard_size=2, **KW)  # resume once space is back
     assert s["complete"] and s["skipped_already_done"] == 4

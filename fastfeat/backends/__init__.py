@@ -1,20 +1,17 @@
 """Forward-pass backends, registered by name.
 
 A backend is one module ``<name>_backend.py`` in this package that defines a
-:class:`~fastfeat.backends.base.Backend` subclass named ``<name>`` and decorated with
-``@register_backend``; the modules are discovered here, so ``extract``, ``profile``, the CLI help
-and the benchmarks all see a new backend without any other edit.  Listing the names imports
-nothing (the CLI checks ``--backend`` before torch is imported); a backend's module is imported
-when it is first asked for.
+:class:`~fastfeat.backends.base.Backend` subclass with ``name = "<name>"``, decorated with
+``@register_backend``; ``extract``, ``profile``, the CLI help and the benchmarks all see a new
+backend without any other edit.  Listing the names imports nothing (see fastfeat.registry).
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+from ..registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -22,24 +19,11 @@ if TYPE_CHECKING:
     from ..models import ModelSpec
     from .base import Backend
 
-SUFFIX = "_backend"
 
-
-def backend_names() -> list[str]:
-    """Every backend of this package, torch (the default) first."""
-    names = sorted(m.name.removesuffix(SUFFIX) for m in pkgutil.iter_modules(__path__) if m.name.endswith(SUFFIX))
-    return sorted(names, key=lambda n: n != "torch")
-
-
-def get_backend(name: str) -> type[Backend]:
-    if name not in backend_names():
-        raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(backend_names())}")
-    importlib.import_module(f"{__name__}.{name}{SUFFIX}")
-    from .base import BACKENDS
-
-    if name not in BACKENDS:  # a module that forgot its decorator or named its class otherwise
-        raise RuntimeError(f"{__name__}.{name}{SUFFIX} registers no backend named {name!r}")
-    return BACKENDS[name]
+REGISTRY = Registry(__name__, "backend", suffix="_backend", default="torch")
+register_backend = REGISTRY.register  # class decorator: ``--backend cls.name``
+backend_names = REGISTRY.names  # every backend of this package, torch (the default) first
+get_backend = REGISTRY.get
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
@@ -57,4 +41,4 @@ def make_backend(
     return cls(spec, tensors, device, dtype)
 
 
-__all__ = ["backend_names", "get_backend", "make_backend", "unavailable_reason"]
+__all__ = ["backend_names", "get_backend", "make_backend", "register_backend", "unavailable_reason"]

@@ -1,4 +1,4 @@
-"""The backend protocol and its registry."""
+"""The backend protocol (the registry is fastfeat.backends.REGISTRY)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,8 @@ from typing import ClassVar
 import torch
 
 from ..models import ModelSpec
+from . import register_backend  # noqa: F401  (re-exported: backend modules import it from here)
 from .plan import Op, run_plan
-
-BACKENDS: dict[str, type[Backend]] = {}
-
-
-def register_backend(cls: type[Backend]) -> type[Backend]:
-    """Class decorator: make ``cls`` available as ``--backend cls.name``."""
-    if cls.name in BACKENDS:
-        raise ValueError(f"backend {cls.name!r} is registered twice")
-    BACKENDS[cls.name] = cls
-    return cls
 
 
 class Backend(ABC):

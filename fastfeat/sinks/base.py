@@ -20,15 +20,7 @@ from typing import ClassVar
 
 import numpy as np
 
-SINKS: dict[str, type[Sink]] = {}
-
-
-def register_sink(cls: type[Sink]) -> type[Sink]:
-    """Class decorator: make ``cls`` available as ``--format cls.name``."""
-    if cls.name in SINKS:
-        raise ValueError(f"output format {cls.name!r} is registered twice")
-    SINKS[cls.name] = cls
-    return cls
+from . import register_sink  # noqa: F401  (re-exported: format modules import it from here)
 
 
 @dataclass
