@@ -84,10 +84,7 @@ MALLOC_PATCH = {
 
 
 def run(src: str, out: str, args) -> dict:
-    code = (
-        MALLOC_PATCH[args.malloc]
-        + "import sys; from fastfeat.cli import main; sys.exit(main(sys.argv[1:]))"
-    )
+    code = MALLOC_PATCH[args.malloc] + "import sys; from fastfeat.cli import main; sys.exit(main(sys.argv[1:]))"
     cmd = [sys.executable, "-c", code, "extract", src, "--out", out, "--model", args.model, "--weights", "random:0",
            "--layers", args.layers, "--batch-size", str(args.batch_size), "--shard-size", "1000", "--no-progress"]  # fmt: skip
     env = dict(os.environ)

@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+from . import samples  # noqa: E402  (light: the folder of the sample photos, fastfeat.samples.path())
+
 
 def extract(source: str, out: str, **kwargs) -> dict:
     """Extract features of ``source`` into shards in ``out``; see fastfeat.extractor.Extractor."""
@@ -10,4 +12,4 @@ def extract(source: str, out: str, **kwargs) -> dict:
     return _extract(source, out, **kwargs)
 
 
-__all__ = ["__version__", "extract"]
+__all__ = ["__version__", "extract", "samples"]

@@ -1,9 +1,10 @@
 """Load model weights from user-supplied files, or seeded random weights.
 
-Nothing is downloaded: weights come from ``.pth`` (torchvision-style state dict,
-loaded with ``torch.load(weights_only=True)``), ``.safetensors``, BVLC
-``.caffemodel`` (see fastfeat.caffemodel), or ``random:SEED`` for tests and
-benchmarks, which is labelled as such in every output's metadata.
+Weights come from ``.pth`` (torchvision-style state dict, loaded with
+``torch.load(weights_only=True)``), ``.safetensors``, BVLC ``.caffemodel`` (see
+fastfeat.caffemodel), a published name such as ``caffenet-imagenet`` (downloaded once,
+checked and cached by fastfeat.published, then read by the same readers), or
+``random:SEED`` for tests and benchmarks, which is labelled as such in every output's metadata.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch
 from .caffemodel import CaffeModelError, read_caffemodel
 from .checksum import file_sha256
 from .models import ModelSpec
+from .published import WEIGHTS_CHOICES
+from .published import resolve as resolve_published
 
 
 class WeightsError(ValueError):
@@ -148,7 +151,8 @@ def validate_state_dict(spec: ModelSpec, state: dict[str, torch.Tensor], origin:
 
 
 def load_weights(spec: ModelSpec, source: str) -> Weights:
-    """Load ``source`` (a file path or ``random:SEED``) for ``spec``; raises WeightsError with one line."""
+    """Load ``source`` (a file path, a published name or ``random:SEED``) for ``spec``; raises WeightsError
+    (or, for a published name that cannot be fetched, published.DownloadError) with one line."""
     if source.startswith("random:"):
         seed_text = source.split(":", 1)[1]
         if not seed_text.isdigit():
@@ -159,8 +163,11 @@ def load_weights(spec: ModelSpec, source: str) -> Weights:
             h.update(key.encode())
             h.update(tensors[key].numpy().tobytes())
         return Weights(tensors, h.hexdigest(), source)
+    name, published = source, resolve_published(source, spec.name)
+    if published is not None:  # a registered name: its checked cached file, downloaded first if needed
+        source = published[0]
     if not os.path.isfile(source):
-        raise WeightsError(f"weights file not found: {source}")
+        raise WeightsError(f"weights file not found: {source} ({WEIGHTS_CHOICES})")
     try:
         state = _read_state_dict(source)
     except WeightsError:
@@ -169,4 +176,6 @@ def load_weights(spec: ModelSpec, source: str) -> Weights:
         text = _ANSI.sub("", str(exc)).strip()
         msg = text.splitlines()[0] if text else type(exc).__name__
         raise WeightsError(f"cannot read weights {source}: {msg}") from None
+    if published is not None:
+        return Weights(validate_state_dict(spec, state, source), published[1], name)
     return Weights(validate_state_dict(spec, state, source), file_sha256(source), os.path.abspath(source))

@@ -1,0 +1,404 @@
+"""Published weights by name: ``--weights caffenet-imagenet`` downloads the file once, checks it, caches it.
+
+Each name in :data:`PUBLISHED` records where the file is published, its file name, its size and the
+checksum its publisher gives, of the kind the publisher gives:
+
+* torchvision names its files ``<name>-<first 8 hex digits of the sha256>.pth`` and ``torch.hub``
+  checks that prefix: ``sha256-prefix``;
+* BVLC's model zoo readme gives the full ``sha1`` of each ``.caffemodel``.
+
+A download goes to ``<cache>/weights/<file>.<pid>.part``, is checked (size, then that checksum) and
+only then renamed to ``<cache>/weights/<file>``; a partial, truncated or corrupt download never
+becomes the cached file.  Downloads of one file are serialised by an ``fcntl`` lock on
+``<file>.lock`` beside it, so processes that start at once download it once.  A cached file is
+checked again (one streamed pass, which also gives the sha256 that goes into every output's
+metadata) each time a process first uses it.
+
+``<cache>`` is ``$FASTFEAT_CACHE``, else ``$XDG_CACHE_HOME/fastfeat``, else ``~/.cache/fastfeat``.
+``$FASTFEAT_WEIGHTS_MIRROR`` (a base URL: ``https://``, ``http://`` or ``file://``) replaces the
+origin: the file is fetched from ``<mirror>/<file>`` and checked against the same published checksum.
+
+Importing this module imports nothing heavy (the CLI lists names before torch is loaded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+from . import __version__
+from .errors import ConfigError
+
+CACHE_ENV = "FASTFEAT_CACHE"
+MIRROR_ENV = "FASTFEAT_WEIGHTS_MIRROR"
+TIMEOUT_S = 60.0  # per socket operation (connect, each read): a stalled server fails, a slow one does not
+CHUNK = 1 << 20
+MIB = 1 << 20
+
+
+class DownloadError(ConfigError):
+    """Published weights that could not be fetched or checked: one line naming the URL to fetch by
+    hand and the exact path to save it as (a ValueError: the CLI prints it, exit code 2)."""
+
+
+@dataclass(frozen=True)
+class PublishedWeights:
+    name: str  # what --weights takes
+    model: str  # the fastfeat model these weights are for
+    url: str  # where the publisher serves the file
+    file: str  # its published file name, also its name in the cache
+    checksum_kind: str  # "sha256" (full), "sha256-prefix" (the leading hex digits) or "sha1" (full)
+    checksum: str  # lower-case hex, as published
+    size: int | None  # exact bytes, where published; checked exactly
+    size_mib: float  # published size in MiB (torchvision: 3 decimals); checked within SIZE_SLACK_MIB if no size
+    published_in: str  # where the URL, checksum and size are published
+
+    def expected_bytes(self) -> tuple[int, int]:
+        """The smallest and largest size a good file can have."""
+        if self.size is not None:
+            return self.size, self.size
+        return math.floor((self.size_mib - SIZE_SLACK_MIB) * MIB), math.ceil((self.size_mib + SIZE_SLACK_MIB) * MIB)
+
+    def describe_checksum(self) -> str:
+        return f"{self.checksum_kind.replace('-', ' ')} {self.checksum}"
+
+
+# torchvision's published sizes are MiB rounded to 3 decimals (its "_file_size"): a good file is within
+# 0.0005 MiB of it; the slack also covers truncation instead of rounding.  The checksum decides anyway.
+SIZE_SLACK_MIB = 0.01
+CHECKSUM_KINDS = ("sha256", "sha256-prefix", "sha1")
+
+PUBLISHED: dict[str, PublishedWeights] = {}
+
+
+def register_published(entry: PublishedWeights) -> PublishedWeights:
+    if entry.name in PUBLISHED:
+        raise ValueError(f"published weights {entry.name!r} are registered twice")
+    if entry.checksum_kind not in CHECKSUM_KINDS:
+        raise ValueError(f"{entry.name}: unknown checksum kind {entry.checksum_kind!r}")
+    PUBLISHED[entry.name] = entry
+    return entry
+
+
+register_published(
+    PublishedWeights(
+        name="caffenet-imagenet",
+        model="caffenet",
+        url="http://dl.caffe.berkeleyvision.org/bvlc_reference_caffenet.caffemodel",
+        file="bvlc_reference_caffenet.caffemodel",
+        checksum_kind="sha1",
+        checksum="4c8d77deb20ea792f84eb5e6d0a11ca0a8660a46",
+        size=243_862_418,
+        size_mib=243_862_418 / MIB,
+        published_in="URL and sha1: BVLC/caffe models/bvlc_reference_caffenet/readme.md (licence: unrestricted use); "
+        "size: openvinotoolkit/open_model_zoo models/public/caffenet/model.yml",
+    )
+)
+register_published(
+    PublishedWeights(
+        name="alexnet-imagenet",
+        model="alexnet",
+        url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+        file="alexnet-owt-7be5be79.pth",
+        checksum_kind="sha256-prefix",
+        checksum="7be5be79",
+        size=None,
+        size_mib=233.087,
+        published_in="torchvision torchvision/models/alexnet.py AlexNet_Weights.IMAGENET1K_V1 (url, _file_size; "
+        "the sha256 prefix is the file name's suffix, as torch.hub checks it)",
+    )
+)
+register_published(
+    PublishedWeights(
+        name="vgg16-imagenet",
+        model="vgg16",
+        url="https://download.pytorch.org/models/vgg16-397923af.pth",
+        file="vgg16-397923af.pth",
+        checksum_kind="sha256-prefix",
+        checksum="397923af",
+        size=None,
+        size_mib=527.796,
+        published_in="torchvision torchvision/models/vgg.py VGG16_Weights.IMAGENET1K_V1 (url, _file_size; "
+        "the sha256 prefix is the file name's suffix, as torch.hub checks it)",
+    )
+)
+
+
+# What --weights takes, for messages.
+WEIGHTS_CHOICES = (
+    f"--weights takes a .pth, .safetensors or .caffemodel file, a published name ({', '.join(PUBLISHED)}), "
+    "or random:SEED"
+)
+
+
+def lookup(source: str | None) -> PublishedWeights | None:
+    """The registered entry named ``source``, or None (a file path or ``random:SEED``)."""
+    return PUBLISHED.get(source) if source else None
+
+
+def check_model(entry: PublishedWeights, model: str) -> None:
+    if entry.model != model:
+        raise ConfigError(
+            f"--weights {entry.name} are {entry.model} weights, not {model}: add --model {entry.model} "
+            f"(or choose {', '.join(n for n, e in PUBLISHED.items() if e.model == model) or 'a weights file'})"
+        )
+
+
+def cache_dir() -> str:
+    """``$FASTFEAT_CACHE``, else ``$XDG_CACHE_HOME/fastfeat``, else ``~/.cache/fastfeat``."""
+    if os.environ.get(CACHE_ENV):
+        return os.path.abspath(os.path.expanduser(os.environ[CACHE_ENV]))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.path.abspath(base), "fastfeat")
+
+
+def cached_path(entry: PublishedWeights) -> str:
+    """Where ``entry``'s file is (or will be) cached; a file put there by hand is used once it checks out."""
+    return os.path.join(cache_dir(), "weights", entry.file)
+
+
+def download_url(entry: PublishedWeights) -> str:
+    """The origin URL, or ``$FASTFEAT_WEIGHTS_MIRROR/<file>``."""
+    mirror = os.environ.get(MIRROR_ENV, "").strip()
+    if not mirror:
+        return entry.url
+    if not mirror.startswith(("https://", "http://", "file://")):
+        raise ConfigError(f"{MIRROR_ENV}={mirror!r}: expected a base URL starting with https://, http:// or file://")
+    return mirror.rstrip("/") + "/" + entry.file
+
+
+# path -> ((size, mtime_ns, inode), sha256) of files this process has checked
+_CHECKED: dict[str, tuple[tuple[int, int, int], str]] = {}
+
+
+def _stamp(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+class _Digests:
+    """sha256 (for the metadata) and, when it is the published kind, sha1, in one pass."""
+
+    def __init__(self, entry: PublishedWeights):
+        self.sha256 = hashlib.sha256()
+        self.sha1 = hashlib.sha1() if entry.checksum_kind == "sha1" else None
+        self.entry = entry
+
+    def update(self, data: bytes) -> None:
+        self.sha256.update(data)
+        if self.sha1 is not None:
+            self.sha1.update(data)
+
+    def problem(self, size: int) -> str | None:
+        """Why a file of ``size`` bytes with these digests is not the published one, or None."""
+        lo, hi = self.entry.expected_bytes()
+        if not lo <= size <= hi:
+            expected = f"{lo:,}" if lo == hi else f"about {self.entry.size_mib:.3f} MiB"
+            return f"it has {size:,} bytes, the published file {expected}"
+        kind, want = self.entry.checksum_kind, self.entry.checksum
+        got = self.sha1.hexdigest() if kind == "sha1" else self.sha256.hexdigest()
+        if (got[: len(want)] if kind == "sha256-prefix" else got) != want:
+            return (
+                f"its {'sha1' if kind == 'sha1' else 'sha256'} is {got}, the published {self.entry.describe_checksum()}"
+            )
+        return None
+
+
+def _check_file(entry: PublishedWeights, path: str) -> tuple[str | None, str]:
+    """(why it is not the published file or None, its sha256)."""
+    digests = _Digests(entry)
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digests.update(chunk)
+            size += len(chunk)
+    return digests.problem(size), digests.sha256.hexdigest()
+
+
+def _by_hand(entry: PublishedWeights, url: str) -> str:
+    origin = f" (or {entry.url})" if url != entry.url else ""
+    return f"download {url}{origin} by hand and save it as {cached_path(entry)}, or pass --weights FILE"
+
+
+def _verified_cached(entry: PublishedWeights, path: str) -> str:
+    """The sha256 of the cached file once it checks out; DownloadError (never deleting it) when not."""
+    stamp = _stamp(path)
+    known = _CHECKED.get(path)
+    if known is not None and known[0] == stamp:
+        return known[1]
+    problem, sha256 = _check_file(entry, path)
+    if problem is not None:
+        raise DownloadError(
+            f"{path} is not the published {entry.name} file ({problem}); delete it to download it again, "
+            f"or replace it with {entry.url}"
+        )
+    _CHECKED[path] = (stamp, sha256)
+    return sha256
+
+
+def _lock(lock, entry: PublishedWeights, log) -> None:
+    """Take the exclusive lock of ``entry``'s download (released when ``lock`` is closed or the process dies)."""
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(f"fastfeat: waiting for another process downloading {entry.name} into {os.path.dirname(lock.name)}")
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def fetch(entry: PublishedWeights, log=_stderr) -> tuple[str, str]:
+    """(path of the checked cached file, its sha256): downloaded first when it is not cached yet."""
+    path = cached_path(entry)
+    if os.path.isfile(path):
+        return path, _verified_cached(entry, path)
+    url = download_url(entry)
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(path + ".lock", "a+b")  # closed by the with below
+    except OSError as exc:
+        raise DownloadError(
+            f"cannot write the weights cache {folder} ({exc.strerror or exc}): set {CACHE_ENV} to a writable "
+            f"folder, or {_by_hand(entry, url)}"
+        ) from None
+    with lock:
+        _lock(lock, entry, log)
+        if os.path.isfile(path):  # another process finished the download while this one waited
+            return path, _verified_cached(entry, path)
+        for stale in glob.glob(glob.escape(path) + ".*.part"):  # left by a killed download: we hold the lock
+            with contextlib.suppress(OSError):
+                os.remove(stale)
+        sha256 = _download(entry, url, path, log)
+        _CHECKED[path] = (_stamp(path), sha256)
+        return path, sha256
+
+
+def _download(entry: PublishedWeights, url: str, path: str, log) -> str:
+    """Stream ``url`` into ``<path>.<pid>.part``, check it, rename it to ``path``; its sha256."""
+    import http.client
+    import urllib.request
+
+    from tqdm import tqdm
+
+    tmp = f"{path}.{os.getpid()}.part"
+    lo, hi = entry.expected_bytes()
+    digests, size = _Digests(entry), 0
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": f"fastfeat/{__version__}"})
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+        # Only once the server answers: offline, the error below is the one line printed.
+        log(f"fastfeat: downloading {entry.name} ({entry.size_mib:.1f} MiB) from {url} into {path}")
+        with (
+            response,
+            open(tmp, "wb") as out,
+            tqdm(
+                total=hi if lo == hi else round(entry.size_mib * MIB), unit="B", unit_scale=True, unit_divisor=1024,
+                desc=entry.name, file=sys.stderr, disable=None, leave=False,
+            ) as bar,
+        ):  # fmt: skip
+            while chunk := response.read(CHUNK):
+                size += len(chunk)
+                if size > hi:  # a wrong or endless file: stop reading, never fill the disk
+                    break
+                digests.update(chunk)
+                out.write(chunk)
+                bar.update(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+            announced = response.headers.get("Content-Length", "")
+        if announced.isdigit() and size < int(announced):  # http.client's read(n) takes an early close for EOF
+            raise http.client.IncompleteRead(b"\0" * size, int(announced) - size)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise DownloadError(
+            f"cannot download {entry.name} from {url} ({_reason(exc)}); {_by_hand(entry, url)}"
+        ) from None
+    problem = digests.problem(size) if size <= hi else f"it is larger than the published {hi:,} bytes"
+    if problem is not None:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise DownloadError(
+            f"the download of {entry.name} from {url} is not the published file ({problem}); nothing was cached: "
+            f"try again, or {_by_hand(entry, url)}"
+        )
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # make the rename durable
+        fd = os.open(os.path.dirname(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    log(f"fastfeat: {entry.name} checked ({entry.describe_checksum()}) and cached as {path}")
+    return digests.sha256.hexdigest()
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, one-line reason for a failed download."""
+    import http.client
+    import urllib.error
+
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        reason = exc.reason
+        return getattr(reason, "strerror", None) or str(reason)
+    if isinstance(exc, http.client.IncompleteRead):
+        announced = f" of the {len(exc.partial) + exc.expected:,}" if exc.expected is not None else " of the"
+        return f"the connection closed after {len(exc.partial):,}{announced} announced bytes"
+    if isinstance(exc, TimeoutError):
+        return f"no data for {TIMEOUT_S:g} s"
+    text = (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).splitlines()[0]
+    return text
+
+
+def resolve(source: str, model: str, log=_stderr) -> tuple[str, str] | None:
+    """For a registered name: (path of the checked cached file, its sha256), downloading it first if
+    needed; None for anything else (a file path, ``random:SEED``)."""
+    entry = lookup(source)
+    if entry is None:
+        return None
+    check_model(entry, model)
+    return fetch(entry, log)
+
+
+def describe(entry: PublishedWeights) -> dict:
+    """What ``fastfeat weights list`` shows of one entry."""
+    path = cached_path(entry)
+    return {
+        "name": entry.name,
+        "model": entry.model,
+        "file": entry.file,
+        "size_bytes": entry.size,
+        "size_mib": round(entry.size_mib, 3),
+        "checksum_kind": entry.checksum_kind,
+        "checksum": entry.checksum,
+        "url": entry.url,
+        "download_url": download_url(entry),
+        "published_in": entry.published_in,
+        "cached": os.path.isfile(path),
+        "path": path,
+    }
+
+
+def format_list(rows: list[dict]) -> str:
+    """The table of ``fastfeat weights list``."""
+    lines = []
+    for r in rows:
+        where = f"cached: {r['path']}" if r["cached"] else f"not cached (downloaded on first use to {r['path']})"
+        size = f"{r['size_mib']:.1f} MiB"
+        lines.append(f"{r['name']:<18} {r['model']:<9} {size:>10}  {where}")
+        lines.append(f"{'':<18} {r['checksum_kind']} {r['checksum']}  from {r['url']}")
+        if r["download_url"] != r["url"]:
+            lines.append(f"{'':<18} mirror: {r['download_url']}")
+    lines.append(f"cache: {os.path.join(cache_dir(), 'weights')} (${CACHE_ENV}); mirror: ${MIRROR_ENV}")
+    return "\n".join(lines)
