@@ -40,7 +40,7 @@ that needs fastfeat's models and backends), prints the table and writes the JSON
 Triton's private APIs only through ``fastfeat.kernels.triton_compat`` (it names the Triton versions it
 was checked against; another version draws a warning).
 
-    python benchmarks/compile_check.py --jobs 2 --json out.json   # 417 compiles, ~2 min on 2 cores
+    python benchmarks/compile_check.py --jobs 2 --json out.json   # 429 compiles, 2-8 min on 2 cores
     python benchmarks/compile_check.py --quick              # first kept config per specialisation
     python benchmarks/compile_check.py --representative --targets sm90   # the CI subset (~6 s)
     python benchmarks/compile_check.py --all-configs --jobs 2    # also the pruned configs (~6 min)

@@ -1,161 +1,625 @@
-"""The GPU check, one script for a lent CUDA machine (about 5 minutes on an H200).
+"""The GPU check: one script for a lent CUDA machine, certain to end inside its time budget.
 
-1. runs every kernel test and the triton-backend tests on the GPU, bf16 included;
-2. prints per-layer time tables, triton vs torch eager (cuDNN/cuBLAS) vs torch.compile,
-   at batch 1, 64 and 256 in bf16, for caffenet and alexnet (``fastfeat.profile``);
-3. prints the whole forward pass in img/s for each backend (CUDA events);
-4. writes everything as JSON (to $OUT when set, and benchmarks/results/gpu_check.json)
-   and appends the forward-pass rows to benchmarks/results/results.csv.
+Steps, the most valuable first.  Every step checks the budget before each unit of work (one model at
+one batch size, say) and writes the JSON after it, so a run cut short keeps everything it measured:
 
-Runs from a source checkout without installing (the device machine has torch, triton
-and torchvision but no DALI and no network):
+1. tests      the kernel tests and the triton-backend tests on the GPU: pytest in a subprocess with
+              FASTFEAT_AUTOTUNE=0 (one config per launch: the tests check numerics, and tuning every
+              test shape would take most of the budget), killed at --tests-cap-s with the outcomes so
+              far kept; skipped, saying so, where pytest is not installed;
+2. agreement  the triton backend against torch eager (cuDNN/cuBLAS, TF32 off) on the GPU, caffenet and
+              alexnet, fp32 and bf16, every tap to fc8 against the tests' tolerances (needs no pytest);
+3. layers     per-layer times, triton vs torch eager, both networks, each batch size (bf16, CUDA
+              events, fastfeat.profile);
+4. forward    whole forward pass img/s, torch eager and triton, both networks, each batch size;
+5. decode     DALI: decode img/s and pixels against the CPU decoder, mixed decoder at hw_decoder_load
+              0 (fastfeat's), 0.65 (DALI's default) and 1; only where DALI is installed;
+6. compile    torch.compile (Inductor, max-autotune): whole forward img/s, then per-layer times; last,
+              because it autotunes every conv and GEMM per batch size.
 
-    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py [--budget-s 290]
+A watchdog ends the process at --budget-s + GRACE_S whatever runs then (a torch.compile call cannot be
+interrupted), after writing the JSON with ``aborted`` set: the check cannot overrun its budget.
 
-The targets it reports against (issue 3, H200, bf16, batch 256): whole forward
->= 1.3x torch eager; each conv <= 1.1x cuDNN's time; fc layers at least as fast as cuBLAS.
+It runs from a source checkout without installing, on a machine with torch, triton and torchvision
+only (no DALI, no pyarrow, perhaps no pytest); tests/test_gpu_readiness.py proves that on CPU by hiding
+every other package, and runs ``--dry-run`` (the whole script, Triton interpreter, tiny networks).
+
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py     # the GPU run: budget 330 s, hard stop at 360 s
+    python benchmarks/gpu_check.py --plan                 # what would run; imports only
+    python benchmarks/gpu_check.py --dry-run --out DIR    # on CPU: every step end to end, ~50 s
+
+The dry run uses fp16 where the GPU run uses bf16 (the interpreter's bf16 dot is wrong), 1/8-width
+networks, batch sizes 2 and 1, three tests, and skips the compile step unless --with-compile.
+
+Writes gpu_check.json to --out (default: $OUT when set, plus benchmarks/results/ on a GPU run) and, on a
+GPU run, appends the forward-pass rows to benchmarks/results/results.csv.  Exit status: 0 when nothing
+failed, 1 when a test failed, an agreement was out of tolerance or a step raised, 3 when the watchdog
+ended the run.
+
+The targets it reports against (issue 3, H200, bf16, batch 256): whole forward >= 1.3x torch eager;
+each conv <= 1.1x cuDNN's time; fc layers at least as fast as cuBLAS.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from checkout import make_importable  # noqa: E402
+import traceback
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, BENCH)
+from checkout import make_importable  # noqa: E402
+
+STEPS = ("tests", "agreement", "layers", "forward", "decode", "compile")
+MODELS = ("caffenet", "alexnet")
+# The watchdog's margin past --budget-s: a unit that starts just before the budget runs out may finish.
+GRACE_S = 30
+# ‖triton − torch‖ / ‖torch‖ allowed per tap, as tests/test_triton_backend.py (which explains them).
+TOLERANCES = {"fp32": 1e-5, "fp16": 3e-3, "bf16": 2e-2}
+# Taps compared by the agreement step (those the model has): each stage of the network, fc8 last.
+AGREEMENT_TAPS = ("conv1", "pool1", "norm1", "pool2", "relu3", "relu5", "pool5", "relu6", "relu7", "fc8")
+# The kernel and triton-backend tests, most valuable first (test_compile_sm90 is CPU-side: CI runs it).
+TEST_FILES = (
+    "tests/test_triton_backend.py",
+    "tests/kernels/test_conv.py",
+    "tests/kernels/test_gemm.py",
+    "tests/kernels/test_pool_lrn.py",
+)
+EVENTS_ENV = "GPU_CHECK_EVENTS"  # where the pytest plugin below appends one JSON line per test outcome
+EXIT_FAILED, EXIT_ABORTED = 1, 3
+DECODE_LOADS = (0.0, 0.65, 1.0)  # hw_decoder_load values the decode step compares (fastfeat's, DALI's, all)
+
+# The dry run: tiny networks (every channel and fc width divided by this, small inputs) under the Triton
+# interpreter, so that a crash in this script shows on CPU in about a minute, not on the GPU.
+DRY_WIDTH_DIVISOR = 8
+DRY_INPUT = {"caffenet": 71, "alexnet": 99}  # the smallest sizes whose pool5 is 2x2 (fc6's NHWC permutation)
+DRY_TESTS = (
+    "tests/kernels/test_gemm.py::test_relu_applied",
+    "tests/kernels/test_conv.py::test_relu_and_bias_are_applied",
+    "tests/test_triton_backend.py::test_plan_fuses_but_never_hides_a_requested_layer",
+)
 
 
-class _Counts:
-    """A pytest plugin that counts outcomes, so the JSON says what passed."""
-
-    def __init__(self):
-        self.counts = {"passed": 0, "failed": 0, "skipped": 0}
-        self.failures: list[str] = []
-
-    def pytest_runtest_logreport(self, report):
-        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-            self.counts[report.outcome] = self.counts.get(report.outcome, 0) + 1
-            if report.outcome == "failed":
-                self.failures.append(report.nodeid)
+# -- the pytest plugin (``-p gpu_check`` in the tests subprocess) ----------------------------------------
+def pytest_load_initial_conftests(early_config, parser, args):
+    """Before tests/conftest.py imports fastfeat.kernels: in a source checkout it lives in kernels/."""
+    make_importable()
 
 
-def run_tests() -> dict:
-    import pytest
-
-    counts = _Counts()
-    t0 = time.perf_counter()
-    code = pytest.main(
-        ["-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "kernels"),
-         os.path.join(ROOT, "tests", "test_triton_backend.py")],
-        plugins=[counts],
-    )  # fmt: skip
-    return {"exit_code": int(code), **counts.counts, "failures": counts.failures, "seconds": time.perf_counter() - t0}
+def pytest_runtest_logreport(report):
+    """Append each test's outcome as it happens, so a run killed at its cap still says what passed."""
+    path = os.environ.get(EVENTS_ENV)
+    counted = report.when == "call" or (report.when == "setup" and report.outcome != "passed")
+    if path and counted:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"test": report.nodeid, "outcome": report.outcome, "s": report.duration}) + "\n")
 
 
-def whole_forward(model: str, backend: str, batch: int, iters: int = 20) -> float:
-    """img/s of the full forward pass (to fc8), CUDA events, after warm-up (and compilation)."""
+# -- settings ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Settings:
+    device: str
+    dry_run: bool
+    precision: str  # of the timed steps and the 16-bit agreement
+    steps: tuple[str, ...]
+    models: tuple[str, ...]
+    batch_sizes: list[int]
+    budget_s: float
+    tests_cap_s: float
+    tests: tuple[str, ...]
+    repeat: int
+    warmup: int
+    iters: int
+    agreement_batch: int
+    decode_images: int
+    with_compile: bool
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget-s", type=float, default=None, help="no unit of work starts after this (330; dry 90)")
+    ap.add_argument("--tests-cap-s", type=float, default=None, help="the tests step ends here (100; dry 45)")
+    ap.add_argument("--batch-sizes", default=None, help="most valuable first (256,64,1; dry 2,1)")
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"a subset of {','.join(STEPS)}")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--out", default=None, help="directory for gpu_check.json (default $OUT, and benchmarks/results)")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny networks and budget")
+    ap.add_argument("--with-compile", action="store_true", help="dry run: run the compile step too (~40 s more)")
+    ap.add_argument("--plan", action="store_true", help="print what would run, import what it needs, run nothing")
+    return ap.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    steps = tuple(s.strip() for s in args.steps.split(",") if s.strip())
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if bad := [s for s in steps if s not in STEPS]:
+        raise SystemExit(f"gpu_check: unknown step(s) {bad}; choose from {', '.join(STEPS)}")
+    if bad := [m for m in models if m not in MODELS]:
+        raise SystemExit(f"gpu_check: unknown model(s) {bad}; choose from {', '.join(MODELS)}")
+    dry = args.dry_run
+    sizes = args.batch_sizes or ("2,1" if dry else "256,64,1")
+    try:
+        batch_sizes = [int(b) for b in sizes.split(",")]
+    except ValueError:
+        raise SystemExit(f"gpu_check: --batch-sizes must be integers like 256,64,1, got {sizes!r}") from None
+    return Settings(
+        device="cpu" if dry else "cuda",
+        dry_run=dry,
+        # Triton's interpreter multiplies bf16 dot operands as raw bit patterns (tests/triton_interpreter.py
+        # patches that for the tests only): the dry run uses fp16, the other 16-bit path, instead.
+        precision="fp16" if dry else "bf16",
+        steps=steps,
+        models=models,
+        batch_sizes=batch_sizes,
+        # 330 s + GRACE_S: a lent GPU gives 15 minutes for everything, machine start (minutes) included;
+        # a 6-minute run leaves room to run it once more (faster then: Triton's caches are warm).
+        budget_s=args.budget_s if args.budget_s is not None else (90 if dry else 330),
+        tests_cap_s=args.tests_cap_s if args.tests_cap_s is not None else (45 if dry else 100),
+        tests=DRY_TESTS if dry else TEST_FILES,
+        repeat=2 if dry else 20,
+        warmup=1 if dry else 3,
+        iters=2 if dry else 20,
+        agreement_batch=2 if dry else 64,  # 64: the layers step reuses the bf16 tuning of this batch bucket
+        decode_images=8 if dry else 512,
+        with_compile=args.with_compile or not dry,
+    )
+
+
+def register_dry_models(models) -> dict[str, str]:
+    """Register the dry run's tiny networks ("caffenet-dry", ...); {model: registered name}."""
+    from fastfeat.layers import Conv, Linear
+    from fastfeat.models import MODELS as REGISTRY
+    from fastfeat.models import get_model, register_model
+
+    names = {}
+    for model in models:
+        name = f"{model}-dry"
+        if name not in REGISTRY:
+            spec = get_model(model)
+            layers = tuple(
+                dataclasses.replace(layer, out=layer.out // DRY_WIDTH_DIVISOR)
+                if isinstance(layer, (Conv, Linear))
+                else layer
+                for layer in spec.layers
+            )
+            register_model(dataclasses.replace(
+                spec, name=name, input_size=DRY_INPUT[model], layers=layers, expected_macs=None, expected_shapes={},
+                description=f"{model} with 1/{DRY_WIDTH_DIVISOR} of its widths, for gpu_check --dry-run",
+            ))  # fmt: skip
+        names[model] = name
+    return names
+
+
+# -- the budget and the report -------------------------------------------------------------------------
+class Budget:
+    def __init__(self, seconds: float):
+        self.start, self.seconds = time.perf_counter(), seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+
+class Report:
+    """The JSON written after every unit of work; the watchdog writes the last saved state."""
+
+    def __init__(self, paths: list[str], data: dict):
+        self.paths, self.data = paths, data
+        self.text = ""
+        self.lock = threading.Lock()
+
+    def save(self) -> None:
+        text = json.dumps(self.data, indent=1, default=str)
+        with self.lock:
+            self.text = text
+            self._write(text)
+
+    def _write(self, text: str) -> None:
+        for path in self.paths:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+            os.replace(tmp, path)
+
+    def abort(self, why: str) -> None:
+        """From the watchdog thread: the last saved state plus why the run ended."""
+        with self.lock:
+            data = json.loads(self.text) if self.text else {}
+            data["aborted"] = why
+            self._write(json.dumps(data, indent=1, default=str))
+
+
+def start_watchdog(report: Report, budget: Budget, grace_s: float = GRACE_S) -> threading.Timer:
+    """End the process at the budget plus ``grace_s``, whatever runs then, keeping the last saved JSON."""
+
+    def fire():
+        why = f"watchdog: still running at {budget.elapsed():.0f} s (budget {budget.seconds:.0f} s + {grace_s:g} s)"
+        print(f"gpu_check: {why}; partial results kept", flush=True)
+        report.abort(why)
+        os._exit(EXIT_ABORTED)  # not sys.exit: the main thread may be inside a compile that never returns
+
+    timer = threading.Timer(max(budget.left(), 0) + grace_s, fire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def out_of_budget(rec: dict, budget: Budget, unit: str) -> bool:
+    if budget.left() > 0:
+        return False
+    rec.setdefault("skipped", []).append(f"{unit}: out of time budget")
+    return True
+
+
+# -- step 1: tests ---------------------------------------------------------------------------------------
+def run_tests(rec: dict, cfg: Settings, budget: Budget) -> None:
+    if importlib.util.find_spec("pytest") is None:
+        rec.update(status="skipped", reason="pytest is not installed here; the agreement step checks the backend")
+        return
+    cap = max(min(cfg.tests_cap_s, budget.left()), 1.0)
+    events = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)
+    events.close()
+    env = {**os.environ, EVENTS_ENV: events.name, "FASTFEAT_AUTOTUNE": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([BENCH, ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpu_check", *cfg.tests]
+    rec["command"] = " ".join(cmd[1:])
+    log = tempfile.TemporaryFile("w+")
+    # Own session: a cap kills pytest and whatever it started, and nothing else.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rec["exit_code"] = proc.wait(timeout=cap)
+        rec["capped"] = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rec.update(exit_code=None, capped=True, cap_s=cap)
+    with open(events.name, encoding="utf-8") as f:
+        outcomes = [json.loads(line) for line in f if line.strip()]
+    os.unlink(events.name)
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o["outcome"]] = counts.get(o["outcome"], 0) + 1
+    rec["counts"] = counts
+    rec["failures"] = [o["test"] for o in outcomes if o["outcome"] == "failed"]
+    log.seek(0)
+    rec["output_tail"] = log.read()[-4000:]
+    if rec["failures"] or (rec["exit_code"] not in (0, None)):
+        rec["status"] = "failed"
+    print(f"tests: {counts} capped={rec['capped']} exit={rec['exit_code']}", flush=True)
+
+
+# -- step 2: agreement -------------------------------------------------------------------------------------
+def agreement(rec: dict, cfg: Settings, budget: Budget, report: Report, names: dict, weights) -> None:
     import torch
 
     from fastfeat.backends import make_backend
     from fastfeat.models import get_model
-    from fastfeat.weights import load_weights
+    from fastfeat.runtime import PRECISIONS
 
-    spec = get_model(model)
-    dev = torch.device("cuda")
-    net = make_backend("torch" if backend == "compile" else backend, spec, load_weights(spec, "random:0").tensors,
-                       dev, torch.bfloat16)  # fmt: skip
-    x = net.prepare(torch.randn(batch, spec.input_size, spec.input_size, 3, device=dev))
-    fwd = lambda t: net.forward_intermediates(t, ["fc8"])
-    if backend == "compile":
-        fwd = torch.compile(fwd, mode="max-autotune-no-cudagraphs")
-    for _ in range(3):
-        fwd(x)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fwd(x)
-    end.record()
-    torch.cuda.synchronize()
-    return batch * iters / (start.elapsed_time(end) / 1000)
+    dev = torch.device(cfg.device)
+    rec["results"] = []
+    for model in cfg.models:
+        spec = get_model(names[model])
+        taps = [t for t in AGREEMENT_TAPS if t in spec.layer_names]
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(cfg.agreement_batch, spec.input_size, spec.input_size, 3, generator=gen)  # N(0,1) images
+        for precision in (cfg.precision, "fp32"):
+            if out_of_budget(rec, budget, f"{model} {precision}"):
+                continue
+            dtype = PRECISIONS[precision]
+            outs = {}
+            for backend in ("triton", "torch"):  # the torch backend turns TF32 off for fp32 on CUDA
+                net = make_backend(backend, spec, weights(model), dev, dtype)
+                acts = net.forward_intermediates(net.prepare(x), taps)
+                outs[backend] = {t: acts[t].reshape(len(x), -1).double().cpu() for t in taps}
+                del net, acts
+            errors = {t: ((outs["triton"][t] - outs["torch"][t]).norm() / outs["torch"][t].norm()).item() for t in taps}
+            worst = max(errors, key=errors.get)
+            ok = errors[worst] <= TOLERANCES[precision]
+            rec["results"].append({"model": model, "precision": precision, "batch": cfg.agreement_batch,
+                                   "rel_err": errors, "worst": worst, "tolerance": TOLERANCES[precision], "ok": ok})  # fmt: skip
+            if not ok:
+                rec["status"] = "failed"
+            print(f"agreement {model} {precision}: worst {worst} {errors[worst]:.2e} ({'ok' if ok else 'FAIL'})")
+            report.save()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget-s", type=float, default=290, help="stop starting new measurements after this")
-    ap.add_argument("--batch-sizes", default="1,64,256")
-    ap.add_argument("--skip-tests", action="store_true")
-    args = ap.parse_args()
-    t_start = time.perf_counter()
+# -- steps 3, 4 and 6: timings -------------------------------------------------------------------------------
+def whole_forward(
+    spec, backend: str, batch: int, device: str, tensors, precision: str, iters: int, warmup: int
+) -> float:
+    """img/s of the full forward pass (to fc8) after warm-up (and compilation); CUDA events on a GPU."""
+    import torch
+
+    from fastfeat.backends import make_backend
+    from fastfeat.runtime import PRECISIONS
+
+    dev = torch.device(device)
+    net = make_backend(backend, spec, tensors, dev, PRECISIONS[precision])
+    gen = torch.Generator().manual_seed(0)
+    x = net.prepare(torch.randn(batch, spec.input_size, spec.input_size, 3, generator=gen).to(dev))
+    last = spec.layer_names[-1]
+    for _ in range(max(warmup, 1)):  # the first call compiles (and autotunes): never timed
+        net.forward_intermediates(x, [last])
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            net.forward_intermediates(x, [last])
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            net.forward_intermediates(x, [last])
+        seconds = time.perf_counter() - t0
+    return batch * iters / seconds
+
+
+def layers(rec: dict, cfg: Settings, budget: Budget, report: Report, names: dict, backends: tuple) -> None:
+    from fastfeat.profile import format_table, profile
+
+    rec.setdefault("results", [])
+    for batch in cfg.batch_sizes:
+        for model in cfg.models:
+            if out_of_budget(rec, budget, f"{model} {'+'.join(backends)} b{batch}"):
+                continue
+            res = profile(names[model], backends=backends, device=cfg.device, precision=cfg.precision, batch_sizes=[batch],
+                          repeat=cfg.repeat, warmup=cfg.warmup, log=lambda m: print(m, flush=True))  # fmt: skip
+            rec["results"] += res
+            print(format_table(res), flush=True)
+            report.save()
+
+
+def forward(rec: dict, cfg: Settings, budget: Budget, report: Report, names: dict, weights, backends: tuple) -> None:
+    from fastfeat.models import get_model
+
+    rec.setdefault("img_per_s", {})
+    for batch in cfg.batch_sizes:
+        for model in cfg.models:
+            for backend in backends:
+                key = f"{model} {backend} b{batch}"
+                if out_of_budget(rec, budget, key):
+                    continue
+                spec = get_model(names[model])
+                ips = whole_forward(spec, backend, batch, cfg.device, weights(model), cfg.precision, cfg.iters,
+                                    cfg.warmup)  # fmt: skip
+                rec["img_per_s"][key] = ips
+                print(f"forward {key}: {ips:,.0f} img/s", flush=True)
+                report.save()
+
+
+def compile_step(rec: dict, cfg: Settings, budget: Budget, report: Report, names: dict, weights) -> None:
+    if not cfg.with_compile:
+        rec.update(status="skipped", reason="dry run without --with-compile: Inductor's cold C++ build takes ~40 s "
+                   "on CPU; the step makes the same whole_forward and profile calls as the forward and layers steps")  # fmt: skip
+        return
+    forward(rec, cfg, budget, report, names, weights, ("compile",))
+    layers(rec, cfg, budget, report, names, ("compile",))
+
+
+# -- step 5: decode ---------------------------------------------------------------------------------------
+def synthetic_jpegs(count: int, seed: int = 0) -> list[tuple[bytes, tuple[int, int]]]:
+    """Photo-like JPEGs (smooth colour fields plus grain, 4:2:0 chroma as nearly every photo has)."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        w, h = (500, 375) if i % 2 == 0 else (375, 500)
+        low = torch.rand(1, 3, 6, 8, generator=gen)
+        field = torch.nn.functional.interpolate(low, size=(h, w), mode="bicubic", align_corners=False)[0]
+        field = field + 0.05 * torch.randn(3, h, w, generator=gen)
+        pixels = (field.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="JPEG", quality=90, subsampling="4:2:0")
+        out.append((buf.getvalue(), (w, h)))
+    return out
+
+
+def decode(rec: dict, cfg: Settings, budget: Budget, report: Report) -> None:
+    if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
+        rec.update(status="skipped", reason="nvidia.dali is not installed here: hw_decoder_load and the GPU/CPU "
+                   "decode difference stay unmeasured")  # fmt: skip
+        return
+    import numpy as np
+    import torch
+
+    from fastfeat.decode import Decoder
+    from fastfeat.models import get_model
+
+    pre = get_model("caffenet").preprocess  # BGR, mean subtracted, std 1: differences are in grey levels
+    batch = 64 if not cfg.dry_run else 4
+    images = synthetic_jpegs(cfg.decode_images)
+    encoded = [np.frombuffer(b, np.uint8) for b, _ in images]
+    sizes = [s for _, s in images]
+
+    def run(device: torch.device, load: float) -> tuple[float, torch.Tensor]:
+        decoder = Decoder(pre, batch, device, hw_decoder_load=load)
+        decoder.decode(encoded[:batch], sizes[:batch])  # warm-up: nvJPEG and DALI allocate on first use
+        rows, t0 = [], time.perf_counter()
+        for i in range(0, len(encoded), batch):
+            out, bad, _ = decoder.decode(encoded[i : i + batch], sizes[i : i + batch])
+            if bad:
+                raise RuntimeError(f"decode failed on synthetic JPEGs: {bad}")
+            rows.append(out.cpu())
+        return len(encoded) / (time.perf_counter() - t0), torch.cat(rows)
+
+    rec["settings"] = {"images": len(encoded), "batch": batch, "size": "500x375 and 375x500, q90, 4:2:0"}
+    cpu_ips, cpu_pixels = run(torch.device("cpu"), 0.0)
+    rec["cpu_img_per_s"] = cpu_ips
+    report.save()
+    if cfg.device != "cuda":
+        rec["mixed"] = "not measured: no CUDA device (dry run)"
+        return
+    rec["mixed"] = {}
+    for load in DECODE_LOADS:
+        if out_of_budget(rec, budget, f"mixed hw_decoder_load={load}"):
+            continue
+        ips, pixels = run(torch.device("cuda"), load)
+        diff = (pixels - cpu_pixels).abs()
+        rec["mixed"][str(load)] = {"img_per_s": ips, "max_abs_vs_cpu": diff.max().item(),
+                                   "mean_abs_vs_cpu": diff.mean().item(),
+                                   "share_differing_vs_cpu": (diff > 0.5).float().mean().item()}  # fmt: skip
+        print(f"decode mixed hw_decoder_load={load}: {rec['mixed'][str(load)]}", flush=True)
+        report.save()
+
+
+# -- the plan, and the run ---------------------------------------------------------------------------------
+def plan(cfg: Settings, names: dict) -> dict:
+    """What would run, after importing everything the steps import (so an import error shows here)."""
+    import torch  # noqa: F401
+    import triton
+
+    from fastfeat import profile  # noqa: F401
+    from fastfeat.backends import get_backend
+
+    for backend in ("torch", "triton", "compile"):
+        get_backend(backend)
+    from fastfeat.kernels import conv, gemm, lrn, pool  # noqa: F401
+
+    units = {
+        "tests": list(cfg.tests),
+        "agreement": [f"{m} {p} b{cfg.agreement_batch}" for m in cfg.models for p in (cfg.precision, "fp32")],
+        "layers": [f"{m} torch+triton b{b}" for b in cfg.batch_sizes for m in cfg.models],
+        "forward": [f"{m} {k} b{b}" for b in cfg.batch_sizes for m in cfg.models for k in ("torch", "triton")],
+        "decode": [f"cpu, mixed hw_decoder_load={load}" for load in DECODE_LOADS],
+        "compile": [f"{m} compile b{b}" for b in cfg.batch_sizes for m in cfg.models],
+    }
+    return {
+        "settings": dataclasses.asdict(cfg),
+        "models": names,
+        "steps": {s: units[s] for s in cfg.steps},
+        "available": {
+            "pytest": importlib.util.find_spec("pytest") is not None,
+            "nvidia.dali": importlib.util.find_spec("nvidia") is not None
+            and importlib.util.find_spec("nvidia.dali") is not None,
+            "triton": triton.__version__,
+        },
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = settings_from(args)
+    if cfg.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    budget = Budget(cfg.budget_s)
     make_importable()
     import torch
 
-    if not torch.cuda.is_available():
-        sys.exit("gpu_check: no CUDA device here; this script is for a GPU machine")
-    from fastfeat.profile import format_table, profile
+    if not cfg.dry_run and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device here; this script is for a GPU machine (or use --dry-run)")
+    names = register_dry_models(cfg.models) if cfg.dry_run else {m: m for m in cfg.models}
+    if args.plan:
+        print(json.dumps(plan(cfg, names), indent=1, default=str))
+        return 0
 
-    sys.path.insert(0, BENCH)
-    from results import append, device_name
-
-    dev_name = device_name("cuda")
-    report: dict = {"device": dev_name, "torch": torch.__version__, "capability": torch.cuda.get_device_capability()}
     import triton
 
-    report["triton"] = triton.__version__
-    out_dir = os.environ.get("OUT")
+    from fastfeat.models import get_model
+    from fastfeat.runtime import device_name
+    from fastfeat.weights import load_weights
 
-    def save():
-        paths = [os.path.join(BENCH, "results", "gpu_check.json")] + (
-            [os.path.join(out_dir, "gpu_check.json")] if out_dir else []
-        )
-        for p in paths:
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            with open(p, "w") as f:
-                json.dump(report, f, indent=1, default=str)
+    out_dir = args.out or os.environ.get("OUT")
+    paths = [os.path.join(out_dir, "gpu_check.json")] if out_dir else []
+    if not cfg.dry_run:
+        paths.append(os.path.join(BENCH, "results", "gpu_check.json"))
+    if not paths:
+        sys.exit("gpu_check: --dry-run needs --out (or $OUT): a dry run never writes benchmarks/results")
+    dev = torch.device(cfg.device)
+    report = Report(paths, {
+        "dry_run": cfg.dry_run, "device": device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
+        "capability": list(torch.cuda.get_device_capability(dev)) if dev.type == "cuda" else None,
+        "budget_s": cfg.budget_s, "settings": dataclasses.asdict(cfg), "steps": {},
+    })  # fmt: skip
+    report.save()
+    start_watchdog(report, budget)
 
-    if not args.skip_tests:
-        report["tests"] = run_tests()
-        print(f"kernel tests on GPU: {report['tests']}", flush=True)
-        save()
+    cache: dict = {}
 
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    report["profiles"], report["forward_img_per_s"] = [], {}
-    for model in ("caffenet", "alexnet"):
-        for backends in (("torch", "triton"), ("compile",)):
-            if time.perf_counter() - t_start > args.budget_s:
-                report.setdefault("skipped", []).append(f"{model} {backends}: out of time budget")
-                continue
-            res = profile(model, backends=backends, device="cuda", precision="bf16", batch_sizes=sizes, repeat=20,
-                          warmup=3, log=lambda m: print(m, flush=True))  # fmt: skip
-            report["profiles"] += res
-            print(format_table(res), flush=True)
-            save()
-        for backend in ("torch", "triton", "compile"):
-            for batch in sizes:
-                if time.perf_counter() - t_start > args.budget_s:
-                    continue
-                key = f"{model} {backend} b{batch}"
-                report["forward_img_per_s"][key] = ips = whole_forward(model, backend, batch)
-                print(f"forward {key}: {ips:,.0f} img/s", flush=True)
-                append([{"kernel": f"{model}_forward", "provider": backend, "shape": f"{model} full",
-                         "dtype": "bf16", "batch": batch, "metric": "img/s", "p20": "", "p50": round(ips, 1),
-                         "p80": "", "device": dev_name}])  # fmt: skip
-            save()
-    f = report["forward_img_per_s"]
-    report["targets_b256"] = {
-        m: {"triton_vs_eager": f.get(f"{m} triton b256", 0) / f[f"{m} torch b256"]}
-        for m in ("caffenet", "alexnet") if f.get(f"{m} torch b256")
-    }  # fmt: skip
-    save()
-    print(json.dumps(report["targets_b256"], indent=1))
-    print(f"gpu_check done in {time.perf_counter() - t_start:.0f}s")
+    def weights(model: str):
+        if model not in cache:  # random He weights (fastfeat.weights); loaded once per network
+            cache[model] = load_weights(get_model(names[model]), "random:0").tensors
+        return cache[model]
+
+    work = {
+        "tests": lambda rec: run_tests(rec, cfg, budget),
+        "agreement": lambda rec: agreement(rec, cfg, budget, report, names, weights),
+        "layers": lambda rec: layers(rec, cfg, budget, report, names, ("torch", "triton")),
+        "forward": lambda rec: forward(rec, cfg, budget, report, names, weights, ("torch", "triton")),
+        "decode": lambda rec: decode(rec, cfg, budget, report),
+        "compile": lambda rec: compile_step(rec, cfg, budget, report, names, weights),
+    }
+    for step in cfg.steps:
+        rec = report.data["steps"][step] = {"status": "running", "started_s": round(budget.elapsed(), 1)}
+        report.data["current"] = step
+        report.save()
+        print(f"== {step} ({budget.elapsed():.0f} s of {cfg.budget_s:.0f})", flush=True)
+        try:
+            work[step](rec)
+        except Exception:
+            rec.update(status="error", error=traceback.format_exc()[-4000:])
+            print(rec["error"], flush=True)
+        if rec["status"] == "running":
+            rec["status"] = "done"
+        rec["seconds"] = round(budget.elapsed() - rec["started_s"], 1)
+        report.save()
+    report.data.pop("current", None)
+    report.data["targets"] = targets(report.data["steps"])
+    report.data["seconds"] = round(budget.elapsed(), 1)
+    report.save()
+    if not cfg.dry_run:
+        append_results(report.data["steps"].get("forward", {}), device_name(dev), cfg.precision)
+    failed = [s for s, r in report.data["steps"].items() if r["status"] in ("failed", "error")]
+    print(json.dumps(report.data["targets"], indent=1))
+    print(f"gpu_check done in {budget.elapsed():.0f} s; failed steps: {failed or 'none'}")
+    return EXIT_FAILED if failed else 0
+
+
+def targets(steps: dict) -> dict:
+    """Triton vs torch eager, whole forward, at the largest batch measured (the target is at 256)."""
+    ips = steps.get("forward", {}).get("img_per_s", {})
+    out = {}
+    for key, value in ips.items():
+        model, backend, batch = key.split()
+        eager = ips.get(f"{model} torch {batch}")
+        if backend != "torch" and eager:
+            out[f"{model} {backend} {batch} vs torch eager"] = value / eager
+    return out
+
+
+def append_results(rec: dict, device: str, precision: str) -> None:
+    from results import append
+
+    rows = []
+    for key, ips in rec.get("img_per_s", {}).items():
+        model, backend, batch = key.split()
+        rows.append({"kernel": f"{model}_forward", "provider": backend, "shape": f"{model} full", "dtype": precision,
+                     "batch": int(batch[1:]), "metric": "img/s", "p20": "", "p50": round(ips, 1), "p80": "",
+                     "device": device})  # fmt: skip
+    if rows:
+        append(rows)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,6 +9,8 @@ from .augment import DEFAULT_AUGMENT, check_augment
 from .backends import backend_names
 from .errors import ConfigError
 from .models import ModelSpec, get_model, parse_layers
+from .published import WEIGHTS_CHOICES, check_model, download_url
+from .published import lookup as lookup_published
 from .sinks import format_names
 
 PRECISION_NAMES = ("fp32", "bf16", "fp16")
@@ -62,5 +64,8 @@ def check_arguments(
         raise ConfigError(f"--max-error-rate must be a fraction in [0, 1], got {max_error_rate}")
     check_augment(augment, augment_reduce)
     if weights is None:
-        raise ConfigError("--weights is required: a .pth/.safetensors/.caffemodel file, or random:SEED")
+        raise ConfigError(f"--weights is required: {WEIGHTS_CHOICES.removeprefix('--weights takes ')}")
+    if (entry := lookup_published(weights)) is not None:  # before any download: the model, the mirror URL
+        check_model(entry, spec.name)
+        download_url(entry)
     return spec, names

@@ -9,6 +9,7 @@ import sys
 from . import __version__
 from .backends import backend_names
 from .models import DEFAULT_LAYERS, MODELS
+from .published import PUBLISHED
 from .sinks import DEFAULT_FORMAT, format_names
 
 
@@ -47,13 +48,24 @@ def _add_extract(sub) -> None:
     )
     p.add_argument(
         "source",
+        nargs="?",
         help="a folder of images (recursive), a list file (.txt/.lst/.csv/.tsv: path [label] per line), "
-        "WebDataset .tar shards (brace patterns allowed), or .parquet files with an image column",
+        "WebDataset .tar shards (brace patterns allowed), or .parquet files with an image column; "
+        "or none, with --sample",
+    )
+    p.add_argument(
+        "--sample",
+        action="store_true",
+        help="extract the few freely licensed photos shipped with fastfeat (fastfeat.samples) instead of SRC",
     )
     p.add_argument("--out", required=True, help="output directory for the shards, manifest.json, errors.parquet")
     p.add_argument("--model", default="caffenet", help=f"one of {', '.join(MODELS)} (default caffenet)")
     p.add_argument(
-        "--weights", required=True, help="a .pth, .safetensors or .caffemodel file, or random:SEED (tests/benchmarks)"
+        "--weights",
+        required=True,
+        help="a .pth, .safetensors or .caffemodel file; a published name, downloaded once, checked and cached "
+        f"({', '.join(PUBLISHED)}: see `fastfeat weights list`); or random:SEED (meaningless features, "
+        "for trying the pipeline, tests and benchmarks)",
     )
     p.add_argument(
         "--layers",
@@ -97,6 +109,13 @@ def _add_extract(sub) -> None:
         metavar="FRACTION",
         help="exit with code 1 when more than this fraction of the images fail (a run with no row always does)",
     )
+    p.add_argument(
+        "--augment",
+        default="center",
+        help="test-time views per image, reduced to one row: center (default), flip, center+flip, 5crop "
+        "(centre + 4 corners) or 10crop (5crop and their mirrors); cropped from one decode and resize",
+    )
+    p.add_argument("--augment-reduce", default="mean", help="how the views' features are combined: mean or max")
     p.add_argument("--image-column", default="image", help="image column of Parquet sources (binary or {bytes,path})")
     p.add_argument("--num-shards", type=int, default=1, help="split the input into K parts (one per process)")
     p.add_argument("--shard-index", type=int, default=0, help="the part this process extracts, 0..K-1")
@@ -113,7 +132,9 @@ def _run_extract(args, argv: list[str]) -> int:
         precision=args.precision, device=args.device, backend=args.backend, shard_size=args.shard_size,
         dtype=args.dtype, max_pixels=args.max_pixels, num_threads=args.threads, num_shards=args.num_shards,
         shard_index=args.shard_index, format=args.format, max_error_rate=args.max_error_rate,
+        augment=args.augment, augment_reduce=args.augment_reduce,
     )  # fmt: skip
+    source = _extract_source(args.source, args.sample)
     check_arguments(**options)  # before torch and DALI are imported: a bad flag is reported at once
     if args.devices:
         from .launch import launch_per_device
@@ -123,7 +144,7 @@ def _run_extract(args, argv: list[str]) -> int:
     from .extractor import Extractor, format_summary
 
     extractor = Extractor(
-        args.source, args.out, **options, mean_file=args.mean_file, overwrite=args.overwrite,
+        source, args.out, **options, mean_file=args.mean_file, overwrite=args.overwrite,
         progress=not args.no_progress, image_column=args.image_column, append=args.append, strict=args.strict,
     )  # fmt: skip
     try:
@@ -140,6 +161,57 @@ def _run_extract(args, argv: list[str]) -> int:
         print(format_summary(summary), file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _extract_source(source: str | None, sample: bool) -> str:
+    """SRC, or the shipped sample photos with --sample: exactly one of the two."""
+    from .errors import ConfigError
+
+    if sample and source is not None:
+        raise ConfigError(f"give SRC or --sample, not both (got SRC {source!r} and --sample)")
+    if sample:
+        from . import samples
+
+        return samples.path()
+    if source is None:
+        raise ConfigError(
+            "SRC is required: a folder, list file, .tar or .parquet of images; or --sample for the photos "
+            "shipped with fastfeat"
+        )
+    return source
+
+
+def _add_weights(sub) -> None:
+    p = sub.add_parser(
+        "weights",
+        help="published weights by name: list them (cached or not), download them ahead of a run",
+        description="Weights that --weights takes by name: each is downloaded once from its publisher (or "
+        "$FASTFEAT_WEIGHTS_MIRROR), checked against the published checksum and cached in $FASTFEAT_CACHE "
+        "(default $XDG_CACHE_HOME/fastfeat or ~/.cache/fastfeat).",
+    )
+    wsub = p.add_subparsers(dest="weights_command", required=True, parser_class=_Parser)
+    lp = wsub.add_parser("list", help="names, model, size, checksum, source URL, and whether each is cached (where)")
+    lp.add_argument("--json", action="store_true", help="print the list as JSON")
+    dp = wsub.add_parser("download", help="download and check published weights now (e.g. before going offline)")
+    dp.add_argument("names", nargs="+", help=f"one or more of {', '.join(PUBLISHED)}")
+
+
+def _run_weights(args) -> int:
+    from .errors import ConfigError
+    from .published import describe, fetch, format_list, lookup
+
+    if args.weights_command == "list":
+        rows = [describe(entry) for entry in PUBLISHED.values()]
+        print(json.dumps(rows, indent=1) if args.json else format_list(rows))
+        return 0
+    entries = [lookup(name) for name in args.names]
+    if None in entries:
+        unknown = args.names[entries.index(None)]
+        raise ConfigError(f"unknown published weights {unknown!r}; choose from {', '.join(PUBLISHED)}")
+    for entry in entries:
+        path, sha256 = fetch(entry)
+        print(f"{entry.name}: {path} (sha256 {sha256})")
     return 0
 
 
@@ -188,6 +260,127 @@ def _run_profile(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve features over HTTP: dynamic batching, nearest neighbours, a page to try it",
+        description="Answer POST /v1/features (and /v1/neighbors with --index) with the features extract "
+        "computes, coalescing concurrent requests into batches; a page at / (see README, Serving features).",
+    )
+    p.add_argument("--model", default="caffenet", help=f"one of {', '.join(MODELS)} (default caffenet)")
+    p.add_argument("--weights", required=True, help="a .pth, .safetensors or .caffemodel file, or random:SEED")
+    p.add_argument("--layers", default="relu7", help="comma-separated layers computed for every image (default relu7)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 where supported")
+    p.add_argument("--backend", default="torch", help=f"one of {', '.join(backend_names())} (default torch)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float32", help="default response dtype")
+    p.add_argument("--max-batch", type=int, default=64, help="images per forward pass at most (default 64)")
+    p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
+    p.add_argument("--max-queue", type=int, default=None, help="images admitted at once before 429 (default 4 × max-batch)")  # fmt: skip
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body, MiB (default 32; 413 above)")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (422; default 100 M)")
+    p.add_argument("--mean-file", default=None, help=".npy mean image or per-channel mean (caffe style)")
+    p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: all cores)")
+    p.add_argument("--index", default=None, metavar="DIR", help="an output directory of fastfeat extract to search")
+    p.add_argument("--index-layer", default=None, help="the layer searched (default: the deepest served one it holds)")
+    p.add_argument("--exact-below", type=int, default=None, help="exact search below this many rows, HNSW above")
+    p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (visible in ps: prefer --token-file)")  # fmt: skip
+    p.add_argument("--token-file", default=None, help="read the bearer token from this file")
+    p.add_argument("--access-log", action="store_true", help="log every request on stderr")
+
+
+def _run_serve(args) -> int:
+    from .errors import ConfigError
+    from .serve import ServeConfig, serve
+    from .serve.config import DEFAULT_EXACT_BELOW
+
+    token = args.token
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
+    cfg = ServeConfig(
+        model=args.model, weights=args.weights, layers=args.layers, host=args.host, port=args.port,
+        device=args.device, precision=args.precision, backend=args.backend, dtype=args.dtype,
+        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
+        max_body_mb=args.max_body_mb, max_pixels=args.max_pixels, mean_file=args.mean_file, threads=args.threads,
+        index=args.index, index_layer=args.index_layer,
+        exact_below=DEFAULT_EXACT_BELOW if args.exact_below is None else args.exact_below, token=token,
+        access_log=args.access_log,
+    )  # fmt: skip
+    serve(cfg)
+    return 0
+
+
+def _add_probe(sub) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="DeCAF's linear-probe evaluation: train/test splits per class, mean per-class accuracy",
+        description="Fit a linear classifier on the features of an output directory with DeCAF's protocol "
+        "(TRAIN per class for training, the rest for testing, SPLITS random splits, C chosen on held-out "
+        "training rows) and report mean per-class accuracy ± std over the splits (see README).",
+    )
+    p.add_argument("dir", help="an output directory of fastfeat extract (labelled: a folder of class folders)")
+    p.add_argument("--layer", default="relu7", help="the feature layer (default relu7: DeCAF7)")
+    p.add_argument("--train-per-class", type=int, default=30, help="training rows per class (default 30)")
+    p.add_argument("--test-per-class", type=int, default=None, help="test rows per class (default: all the others)")
+    p.add_argument("--splits", type=int, default=5, help="random splits (default 5)")
+    p.add_argument("--classifier", default="logreg", help="logreg (multinomial) or svm (one-vs-rest linear)")
+    p.add_argument("--C", dest="c", default="auto", help="regularisation: auto (chosen on held-out rows) or a value")
+    p.add_argument("--l2-normalize", action="store_true", help="scale each feature vector to unit length first")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits (default 0)")
+    p.add_argument("--engine", default="auto", help="sklearn (in memory), torch (streamed, GPU if any) or auto")
+    p.add_argument("--device", default="auto", help="torch engine: auto, cpu or cuda[:N]")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+
+
+def _run_probe(args) -> int:
+    import os
+
+    from .probe import ProbeError, format_report, run_probe, write_json
+
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise ProbeError(f"folder of --json does not exist: {os.path.dirname(os.path.abspath(args.json))}")
+    report = run_probe(
+        args.dir, args.layer, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+        splits=args.splits, classifier=args.classifier, c=args.c, l2_normalize=args.l2_normalize, seed=args.seed,
+        engine=args.engine, device=args.device, log=lambda line: print(line, file=sys.stderr),
+    )  # fmt: skip
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+    return 0
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="a 2-D embedding (t-SNE or PCA) of a sample of the features, coloured by label",
+        description="Draw a t-SNE (or PCA) embedding of up to --max-points rows of an output directory, one "
+        "colour per label with a legend, as DeCAF's Figure 1.",
+    )
+    p.add_argument("dir", help="an output directory of fastfeat extract")
+    p.add_argument("--layer", default="relu7", help="the feature layer (default relu7)")
+    p.add_argument("--out", required=True, help="the image to write: .png, .pdf or .svg")
+    p.add_argument("--method", default="tsne", help="tsne (default) or pca")
+    p.add_argument("--max-points", type=int, default=2000, help="rows sampled at most (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample and of t-SNE (default 0)")
+
+
+def _run_plot(args) -> int:
+    from .plot import plot_embedding
+
+    drawn = plot_embedding(
+        args.dir, args.layer, args.out, method=args.method, max_points=args.max_points, seed=args.seed
+    )
+    print(f"{args.out}: {drawn['method']} of {drawn['points']} of {drawn['rows']} rows, {drawn['classes']} labels")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line on stderr and exit code 2 (not the usage block)."""
 
@@ -202,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(sub)
     _add_profile(sub)
     _add_verify(sub)
+    _add_probe(sub)
+    _add_plot(sub)
+    _add_serve(sub)
+    _add_weights(sub)
     return parser
 
 
@@ -243,6 +440,14 @@ def main(argv: list[str] | None = None) -> int:
             return _run_verify(args)
         if args.command == "profile":
             return _run_profile(args)
+        if args.command == "probe":
+            return _run_probe(args)
+        if args.command == "plot":
+            return _run_plot(args)
+        if args.command == "serve":
+            return _run_serve(args)
+        if args.command == "weights":
+            return _run_weights(args)
     except KeyboardInterrupt:
         print("fastfeat: interrupted; finished shards are kept, run the same command again to resume", file=sys.stderr)
         return 130

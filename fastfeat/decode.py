@@ -141,15 +141,61 @@ class SampleError(RuntimeError):
     """DALI failed on the content of a sample (a corrupt or unsupported image)."""
 
 
-# Failures that are the machine's, not the image's: never turned into per-image error rows.
-_RESOURCE_ERRORS = ("out of memory", "bad_alloc", "cuda error", "cudaerror", "cuda_error", "nvml")
+# Failures that are the machine's, not the image's, by their text: never turned into per-image error rows.
+_MACHINE_ERRORS = (
+    "out of memory", "bad_alloc", "can't allocate", "cannot allocate", "cuda error", "cudaerror", "cuda_error",
+    "cuda runtime api error", "cuda driver", "illegal memory access", "illegal address", "launch failure",
+    "device-side assert", "peer gpu memory", "hardware error", "ecc error", "nvml",
+)  # fmt: skip
+# DALI reports an nvImageCodec call that failed as "nvImageCodec failure: '#N'", N an nvimgcodecStatus_t
+# (nvimgcodec.h).  These N are properties of the code stream: 3 BAD_CODESTREAM, 4 CODESTREAM_UNSUPPORTED,
+# 9 IMPLEMENTATION_UNSUPPORTED and their EXTENSION_ forms 13, 14, 18, 19 (INCOMPLETE_BITSTREAM).  Every
+# other one is the machine's: 5/15 ALLOCATOR_FAILURE, 6/20 EXECUTION_FAILED, 8/17 INTERNAL_ERROR,
+# 21 CUDA_CALL_ERROR, 7/16 ARCH_MISMATCH, 1/11 NOT_INITIALIZED, 2/12 INVALID_PARAMETER, 10 MISSED_DEPENDENCIES.
+_NVIMGCODEC_STATUS = re.compile(r"nvImageCodec failure: '#(\d+)'")
+_SAMPLE_STATUSES = frozenset({3, 4, 9, 13, 14, 18, 19})
+# nvJPEG statuses that mean bad data; any other NVJPEG_STATUS_* (allocator, execution, internal) is the machine's.
+_NVJPEG_SAMPLE_STATUSES = ("NVJPEG_STATUS_BAD_JPEG", "NVJPEG_STATUS_JPEG_NOT_SUPPORTED")
 
 
 def _is_sample_error(message: str, raw: bool) -> bool:
-    lower = message.lower()
-    if any(s in lower for s in _RESOURCE_ERRORS):
+    """Whether a DALI failure (a RuntimeError; other exception types always propagate) is the image's fault.
+
+    It takes positive evidence: the image decoder's operator failed on a sample ("Failed to decode sample",
+    or an nvImageCodec status that describes the code stream), and nothing in the text is a CUDA, allocator
+    or nvJPEG execution failure.  The raw pipeline (``raw``) takes pixels Pillow already decoded, so nothing
+    image-specific is left to fail there.  Anything else fails the run instead of becoming error rows.
+    """
+    if raw:
         return False
-    return raw or "decoders.image" in message
+    lower = message.lower()
+    if "decoders.image" not in message or any(s in lower for s in _MACHINE_ERRORS):
+        return False
+    if "NVJPEG_STATUS_" in message and not any(s in message for s in _NVJPEG_SAMPLE_STATUSES):
+        return False
+    statuses = {int(n) for n in _NVIMGCODEC_STATUS.findall(message)}
+    if statuses:
+        return statuses <= _SAMPLE_STATUSES
+    return "failed to decode sample" in lower or any(s in message for s in _NVJPEG_SAMPLE_STATUSES)
+
+
+def decoder_options(on_gpu: bool, hw_decoder_load: float = 0.0) -> dict:
+    """Keyword arguments of ``fn.decoders.image`` beyond its input and ``output_type``.
+
+    * ``jpeg_fancy_upsampling=True`` (mixed only; DALI's default is False): the GPU decoder upsamples
+      chroma as libjpeg-turbo does on the CPU.  Without it a chroma-subsampled JPEG (nearly every photo,
+      4:2:0) decodes to different pixels on a GPU than on a CPU; with it the two should agree up to
+      IDCT and colour-conversion rounding (unmeasured: ``benchmarks/gpu_check.py``'s decode step does).
+    * ``hw_decoder_load`` (mixed only; DALI's default 0.65): the share of each batch given to the
+      hardware JPEG engines of A100/H100/H200, by position in the batch.  Default 0: the engines round
+      differently from the CUDA decoder and do not do fancy upsampling, so an image's pixels would
+      depend on its batch company and differ from a CPU decode, against the exactly-once guarantee
+      (a resumed or re-decoded batch gives the same bytes).  ``benchmarks/gpu_check.py`` measures what
+      the engines would gain (decode img/s and pixel difference) where DALI is installed with a GPU.
+    """
+    if not on_gpu:
+        return {}
+    return {"jpeg_fancy_upsampling": True, "hw_decoder_load": float(hw_decoder_load)}
 
 
 def _dali_message(exc: Exception) -> str:
@@ -174,8 +220,10 @@ class Decoder:
         num_threads: int | None = None,
         mean_image: np.ndarray | None = None,
         views: tuple[View, ...] = AUGMENTS[DEFAULT_AUGMENT],
+        hw_decoder_load: float = 0.0,
     ):
         self.pre, self.batch_size, self.device = pre, batch_size, device
+        self.hw_decoder_load = hw_decoder_load  # see decoder_options
         self.views = views  # the crops of each image (fastfeat.augment): a batch has len(views) rows per image
         self.num_threads = num_threads or max(1, os.cpu_count() or 1)
         mean = np.asarray(pre.mean, np.float32) if mean_image is None else np.asarray(mean_image, np.float32)
@@ -184,11 +232,20 @@ class Decoder:
         # Mean images are subtracted in torch after the crop; per-channel means fuse into DALI.
         self.mean_image = None if self.per_channel_mean else torch.from_numpy(mean).to(device)
         self.std = torch.tensor(pre.std, dtype=torch.float32, device=device)
+        # The decoder's own CUDA stream: on the calling thread's default (legacy) stream the copy out of
+        # DALI and the mean subtraction would queue behind the forward pass of the previous batch.
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.pipe = self._build()
         self.raw_pipe = None  # built on first use by the Pillow fallback
 
     def _build(self, raw: bool = False):
-        """The DALI pipeline; ``raw`` takes already-decoded HWC uint8 pixels (the PIL fallback)."""
+        """The built DALI pipeline; ``raw`` takes already-decoded HWC uint8 pixels (the PIL fallback)."""
+        pipe = self._define(raw)
+        pipe.build()
+        return pipe
+
+    def _define(self, raw: bool = False):
+        """The DALI pipeline, defined but not built (building a GPU pipeline needs the GPU)."""
         from nvidia.dali import fn, pipeline_def, types
 
         pre, on_gpu = self.pre, self.device.type == "cuda"
@@ -216,10 +273,7 @@ class Decoder:
             if raw:
                 images = encoded.gpu() if on_gpu else encoded
             else:
-                # hw_decoder_load=0: the hardware JPEG decoder takes a share of each batch by position
-                # and rounds differently from the CUDA decoder, so an image's pixels would depend on
-                # its batch company; one decoder for every sample keeps features bit-reproducible.
-                extra = {"hw_decoder_load": 0.0} if on_gpu else {}
+                extra = decoder_options(on_gpu, self.hw_decoder_load)
                 images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=order, **extra)
             images = fn.resize(images, size=size, antialias=pre.style != "caffe")
             # Every view is cropped from the same resized image: one decode and one resize per image.
@@ -240,9 +294,7 @@ class Decoder:
             ]
             return crops[0] if len(crops) == 1 else fn.stack(*crops)  # [views, crop, crop, 3] per image
 
-        pipe = pipeline()
-        pipe.build()
-        return pipe
+        return pipeline()
 
     def _run(self, encoded: list[np.ndarray], geoms: list[tuple[int, int, int, int]], pipe=None) -> torch.Tensor:
         """Run the pipeline on samples; a sample-level failure raises SampleError, anything else propagates."""
@@ -254,8 +306,10 @@ class Decoder:
         pipe.feed_input("pos_x", [np.array(g[3] / max(g[1] - crop, 1), np.float32) for g in geoms])
         try:
             (out,) = pipe.run()
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # any other type (MemoryError...) propagates as it is
             if _is_sample_error(str(exc), raw=pipe is not self.pipe):
+                if self.device.type == "cuda":  # a broken CUDA context raises here: the run fails, as it must
+                    torch.cuda.synchronize(self.device)
                 raise SampleError(_dali_message(exc)) from None
             raise  # out of memory, CUDA failure...: not the image's fault, must not become an error row
         tensor = out.as_tensor()
@@ -272,6 +326,17 @@ class Decoder:
         return batch.flatten(0, 1) if len(self.views) > 1 else batch  # image-major rows: image i's views together
 
     def decode(
+        self, encoded: list[np.ndarray], sizes: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor | None, dict[int, str], dict[int, str]]:
+        """``_decode`` on the decoder's own CUDA stream; the batch is complete when it is returned."""
+        if self.stream is None:
+            return self._decode(encoded, sizes)
+        with torch.cuda.stream(self.stream):
+            result = self._decode(encoded, sizes)
+        self.stream.synchronize()  # another thread's stream (the forward pass) reads the batch next
+        return result
+
+    def _decode(
         self, encoded: list[np.ndarray], sizes: list[tuple[int, int]]
     ) -> tuple[torch.Tensor | None, dict[int, str], dict[int, str]]:
         """Decode a batch of encoded images whose upright (width, height) are ``sizes``.
@@ -332,11 +397,8 @@ class Decoder:
             pixels = pixels[..., ::-1]
         if self.raw_pipe is None:
             self.raw_pipe = self._build(raw=True)
-        try:
-            return self._run([np.ascontiguousarray(pixels)], [geom], self.raw_pipe), ""
-        except SampleError as exc:
-            self.raw_pipe = None
-            return None, f"{dali_message} (fallback: {exc})"
+        # A failure here is never the image's (see _is_sample_error): it propagates and fails the run.
+        return self._run([np.ascontiguousarray(pixels)], [geom], self.raw_pipe), ""
 
     def _decode_one_by_one(self, encoded, geoms):
         rows: list[torch.Tensor | None] = []

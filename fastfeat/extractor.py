@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from contextlib import redirect_stderr
 from functools import partial
@@ -25,6 +26,9 @@ from .decode import DEFAULT_MAX_PIXELS, Decoder, console, load_mean, read_image
 from .errors import ConfigError, ExtractFailed
 from .forward import Forward
 from .output import SUMMARY, OutputDir, ShardTransaction, plan_items, shard_tasks
+from .published import WEIGHTS_CHOICES
+from .published import lookup as lookup_published
+from .published import resolve as resolve_published
 from .runner import Runner, ShardTask
 from .runtime import (
     PRECISIONS,
@@ -32,12 +36,13 @@ from .runtime import (
     git_sha,
     keep_freed_memory,
     library_versions,
+    make_current,
     resolve_device,
     resolve_precision,
 )
 from .sinks import DEFAULT_FORMAT, get_sink
 from .sinks.base import Layout
-from .sources import ItemReader, list_items
+from .sources import ItemReader, format_skipped, list_items
 from .summary import ProgressBar, format_summary, run_summary
 from .weights import WeightsError, load_weights
 
@@ -68,7 +73,7 @@ class Extractor:
         if (why := unavailable_reason(backend, self.device)) is not None:
             raise ConfigError(f"backend {backend!r} is not available: {why}")
         _raise_pillow_limit(max_pixels)
-        items = list_items(source, image_column)  # SourceError (a ValueError) for missing/empty sources
+        items = _list(source, image_column, progress)  # SourceError (a ValueError) for missing/empty sources
         self.weights_source, self.weights_id, self.weights = weights, *weights_identity(self.spec, weights)
         pre = self.spec.preprocess
         self.views, self.augment, self.augment_reduce = get_views(augment), augment, augment_reduce
@@ -105,6 +110,7 @@ class Extractor:
         if self.up_to_date():  # nothing to load or build; the last real run's summary is kept
             return {**_read_json(os.path.join(self.out, SUMMARY)), "up_to_date": True, "rows": self.output.rows()}
         keep_freed_memory()
+        make_current(self.device)  # --device cuda:N: weights, the decoder and any device-less CUDA call go to N
         net = make_backend(self.backend_name, self.spec, self.weights.tensors, self.device, PRECISIONS[self.precision])
         pre = self.spec.preprocess
         decoder = Decoder(pre, self.batch_size, self.device, self.num_threads, self.mean_image, self.views)
@@ -136,6 +142,23 @@ class Extractor:
         return summary
 
 
+def _list(source: str, image_column: str, progress: bool):
+    """The items, with a running count on a terminal while a big source is listed, and one line
+    naming what the listing skipped (looping folder links, broken links, unreadable folders)."""
+    shown = []
+
+    def count(n: int) -> None:
+        shown.append(n)
+        print(f"\rlisting: {n:,} images", end="", file=sys.stderr, flush=True)
+
+    items = list_items(source, image_column, progress=count if progress and sys.stderr.isatty() else None)
+    if shown:
+        print(file=sys.stderr)
+    if (line := format_skipped(items.skipped)) is not None:
+        print(f"listing: {line}", file=sys.stderr)
+    return items
+
+
 def _check_failure(summary: dict, max_error_rate: float | None, out: str) -> None:
     """A run that wrote no row, or failed on more than ``max_error_rate`` of its images, is a failure."""
     processed, errors = summary["processed"], summary["errors"]
@@ -160,12 +183,16 @@ def _read_json(path: str) -> dict:
 
 def weights_identity(spec, source: str) -> tuple[dict, object]:
     """({"source", "sha256", "random"}, the loaded Weights or None): a file is hashed, not parsed, so a
-    finished output is recognised without loading a model (parsing happens once there is work)."""
+    finished output is recognised without loading a model (parsing happens once there is work).
+    A published name (``caffenet-imagenet``) is its checked cached file, downloaded first if needed;
+    its identity is the name, the sha256 and the publisher's URL (not the cache path: it is machine-specific)."""
     if source.startswith("random:"):
         w = load_weights(spec, source)
         return {"source": w.source, "sha256": w.sha256, "random": True}, w
+    if (published := resolve_published(source, spec.name)) is not None:
+        return {"source": source, "sha256": published[1], "random": False, "url": lookup_published(source).url}, None
     if not os.path.isfile(source):
-        raise WeightsError(f"weights file not found: {source}")
+        raise WeightsError(f"weights file not found: {source} ({WEIGHTS_CHOICES})")
     return {"source": os.path.abspath(source), "sha256": file_sha256(source), "random": False}, None
 
 

@@ -1,12 +1,19 @@
 """``--devices``: one ``fastfeat extract`` worker process per GPU, all writing one output directory.
 
-Worker i runs the same command with ``--num-shards K --shard-index i --device cuda:D_i``;
-the parts take disjoint output shards and merge them into one manifest under a
-file lock (fastfeat.writer), so together they equal a single-process run.
+Worker i runs the same command with ``--num-shards K --shard-index i --device cuda:0`` and sees only its
+own GPU (``CUDA_VISIBLE_DEVICES``): Triton launches on the *current* device, and a process that sees one
+GPU cannot launch on another one by mistake, nor open a context on GPU 0 from every worker. The parts
+take disjoint output shards and merge them into one manifest under a file lock (fastfeat.output), so
+together they equal a single-process run.
+
+Each worker also gets an equal share of this process's CPUs as its decoder threads (``--threads``, unless
+given): DALI's default of one thread per core in every worker would oversubscribe the CPUs K times and
+preallocate per-thread nvJPEG device buffers and pinned host buffers K times over.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -29,8 +36,21 @@ def parse_devices(devices: str) -> list[int]:
     return ids
 
 
-def worker_argv(argv: list[str], index: int, count: int, device: int) -> list[str]:
-    """The worker's command line: argv without --devices/--device/--num-shards/--shard-index, plus its part."""
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which a container or taskset may narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _given(argv: list[str], option: str) -> bool:
+    return any(a == option or a.startswith(option + "=") for a in argv)
+
+
+def worker_argv(argv: list[str], index: int, count: int, cpus: int | None = None) -> list[str]:
+    """The worker's command line: argv without --devices/--device/--num-shards/--shard-index, plus its
+    part, ``--device cuda:0`` (its only visible GPU, see ``worker_env``) and its share of the CPUs."""
     out, skip = [], False
     drop = ("--devices", "--device", "--num-shards", "--shard-index")
     for arg in argv:
@@ -43,14 +63,33 @@ def worker_argv(argv: list[str], index: int, count: int, device: int) -> list[st
         if any(arg.startswith(d + "=") for d in drop):
             continue
         out.append(arg)
-    extra = ["--num-shards", str(count), "--shard-index", str(index), "--device", f"cuda:{device}"]
+    extra = ["--num-shards", str(count), "--shard-index", str(index), "--device", "cuda:0"]
+    if not _given(argv, "--threads"):
+        extra += ["--threads", str(max(1, (cpus or available_cpus()) // count))]
     if index > 0:
         extra.append("--no-progress")  # one progress bar is readable, several interleaved are not
     return [sys.executable, "-m", "fastfeat", *out, *extra]
 
 
+def worker_env(device: int, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The worker's environment: this one with ``CUDA_VISIBLE_DEVICES`` narrowed to GPU ``device``.
+
+    ``device`` counts the GPUs this process sees; when CUDA_VISIBLE_DEVICES already narrows them (to
+    "2,3", or to UUIDs), GPU 1 is its second entry, not the machine's GPU 1.
+    """
+    env = dict(os.environ if env is None else env)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    entries = [e.strip() for e in visible.split(",") if e.strip()] if visible is not None else None
+    if entries is not None and not 0 <= device < len(entries):
+        raise ValueError(f"GPU {device} is not among CUDA_VISIBLE_DEVICES={visible!r}")
+    env["CUDA_VISIBLE_DEVICES"] = entries[device] if entries is not None else str(device)
+    return env
+
+
 def launch_per_device(devices: str, argv: list[str]) -> int:
     ids = parse_devices(devices)
-    procs = [subprocess.Popen(worker_argv(argv, i, len(ids), d)) for i, d in enumerate(ids)]
+    procs = [
+        subprocess.Popen(worker_argv(argv, i, len(ids)), env=worker_env(d)) for i, d in enumerate(ids)
+    ]  # fmt: skip
     codes = [p.wait() for p in procs]
     return next((c for c in codes if c != 0), 0)

@@ -328,8 +328,16 @@ def describe_diff(old: dict, new: dict) -> str:
     )
 
 
+def _ids_labels(items):
+    """The id and label columns, without building an Item per entry when ``items`` is an ItemList."""
+    if hasattr(items, "ids"):
+        return items.ids(), items.labels()
+    return (it.id for it in items), (it.label for it in items)
+
+
 def ids_labels_sha256(items) -> str:
-    return hashlib.sha256("\n".join(f"{it.id}\t{it.label}" for it in items).encode()).hexdigest()
+    ids, labels = _ids_labels(items)
+    return hashlib.sha256("\n".join(f"{i}\t{lab}" for i, lab in zip(ids, labels, strict=True)).encode()).hexdigest()
 
 
 def expected_shards(generations: list[dict], shard_size: int) -> int:
@@ -339,8 +347,8 @@ def expected_shards(generations: list[dict], shard_size: int) -> int:
 def _write_items(path: str, items) -> None:
     table = pa.table(
         {
-            "id": pa.array([it.id for it in items], pa.string()),
-            "label": pa.array([it.label for it in items], pa.string()),
+            "id": pa.array(list(_ids_labels(items)[0]), pa.string()),
+            "label": pa.array(list(_ids_labels(items)[1]), pa.string()),
         }
     )
     tmp = path + ".tmp"

@@ -38,6 +38,19 @@ def resolve_device(device: str) -> torch.device:
     raise ConfigError(f"unknown device {device!r}; choose auto, cpu or cuda[:N]")
 
 
+def make_current(device: torch.device) -> None:
+    """Make ``device`` the calling thread's current CUDA device (nothing on CPU).
+
+    The current device is per thread and is what Triton launches on (with that device's current
+    stream), whatever device the tensors are on; it is also where a device-less CUDA call (a context,
+    a synchronize) goes.  Every thread that runs GPU work for ``--device cuda:N`` calls this first.
+    """
+    if device.type == "cuda":
+        # torch.cuda.set_device refuses a device without an index ("cuda", "auto"): that one means the
+        # current device, which is already current.
+        torch.cuda.set_device(device if device.index is not None else torch.cuda.current_device())
+
+
 def _cpuinfo() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

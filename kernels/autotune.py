@@ -19,8 +19,21 @@ import os
 import torch
 import triton
 
+from .versions import triton_too_old
+
+if (_too_old := triton_too_old(triton.__version__)) is not None:
+    raise ImportError(_too_old)
+
 # Power-of-two cap for the M bucket used as an autotune key: beyond it the best tile no longer changes.
 M_BUCKET_CAP = 4096
+# Power-of-two cap for the batch bucket of the conv autotune key. M alone cannot tell batches apart once
+# it passes M_BUCKET_CAP (conv1 has 3,025 output pixels per image, so batch 1 and batch 256 would share
+# a bucket and be tuned at whichever ran first); from 256 images on, every conv layer of these networks
+# has over 40,000 output rows, several waves of 128-row tiles on 132 SMs, and the best tile stops moving.
+BATCH_BUCKET_CAP = 256
+# FASTFEAT_AUTOTUNE=0 keeps one config per launch (the first the prune rules keep) instead of timing them
+# all: the GPU check's kernel tests verify numerics, and tuning each test shape would take most of its time.
+AUTOTUNE_ENV = "FASTFEAT_AUTOTUNE"
 # Dtypes every launcher accepts for activations and weights (accumulation is always fp32).
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -29,7 +42,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # benchmarks/compile_check.py (triton 3.8, ptxas 12.9, sm_80 and sm_90): configs above them spill.
 # Flattened conv loop: A is gathered element by element, with per-element index and padding math.
 GATHER_A_REG_BUDGET = 96
-# GEMM whose N is not a multiple of 16 (fc8: 1000): W^T rows are unaligned, so B loads are scalar.
+# GEMM whose weight rows are unaligned (an unpadded fc8, N = 1000): B loads are scalar.  Also the budget
+# under which sm_80 stores an unaligned output row without spilling (see prune_gemm).
 GATHER_B_REG_BUDGET = 96
 # input_precision="ieee" (exact fp32): tl.dot runs on FMA units with both operand tiles in registers.
 FMA_REG_BUDGET = 88
@@ -51,6 +65,24 @@ def interpreter_active() -> bool:
 def m_bucket(m: int) -> int:
     """Round a GEMM M up to a power of two (capped) so autotuning runs once per size class, not per batch."""
     return min(triton.next_power_of_2(max(int(m), 1)), M_BUCKET_CAP)
+
+
+def batch_bucket(n: int) -> int:
+    """Round a batch size up to a power of two (capped at BATCH_BUCKET_CAP): the conv's second size key."""
+    return min(triton.next_power_of_2(max(int(n), 1)), BATCH_BUCKET_CAP)
+
+
+def autotune_enabled() -> bool:
+    """False when FASTFEAT_AUTOTUNE=0: launches take the first config the prune rules keep, untimed.
+
+    Read at every prune (a new autotune key), not at import, so a process can switch it between phases.
+    """
+    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+def _tuned(configs: list) -> list:
+    """The configs to time: all of them, or only the first when autotuning is off (then none is timed)."""
+    return configs if autotune_enabled() else configs[:1]
 
 
 def _cfg(bm: int, bn: int, bk: int, stages: int, warps: int, group_m: int = 8) -> triton.Config:
@@ -211,19 +243,34 @@ def prune_conv(configs, named_args, **kwargs):
     if x.is_cuda and args.get("DOT_PRECISION") != "ieee" and _device_capability(_device_index(x)) < HOPPER_CAPABILITY:
         words = x.element_size() / 4  # 32-bit registers per operand element
         configs = prune_by_registers(configs, MMA_SYNC_REG_BUDGET, words, words)
-    return configs
+    return _tuned(configs)
 
 
 def prune_gemm(configs, named_args, **kwargs):
     """GEMM pruning: keep thin-M tiles for M <= 32 and full tiles above, then shared-memory fit, then
-    the register budgets (scalar B loads when N is unaligned, exact-fp32 FMA dot)."""
+    the register budgets (scalar B loads when the weight's row stride or its load width is unaligned,
+    exact-fp32 FMA dot).
+
+    ``pack_linear_weight`` pads the rows to a multiple of 16 and the launcher loads the padding, so only
+    a weight packed some other way (a contiguous [K, N] with N = 1000, say) takes the scalar-load rule."""
     args = {**named_args, **kwargs}
     small = int(args["M_BUCKET"]) <= 32
     family = [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == small]
     configs = prune_by_shared_memory(family or configs, args, "x_ptr")
-    if "N" in args and int(args["N"]) % ALIGN_ELEMS != 0:
+    unaligned_loads = any(name in args and int(args[name]) % ALIGN_ELEMS != 0 for name in ("STRIDE_WK", "N_LOAD"))
+    # Pre-Hopper (mma.sync), an output row of unaligned N (fc8: 1000) is stored element by element from
+    # the accumulator fragments, and the large tiles spill at sm_80 (benchmarks/compile_check.py); the
+    # budget of the scalar-load rule keeps exactly the tiles that do not.  Hopper's wgmma path does not spill.
+    x = args["x_ptr"]
+    unaligned_store = (
+        "N" in args
+        and int(args["N"]) % ALIGN_ELEMS != 0
+        and x.is_cuda
+        and _device_capability(_device_index(x)) < HOPPER_CAPABILITY
+    )
+    if unaligned_loads or unaligned_store:
         configs = prune_by_registers(configs, GATHER_B_REG_BUDGET, 0.0, 1.0)
-    return _prune_fma(configs, args)
+    return _tuned(_prune_fma(configs, args))
 
 
 @functools.lru_cache(maxsize=16)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import conv_configs, m_bucket, prune_conv
+from .autotune import batch_bucket, conv_configs, m_bucket, prune_conv
 from .gemm import grouped_tile
 from .indexing import nhwc_window_origin
 from .launch_args import (
@@ -46,6 +46,7 @@ from .launch_args import (
     check_same_device,
     dot_precision,
     int_pair,
+    on_tensor_device,
     output_buffer,
     resolve_out_dtype,
 )
@@ -57,12 +58,18 @@ TAP_LOOP_MIN_CIN = 16
 MAX_GEMM_M = 2**31 - 1
 
 
+# Keyed on the batch bucket as well as the M bucket (see autotune.BATCH_BUCKET_CAP); tuned configs are
+# cached on disk (Triton's cache dir, keyed by GPU target, kernel source, key and config list), so a
+# second run and the sibling --devices workers that start after the first has tuned skip the tuning.
 @triton.autotune(
     configs=conv_configs(),
-    key=["M_BUCKET", "COUT_G", "CIN_G", "KH", "KW", "TAP_LOOP"],
+    key=["M_BUCKET", "BATCH_BUCKET", "COUT_G", "CIN_G", "KH", "KW", "TAP_LOOP"],
     prune_configs_by={"early_config_prune": prune_conv},
+    cache_results=True,
 )
-@triton.jit
+# The bucket arguments are read only by the autotuner: unspecialised, a bucket of 1 (or a multiple of
+# 16) would otherwise compile a variant of its own.
+@triton.jit(do_not_specialize=["M_BUCKET", "BATCH_BUCKET"])
 def _conv2d_nhwc_kernel(
     x_ptr,
     w_ptr,
@@ -77,6 +84,7 @@ def _conv2d_nhwc_kernel(
     M_GEMM,
     COUT_G,
     M_BUCKET,
+    BATCH_BUCKET,
     CIN_G: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
@@ -99,7 +107,8 @@ def _conv2d_nhwc_kernel(
     w_ptr: [groups, COUT_G, KH*KW*CIN_G] contiguous, same dtype as x; K ordered (kh, kw, cin).
     b_ptr: [C_OUT] fp32 (ignored unless HAS_BIAS).
     y_ptr: [N, OH, OW, C_OUT] NHWC, contiguous; group g writes channels [g*COUT_G, (g+1)*COUT_G).
-    Grid: (cdiv(M_GEMM, BLOCK_M) * cdiv(COUT_G, BLOCK_N), groups). M_BUCKET is only an autotune key.
+    Grid: (cdiv(M_GEMM, BLOCK_M) * cdiv(COUT_G, BLOCK_N), groups). M_BUCKET and BATCH_BUCKET are only
+    autotune keys.
     """
     K_GEMM: tl.constexpr = KH * KW * CIN_G
     NUM_CB: tl.constexpr = (CIN_G + BLOCK_K - 1) // BLOCK_K  # channel slabs per tap (tap loop)
@@ -264,30 +273,33 @@ def conv2d_nhwc(
     def grid(meta):
         return (triton.cdiv(m_gemm, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups)
 
-    _conv2d_nhwc_kernel[grid](
-        x,
-        packed,
-        bias if bias is not None else x,  # dummy pointer, never read when HAS_BIAS is False
-        out,
-        h,
-        w,
-        cin,
-        oh,
-        ow,
-        cout,
-        m_gemm,
-        cout_g,
-        m_bucket(m_gemm),
-        CIN_G=cin_g,
-        KH=kh,
-        KW=kw,
-        STRIDE_H=sh,
-        STRIDE_W=sw,
-        PAD_H=ph,
-        PAD_W=pw,
-        TAP_LOOP=cin_g >= TAP_LOOP_MIN_CIN,
-        HAS_BIAS=bias is not None,
-        APPLY_RELU=bool(relu),
-        DOT_PRECISION=dot_precision(x.dtype, allow_tf32),
-    )
+    # Triton launches on the current device and stream: make that x's device (see on_tensor_device).
+    with on_tensor_device(x):
+        _conv2d_nhwc_kernel[grid](
+            x,
+            packed,
+            bias if bias is not None else x,  # dummy pointer, never read when HAS_BIAS is False
+            out,
+            h,
+            w,
+            cin,
+            oh,
+            ow,
+            cout,
+            m_gemm,
+            cout_g,
+            m_bucket(m_gemm),
+            batch_bucket(n),
+            CIN_G=cin_g,
+            KH=kh,
+            KW=kw,
+            STRIDE_H=sh,
+            STRIDE_W=sw,
+            PAD_H=ph,
+            PAD_W=pw,
+            TAP_LOOP=cin_g >= TAP_LOOP_MIN_CIN,
+            HAS_BIAS=bias is not None,
+            APPLY_RELU=bool(relu),
+            DOT_PRECISION=dot_precision(x.dtype, allow_tf32),
+        )
     return out

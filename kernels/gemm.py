@@ -1,7 +1,10 @@
 """Fully connected layers: y = relu?(x @ W^T + b) with a K-major packed weight and optional split-K.
 
 Layout: the weight is packed once to W^T, [K, N] with N contiguous, so a (BLOCK_K x BLOCK_N) weight
-tile is BLOCK_K coalesced row segments and the kernel never transposes in registers.
+tile is BLOCK_K coalesced row segments and the kernel never transposes in registers. Each row is padded
+to a multiple of 16 elements (``WEIGHT_ROW_ALIGN``; the packed tensor is the [K, N] view of the padded
+[K, N_pad] storage): fc8's N = 1000 would otherwise start every row at an unaligned address and Triton
+would load the weight, the largest operand at small batch, one element at a time.
 
 Small M (a few images; fc6/fc7/fc8 at batch 1..32) is weight-bandwidth bound: every weight byte is
 used by only M rows. Such calls get thin BLOCK_M=16 tiles with long K slabs (``gemm_configs``), and,
@@ -16,8 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import gemm_configs, m_bucket, prune_gemm, sm_count
-from .launch_args import check_kernel_tensor, check_same_device, dot_precision, output_buffer, resolve_out_dtype
+from .autotune import ALIGN_ELEMS, gemm_configs, m_bucket, prune_gemm, sm_count
+from .launch_args import (
+    check_kernel_tensor,
+    check_row_major,
+    check_same_device,
+    dot_precision,
+    on_tensor_device,
+    output_buffer,
+    resolve_out_dtype,
+)
 
 # Split-K boundaries are multiples of this, a multiple of every BLOCK_K, so no slab straddles splits.
 SPLIT_K_GRANULE = 256
@@ -31,6 +42,9 @@ TARGET_PROGRAMS_PER_SM = 2
 NOMINAL_BLOCK_N = 128
 # Elements per program in the split-K reduction (a pure streaming kernel).
 REDUCE_BLOCK = 1024
+# Packed weight rows start at multiples of this many elements: what Triton's divisibility-by-16
+# specialisation of the row stride needs to vectorise the weight loads.
+WEIGHT_ROW_ALIGN = ALIGN_ELEMS
 
 
 @triton.jit
@@ -46,12 +60,15 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+# Tuned configs are cached on disk (see the conv kernel); the row stride is keyed (it decides the
+# scalar-load prune rule), the M bucket is left unspecialised (read only by the autotuner).
 @triton.autotune(
     configs=gemm_configs(),
-    key=["M_BUCKET", "N", "K", "SPLIT_K"],
+    key=["M_BUCKET", "N", "K", "STRIDE_WK", "N_LOAD", "SPLIT_K"],
     prune_configs_by={"early_config_prune": prune_gemm},
+    cache_results=True,
 )
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _linear_kernel(
     x_ptr,
     w_ptr,
@@ -61,6 +78,8 @@ def _linear_kernel(
     M,
     N,
     K,
+    STRIDE_WK,
+    N_LOAD,
     M_BUCKET,
     K_PER_SPLIT,
     SPLIT_K: tl.constexpr,
@@ -75,7 +94,10 @@ def _linear_kernel(
     """One (BLOCK_M x BLOCK_N) output tile over one K split.
 
     x_ptr: [M, K] row-major contiguous, fp32/fp16/bf16.
-    w_ptr: [K, N] row-major contiguous (W^T, from ``pack_linear_weight``), same dtype as x.
+    w_ptr: [K, N] row-major with row stride STRIDE_WK >= N (W^T, from ``pack_linear_weight``), same dtype as x;
+        columns [N, N_LOAD) of each row are readable (the packing's zero padding) and loaded with the
+        rest, so that the load mask is as aligned as the rows: a mask at N = 1000 would split every
+        vector load into scalar ones.  Their products land in accumulator columns that are never stored.
     b_ptr: [N] fp32 (ignored unless HAS_BIAS).
     y_ptr: [M, N] contiguous, written only when SPLIT_K == 1.
     ws_ptr: [SPLIT_K, M, N] fp32 partial sums, written only when SPLIT_K > 1.
@@ -89,6 +111,7 @@ def _linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    n_load = offs_n < N_LOAD
     # Row offsets in int64: M*K and K*N pass 2^31 for large batches or wide layers.
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
 
@@ -100,8 +123,8 @@ def _linear_kernel(
         k_ok = offs_k < k_end
         a = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(
-            w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
-            mask=k_ok[:, None] & n_ok[None, :],
+            w_ptr + offs_k.to(tl.int64)[:, None] * STRIDE_WK + offs_n[None, :],
+            mask=k_ok[:, None] & n_load[None, :],
             other=0.0,
         )
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -159,7 +182,9 @@ def pack_linear_weight(
     ``input_chw=(C, H, W)``: the layer was trained on a torch NCHW flatten (index c*H*W + h*W + w), as
     fc6 after pool5 is; the columns are permuted once so that the layer accepts the flatten of an NHWC
     tensor (index (h*W + w)*C + c) instead, and no activation transpose is needed at run time.
-    ``dtype`` optionally casts.
+    ``dtype`` optionally casts. The result is [K, N_out] with unit column stride and a row stride padded
+    up to a multiple of ``WEIGHT_ROW_ALIGN`` (zeros; ``linear`` loads them with the row, for aligned
+    vector loads, and never stores their products).
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
@@ -177,7 +202,22 @@ def pack_linear_weight(
         if c * h * wd != k:
             raise ValueError(f"input_chw={input_chw} has {c * h * wd} elements but the weight has K={k}")
         w = w.reshape(n_out, c, h, wd).permute(0, 2, 3, 1).reshape(n_out, k)
-    return w.t().contiguous()
+    n_pad = triton.cdiv(n_out, WEIGHT_ROW_ALIGN) * WEIGHT_ROW_ALIGN
+    if n_pad == n_out:
+        return w.t().contiguous()
+    padded = torch.zeros((k, n_pad), dtype=w.dtype, device=w.device)
+    padded[:, :n_out] = w.t()
+    return padded[:, :n_out]
+
+
+def _readable_columns(w: torch.Tensor) -> int:
+    """How many columns of every row of ``w`` may be read: its row stride when the storage holds the last
+    row's padding too (as ``pack_linear_weight``'s does), else just N."""
+    k, n = w.shape
+    stride = w.stride(0)
+    if stride > n and w.storage_offset() + k * stride <= w.untyped_storage().nbytes() // w.element_size():
+        return stride
+    return n
 
 
 def _pick_split_k(m: int, n: int, k: int, device: torch.device) -> int:
@@ -202,13 +242,13 @@ def linear(
 ) -> torch.Tensor:
     """y = relu?(x @ W^T + bias) for x [M, K] and ``w_packed`` = W^T [K, N] from ``pack_linear_weight``.
 
-    x and w_packed: same dtype (fp32/fp16/bf16), contiguous. bias: [N] fp32 or None. Accumulation,
-    bias and ReLU in fp32, one rounding to ``out_dtype`` (default: x.dtype). ``out``: optional
+    x: contiguous; w_packed: rows contiguous, row stride >= N (``pack_linear_weight`` pads it); same dtype
+    (fp32/fp16/bf16). bias: [N] fp32 or None. Accumulation, bias and ReLU in fp32, one rounding to ``out_dtype`` (default: x.dtype). ``out``: optional
     preallocated [M, N] buffer. ``split_k``: None picks a split from M, N, K and the SM count; an int
     forces it (1 disables split-K). fp32 inputs use exact fp32 products unless ``allow_tf32``.
     """
     check_kernel_tensor("x", x, ndim=2)
-    check_kernel_tensor("w_packed", w_packed, ndim=2)
+    check_kernel_tensor("w_packed", w_packed, ndim=2, contiguous=False)
     if w_packed.dtype != x.dtype:
         raise ValueError(f"w_packed dtype {w_packed.dtype} != x dtype {x.dtype}; pack with dtype=x.dtype")
     m, k = x.shape
@@ -218,6 +258,7 @@ def linear(
             "pack_linear_weight; an unpacked [N, K] weight is the usual cause)"
         )
     n = w_packed.shape[1]
+    check_row_major("w_packed", w_packed, cols=n)
     if bias is not None:
         check_kernel_tensor("bias", bias, ndim=1, dtypes=(torch.float32,))
         if bias.shape[0] != n:
@@ -241,32 +282,36 @@ def linear(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), splits)
 
-    _linear_kernel[grid](
-        x,
-        w_packed,
-        b_arg,
-        out,
-        ws,
-        m,
-        n,
-        k,
-        m_bucket(m),
-        k_per_split,
-        SPLIT_K=splits,
-        HAS_BIAS=bias is not None,
-        APPLY_RELU=bool(relu),
-        DOT_PRECISION=dot_precision(x.dtype, allow_tf32),
-    )
-    if splits > 1:
-        _splitk_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
-            ws,
+    # Triton launches on the current device and stream: make that x's device (see on_tensor_device).
+    with on_tensor_device(x):
+        _linear_kernel[grid](
+            x,
+            w_packed,
             b_arg,
             out,
+            ws,
             m,
             n,
+            k,
+            w_packed.stride(0),
+            _readable_columns(w_packed),
+            m_bucket(m),
+            k_per_split,
             SPLIT_K=splits,
             HAS_BIAS=bias is not None,
             APPLY_RELU=bool(relu),
-            BLOCK=REDUCE_BLOCK,
+            DOT_PRECISION=dot_precision(x.dtype, allow_tf32),
         )
+        if splits > 1:
+            _splitk_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
+                ws,
+                b_arg,
+                out,
+                m,
+                n,
+                SPLIT_K=splits,
+                HAS_BIAS=bias is not None,
+                APPLY_RELU=bool(relu),
+                BLOCK=REDUCE_BLOCK,
+            )
     return out

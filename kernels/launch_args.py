@@ -5,13 +5,16 @@ Every check raises ValueError with a readable message (never ``assert``): these 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .autotune import SUPPORTED_DTYPES, interpreter_active
 
 
-def check_kernel_tensor(name: str, t, *, ndim: int, dtypes=SUPPORTED_DTYPES) -> None:
-    """Validate a launcher argument: a tensor of the given rank and dtype, contiguous, on a usable device.
+def check_kernel_tensor(name: str, t, *, ndim: int, dtypes=SUPPORTED_DTYPES, contiguous: bool = True) -> None:
+    """Validate a launcher argument: a tensor of the given rank and dtype, contiguous (unless told
+    otherwise: see ``check_row_major``), on a usable device.
 
     Raises ValueError (never asserts) so that callers get a readable message.
     """
@@ -22,7 +25,7 @@ def check_kernel_tensor(name: str, t, *, ndim: int, dtypes=SUPPORTED_DTYPES) -> 
     if t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise ValueError(f"{name} has dtype {t.dtype}; supported: {names}")
-    if not t.is_contiguous():
+    if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous() once, outside the hot loop)")
     if t.device.type == "cuda":
         return
@@ -31,6 +34,32 @@ def check_kernel_tensor(name: str, t, *, ndim: int, dtypes=SUPPORTED_DTYPES) -> 
     raise ValueError(
         f"{name} is on {t.device}; the triton kernels need a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1)"
     )
+
+
+def check_row_major(name: str, t, *, cols: int) -> None:
+    """Validate a 2-D operand whose rows may be padded: unit column stride, row stride >= ``cols``.
+
+    ``pack_linear_weight`` pads each row of W^T to a multiple of 16 elements and returns the [K, N] view,
+    so that every row starts 16-element aligned and the kernel's weight loads are vectorised.
+    """
+    if t.stride(1) != 1 or t.stride(0) < cols or (t.shape[0] > 1 and t.stride(0) == 0):
+        raise ValueError(
+            f"{name} must be row-major with contiguous rows (strides (>= {cols}, 1)), got strides {t.stride()}; "
+            "pack it with pack_linear_weight"
+        )
+
+
+def on_tensor_device(t: torch.Tensor):
+    """A context that makes ``t``'s GPU the current CUDA device (nothing for a CPU tensor).
+
+    Triton launches on torch's *current* device and that device's current stream, not on the device of
+    the tensors it is given: a kernel called with cuda:1 tensors while cuda:0 is current runs on GPU 0
+    with GPU-1 pointers ("Pointer argument cannot be accessed from Triton"), or, with peer access on,
+    races on GPU 0's stream. torch's own ops switch devices this way for every call; the launchers do too.
+    """
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def check_same_device(**tensors) -> None:

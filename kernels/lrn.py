@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_args import check_kernel_tensor, output_buffer, resolve_out_dtype
+from .launch_args import check_kernel_tensor, on_tensor_device, output_buffer, resolve_out_dtype
 
 # A program holds every channel of its pixels in registers; beyond this the tile would spill.
 MAX_LRN_CHANNELS = 2048
@@ -138,17 +138,18 @@ def lrn_nhwc(
     if p_total == 0 or c == 0:
         return out
     block_p, block_c = lrn_tile(c)
-    _lrn_nhwc_kernel[(triton.cdiv(p_total, block_p),)](
-        x,
-        out,
-        p_total,
-        c,
-        float(alpha) / size,
-        float(beta),
-        float(k),
-        SIZE=size,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        num_warps=LRN_NUM_WARPS,
-    )
+    with on_tensor_device(x):  # Triton launches on the current device: make it x's
+        _lrn_nhwc_kernel[(triton.cdiv(p_total, block_p),)](
+            x,
+            out,
+            p_total,
+            c,
+            float(alpha) / size,
+            float(beta),
+            float(k),
+            SIZE=size,
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+            num_warps=LRN_NUM_WARPS,
+        )
     return out

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .indexing import nhwc_window_origin
-from .launch_args import check_kernel_tensor, int_pair, output_buffer, resolve_out_dtype
+from .launch_args import check_kernel_tensor, int_pair, on_tensor_device, output_buffer, resolve_out_dtype
 from .lrn import LRN_NUM_WARPS, LRNParams, check_lrn_params, lrn_across_channels, lrn_tile
 from .sizes import pool_output_size
 
@@ -139,29 +139,30 @@ def maxpool2d_nhwc(
     else:
         block_p, block_c = POOL_BLOCK_P, min(POOL_BLOCK_C, triton.next_power_of_2(c))
     params = lrn if lrn is not None else LRNParams()
-    _maxpool_nhwc_kernel[(triton.cdiv(p_total, block_p), triton.cdiv(c, block_c))](
-        x,
-        out,
-        h,
-        w,
-        c,
-        oh,
-        ow,
-        p_total,
-        float(params.alpha) / params.size,
-        float(params.beta),
-        float(params.k),
-        KH=kh,
-        KW=kw,
-        STRIDE_H=sh,
-        STRIDE_W=sw,
-        PAD_H=ph,
-        PAD_W=pw,
-        APPLY_RELU=bool(relu),
-        FUSE_LRN=lrn is not None,
-        LRN_SIZE=params.size,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        num_warps=LRN_NUM_WARPS,
-    )
+    with on_tensor_device(x):  # Triton launches on the current device: make it x's
+        _maxpool_nhwc_kernel[(triton.cdiv(p_total, block_p), triton.cdiv(c, block_c))](
+            x,
+            out,
+            h,
+            w,
+            c,
+            oh,
+            ow,
+            p_total,
+            float(params.alpha) / params.size,
+            float(params.beta),
+            float(params.k),
+            KH=kh,
+            KW=kw,
+            STRIDE_H=sh,
+            STRIDE_W=sw,
+            PAD_H=ph,
+            PAD_W=pw,
+            APPLY_RELU=bool(relu),
+            FUSE_LRN=lrn is not None,
+            LRN_SIZE=params.size,
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+            num_warps=LRN_NUM_WARPS,
+        )
     return out

@@ -343,7 +343,8 @@ def test_worker_argv():
     from fastfeat.launch import worker_argv
 
     argv = ["extract", "src", "--out", "o", "--devices", "0,1", "--device=cuda", "--batch-size", "8"]
-    assert worker_argv(argv, 1, 2, 1)[3:] == [
+    # The worker sees only its own GPU (CUDA_VISIBLE_DEVICES, tests/test_gpu_readiness.py), as cuda:0.
+    assert worker_argv(argv, 1, 2, cpus=8)[3:] == [
         "extract",
         "src",
         "--out",
@@ -355,7 +356,9 @@ def test_worker_argv():
         "--shard-index",
         "1",
         "--device",
-        "cuda:1",
+        "cuda:0",
+        "--threads",
+        "4",
         "--no-progress",
     ]
 

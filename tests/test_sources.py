@@ -381,3 +381,35 @@ def test_parquet_read_errors_name_the_file_and_row(tmp_path):
     os.remove(path)
     _, _, (_, message) = read_image(items[0], 10**9, reader=ItemReader())
     assert message.endswith(f"{path!r} row 0")
+
+
+@pytest.mark.parametrize("every", [3, 10_000])
+def test_random_tree_matches_an_os_walk_listing(tmp_path, monkeypatch, every):
+    """Names around '/' in byte order ('-' '.' '0' ' ' '~', non-ASCII), folders named like images,
+    several depths; small chunks exercise the per-chunk classification and progress."""
+    import random
+
+    monkeypatch.setattr(sources, "PROGRESS_EVERY", every)
+    rng = random.Random(7)
+    parts = ["a", "a-b", "a.b", "a0", "a b", "a~", "é", "Z", "x.jpg", "b.PNG"]
+    for _ in range(300):
+        depth = rng.randint(0, 3)
+        path = [rng.choice(parts) for _ in range(depth)] + [
+            rng.choice(parts) + rng.choice([".jpg", ".png", ".txt", ""])
+        ]
+        try:
+            _touch(tmp_path, "/".join(path))
+        except (IsADirectoryError, NotADirectoryError, FileExistsError):
+            pass  # a name already taken by a file or a folder
+    expected = []
+    for dirpath, _dirnames, filenames in os.walk(tmp_path):
+        for f in filenames:
+            if os.path.splitext(f)[1].lower() in sources.IMAGE_EXTENSIONS:
+                rel = os.path.relpath(os.path.join(dirpath, f), tmp_path).replace(os.sep, "/")
+                expected.append((rel, rel.split("/")[0] if "/" in rel else None))
+    expected.sort(key=lambda p: p[0].encode("utf-8"))
+    calls: list[int] = []
+    items = list_items(str(tmp_path), progress=calls.append)
+    assert len(expected) > 50 and _pairs(items) == expected
+    assert calls[-1] == len(items) and calls == sorted(calls)
+    assert all(it.path == os.path.join(str(tmp_path), it.id) for it in items)

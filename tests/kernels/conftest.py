@@ -15,6 +15,23 @@ def _require_backend():
         pytest.skip(why)
 
 
+@pytest.fixture(autouse=True)
+def exact_fp32_references():
+    """The F.conv2d / F.linear references in exact fp32.
+
+    On a GPU, cuDNN convolutions use TF32 for fp32 by default (``torch.backends.cudnn.allow_tf32`` is
+    True): a 10-bit mantissa, so an fp32 reference would be ~1e-3 off and every fp32 test at 1e-5 would
+    fail against a correct kernel.  Turned off here for the references (and back afterwards); the
+    kernels compute exact fp32 unless asked for TF32.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """Where the kernels' tensors live: the GPU if there is one, else the CPU (interpreter)."""

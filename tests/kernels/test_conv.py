@@ -277,3 +277,25 @@ def test_gpu_prune_per_device(monkeypatch):
         assert all(autotune._tile_smem_bytes(c, 2, capability) <= smem for c in kept[capability])
     assert all(_tile_regs(c, 0.5, 0.5) <= MMA_SYNC_REG_BUDGET for c in kept[8])
     assert len(kept[9]) == len(configs) > len(kept[8]) > 0
+
+
+def test_autotune_key_tells_batches_apart(monkeypatch):
+    """conv1 has 3,025 output pixels per image: its M bucket is capped alike at batch 1 and 64, so the
+    batch bucket must be in the key, or conv1 would be tuned once, at whichever batch ran first."""
+    from fastfeat.kernels.autotune import BATCH_BUCKET_CAP, batch_bucket, m_bucket
+    from fastfeat.kernels.conv import _conv2d_nhwc_kernel
+
+    assert m_bucket(1 * 55 * 55) == m_bucket(64 * 55 * 55)
+    assert "BATCH_BUCKET" in _conv2d_nhwc_kernel.keys and "M_BUCKET" in _conv2d_nhwc_kernel.keys
+    assert len({batch_bucket(b) for b in (1, 64, 256)}) == 3
+    assert batch_bucket(1000) == BATCH_BUCKET_CAP == batch_bucket(256)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("FASTFEAT_AUTOTUNE", "0")  # the GPU check's test phase: one config, untimed
+    one = prune_conv(conv_configs(), {"x_ptr": torch.empty(1, 1, 1, 1)}, TAP_LOOP=True, CIN_G=256)
+    assert len(one) == 1
+
+
+def test_fp32_references_are_exact():
+    """cuDNN computes fp32 convolutions in TF32 by default: the fp32 references above would be ~1e-3 off on
+    a GPU and every fp32 test at 1e-5 would fail (tests/kernels/conftest.py turns it off for each test)."""
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32

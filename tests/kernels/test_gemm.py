@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastfeat.kernels import linear, pack_linear_weight
+from fastfeat.kernels import autotune, linear, pack_linear_weight
 from fastfeat.kernels.autotune import FMA_REG_BUDGET, GATHER_B_REG_BUDGET, _tile_regs, gemm_configs, prune_gemm
-from fastfeat.kernels.gemm import SPLIT_K_GRANULE
+from fastfeat.kernels.gemm import SPLIT_K_GRANULE, WEIGHT_ROW_ALIGN
 
 # Relative error ||out - ref|| / ||ref|| allowed, keyed by OUTPUT dtype. fp32: exact products, fp32
 # accumulation in another order (K up to 9216, measured <= ~1e-6). fp16 / bf16: the final rounding of
@@ -110,6 +110,20 @@ def test_split_k_actually_splits(device):
     torch.testing.assert_close(four, one, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_weight_rows_are_padded_to_aligned_strides(device, nan_like, assert_close):
+    """fc8's N = 1000 is no multiple of 16: packed rows are padded so every row starts aligned (vector
+    loads); an unpadded contiguous [K, N] weight still works, through the scalar-load configs."""
+    x, w, b = _inputs(3, 96, 1000, torch.float16, device)
+    packed = pack_linear_weight(w)
+    assert packed.shape == (96, 1000) and packed.stride() == (1008, 1)
+    assert packed.untyped_storage().nbytes() == 96 * 1008 * 2
+    assert torch.equal(packed, w.t())
+    _check(x, packed, w, b, True, torch.float16, device, nan_like, assert_close)
+    _check(x, w.t().contiguous(), w, b, True, torch.float16, device, nan_like, assert_close)
+    aligned = pack_linear_weight(w[:992])  # already a multiple of 16: plain contiguous, no copy to pad
+    assert aligned.is_contiguous() and aligned.stride() == (992, 1)
+
+
 def test_relu_applied(device):
     x, w, b = _inputs(4, 64, 32, torch.float32, device)
     packed = pack_linear_weight(w)
@@ -122,7 +136,7 @@ def test_pack_linear_weight_layout_and_chw_permutation():
     c, h, w_ = 5, 3, 4
     weight = torch.randn(7, c * h * w_)
     packed = pack_linear_weight(weight)
-    assert packed.shape == (c * h * w_, 7) and packed.is_contiguous()
+    assert packed.shape == (c * h * w_, 7) and packed.stride() == (WEIGHT_ROW_ALIGN, 1)
     assert torch.equal(packed, weight.t())
     permuted = pack_linear_weight(weight, input_chw=(c, h, w_))
     # Row (h, w, c) of the permuted packing must be column (c, h, w) of the original weight.
@@ -144,6 +158,7 @@ def test_pack_linear_weight_layout_and_chw_permutation():
         (lambda x, p, b: (x, p.t().contiguous(), b, {}), "unpacked"),
         (lambda x, p, b: (x.half(), p, b, {}), "dtype"),
         (lambda x, p, b: (x.t().contiguous().t(), p, b, {}), "contiguous"),
+        (lambda x, p, b: (x, p.t().contiguous().t(), b, {}), "row-major"),
         (lambda x, p, b: (x, p, b.half(), {}), "bias"),
         (lambda x, p, b: (x, p, b[:3], {}), "bias"),
         (lambda x, p, b: (x, p, b, {"split_k": 0}), "split_k"),
@@ -174,6 +189,17 @@ def test_int64_offsets_past_2_31(large_gpu, assert_close):
     assert_close(y[-1000:], F.linear(x[-1000:].float(), w.float()), TOLERANCES[torch.float16])
 
 
+class _FakeCudaTensor:
+    """What the prune hooks read from a CUDA tensor (bf16), on a machine without one."""
+
+    is_cuda = True
+    device = torch.device("cuda", 0)
+    dtype = torch.bfloat16
+
+    def element_size(self) -> int:
+        return 2
+
+
 def test_gpu_config_lists(monkeypatch):
     """Small M keeps the thin BLOCK_M tiles, large M the full ones; no K slab straddles a split."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -185,12 +211,32 @@ def test_gpu_config_lists(monkeypatch):
     assert small and all(c.kwargs["BLOCK_M"] <= 32 for c in small)
     assert any(c.kwargs["BLOCK_M"] == 16 for c in small)
     assert large and all(c.kwargs["BLOCK_M"] >= 64 for c in large)
-    # An aligned N changes nothing; fc8's N = 1000 makes the W^T rows unaligned and the B loads scalar.
+    # An aligned row stride changes nothing (fc8 packed: N = 1000, stride 1008); an unpadded fc8 weight
+    # (stride 1000) makes the W^T rows unaligned and the B loads scalar.
     for m_bucket, family in ((2, small), (1024, large)):
-        assert prune_gemm(configs, {"x_ptr": x, "M_BUCKET": m_bucket, "N": 4096}) == family
-        unaligned = prune_gemm(configs, {"x_ptr": x, "M_BUCKET": m_bucket, "N": 1000})
+        assert prune_gemm(configs, {"x_ptr": x, "M_BUCKET": m_bucket, "N": 1000, "STRIDE_WK": 1008}) == family
+        unaligned = prune_gemm(configs, {"x_ptr": x, "M_BUCKET": m_bucket, "N": 1000, "STRIDE_WK": 1000})
         assert 0 < len(unaligned) < len(family)
         assert all(_tile_regs(c, 0.0, 1.0) <= GATHER_B_REG_BUDGET for c in unaligned)
         # Exact fp32 products (FMA units, operands in registers) keep the small tiles only.
-        ieee = prune_gemm(configs, {"x_ptr": x, "M_BUCKET": m_bucket, "N": 4096, "DOT_PRECISION": "ieee"})
+        # An A100 (sm80, mma.sync) also stores N = 1000 rows element by element: the same small tiles.
+        # (Shared memory unlimited here: only the capability differs between the two.)
+        monkeypatch.setattr(autotune, "_max_shared_memory", lambda index: 1 << 30)
+        monkeypatch.setattr(autotune, "_device_capability", lambda index: 8)
+        a100 = prune_gemm(configs, {"x_ptr": _FakeCudaTensor(), "M_BUCKET": m_bucket, "N": 1000, "STRIDE_WK": 1008})
+        assert a100 == unaligned
+        monkeypatch.setattr(autotune, "_device_capability", lambda index: 9)
+        h100 = prune_gemm(configs, {"x_ptr": _FakeCudaTensor(), "M_BUCKET": m_bucket, "N": 1000, "STRIDE_WK": 1008})
+        assert h100 == family
+        ieee = prune_gemm(configs, {"x_ptr": x, "M_BUCKET": m_bucket, "STRIDE_WK": 4096, "DOT_PRECISION": "ieee"})
         assert ieee and all(_tile_regs(c, 1.0, 1.0) <= FMA_REG_BUDGET for c in ieee)
+
+
+def test_autotune_off_keeps_one_config(monkeypatch):
+    """FASTFEAT_AUTOTUNE=0 (the GPU check's test phase): the first config the rules keep, nothing timed."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    configs = gemm_configs()
+    args = {"x_ptr": torch.empty(1, 1), "M_BUCKET": 1024, "STRIDE_WK": 4096}
+    tuned = prune_gemm(configs, args)
+    monkeypatch.setenv("FASTFEAT_AUTOTUNE", "0")
+    assert len(tuned) > 1 and prune_gemm(configs, args) == tuned[:1]
