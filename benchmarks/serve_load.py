@@ -44,6 +44,7 @@ import fastfeat  # noqa: E402
 
 MODEL, WEIGHTS, LAYER, BATCH = "alexnet", "random:0", "relu7", 64
 PHASE_TIMEOUT_S = 600  # no phase runs longer, whatever the machine
+KEEP_ALIVE_S = 3.0  # a pooled connection idle longer is replaced (uvicorn closes idle ones after 5 s)
 
 
 class Connection:
@@ -62,6 +63,8 @@ class Connection:
         self.writer.write(head + body)
         await self.writer.drain()
         status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("the server closed the connection")
         headers = {}
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             key, _, value = line.decode("latin-1").partition(":")
@@ -108,18 +111,22 @@ async def _open_loop(port: int, images: list[bytes], rate: float, seconds: float
     rng = np.random.default_rng(seed)
     n = int(rate * seconds)
     gaps = rng.exponential(1 / rate, n)
-    pool: list[Connection] = []
+    pool: list[tuple[Connection, float]] = []  # (connection, when it was last used)
     latencies, batches, statuses = [], [], {}
 
     async def one(i: int):
-        conn = pool.pop() if pool else await Connection.open(port)
+        conn, last_used = pool.pop() if pool else (None, 0.0)
+        if conn is not None and time.perf_counter() - last_used > KEEP_ALIVE_S:
+            conn.close()  # the server closes idle connections after uvicorn's 5 s keep-alive
+            conn = None
+        conn = conn or await Connection.open(port)
         t0 = time.perf_counter()
         status, headers, _ = await conn.post(path, images[i % len(images)])
         latencies.append(time.perf_counter() - t0)
         statuses[status] = statuses.get(status, 0) + 1
         if status == 200:
             batches.append(_batch_of(headers))
-        pool.append(conn)
+        pool.append((conn, time.perf_counter()))
 
     async def run():
         tasks, start = [], time.perf_counter()
@@ -132,7 +139,7 @@ async def _open_loop(port: int, images: list[bytes], rate: float, seconds: float
         return time.perf_counter() - start
 
     wall = await asyncio.wait_for(run(), PHASE_TIMEOUT_S)
-    for conn in pool:
+    for conn, _ in pool:
         conn.close()
     return {"requests": n, "offered_rate": rate, "achieved_img_per_s": n / wall, "wall_s": wall,
             "statuses": statuses, "latency_ms": _lat(latencies), "image_batch_sizes": batches}  # fmt: skip

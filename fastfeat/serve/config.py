@@ -19,9 +19,9 @@ from ..models import get_model, parse_layers
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DEFAULT_MAX_BODY_MB = 32.0  # a few dozen phone photos per request; raise it for bigger multi-image posts
 # Flat (exact) search below this many indexed rows, HNSW above: where a flat query over 4,096-dim
-# float32 rows costs about as much as one image's forward pass on the 2-core dev box
-# (benchmarks/index_threshold.py, benchmarks/results/index_threshold_cpu.json).
-DEFAULT_EXACT_BELOW = 20_000
+# float32 rows (1.65 us a row) costs as much as one image's forward pass (AlexNet fp32, 18.7 ms) on
+# the 2-core dev box (benchmarks/index_threshold.py, benchmarks/results/index_threshold_cpu.json).
+DEFAULT_EXACT_BELOW = 10_000
 
 
 @dataclass
