@@ -413,8 +413,8 @@ def plan_items(out: OutputDir, items: list, append: bool) -> tuple[list, tuple[d
             raise OutputError(
                 f"cannot finish shard {index}: {len(gone):,} of its items are no longer in the source, e.g. {gone[0]!r}"
             )
-    placeholder = {i: current.get(i) for i in held_ids}  # None only inside finished shards, never read
-    ordered = [placeholder[i] for i in held_ids] + added
+    # None only for items of finished shards, which are never read again.
+    ordered = [current.get(i) for i in held_ids] + added
     if not added:
         return ordered, None
     new = generation(added, len(out.generations), len(held_ids), out.expected_shards())
