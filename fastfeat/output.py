@@ -25,6 +25,7 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -423,10 +424,18 @@ def plan_items(out: OutputDir, items: list, append: bool) -> tuple[list, tuple[d
 
 class ShardTransaction:
     """Writes one shard through a sink into ``<file>.<pid>.tmp`` files, and commits it when complete:
-    fsync, checksum, rename, then the manifest.  ``abort`` leaves nothing behind."""
+    fsync, checksum, rename, then the manifest.  ``abort`` leaves nothing behind.
 
-    def __init__(self, out: OutputDir, sink: Sink, index: int, first_item: int, end_item: int):
+    ``commit`` records the finished shard; by default ``out.commit_shard`` (this process writes the
+    manifest).  A worker of a distributed run passes its own, handing the record to the one driver
+    that writes the manifest."""
+
+    def __init__(
+        self, out: OutputDir, sink: Sink, index: int, first_item: int, end_item: int,
+        commit: Callable[[ShardRecord], None] | None = None,
+    ):  # fmt: skip
         self.out, self.index, self.first_item, self.end_item = out, index, first_item, end_item
+        self._commit = commit if commit is not None else out.commit_shard
         # Unique per writing process: a stray second writer of the same shard (a part restarted while
         # the old one still runs) can never write into these files.  Same content either way: the
         # output is deterministic, so whichever rename lands last is correct.
@@ -460,7 +469,7 @@ class ShardTransaction:
         for name, tmp in self.tmp_paths.items():
             os.replace(tmp, os.path.join(self.out.path, name))
         _fsync_dir(self.out.path)
-        self.out.commit_shard(record)
+        self._commit(record)
         return record
 
     def abort(self) -> None:
