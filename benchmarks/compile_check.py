@@ -62,7 +62,7 @@ from checkout import make_importable  # noqa: E402
 
 make_importable()  # fastfeat.kernels from this checkout when fastfeat is not installed
 # Imports neither triton nor torch: TRITON_INTERPRET is settled in main() before anything imports triton.
-from fastfeat.kernels import aot, triton_compat  # noqa: E402
+from fastfeat.kernels import aot  # noqa: E402
 
 
 def record_model_launches(model: str, dtype_name: str, batches, targets) -> dict[str, list[tuple[str, tuple]]]:
@@ -172,14 +172,10 @@ def main(argv=None) -> int:
 
 
 def run_check(args, cache_dir: str, started: float) -> int:
-    unchecked = triton_compat.unchecked_version_message()
-    if unchecked:
-        print(f"warning: {unchecked}", file=sys.stderr)
-    for target in args.targets:
-        why = aot.compiler_unavailable(aot.TARGETS[target].arch)
-        if why:
-            print(why)
-            return aot.EXIT_UNAVAILABLE
+    why = aot.preflight(args.targets)
+    if why:
+        print(why)
+        return aot.EXIT_UNAVAILABLE
 
     launches: dict[str, list] = {t: [] for t in args.targets}
 

@@ -1,15 +1,19 @@
-"""End-to-end throughput: ``fastfeat extract`` against the textbook pipeline, in one run.
+"""End-to-end throughput: ``fastfeat extract`` against the textbook pipeline and its two ceilings, in one run.
 
-Compared, on the same JPEG corpus (benchmarks/make_corpus.py) and the same weights:
+Compared, on the same JPEG corpora (benchmarks/make_corpus.py: ImageNet-like, and with ``--large``
+2-12 megapixel photos) and the same weights, interleaved, repeated:
 
 * textbook   : PIL decode + torchvision Resize/CenterCrop/Normalize in a torch DataLoader
                with worker processes, eager fp32 torchvision AlexNet, relu6+relu7 to numpy;
-* fastfeat   : ``fastfeat.extract`` (DALI, torch backend, default precision), relu6+relu7 to Parquet;
-* fastfeat-fp32 : the same at fp32, to separate the pipeline's gain from the precision's;
-* ceilings   : decode-only (fastfeat's reader + DALI) and model-only (fastfeat's bf16 forward,
-               and eager fp32) on the same batch size.
+* fastfeat   : ``fastfeat.extract`` with its defaults (DALI, torch backend, default precision and
+               decode mode), relu6+relu7 to Parquet; its start-up time (command to first batch) too;
+* ceilings   : decode-only (fastfeat's reader + its default ``Decoder``, all cores) and model-only
+               (fastfeat's default forward, all cores), and their combination 1/(1/decode + 1/model):
+               the rate if the cores did one then the other with no loss;
+* compiled   : the model-only rate of ``torch.compile`` with freezing (the ``compile`` backend: the
+               same ops, Inductor-fused, weights pre-packed), the best CPU engine fastfeat has to beat.
 
-    python benchmarks/e2e.py --count 640 --repeats 3
+    python benchmarks/e2e.py --count 512 --large-count 48 --repeats 3
 
 Writes benchmarks/results/e2e_<device>.json and appends to benchmarks/results/results.csv.
 Never run two benchmarks at once on a 2-core machine.
@@ -18,6 +22,7 @@ Never run two benchmarks at once on a 2-core machine.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -25,12 +30,14 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from make_corpus import make_corpus  # noqa: E402
-from results import append, device_name, percentiles  # noqa: E402
+from make_corpus import make_corpus, make_large_corpus  # noqa: E402
+from results import append, device_name, git_sha, percentiles  # noqa: E402
 
 import fastfeat  # noqa: E402
 from fastfeat.backends import make_backend  # noqa: E402
@@ -89,7 +96,7 @@ def textbook(paths, state, batch_size, workers) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def fastfeat_run(corpus, batch_size, precision=None) -> float:
+def fastfeat_run(corpus, batch_size, precision=None, startup: list | None = None) -> float:
     out = tempfile.mkdtemp(prefix="fastfeat-bench-")
     try:
         s = fastfeat.extract(
@@ -102,6 +109,8 @@ def fastfeat_run(corpus, batch_size, precision=None) -> float:
             precision=precision,
             progress=False,
         )
+        if startup is not None:
+            startup.append(s["startup_s"])
         return s["images_per_s"]
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -117,11 +126,16 @@ def decode_only(items, batch_size) -> float:
     return len(items) / (time.perf_counter() - t0)
 
 
-def model_only(weights, batch_size, precision, iters=8) -> float:
+_NETS: dict = {}
+
+
+def model_only(weights, batch_size, precision, iters=8, backend="torch") -> float:
     spec = get_model(MODEL)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    net = make_backend("torch", spec, weights, torch.device("cpu"), dtype)
-    x = torch.randn(batch_size, spec.input_size, spec.input_size, 3)
+    net = _NETS.get((backend, precision))
+    if net is None:  # built (and compiled) once: the rate is the steady state's
+        net = _NETS[backend, precision] = make_backend(backend, spec, weights, torch.device("cpu"), dtype)
+    x = torch.randn(batch_size, spec.input_size, spec.input_size, 3, generator=torch.Generator().manual_seed(0))
     for _ in range(2):
         net.forward_intermediates(net.prepare(x), LAYERS)
     t0 = time.perf_counter()
@@ -131,73 +145,116 @@ def model_only(weights, batch_size, precision, iters=8) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="end-to-end throughput, fastfeat vs textbook")
-    ap.add_argument("--corpus", default=None, help="existing corpus folder (default: generate one in a temp dir)")
-    ap.add_argument("--count", type=int, default=640)
+    ap = argparse.ArgumentParser(description="end-to-end throughput, fastfeat vs textbook and its ceilings")
+    ap.add_argument("--corpus", default=None, help="existing ImageNet-like corpus folder (default: generate one)")
+    ap.add_argument("--large-corpus", default=None, help="existing large-photo corpus folder (default: generate one)")
+    ap.add_argument("--count", type=int, default=512)
+    ap.add_argument("--large-count", type=int, default=48, help="0: skip the large-photo corpus")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    corpus = args.corpus or tempfile.mkdtemp(prefix="fastfeat-corpus-")
-    corpus_stats = make_corpus(corpus, args.count) if not args.corpus else None
-    items = list_items(corpus)
-    paths = [it.path for it in items]
+    made = []
+    corpora = {}
+    for name, given, count, maker in (("imagenet-like", args.corpus, args.count, make_corpus),
+                                      ("large 2-12MP", args.large_corpus, args.large_count, make_large_corpus)):  # fmt: skip
+        if not count and not given:
+            continue
+        folder = given or tempfile.mkdtemp(prefix="fastfeat-corpus-")
+        stats = maker(folder, count) if not given else {"path": folder}
+        made += [] if given else [folder]
+        corpora[name] = (folder, stats)
     weights = load_weights(get_model(MODEL), WEIGHTS).tensors
     precision = default_precision(torch.device("cpu"))
-
-    # The textbook pipeline's DataLoader workers and fastfeat compete for the same cores:
-    # run the candidates interleaved, repeat, and report percentiles over repeats.
-    runs = {
-        "textbook (PIL+DataLoader, eager fp32)": lambda: textbook(paths, weights, args.batch_size, args.workers),
-        f"fastfeat extract ({precision})": lambda: fastfeat_run(corpus, args.batch_size),
-        "fastfeat extract (fp32)": lambda: fastfeat_run(corpus, args.batch_size, "fp32"),
-        "ceiling: decode only (reader + DALI cpu)": lambda: decode_only(items, args.batch_size),
+    model_runs = {
         f"ceiling: model only (fastfeat torch {precision})": lambda: model_only(weights, args.batch_size, precision),
-        "ceiling: model only (fastfeat torch fp32)": lambda: model_only(weights, args.batch_size, "fp32"),
+        f"compiled model (torch.compile+freezing {precision})": lambda: model_only(
+            weights, args.batch_size, precision, backend="compile"
+        ),
     }
-    samples: dict[str, list[float]] = {k: [] for k in runs}
-    fastfeat_run(corpus, args.batch_size)  # warm-up: first DALI/oneDNN initialisation, page cache
-    for rep in range(args.repeats):
-        for name, fn in runs.items():
-            samples[name].append(fn())
-            print(f"rep {rep} {name}: {samples[name][-1]:.1f} img/s", file=sys.stderr)
-
-    dev = device_name("cpu")
-    summary = {name: dict(zip(("p20", "p50", "p80"), percentiles(v), strict=True)) for name, v in samples.items()}
-    base = summary["textbook (PIL+DataLoader, eager fp32)"]["p50"]
     result = {
-        "benchmark": f"end-to-end img/s, alexnet relu6+relu7, batch {args.batch_size}",
-        "device": dev,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-        "corpus": corpus_stats or {"path": corpus, "count": len(items)},
+        "benchmark": f"end-to-end img/s, {MODEL} relu6+relu7, batch {args.batch_size}",
+        "device": device_name("cpu"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "lscpu_model": _cpu_model(),
+        },  # fmt: skip
+        "git_sha": git_sha(),
+        "date": datetime.date.today().isoformat(),
+        "precision": precision,
         "repeats": args.repeats,
-        "img_per_s": summary,
-        "speedup_vs_textbook_p50": {k: round(v["p50"] / base, 2) for k, v in summary.items()},
+        "load_before": os.getloadavg()[0],
+        "corpora": {},
     }
+    rows = []
+    model_samples: dict[str, list[float]] = {k: [] for k in model_runs}
+    for fn in model_runs.values():
+        fn()  # warm-up, and the compiled model's compilation, outside the timings
+    for cname, (folder, stats) in corpora.items():
+        items = list_items(folder)
+        paths = [it.path for it in items]
+        startup: list[float] = []
+        # The textbook pipeline's DataLoader workers and fastfeat compete for the same cores:
+        # run the candidates interleaved, repeat, and report percentiles over repeats.
+        runs = {
+            "textbook (PIL+DataLoader, eager fp32)": partial(textbook, paths, weights, args.batch_size, args.workers),
+            f"fastfeat extract ({precision})": partial(fastfeat_run, folder, args.batch_size, startup=startup),
+            "ceiling: decode only (reader + DALI cpu)": partial(decode_only, items, args.batch_size),
+            **model_runs,
+        }
+        samples: dict[str, list[float]] = {k: [] for k in runs}
+        fastfeat_run(folder, args.batch_size)  # warm-up: first DALI/oneDNN initialisation, page cache
+        for rep in range(args.repeats):
+            for name, fn in runs.items():
+                samples[name].append(fn())
+                print(f"{cname} rep {rep} {name}: {samples[name][-1]:.1f} img/s", file=sys.stderr)
+        for name in model_runs:
+            model_samples[name] += samples[name]
+        summary = {name: dict(zip(("p20", "p50", "p80"), percentiles(v), strict=True)) for name, v in samples.items()}
+        p50 = {name: v["p50"] for name, v in summary.items()}
+        decode = p50["ceiling: decode only (reader + DALI cpu)"]
+        model = p50[f"ceiling: model only (fastfeat torch {precision})"]
+        combined = 1 / (1 / decode + 1 / model)
+        fast = p50[f"fastfeat extract ({precision})"]
+        result["corpora"][cname] = {
+            "corpus": stats,
+            "count": len(items),
+            "img_per_s": summary,
+            "combined_ceiling_p50": round(combined, 2),
+            "fastfeat_share_of_combined_ceiling": round(fast / combined, 3),
+            "speedup_vs_textbook_p50": {
+                k: round(v / p50["textbook (PIL+DataLoader, eager fp32)"], 2) for k, v in p50.items()
+            },
+            "startup_s_p50": round(float(np.median(startup)), 3) if startup else None,
+        }
+        for name, v in summary.items():
+            rows.append({"kernel": "extract_e2e", "provider": name, "shape": f"{MODEL} 224, {cname}", "dtype": "",
+                         "batch": args.batch_size, "metric": "img/s", "p20": round(v["p20"], 2),
+                         "p50": round(v["p50"], 2), "p80": round(v["p80"], 2), "device": result["device"]})  # fmt: skip
+    fastfeat_model = float(np.median(model_samples[f"ceiling: model only (fastfeat torch {precision})"]))
+    compiled = float(np.median(model_samples[f"compiled model (torch.compile+freezing {precision})"]))
+    result["forward_vs_compiled_p50"] = round(fastfeat_model / compiled, 3)
+    result["load_after"] = os.getloadavg()[0]
     print(json.dumps(result, indent=1))
     tag = "cuda" if torch.cuda.is_available() else "cpu"
     with open(os.path.join(os.path.dirname(__file__), "results", f"e2e_{tag}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    append(
-        [
-            {
-                "kernel": "extract_e2e",
-                "provider": name,
-                "shape": "alexnet 224",
-                "dtype": "",
-                "batch": args.batch_size,
-                "metric": "img/s",
-                "p20": round(v["p20"], 2),
-                "p50": round(v["p50"], 2),
-                "p80": round(v["p80"], 2),
-                "device": dev,
-            }
-            for name, v in summary.items()
-        ]
-    )
-    if not args.corpus:
-        shutil.rmtree(corpus, ignore_errors=True)
+    append(rows)
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _cpu_model() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
 
 
 if __name__ == "__main__":

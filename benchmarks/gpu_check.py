@@ -12,9 +12,16 @@ one batch size, say) and writes the JSON after it, so a run cut short keeps ever
 3. layers     per-layer times, triton vs torch eager, both networks, each batch size (bf16, CUDA
               events, fastfeat.profile);
 4. forward    whole forward pass img/s, torch eager and triton, both networks, each batch size;
-5. decode     DALI: decode img/s and pixels against the CPU decoder, mixed decoder at hw_decoder_load
+5. native     the prebuilt AOT kernel library (libfastfeat_kernels.so, CMakeLists.txt): its GPU tests
+              (every kernel bit-identical to the JIT-compiled Python kernel, the whole forward against
+              torch), fastfeat-layer-bench, and the triton backend's start-up time with and without it;
+              skipped, saying why, where the library was not built and carried here (build it on any
+              machine, e.g. -DFASTFEAT_AOT_TARGETS=sm90, and carry kernels/libfastfeat_kernels.so,
+              build/libfastfeat_kernels.so, build/fastfeat-layer-bench, build/native-gen/entries.json);
+              never in a dry run (the library needs a GPU);
+6. decode     DALI: decode img/s and pixels against the CPU decoder, mixed decoder at hw_decoder_load
               0 (fastfeat's), 0.65 (DALI's default) and 1; only where DALI is installed;
-6. compile    torch.compile (Inductor, max-autotune): whole forward img/s, then per-layer times; last,
+7. compile    torch.compile (Inductor, max-autotune): whole forward img/s, then per-layer times; last,
               because it autotunes every conv and GEMM per batch size.
 
 A watchdog ends the process at --budget-s + GRACE_S whatever runs then (a torch.compile call cannot be
@@ -60,7 +67,16 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 from checkout import make_importable  # noqa: E402
 
-STEPS = ("tests", "agreement", "layers", "forward", "decode", "compile")
+STEPS = ("tests", "agreement", "layers", "forward", "native", "decode", "compile")
+# Steps a dry run leaves out unless --steps names them: they need a GPU.
+GPU_ONLY_STEPS = ("native",)
+# The prebuilt native library and benchmark (CMakeLists.txt copies the library next to fastfeat.kernels;
+# the benchmark stays in the build directory, beside its own copy of the library).
+NATIVE_LIB = os.path.join(ROOT, "kernels", "libfastfeat_kernels.so")
+NATIVE_BENCH = os.path.join(ROOT, "build", "fastfeat-layer-bench")
+# Per-unit time caps of the native step, seconds (each JIT-compiles kernels: the start-up time without
+# the library, the bit-identity test).
+NATIVE_CAPS = {"startup": 150, "kernels": 240, "forward": 120, "bench": 90}
 MODELS = ("caffenet", "alexnet")
 # The watchdog's margin past --budget-s: a unit that starts just before the budget runs out may finish.
 GRACE_S = 30
@@ -130,7 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=None, help="no unit of work starts after this (330; dry 90)")
     ap.add_argument("--tests-cap-s", type=float, default=None, help="the tests step ends here (100; dry 45)")
     ap.add_argument("--batch-sizes", default=None, help="most valuable first (256,64,1; dry 2,1)")
-    ap.add_argument("--steps", default=",".join(STEPS), help=f"a subset of {','.join(STEPS)}")
+    ap.add_argument("--steps", default=None, help=f"a subset of {','.join(STEPS)} (default all; a dry run skips "
+                    f"{','.join(GPU_ONLY_STEPS)})")  # fmt: skip
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--out", default=None, help="directory for gpu_check.json (default $OUT, and benchmarks/results)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny networks and budget")
@@ -140,7 +157,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    steps = tuple(s.strip() for s in args.steps.split(",") if s.strip())
+    if args.steps is None:
+        steps = tuple(s for s in STEPS if not (args.dry_run and s in GPU_ONLY_STEPS))
+    else:
+        steps = tuple(s.strip() for s in args.steps.split(",") if s.strip())
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     if bad := [s for s in steps if s not in STEPS]:
         raise SystemExit(f"gpu_check: unknown step(s) {bad}; choose from {', '.join(STEPS)}")
@@ -337,7 +357,7 @@ def agreement(rec: dict, cfg: Settings, budget: Budget, report: Report, names: d
             report.save()
 
 
-# -- steps 3, 4 and 6: timings -------------------------------------------------------------------------------
+# -- steps 3, 4 and 7: timings -------------------------------------------------------------------------------
 def whole_forward(
     spec, backend: str, batch: int, device: str, tensors, precision: str, iters: int, warmup: int
 ) -> float:
@@ -413,7 +433,73 @@ def compile_step(rec: dict, cfg: Settings, budget: Budget, report: Report, names
     layers(rec, cfg, budget, report, names, ("compile",))
 
 
-# -- step 5: decode ---------------------------------------------------------------------------------------
+# -- step 5: native ---------------------------------------------------------------------------------------
+def native_step(rec: dict, cfg: Settings, budget: Budget, report: Report) -> None:
+    """The prebuilt AOT library on this GPU: its GPU tests, the layer benchmark, start-up times.
+
+    Runs carried binaries and scripts only (no cmake, no compiler needed here): the library is built on
+    any machine (``cmake --build build``, sm_80 and sm_90) and travels with the checkout.
+    """
+    lib = os.environ.get("FASTFEAT_NATIVE_LIB") or NATIVE_LIB
+    bench = os.environ.get("FASTFEAT_LAYER_BENCH") or NATIVE_BENCH
+    if cfg.dry_run:
+        rec.update(status="skipped", reason="dry run: the native library runs on a GPU only")
+        return
+    if not os.path.isfile(lib):
+        rec.update(status="skipped", reason=f"no prebuilt library at {lib}: build it (README, Native library) "
+                   "and carry kernels/libfastfeat_kernels.so (and build/fastfeat-layer-bench) here")  # fmt: skip
+        return
+    rec.update(library=lib, results={})
+    env = {**os.environ, "FASTFEAT_NATIVE_LIB": lib, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
+    env.pop("FASTFEAT_AUTOTUNE", None)
+    tests = os.path.join(ROOT, "native", "tests")
+    entries = os.path.join(os.path.dirname(bench), "native-gen", "entries.json")
+    if os.path.isfile(entries):
+        env["FASTFEAT_NATIVE_ENTRIES"] = entries
+
+    def run(unit: str, cmd: list, extra_env: dict | None = None) -> dict | None:
+        if out_of_budget(rec, budget, unit):
+            return None
+        cap = max(1.0, min(NATIVE_CAPS[unit.split()[0]], budget.left()))
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=cap,
+                                  cwd=ROOT)  # fmt: skip
+            res = {"exit_code": proc.returncode, "output_tail": (proc.stdout + proc.stderr)[-3000:]}
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            res = {"exit_code": None, "timed_out_s": cap, "output_tail": out[-3000:]}
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        rec["results"][unit] = res
+        if res["exit_code"] not in (0, 77):
+            rec["status"] = "failed"
+        print(f"native {unit}: exit {res['exit_code']} in {res['seconds']} s", flush=True)
+        report.save()
+        return res
+
+    # Start-up: process start to the first CaffeNet output, JIT from an empty Triton cache vs the library.
+    for label, flag in (("startup aot", "1"), ("startup jit", "0")):
+        with tempfile.TemporaryDirectory(prefix="fastfeat-startup-") as cache:
+            res = run(label, [sys.executable, os.path.join(tests, "startup_time.py")],
+                      {"FASTFEAT_NATIVE": flag, "TRITON_CACHE_DIR": cache})  # fmt: skip
+        if res and res["exit_code"] == 0:
+            res["result"] = json.loads(res["output_tail"].strip().splitlines()[-1])
+    run("kernels", [sys.executable, os.path.join(tests, "test_gpu_kernels.py")])
+    run("forward", [sys.executable, os.path.join(tests, "test_gpu_forward.py")])
+    if os.path.isfile(bench):
+        with tempfile.TemporaryDirectory(prefix="fastfeat-bench-") as tmp:
+            out = os.path.join(tmp, "bench.json")
+            sizes = ",".join(str(b) for b in cfg.batch_sizes)
+            res = run("bench", [bench, "--model", "caffenet", "--batch-sizes", sizes, "--precision", cfg.precision,
+                                "--repeat", str(cfg.repeat), "--warmup", str(cfg.warmup), "--json", out])  # fmt: skip
+            if res and res["exit_code"] == 0 and os.path.isfile(out):
+                with open(out) as f:
+                    res["profile"] = json.load(f)
+    else:
+        rec["results"]["bench"] = {"skipped": f"no {bench} (carry build/fastfeat-layer-bench with the library)"}
+
+
+# -- step 6: decode ---------------------------------------------------------------------------------------
 def synthetic_jpegs(count: int, seed: int = 0) -> list[tuple[bytes, tuple[int, int]]]:
     """Photo-like JPEGs (smooth colour fields plus grain, 4:2:0 chroma as nearly every photo has)."""
     import io
@@ -502,6 +588,7 @@ def plan(cfg: Settings, names: dict) -> dict:
         "agreement": [f"{m} {p} b{cfg.agreement_batch}" for m in cfg.models for p in (cfg.precision, "fp32")],
         "layers": [f"{m} torch+triton b{b}" for b in cfg.batch_sizes for m in cfg.models],
         "forward": [f"{m} {k} b{b}" for b in cfg.batch_sizes for m in cfg.models for k in ("torch", "triton")],
+        "native": ["startup aot", "startup jit", "kernels", "forward", "bench"],
         "decode": [f"cpu, mixed hw_decoder_load={load}" for load in DECODE_LOADS],
         "compile": [f"{m} compile b{b}" for b in cfg.batch_sizes for m in cfg.models],
     }
@@ -567,6 +654,7 @@ def main(argv=None) -> int:
         "agreement": lambda rec: agreement(rec, cfg, budget, report, names, weights),
         "layers": lambda rec: layers(rec, cfg, budget, report, names, ("torch", "triton")),
         "forward": lambda rec: forward(rec, cfg, budget, report, names, weights, ("torch", "triton")),
+        "native": lambda rec: native_step(rec, cfg, budget, report),
         "decode": lambda rec: decode(rec, cfg, budget, report),
         "compile": lambda rec: compile_step(rec, cfg, budget, report, names, weights),
     }

@@ -7,6 +7,11 @@ JPEGs and would otherwise compress far below ImageNet's size), saved at quality 
 with 4:4:4 chroma.  Default settings give a mean of about 100 KB (p10 ~55, p90 ~145).
 
     python benchmarks/make_corpus.py --out corpus --count 1000
+    python benchmarks/make_corpus.py --out large --count 96 --large
+
+``--large``: photos of 2 to 12 megapixels (uniform in megapixels, aspect 4:3 or 3:2, either way
+up), as phones and web crawls produce, quality 85-95 with 4:2:0 chroma as cameras write it: the
+package photos upscaled with the same sensor-like noise, mean about 2-4 MB a file.
 """
 
 from __future__ import annotations
@@ -66,14 +71,50 @@ def make_corpus(out: str, count: int, seed: int = 0, noise: float = 9.0, subsamp
     return stats
 
 
+def make_large_corpus(out: str, count: int, seed: int = 0, noise: float = 6.0) -> dict:
+    rng = np.random.default_rng(seed)
+    photos = [Image.open(p).convert("RGB") for p in source_photos()]
+    os.makedirs(out, exist_ok=True)
+    sizes, dims = [], []
+    for i in range(count):
+        megapixels = rng.uniform(2.0, 12.0)
+        aspect = (4 / 3, 3 / 2)[i % 2]
+        long = int(np.sqrt(megapixels * 1e6 * aspect))
+        short = int(long / aspect)
+        tw, th = (long, short) if rng.random() < 0.7 else (short, long)  # most photos are landscape
+        img = photos[i % len(photos)].resize((tw, th), Image.BICUBIC)
+        a = np.asarray(img, np.int16) + rng.integers(
+            -int(noise * 1.7), int(noise * 1.7) + 1, (th, tw, 3), dtype=np.int16
+        )
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=int(rng.integers(85, 96)), subsampling=2)
+        label = f"class{i % 10}"
+        os.makedirs(os.path.join(out, label), exist_ok=True)
+        with open(os.path.join(out, label, f"big_{i:06d}.jpg"), "wb") as f:
+            f.write(buf.getvalue())
+        sizes.append(len(buf.getvalue()))
+        dims.append((tw, th))
+    return {
+        "count": count,
+        "kind": "large photos, 2-12 MP",
+        "mean_kb": round(float(np.mean(sizes)) / 1000, 1),
+        "mean_megapixels": round(float(np.mean([w * h for w, h in dims])) / 1e6, 2),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="corpus")
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--noise", type=float, default=9.0, help="std of added noise, in 0..255 pixel units")
+    ap.add_argument("--large", action="store_true", help="2-12 megapixel photos instead of ImageNet-like ones")
     args = ap.parse_args()
-    print(json.dumps(make_corpus(args.out, args.count, args.seed, args.noise)))
+    if args.large:
+        print(json.dumps(make_large_corpus(args.out, args.count, args.seed)))
+    else:
+        print(json.dumps(make_corpus(args.out, args.count, args.seed, args.noise)))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import re
 from .augment import DEFAULT_AUGMENT, check_augment
 from .backends import backend_names
 from .errors import ConfigError
-from .models import ModelSpec, get_model, parse_layers
+from .models import DECODE_MODES, DEFAULT_DECODE, ModelSpec, get_model, parse_layers
 from .published import WEIGHTS_CHOICES, check_model, download_url
 from .published import lookup as lookup_published
 from .sinks import format_names
@@ -37,6 +37,7 @@ def check_arguments(
     max_error_rate: float | None,
     augment: str = DEFAULT_AUGMENT,
     augment_reduce: str = "mean",
+    decode: str = DEFAULT_DECODE,
 ) -> tuple[ModelSpec, list[str]]:
     """The model spec and the requested layers in forward order; ConfigError for anything wrong."""
     try:
@@ -63,6 +64,8 @@ def check_arguments(
     if max_error_rate is not None and not 0 <= max_error_rate <= 1:
         raise ConfigError(f"--max-error-rate must be a fraction in [0, 1], got {max_error_rate}")
     check_augment(augment, augment_reduce)
+    if decode not in DECODE_MODES:
+        raise ConfigError(f"unknown --decode {decode!r}; choose from {', '.join(DECODE_MODES)}")
     if weights is None:
         raise ConfigError(f"--weights is required: {WEIGHTS_CHOICES.removeprefix('--weights takes ')}")
     if (entry := lookup_published(weights)) is not None:  # before any download: the model, the mirror URL

@@ -12,6 +12,10 @@ partial shard of an unfinished or killed run (``part-*.tmp``, or a file not yet 
 seen.  Rows are numbered in that order ("row" in each batch): row r is the same image whatever
 the shuffling, the world size or the number of workers.
 
+**Object storage.** ``path`` may be a URI (``s3://bucket/run``, see :mod:`fastfeat.storage`): the
+manifest and the listed shards are then read through ``pyarrow.fs`` (a Parquet row group, or an npy
+block, is one ranged GET), with the same rows in the same order.
+
 **Units.** The work is split in *units*: a Parquet row group (about 64 MB, see
 ``fastfeat.sinks.parquet``), or for ``--format npy`` a block of rows of the same size cut from the
 memory-mapped arrays.  Each epoch the units are dealt round-robin to the ``world_size × num_workers``
@@ -42,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -53,7 +56,9 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import torch
 
+from . import storage
 from .output import MANIFEST
+from .sinks.npy import HEADER_BYTES
 from .sinks.parquet import ROW_GROUP_BYTES
 
 FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -77,14 +82,22 @@ class Unit:
 
 
 def read_manifest(path: str) -> dict:
-    file = os.path.join(path, MANIFEST)
+    path = storage.local_path(path)
+    file = storage.join(path, MANIFEST)
     try:
+        if storage.is_remote(path):
+            return json.loads(storage.read_bytes(file))
         with open(file, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise DataError(f"{path} holds no {MANIFEST}: not a fastfeat output directory") from None
+        raise DataError(f"{storage.display(path)} holds no {MANIFEST}: not a fastfeat output directory") from None
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {file}: {exc}") from None
+        raise DataError(f"cannot read {storage.display(file)}: {storage.describe(exc)}") from None
+
+
+def _input(location: str):
+    """What pyarrow's readers take for ``location``: the local path, or an open remote file."""
+    return storage.open_input_file(location) if storage.is_remote(location) else location
 
 
 def class_index(path: str, manifest: dict | None = None) -> list[str]:
@@ -93,10 +106,10 @@ def class_index(path: str, manifest: dict | None = None) -> list[str]:
     classes: list[str] = []
     seen: set[str] = set()
     for generation in manifest.get("generations", []):
-        file = os.path.join(path, generation["items_file"])
+        file = storage.join(storage.local_path(path), generation["items_file"])
         # The item list is Arrow IPC (.arrow); runs made before that wrote it as Parquet.
-        read = pq.read_table if file.endswith(".parquet") else feather.read_table
-        labels = read(file, columns=["label"]).column(0)
+        read = pq.read_table if generation["items_file"].endswith(".parquet") else feather.read_table
+        labels = read(_input(file), columns=["label"]).column(0)
         new = sorted(set(pc.unique(labels).drop_null().to_pylist()) - seen)
         classes += new
         seen.update(new)
@@ -107,7 +120,8 @@ class Shards:
     """The finished shards of an output directory, cut into units; reads one unit at a time."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path = storage.local_path(path)
+        self.remote = storage.is_remote(self.path)
         self.manifest = read_manifest(path)
         config = self.manifest.get("config", {})
         self.format = config.get("format", "parquet")
@@ -131,7 +145,7 @@ class Shards:
         block = max(1, ROW_GROUP_BYTES // max(row_bytes, 1))  # npy: blocks the size of a Parquet row group
         for k, rec in enumerate(self.records):
             if self.format == "parquet":
-                meta = pq.ParquetFile(self.file(rec["file"])).metadata
+                meta = pq.ParquetFile(_input(self.file(rec["file"]))).metadata
                 sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             else:
                 sizes = [min(block, rec["rows"] - s) for s in range(0, rec["rows"], block)]
@@ -146,7 +160,7 @@ class Shards:
         return units
 
     def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
+        return storage.join(self.path, name)
 
     def fingerprint(self) -> str:
         """Identifies the rows: every listed file's checksum, in order."""
@@ -171,9 +185,9 @@ class Shards:
     def _row_table(self, unit: Unit, columns: list[str]) -> pa.Table:
         rec = self.records[unit.shard]
         if self.format == "parquet":
-            return pq.ParquetFile(self.file(rec["file"])).read_row_group(unit.group, columns=columns)
+            return pq.ParquetFile(_input(self.file(rec["file"]))).read_row_group(unit.group, columns=columns)
         if self._cache is None or self._cache[0] != unit.shard:
-            self._cache = (unit.shard, pq.read_table(self.file(rec["file"]), columns=["id", "label"]))
+            self._cache = (unit.shard, pq.read_table(_input(self.file(rec["file"])), columns=["id", "label"]))
         return self._cache[1].select(columns).slice(unit.start, unit.rows)
 
     def read(self, unit: Unit, layers: list[str], ids: bool = False, select: np.ndarray | None = None) -> dict:
@@ -186,9 +200,7 @@ class Shards:
         else:
             table = self._row_table(unit, row_columns)
             rec = self.records[unit.shard]
-            out = {
-                n: np.load(self._npy_file(rec, n), mmap_mode="r")[unit.start : unit.start + unit.rows] for n in layers
-            }
+            out = {n: self._npy_rows(self._npy_file(rec, n), n, unit.start, unit.rows) for n in layers}
         if select is not None:
             out = {n: a[select] for n, a in out.items()}  # fancy indexing copies: the mmap is let go
             table = table.take(pa.array(select))
@@ -199,11 +211,24 @@ class Shards:
             out["id"] = table.column("id").combine_chunks()
         return out
 
+    def _npy_rows(self, file: str, layer: str, start: int, rows: int) -> np.ndarray:
+        """Rows [start, start + rows) of a layer's .npy: a memory map, or (remote) one ranged read of just
+        those rows after the sink's fixed-size header."""
+        if not self.remote:
+            return np.load(file, mmap_mode="r")[start : start + rows]
+        dim, dtype = self.layer_dims[layer], np.dtype(self.stored_dtype)
+        row_bytes = dim * dtype.itemsize
+        with storage.open_input_file(file) as f:
+            data = f.read_at(rows * row_bytes, HEADER_BYTES + start * row_bytes)
+        if len(data) != rows * row_bytes:
+            raise DataError(f"{storage.display(file)}: {len(data)} bytes at row {start}, expected {rows * row_bytes}")
+        return np.frombuffer(data, dtype).reshape(rows, dim)
+
     def labels(self) -> pa.Array:
         """The label of every row, in row order (reads only the label column)."""
         chunks = []
         for rec in self.records:
-            chunks += pq.read_table(self.file(rec["file"]), columns=["label"]).column(0).chunks
+            chunks += pq.read_table(_input(self.file(rec["file"])), columns=["label"]).column(0).chunks
         return pa.chunked_array(chunks, pa.string()).combine_chunks() if chunks else pa.array([], pa.string())
 
 

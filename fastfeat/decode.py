@@ -18,6 +18,22 @@ decoder (``adjust_orientation``, on by default), so an image is seen upright.
 On CUDA, decoding uses nvJPEG (``device="mixed"``) and the resize runs on the GPU;
 without CUDA the whole pipeline runs on the CPU (``device_id=None``).
 
+Decode modes (``--decode``; recorded in every shard's metadata, so a run never mixes them):
+
+* ``exact``: decode the whole image, resize it whole, then crop (the reference arithmetic).
+* ``fast`` (default): only the crop window is resized.  DALI's resize takes the window in source
+  pixels (``roi_start``/``roi_end``) and writes crop×crop pixels directly, instead of resizing the
+  whole image and discarding the margins (30-45% of the resized pixels of an ImageNet-like photo).
+  The sample positions are the same; pixels differ from ``exact`` by the resize's uint8 rounding
+  (at most one grey level): features differ by 1e-4 relative (AlexNet) and less (CaffeNet).
+* ``dct``: ``fast``, and on the CPU a JPEG at least twice the resize target in both dimensions is
+  decoded by libjpeg-turbo at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's ``draft``), to the
+  smallest scale still at least the target, then resized by the same DALI operator.  About 2× less
+  CPU per 2-12 megapixel photo (entropy decoding, which scaling cannot skip, is then most of the
+  cost), but the DCT-domain box filter before the resize changes the features by 3-7% relative,
+  far more than ``fast``: opt-in.  nvJPEG has no scaled decode, so on CUDA ``dct`` is ``fast``.
+  Measured by ``benchmarks/decode_modes.py`` (benchmarks/results/decode_modes_cpu.json).
+
 DALI aborts a whole batch when one sample fails to decode.  ``Decoder.decode``
 then rebuilds the pipeline and decodes the batch's samples one at a time, so the
 bad ones are reported and every good one still gets exactly the pixels it gets in
@@ -41,10 +57,11 @@ import numpy as np
 import torch
 
 from .augment import AUGMENTS, DEFAULT_AUGMENT, View
-from .models import Preprocess
+from .models import DECODE_MODES, DEFAULT_DECODE, Preprocess
 from .sources import Item, ItemReader
 
 DEFAULT_MAX_PIXELS = 100_000_000  # refuse decompression bombs above 100 megapixels (configurable)
+JPEG_MAGIC = b"\xff\xd8"
 EXIF_ORIENTATION = 0x0112  # values 5-8 rotate by 90 degrees: width and height swap
 
 
@@ -221,11 +238,19 @@ class Decoder:
         mean_image: np.ndarray | None = None,
         views: tuple[View, ...] = AUGMENTS[DEFAULT_AUGMENT],
         hw_decoder_load: float = 0.0,
+        mode: str = DEFAULT_DECODE,
     ):
+        if mode not in DECODE_MODES:
+            raise PreprocessError(f"unknown decode mode {mode!r}; choose from {', '.join(DECODE_MODES)}")
         self.pre, self.batch_size, self.device = pre, batch_size, device
+        # Resize only the crop window: one centre view (several views crop different windows of one resize).
+        self.window_resize = mode != "exact" and len(views) == 1 and views[0].anchor == "center"
+        # Scaled JPEG decoding is libjpeg-turbo's (Pillow on the CPU): nvJPEG has none.
+        self.dct_scaling = mode == "dct" and device.type != "cuda"
         self.hw_decoder_load = hw_decoder_load  # see decoder_options
         self.views = views  # the crops of each image (fastfeat.augment): a batch has len(views) rows per image
         self.num_threads = num_threads or max(1, os.cpu_count() or 1)
+        self._scaled_pool = None  # threads decoding large JPEGs at reduced scale (Pillow releases the GIL)
         mean = np.asarray(pre.mean, np.float32) if mean_image is None else np.asarray(mean_image, np.float32)
         self.per_channel_mean = mean.shape == (3,)
         self.channel_mean = [float(v) for v in mean] if self.per_channel_mean else [0.0, 0.0, 0.0]
@@ -266,15 +291,29 @@ class Decoder:
                 encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=False)
             # Per-sample geometry computed on the host from the header (see ``geometry``), so that
             # output sizes and crop offsets follow Caffe's / torchvision's integer arithmetic exactly.
-            size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
-            pos_y = fn.external_source(name="pos_y", dtype=types.FLOAT, ndim=0)
-            pos_x = fn.external_source(name="pos_x", dtype=types.FLOAT, ndim=0)
             order = types.BGR if pre.channel_order == "BGR" else types.RGB
             if raw:
                 images = encoded.gpu() if on_gpu else encoded
             else:
                 extra = decoder_options(on_gpu, self.hw_decoder_load)
                 images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=order, **extra)
+            if self.window_resize:
+                # The crop window [start, end) in source pixels, resized straight to crop×crop: the
+                # same sample positions as resizing the whole image and cropping (see _window).
+                start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
+                end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
+                images = fn.resize(
+                    images, size=[float(pre.crop)] * 2, roi_start=start, roi_end=end, roi_relative=False,
+                    antialias=pre.style != "caffe",
+                )  # fmt: skip
+                (view,) = self.views
+                crop = fn.crop_mirror_normalize(
+                    images, mirror=int(view.mirror), mean=mean, std=std, dtype=types.FLOAT, output_layout="HWC"
+                )
+                return crop
+            size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
+            pos_y = fn.external_source(name="pos_y", dtype=types.FLOAT, ndim=0)
+            pos_x = fn.external_source(name="pos_x", dtype=types.FLOAT, ndim=0)
             images = fn.resize(images, size=size, antialias=pre.style != "caffe")
             # Every view is cropped from the same resized image: one decode and one resize per image.
             # A corner's relative position is 0 or 1 (DALI's anchor round(pos * (size - crop)) is then exact).
@@ -296,14 +335,39 @@ class Decoder:
 
         return pipeline()
 
-    def _run(self, encoded: list[np.ndarray], geoms: list[tuple[int, int, int, int]], pipe=None) -> torch.Tensor:
-        """Run the pipeline on samples; a sample-level failure raises SampleError, anything else propagates."""
+    def _window(self, geom: tuple[int, int, int, int], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The crop window of ``geom`` in the pixels of a height×width input, as DALI's resize ROI.
+
+        Resized pixel j samples source position (j + 0.5) * in/resized - 0.5; output pixel i of the
+        window resize samples start + (i + 0.5) * (end - start) / crop - 0.5.  With start = top * in /
+        resized and end - start = crop * in / resized the two coincide for j = top + i.
+        """
+        rh, rw, top, left = geom
+        crop, sy, sx = self.pre.crop, height / rh, width / rw
+        start = np.array([top * sy, left * sx], np.float32)
+        end = np.array([(top + crop) * sy, (left + crop) * sx], np.float32)
+        return start, end
+
+    def _run(
+        self, encoded: list[np.ndarray], geoms: list[tuple[int, int, int, int]], pipe=None,
+        dims: list[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Run the pipeline on samples; a sample-level failure raises SampleError, anything else propagates.
+
+        ``dims``: each input's upright (height, width) as the decoder will see it (the window resize
+        needs it); by default the (height, width) of already-decoded HWC samples."""
         crop, pipe = self.pre.crop, pipe or self.pipe
         pipe.feed_input("encoded", encoded)
-        pipe.feed_input("size", [np.array(g[:2], np.float32) for g in geoms])
-        # DALI places the crop at round(pos * (size - crop)): an exact integer offset needs pos = off / (size - crop).
-        pipe.feed_input("pos_y", [np.array(g[2] / max(g[0] - crop, 1), np.float32) for g in geoms])
-        pipe.feed_input("pos_x", [np.array(g[3] / max(g[1] - crop, 1), np.float32) for g in geoms])
+        if self.window_resize:
+            dims = dims or [e.shape[:2] for e in encoded]
+            windows = [self._window(g, h, w) for g, (h, w) in zip(geoms, dims, strict=True)]
+            pipe.feed_input("roi_start", [w[0] for w in windows])
+            pipe.feed_input("roi_end", [w[1] for w in windows])
+        else:
+            pipe.feed_input("size", [np.array(g[:2], np.float32) for g in geoms])
+            # DALI places the crop at round(pos * (size - crop)): an exact integer offset needs pos = off / (size - crop).
+            pipe.feed_input("pos_y", [np.array(g[2] / max(g[0] - crop, 1), np.float32) for g in geoms])
+            pipe.feed_input("pos_x", [np.array(g[3] / max(g[1] - crop, 1), np.float32) for g in geoms])
         try:
             (out,) = pipe.run()
         except RuntimeError as exc:  # any other type (MemoryError...) propagates as it is
@@ -351,25 +415,101 @@ class Decoder:
         if not encoded:
             return None, {}, {}
         geoms = [geometry(self.pre, w, h) for w, h in sizes]
-        try:
-            with captured_native_stderr() as said:
-                batch, bad, notes = self._run(encoded, geoms), {}, {}
-            if said[0]:  # which sample was it? Decode each alone (rare: only batches with a warning)
-                notes = self._warnings_by_sample(encoded, geoms)
-        except SampleError:
-            batch, bad, notes = self._decode_one_by_one(encoded, geoms)
-        if batch is not None and self.mean_image is not None:
+        dims = [(h, w) for w, h in sizes]  # the decoder's upright (height, width)
+        scaled = self._decode_scaled(encoded, sizes, geoms) if self.dct_scaling else {}
+        if not scaled:
+            batch, bad, notes = self._decode_encoded(encoded, geoms, dims)
+        else:
+            batch, bad, notes = self._decode_mixed(encoded, geoms, dims, scaled)
+        if batch is None:
+            return None, bad, notes
+        if self.mean_image is not None:
             by_image = batch.unflatten(0, (-1, len(self.views)))  # a view: the in-place ops below write batch
             by_image -= self.mean_image  # [crop, crop, 3], or one per view [views, crop, crop, 3]
             batch /= self.std
             by_image[list(bad)] = 0.0
         return batch, bad, notes
 
-    def _warnings_by_sample(self, encoded, geoms) -> dict[int, str]:
-        notes = {}
-        for i, (sample, geom) in enumerate(zip(encoded, geoms, strict=True)):
+    def _decode_mixed(self, encoded, geoms, dims, scaled: dict[int, np.ndarray]):
+        """The batch when some samples were decoded at reduced scale (``scaled``) and the rest by DALI."""
+        views = len(self.views)
+        rows: list[torch.Tensor | None] = [None] * len(encoded)  # [views, crop, crop, 3] per image
+        order = sorted(scaled)
+        # Decoded pixels: a failure here is never the image's (see _is_sample_error), it fails the run.
+        for k, row in enumerate(
+            self._raw([scaled[i] for i in order], [geoms[i] for i in order]).unflatten(0, (-1, views))
+        ):
+            rows[order[k]] = row
+        rest = [i for i in range(len(encoded)) if i not in scaled]
+        bad, notes = {}, {}
+        if rest:
+            pick = lambda seq: [seq[i] for i in rest]  # noqa: E731
+            part, part_bad, part_notes = self._decode_encoded(pick(encoded), pick(geoms), pick(dims))
+            bad = {rest[k]: m for k, m in part_bad.items()}
+            notes = {rest[k]: m for k, m in part_notes.items()}
+            if part is not None:
+                for k, row in enumerate(part.unflatten(0, (-1, views))):
+                    rows[rest[k]] = row  # a bad sample's row is zeros already
+        zero = torch.zeros_like(rows[order[0]])
+        return torch.stack([zero if r is None else r for r in rows]).flatten(0, 1), bad, notes
+
+    def _decode_encoded(self, encoded, geoms, dims):
+        """DALI's decode of encoded samples: (batch, {bad: message}, {warned: message})."""
+        try:
             with captured_native_stderr() as said:
-                self._run([sample], [geom])
+                batch, bad, notes = self._run(encoded, geoms, dims=dims), {}, {}
+            if said[0]:  # which sample was it? Decode each alone (rare: only batches with a warning)
+                notes = self._warnings_by_sample(encoded, geoms, dims)
+        except SampleError:
+            batch, bad, notes = self._decode_one_by_one(encoded, geoms, dims)
+        return batch, bad, notes
+
+    def _raw(self, pixels: list[np.ndarray], geoms) -> torch.Tensor:
+        """Resize, crop and normalise already-decoded HWC uint8 pixels in the model's channel order."""
+        if self.raw_pipe is None:
+            self.raw_pipe = self._build(raw=True)
+        return self._run(pixels, geoms, self.raw_pipe)
+
+    def _decode_scaled(self, encoded, sizes, geoms) -> dict[int, np.ndarray]:
+        """{index: pixels} of the JPEGs at least twice their resize target in both dimensions, decoded
+        by libjpeg-turbo in the DCT domain at the smallest of 1/2, 1/4, 1/8 that is still at least the
+        target (Pillow's ``draft``).  A sample Pillow cannot decode is left to DALI (and its errors)."""
+        chosen = [
+            i for i, (sample, (w, h), g) in enumerate(zip(encoded, sizes, geoms, strict=True))
+            if sample[:2].tobytes() == JPEG_MAGIC and w >= 2 * g[1] and h >= 2 * g[0]
+        ]  # fmt: skip
+        if not chosen:
+            return {}
+        if self._scaled_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._scaled_pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="fastfeat-scaled-decode")
+        decoded = self._scaled_pool.map(lambda i: self._pil_scaled(encoded[i], geoms[i]), chosen)
+        return {i: px for i, px in zip(chosen, decoded, strict=True) if px is not None}
+
+    def _pil_scaled(self, sample: np.ndarray, geom) -> np.ndarray | None:
+        from PIL import Image, ImageOps
+
+        rh, rw = geom[:2]
+        try:
+            with Image.open(io.BytesIO(sample.tobytes())) as im:
+                # draft takes the stored (not upright) size: swap the target for 90-degree orientations.
+                turned = im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+                im.draft("RGB", (rh, rw) if turned else (rw, rh))
+                pixels = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        except MemoryError:
+            raise
+        except Exception:  # a damaged JPEG: DALI decodes it (or reports it) as any other image
+            return None
+        if pixels.shape[0] < rh or pixels.shape[1] < rw:  # never upsample what a full decode would shrink
+            return None
+        return np.ascontiguousarray(pixels[..., ::-1] if self.pre.channel_order == "BGR" else pixels)
+
+    def _warnings_by_sample(self, encoded, geoms, dims) -> dict[int, str]:
+        notes = {}
+        for i, (sample, geom, dim) in enumerate(zip(encoded, geoms, dims, strict=True)):
+            with captured_native_stderr() as said:
+                self._run([sample], [geom], dims=[dim])
             if said[0]:
                 notes[i] = said[0]
         return notes
@@ -395,20 +535,18 @@ class Decoder:
             return None, f"{dali_message} (Pillow: {type(exc).__name__}: {exc})"
         if self.pre.channel_order == "BGR":
             pixels = pixels[..., ::-1]
-        if self.raw_pipe is None:
-            self.raw_pipe = self._build(raw=True)
         # A failure here is never the image's (see _is_sample_error): it propagates and fails the run.
-        return self._run([np.ascontiguousarray(pixels)], [geom], self.raw_pipe), ""
+        return self._raw([np.ascontiguousarray(pixels)], [geom]), ""
 
-    def _decode_one_by_one(self, encoded, geoms):
+    def _decode_one_by_one(self, encoded, geoms, dims):
         rows: list[torch.Tensor | None] = []
         bad: dict[int, str] = {}
         notes: dict[int, str] = {}
         self.pipe = self._build()  # the failed pipeline is not guaranteed usable any more
-        for i, (sample, geom) in enumerate(zip(encoded, geoms, strict=True)):
+        for i, (sample, geom, dim) in enumerate(zip(encoded, geoms, dims, strict=True)):
             try:
                 with captured_native_stderr() as said:
-                    rows.append(self._run([sample], [geom]))  # [views, crop, crop, 3]
+                    rows.append(self._run([sample], [geom], dims=[dim]))  # [views, crop, crop, 3]
                 if said[0]:
                     notes[i] = said[0]
             except SampleError as exc:

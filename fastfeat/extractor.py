@@ -17,19 +17,19 @@ from functools import partial
 
 import numpy as np
 
-from . import __version__
+from . import __version__, storage
 from .arguments import check_arguments
 from .augment import DEFAULT_AUGMENT, augment_metadata, augmented_mean, get_views
 from .backends import make_backend, unavailable_reason
 from .checksum import file_sha256
-from .decode import DEFAULT_MAX_PIXELS, Decoder, console, load_mean, read_image
+from .decode import DEFAULT_DECODE, DEFAULT_MAX_PIXELS, Decoder, console, load_mean, read_image
 from .errors import ConfigError, ExtractFailed
 from .forward import Forward
 from .output import SUMMARY, OutputDir, ShardTransaction, plan_items, shard_tasks
 from .published import WEIGHTS_CHOICES
 from .published import lookup as lookup_published
 from .published import resolve as resolve_published
-from .runner import Runner, ShardTask
+from .runner import Runner, RunStats, ShardTask
 from .runtime import (
     PRECISIONS,
     device_name,
@@ -60,14 +60,17 @@ class Extractor:
         overwrite: bool = False, progress: bool = True, image_column: str = "image", num_shards: int = 1,
         shard_index: int = 0, format: str = DEFAULT_FORMAT, append: bool = False, strict: bool = False,
         max_error_rate: float | None = None, augment: str = DEFAULT_AUGMENT, augment_reduce: str = "mean",
+        decode: str = DEFAULT_DECODE,
     ):  # fmt: skip
         self.started = time.perf_counter()
         self.spec, self.layers = check_arguments(
             model=model, layers=layers, weights=weights, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
             precision=precision, device=device, backend=backend, format=format, max_pixels=max_pixels,
             num_threads=num_threads, num_shards=num_shards, shard_index=shard_index, max_error_rate=max_error_rate,
-            augment=augment, augment_reduce=augment_reduce,
+            augment=augment, augment_reduce=augment_reduce, decode=decode,
         )  # fmt: skip
+        self.decode_mode = decode  # before run_metadata, which records it
+        storage.check_single_writer(out, num_shards)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         if (why := unavailable_reason(backend, self.device)) is not None:
@@ -89,7 +92,7 @@ class Extractor:
         shapes = self.spec.shapes()
         self.sink = get_sink(format)(Layout({n: math.prod(shapes[n]) for n in self.layers}, dtype, self.metadata))
         self.output = OutputDir(out, run_config(self), overwrite=overwrite)
-        self.output.source = os.path.abspath(source)
+        self.output.source = storage.display(source)  # a URI without its options (they may hold keys)
         self.items, self.new_generation = plan_items(self.output, items, append)
         if self.weights is None and not self.up_to_date():  # validate the file before anything is written
             self.weights = load_weights(self.spec, weights)
@@ -108,17 +111,16 @@ class Extractor:
 
     def run(self) -> dict:
         if self.up_to_date():  # nothing to load or build; the last real run's summary is kept
-            return {**_read_json(os.path.join(self.out, SUMMARY)), "up_to_date": True, "rows": self.output.rows()}
+            summary = _read_json(storage.join(self.output.path, SUMMARY))
+            return {**summary, "up_to_date": True, "rows": self.output.rows()}
         keep_freed_memory()
         make_current(self.device)  # --device cuda:N: weights, the decoder and any device-less CUDA call go to N
         net = make_backend(self.backend_name, self.spec, self.weights.tensors, self.device, PRECISIONS[self.precision])
         pre = self.spec.preprocess
-        decoder = Decoder(pre, self.batch_size, self.device, self.num_threads, self.mean_image, self.views)
-        self.output.create(self.new_generation)
-        self.new_generation = None  # recorded now (by this process or a sibling part): output.generations has it
-        todo = [s for s in self.shards() if s.index not in self.output.shards]
-        done_items = sum(s.end - s.first for s in self.shards()) - sum(s.end - s.first for s in todo)
-        total = sum(s.end - s.first for s in todo)
+        decoder = Decoder(
+            pre, self.batch_size, self.device, self.num_threads, self.mean_image, self.views, mode=self.decode_mode
+        )
+        todo, done_items, total = self.begin()
         # Python's stderr (and the bar) bypass fd 2, where the decoder's native warnings are captured.
         with redirect_stderr(console()):
             bar = ProgressBar(total) if self.progress and total else None
@@ -135,8 +137,23 @@ class Extractor:
             finally:
                 if bar is not None:
                     bar.close()
+        return self.end(stats, total, done_items, startup_s)
+
+    def begin(self) -> tuple[list[ShardTask], int, int]:
+        """Create OUT/ (recording a new generation): (the shards still to do, items already done, items to do).
+        Shared with the Ray driver (fastfeat.cluster), which runs the shards on its workers."""
+        self.output.create(self.new_generation)
+        self.new_generation = None  # recorded now (by this process or a sibling part): output.generations has it
+        todo = [s for s in self.shards() if s.index not in self.output.shards]
+        done_items = sum(s.end - s.first for s in self.shards()) - sum(s.end - s.first for s in todo)
+        return todo, done_items, sum(s.end - s.first for s in todo)
+
+    def end(self, stats: RunStats, total: int, done_items: int, startup_s: float, **extra) -> dict:
+        """Mark OUT/ complete (if it is), write errors.parquet and summary.json; raise ExtractFailed on too
+        many errors.  ``extra`` goes into the summary (a Ray run's workers)."""
         complete = self.output.finish()
         summary = run_summary(self, stats, total, done_items, complete, git_sha(), startup_s=startup_s)
+        summary.update(extra)
         self.output.write_summary(summary)
         _check_failure(summary, self.max_error_rate, self.out)
         return summary
@@ -163,6 +180,8 @@ def _check_failure(summary: dict, max_error_rate: float | None, out: str) -> Non
     """A run that wrote no row, or failed on more than ``max_error_rate`` of its images, is a failure."""
     processed, errors = summary["processed"], summary["errors"]
     where = os.path.join(out, "errors.parquet")
+    if storage.is_remote(out):
+        where = storage.display(storage.join(out, "errors.parquet"))
     if processed and summary["rows_written"] == 0:
         raise ExtractFailed(f"no image could be used: all {processed} failed; see {where}", summary)
     if max_error_rate is not None and processed and errors / processed > max_error_rate:
@@ -175,6 +194,8 @@ def _check_failure(summary: dict, max_error_rate: float | None, out: str) -> Non
 
 def _read_json(path: str) -> dict:
     try:
+        if storage.is_remote(path):
+            return json.loads(storage.read_bytes(path))
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError):
@@ -210,15 +231,16 @@ def _sha256_array(a: np.ndarray) -> str:
 def run_metadata(ex: Extractor, mean_file: str | None) -> dict:
     """What every shard's metadata says about how its features were made."""
     metadata = features_metadata(
-        ex.spec, ex.weights_id, mean_file, ex.mean_image, ex.device, ex.precision, ex.backend_name, ex.dtype, ex.layers
-    )
+        ex.spec, ex.weights_id, mean_file, ex.mean_image, ex.device, ex.precision, ex.backend_name, ex.dtype, ex.layers,
+        decode=ex.decode_mode,
+    )  # fmt: skip
     # The run config holds the metadata: a resume with other views or reduction is refused.
     return {**metadata, "augment": augment_metadata(ex.augment, ex.augment_reduce)}
 
 
 def features_metadata(
     spec, weights_id: dict, mean_file: str | None, mean_image: np.ndarray | None, device, precision: str,
-    backend: str, dtype: str, layers: list[str],
+    backend: str, dtype: str, layers: list[str], decode: str = DEFAULT_DECODE,
 ) -> dict:  # fmt: skip
     """How features were made: a shard's metadata, and what ``fastfeat serve`` answers on GET /v1/model
     (one function, so a served feature and a stored one are described alike and can be compared)."""
@@ -232,6 +254,7 @@ def features_metadata(
             "mean_file": os.path.abspath(mean_file) if mean_file else None,
             "mean_sha256": _sha256_array(mean_image) if mean_image is not None else None,
             "decoder": "nvidia-dali " + ("mixed (nvJPEG)" if device.type == "cuda" else "cpu"),
+            "decode": decode,  # fast / exact / dct: how much work the decoder skipped (fastfeat.decode)
         },
         "precision": precision,
         "backend": backend,

@@ -19,6 +19,11 @@ from dataclasses import dataclass, field
 
 from .layers import LRN, Conv, Layer, Linear, MaxPool, ReLU, Shape
 
+# How much work the decoder may skip (fastfeat.decode explains each and what it costs in fidelity).
+# Here, not in fastfeat.decode, so that argument checking does not import DALI or torch.
+DECODE_MODES = ("fast", "exact", "dct")
+DEFAULT_DECODE = "fast"
+
 
 @dataclass(frozen=True)
 class Preprocess:

@@ -10,9 +10,20 @@ Layout of an output directory (``--format parquet``; see the sinks for the other
 
 Shard k always covers the same slice of the input, whatever failed before, so a
 run can be resumed shard by shard and its result equals an uninterrupted run.  Each file of a
-shard is written as ``<name>.<pid>.tmp`` (``part-00000.parquet.<pid>.tmp``), fsynced, checksummed
+shard is written as ``<name>.<pid>@<host>.tmp`` (``part-00000.parquet.4242@node1.tmp``), fsynced, checksummed
 and renamed; only then is the shard added to the manifest, which is itself replaced atomically.
 A shard is therefore either listed and complete, or not listed and redone.
+
+**Object stores** (``--out s3://bucket/run``, ``gs://``; see fastfeat.storage) have no rename and no
+``flock``.  There a shard's files are written exactly as above into a local staging folder (under
+``$TMPDIR``: the npy sink rewrites its header on close, which needs a seekable local file), checksummed,
+then each uploaded with one PUT to its final, fixed key (``part-00007.parquet``), and only then added to
+the manifest, itself one PUT.  A PUT is atomic (a reader sees the whole old object, the whole new one or
+none) and a killed upload leaves no object, so the guarantee is the same: the manifest is the only
+truth, ``verify`` and the readers go by it, and a shard not listed is redone.  Redoing it overwrites the
+same key with the same bytes (the output is deterministic), so no second copy ever appears beside it.
+The manifest must have a single writer there (no lock serialises read-merge-write): the CLI refuses
+``--num-shards``/``--devices`` parts writing to an object store; ``--ray`` runs have one writer, the driver.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import json
 import math
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +44,7 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
+from . import storage
 from .checksum import file_sha256
 from .sinks import DEFAULT_FORMAT, get_sink
 from .sinks.base import Layout, Rows, Sink
@@ -42,7 +55,9 @@ ERRORS = "errors.parquet"
 SUMMARY = "summary.json"
 FORMAT = "fastfeat/1"
 SHARD_RE = re.compile(r"^part-\d{5,}\.")  # every file of a shard, whatever the format, and their temp files
-TMP_RE = re.compile(r"^part-\d{5,}\..+\.(\d+)\.tmp$")
+# <pid>@<host>: a pid names a process on one host only, and an output folder may be shared by several
+# hosts (a Ray run's workers).  Files without "@<host>" are from older versions, written on this host.
+TMP_RE = re.compile(r"^part-\d{5,}\..+\.(\d+)(?:@([A-Za-z0-9-]+))?\.tmp$")
 ITEMS_RE = re.compile(r"^items-\d{5,}\.arrow$")  # each generation's (id, label) list, in order (Arrow IPC)
 
 
@@ -52,6 +67,17 @@ class OutputError(ValueError):
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def manifest_json(manifest: dict) -> str:
+    """The manifest as indented JSON, one shard record per line.
+
+    ``json.dumps(indent=...)`` runs the pure-Python encoder: 0.65 s for a 1,000-shard manifest with 10
+    error records per shard, rewritten at every commit (benchmarks/ray_overhead.py --driver-costs).
+    Records on one line each go through the C encoder; the file reads back as the same JSON."""
+    head = json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=1)
+    shards = ",\n  ".join(json.dumps(r, ensure_ascii=True) for r in manifest.get("shards", []))
+    return head[:-2] + ',\n "shards": [' + (f"\n  {shards}\n ]" if shards else "]") + "\n}"
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -71,11 +97,37 @@ def _atomic_write(path: str, data: bytes) -> None:
     _fsync_dir(folder)
 
 
-def _remove_orphan_tmp(folder: str) -> None:
-    """Delete shard temp files whose writing process no longer exists (a killed run's partial shard)."""
+def host_tag() -> str:
+    """This host's name as it appears in temp file names (letters, digits and ``-`` only)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "localhost"
+
+
+def tmp_name(name: str, pid: int | None = None) -> str:
+    """The temp file name this process (or ``pid`` on this host) writes shard file ``name`` under."""
+    return f"{name}.{os.getpid() if pid is None else pid}@{host_tag()}.tmp"
+
+
+def remove_tmp_of(folder: str, writers: set[tuple[str, int]]) -> None:
+    """Delete the shard temp files written by ``writers`` ((host tag, pid) pairs the caller knows are dead:
+    a Ray driver's own killed workers, on any host)."""
+    if storage.is_remote(storage.local_path(folder)):
+        return  # nothing is staged on an object store: each host removes its dead writers' local staging files
     for entry in os.listdir(folder):
         m = TMP_RE.match(entry)
-        if not m:
+        if m and (m.group(2), int(m.group(1))) in writers:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, entry))
+
+
+def _remove_orphan_tmp(folder: str) -> None:
+    """Delete shard temp files whose writing process no longer exists (a killed run's partial shard).
+
+    Only this host's: another host's pid cannot be checked from here, so its files are left alone
+    (a Ray driver removes its own dead workers' files, see remove_tmp_of)."""
+    here = host_tag()
+    for entry in os.listdir(folder):
+        m = TMP_RE.match(entry)
+        if not m or m.group(2) not in (None, here):
             continue
         try:
             os.kill(int(m.group(1)), 0)
@@ -120,7 +172,11 @@ class OutputDir:
     """Owns OUT/: checks that it holds nothing or the same run, and records finished shards."""
 
     def __init__(self, path: str, config: dict, overwrite: bool = False):
-        self.path = path
+        self.path = storage.local_path(path)  # file:///x is the local folder /x, with the local protocol
+        # An object store (s3://, gs://, ...): shards staged locally, uploaded, no lock (see the docstring).
+        self.remote = storage.is_remote(self.path)
+        if self.remote:
+            storage.check_bucket(self.path)  # a missing bucket or unreachable endpoint: one line, nothing written
         self.config = config
         self.hash = config_hash(config)
         self.overwrite = overwrite
@@ -134,6 +190,8 @@ class OutputDir:
     # -- opening ----------------------------------------------------------------------------------
     def _read_manifest_if_any(self) -> dict | None:
         """The manifest of a run already in OUT/, None for a missing or empty OUT/; raises for foreign content."""
+        if self.remote:
+            return self._read_remote_manifest_if_any()
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise OutputError(f"output path exists and is not a directory: {self.path}")
         if not os.path.isdir(self.path) or not [e for e in os.listdir(self.path) if not e.startswith(".")]:
@@ -148,6 +206,24 @@ class OutputDir:
                 return json.load(f)
         except (OSError, ValueError) as exc:
             raise OutputError(f"cannot read {manifest_path}: {exc}") from None
+
+    def _read_remote_manifest_if_any(self) -> dict | None:
+        where = storage.display(self.path)
+        try:
+            if storage.is_file(self.path):
+                raise OutputError(f"output path exists and is not a directory: {where}")
+            entries = storage.list_dir(self.path)
+            if not [e for e in entries if not e.startswith(".")]:
+                return None
+            if MANIFEST not in entries:
+                raise OutputError(
+                    f"output directory {where} is not empty and holds no fastfeat run; choose another --out"
+                )
+            return json.loads(storage.read_bytes(storage.join(self.path, MANIFEST)))
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, OutputError):
+                raise
+            raise OutputError(f"cannot read output directory {where}: {storage.describe(exc)}") from None
 
     def _check(self, manifest: dict | None) -> None:
         """Same run: take its finished shards.  Different run: refuse, unless --overwrite (done in create)."""
@@ -167,9 +243,17 @@ class OutputDir:
         the shards only if their files are whole."""
         if len(manifest.get("generations", [])) > len(self.generations):
             self.generations = manifest["generations"]
-        for rec in manifest.get("shards", []):
-            rec = ShardRecord(**rec)
-            whole = all(_file_size(os.path.join(self.path, f["file"])) == f["bytes"] for f in rec.files())
+        remote_sizes = None  # an object store: one listing gives every object's size
+        for raw in manifest.get("shards", []):
+            if raw["index"] in self.shards:  # held already: no stat per listed shard at every commit
+                continue
+            rec = ShardRecord(**raw)
+            if self.remote:
+                if remote_sizes is None:
+                    remote_sizes = storage.list_dir(self.path)
+                whole = all(remote_sizes.get(f["file"]) == f["bytes"] for f in rec.files())
+            else:
+                whole = all(_file_size(os.path.join(self.path, f["file"])) == f["bytes"] for f in rec.files())
             if rec.index not in self.shards and whole:
                 self.shards[rec.index] = rec
 
@@ -179,7 +263,18 @@ class OutputDir:
 
         A manifest of another configuration appearing meanwhile (another run started on the same
         OUT/) is an error: the two runs would overwrite each other's shards.
+
+        On an object store there is no lock: the manifest has a single writer (see the module docstring),
+        and re-reading it still catches another run started on the same OUT/.
         """
+        if self.remote:
+            try:
+                on_store = json.loads(storage.read_bytes(storage.join(self.path, MANIFEST)))
+            except FileNotFoundError:
+                on_store = {}
+            self._take_on_disk(on_store)
+            yield
+            return
         with open(os.path.join(self.path, LOCK), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -188,18 +283,30 @@ class OutputDir:
                         on_disk = json.load(f)
                 except (OSError, ValueError):
                     on_disk = {}
-                if on_disk and on_disk.get("config_hash") != self.hash:
-                    if not self.overwrite:
-                        raise OutputError(f"another run with a different configuration is using {self.path}")
-                    self._clear()  # --overwrite: exactly once, by whichever part takes the lock first
-                    self.overwrite = False
-                elif on_disk:
-                    self._merge(on_disk)
+                self._take_on_disk(on_disk)
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def _take_on_disk(self, on_disk: dict) -> None:
+        """Merge the manifest found in OUT/; one of another configuration is an error, or cleared by --overwrite."""
+        if on_disk and on_disk.get("config_hash") != self.hash:
+            if not self.overwrite:
+                raise OutputError(f"another run with a different configuration is using {storage.display(self.path)}")
+            self._clear()  # --overwrite: exactly once, by whichever part takes the lock first
+            self.overwrite = False
+        elif on_disk:
+            self._merge(on_disk)
+
     def _clear(self) -> None:
+        if self.remote:
+            # The other run's manifest is replaced (one PUT) by this run's empty one before its files go:
+            # a manifest never lists a deleted shard, even if this process dies midway.
+            self._write_manifest(complete=False)
+            for entry in storage.list_dir(self.path):
+                if SHARD_RE.match(entry) or ITEMS_RE.match(entry) or entry in (ERRORS, SUMMARY):
+                    storage.delete(storage.join(self.path, entry))
+            return
         for entry in os.listdir(self.path):
             if (
                 SHARD_RE.match(entry)
@@ -216,21 +323,35 @@ class OutputDir:
         writers (their process is gone) are removed, and a new generation's item list is recorded.
         """
         try:
-            os.makedirs(self.path, exist_ok=True)
+            if self.remote:
+                storage.make_dir(self.path)
+            else:
+                os.makedirs(self.path, exist_ok=True)
             with self._locked():
                 self.overwrite = False  # from now on a foreign manifest means a concurrent run
-                _remove_orphan_tmp(self.path)
+                if self.remote:  # shard temp files are staged on this host; a killed run's are removed here
+                    os.makedirs(self.staging_dir(), exist_ok=True)
+                    _remove_orphan_tmp(self.staging_dir())
+                else:
+                    _remove_orphan_tmp(self.path)
                 if new_generation is not None:
                     generation, items = new_generation
                     same = [g for g in self.generations if g["items_file"] == generation["items_file"]]
                     if not same:
-                        _write_items(os.path.join(self.path, generation["items_file"]), items)
+                        _write_items(storage.join(self.path, generation["items_file"]), items)
                         self.generations.append(generation)
                     elif same[0]["ids_labels_sha256"] != generation["ids_labels_sha256"]:
                         raise OutputError(f"another run added different items to {self.path} meanwhile")
                 self._write_manifest(complete=False)
         except OSError as exc:
-            raise OutputError(f"cannot write to output directory {self.path}: {exc.strerror or exc}") from None
+            where = storage.display(self.path) if self.remote else self.path
+            raise OutputError(f"cannot write to output directory {where}: {storage.describe(exc)}") from None
+
+    def staging_dir(self) -> str:
+        """Object stores: the local folder where this OUT/'s shard files are written before their upload
+        (one per output location, so runs writing to different places never share temp names)."""
+        key = hashlib.sha256(storage.display(self.path).encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), "fastfeat-staging", key)
 
     # -- records ----------------------------------------------------------------------------------
     def _write_manifest(self, complete: bool) -> None:
@@ -244,11 +365,21 @@ class OutputDir:
             "rows": sum(r.rows for r in self.shards.values()),
             "shards": [vars(self.shards[k]) for k in sorted(self.shards)],
         }
-        _atomic_write(os.path.join(self.path, MANIFEST), json.dumps(manifest, indent=1).encode())
+        data = manifest_json(manifest).encode()
+        if self.remote:
+            storage.write_bytes(storage.join(self.path, MANIFEST), data)  # one PUT: atomic
+        else:
+            _atomic_write(os.path.join(self.path, MANIFEST), data)
 
     def commit_shard(self, record: ShardRecord) -> None:
+        self.commit_shards([record])
+
+    def commit_shards(self, records: list[ShardRecord]) -> None:
+        """Record finished shards with one manifest write: a Ray driver commits together the shards that
+        finished while it wrote the previous manifest, so commits keep up however many workers there are."""
         with self._locked():
-            self.shards[record.index] = record
+            for record in records:
+                self.shards[record.index] = record
             self._write_manifest(complete=False)
 
     def rows(self) -> int:
@@ -279,12 +410,27 @@ class OutputDir:
                 "kept": pa.array([kept for _, kept in records], pa.bool_()),
             }
         )
+        if self.remote:
+            _upload_written(storage.join(self.path, ERRORS), lambda f: pq.write_table(table, f, compression="zstd"))
+            return
         tmp = os.path.join(self.path, ".tmp-" + ERRORS)
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, os.path.join(self.path, ERRORS))
 
     def write_summary(self, summary: dict) -> None:
-        _atomic_write(os.path.join(self.path, SUMMARY), json.dumps(summary, indent=1).encode())
+        data = json.dumps(summary, indent=1).encode()
+        if self.remote:
+            storage.write_bytes(storage.join(self.path, SUMMARY), data)
+        else:
+            _atomic_write(os.path.join(self.path, SUMMARY), data)
+
+
+def _upload_written(location: str, write: Callable[[str], None]) -> None:
+    """Object stores: ``write(local_path)`` a whole file on this host, then upload it in one atomic PUT."""
+    with tempfile.TemporaryDirectory(prefix="fastfeat-") as folder:
+        local = os.path.join(folder, storage.basename(location))
+        write(local)
+        storage.upload(local, location)
 
 
 def _file_size(path: str) -> int | None:
@@ -352,6 +498,9 @@ def _write_items(path: str, items) -> None:
             "label": pa.array(list(_ids_labels(items)[1]), pa.string()),
         }
     )
+    if storage.is_remote(path):
+        _upload_written(path, lambda f: feather.write_feather(table, f, compression="zstd"))
+        return
     tmp = path + ".tmp"
     feather.write_feather(table, tmp, compression="zstd")
     with open(tmp, "rb") as f:
@@ -360,7 +509,8 @@ def _write_items(path: str, items) -> None:
 
 
 def read_items(path: str, generation: dict) -> tuple[list[str], list[str | None]]:
-    table = feather.read_table(os.path.join(path, generation["items_file"]))
+    location = storage.join(path, generation["items_file"])
+    table = feather.read_table(storage.open_input_file(location) if storage.is_remote(location) else location)
     return table.column("id").to_pylist(), table.column("label").to_pylist()
 
 
@@ -423,7 +573,7 @@ def plan_items(out: OutputDir, items: list, append: bool) -> tuple[list, tuple[d
 
 
 class ShardTransaction:
-    """Writes one shard through a sink into ``<file>.<pid>.tmp`` files, and commits it when complete:
+    """Writes one shard through a sink into ``<file>.<pid>@<host>.tmp`` files, and commits it when complete:
     fsync, checksum, rename, then the manifest.  ``abort`` leaves nothing behind.
 
     ``commit`` records the finished shard; by default ``out.commit_shard`` (this process writes the
@@ -439,7 +589,12 @@ class ShardTransaction:
         # Unique per writing process: a stray second writer of the same shard (a part restarted while
         # the old one still runs) can never write into these files.  Same content either way: the
         # output is deterministic, so whichever rename lands last is correct.
-        self.tmp_paths = {name: os.path.join(out.path, f"{name}.{os.getpid()}.tmp") for name in sink.shard_files(index)}
+        # An object store has no rename: the files are staged on this host and uploaded on close.
+        folder = out.staging_dir() if out.remote else out.path
+        if out.remote:
+            os.makedirs(folder, exist_ok=True)
+            _remove_orphan_tmp(folder)  # staged by a killed process on this host (a Ray worker's host too)
+        self.tmp_paths = {name: os.path.join(folder, tmp_name(name)) for name in sink.shard_files(index)}
         self.errors: list[dict] = []
         self.warnings: list[dict] = []
         self._writer = sink.open(self.tmp_paths)
@@ -466,6 +621,13 @@ class ShardTransaction:
             self.index, primary["file"], rows, self.first_item, self.end_item, primary["sha256"], primary["bytes"],
             self.errors, self.warnings, files[1:],
         )  # fmt: skip
+        if self.out.remote:
+            # One PUT per file to its final key (atomic; a retry rewrites the same bytes), then the manifest.
+            for name, tmp in self.tmp_paths.items():
+                storage.upload(tmp, storage.join(self.out.path, name))
+                os.unlink(tmp)
+            self._commit(record)
+            return record
         for name, tmp in self.tmp_paths.items():
             os.replace(tmp, os.path.join(self.out.path, name))
         _fsync_dir(self.out.path)
@@ -485,13 +647,24 @@ def verify(path: str, partial: bool = False) -> list[str]:
     """Check OUT/ against its manifest: every listed shard's files present with their checksums, row
     counts, rows + errors accounting for each shard's items, ids unique; the run finished (unless
     ``partial``); no shard file the manifest does not list (a ``part-*`` glob would read it); the
-    error table present and matching.  Returns the problems (empty when intact)."""
-    manifest_path = os.path.join(path, MANIFEST)
+    error table present and matching.  Returns the problems (empty when intact).
+
+    On an object store the folder is listed once and each listed shard's files are downloaded to a
+    local temp folder, one shard at a time, to be checksummed and read like local ones."""
+    path = storage.local_path(path)
+    remote = storage.is_remote(path)
+    manifest_path = storage.join(path, MANIFEST)
     try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        if remote:
+            manifest = json.loads(storage.read_bytes(manifest_path))
+        else:
+            with open(manifest_path, encoding="utf-8") as f:
+                manifest = json.load(f)
     except (OSError, ValueError) as exc:
-        raise OutputError(f"cannot read {manifest_path}: {exc}") from None
+        reason = storage.describe(exc) if remote else exc
+        where = storage.display(manifest_path) if remote else manifest_path
+        raise OutputError(f"cannot read {where}: {reason}") from None
+    listing = storage.list_dir(path) if remote else None  # name -> size of every object in OUT/
     config = manifest.get("config", {})
     metadata = config.get("metadata", {})
     layer_dims = {name: math.prod(shape) for name, shape in metadata.get("layers", {}).items()}
@@ -500,37 +673,55 @@ def verify(path: str, partial: bool = False) -> list[str]:
     problems: list[str] = []
     seen: set[str] = set()
     for rec in records:
-        paths = {f["file"]: os.path.join(path, f["file"]) for f in rec.files()}
-        missing = [name for name, p in paths.items() if not os.path.isfile(p)]
-        if missing:
-            problems += [f"{name}: missing" for name in missing]
-            continue
-        problems += [
-            f"{f['file']}: checksum mismatch" for f in rec.files() if file_sha256(paths[f["file"]]) != f["sha256"]
-        ]
-        try:
-            rows, ids = sink.inspect(paths)
-        except Exception as exc:  # a damaged file raises various pyarrow/numpy errors
-            problems.append(f"{rec.file}: unreadable ({exc})")
-            continue
-        if rows != rec.rows:
-            problems.append(f"{rec.file}: {rows} rows, manifest says {rec.rows}")
-        if rec.rows + len(rec.errors) != rec.end_item - rec.first_item:
-            problems.append(
-                f"{rec.file}: {rec.rows} rows + {len(rec.errors)} errors do not account for "
-                f"items [{rec.first_item}, {rec.end_item})"
-            )
-        dup = seen.intersection(ids)
-        if dup or len(set(ids)) != len(ids):
-            problems.append(f"{rec.file}: duplicate ids, e.g. {sorted(dup)[:1] or ids[:1]}")
-        seen.update(ids)
+        with _shard_paths(path, rec, listing) as paths:
+            problems += _check_shard(rec, paths, sink, seen)
     problems += _completeness(manifest, records, partial)
     listed = {f["file"] for rec in records for f in rec.files()}
-    for entry in sorted(os.listdir(path)):
+    for entry in sorted(listing if remote else os.listdir(path)):
         if SHARD_RE.match(entry) and not entry.endswith(".tmp") and entry not in listed:
             problems.append(f"{entry}: not listed in the manifest (a part-* glob would read its rows too)")
     if manifest.get("complete"):  # written when a run (or part) ends: an interrupted run's may be stale
-        problems += _check_errors_table(path, records)
+        problems += _check_errors_table(path, records, listing)
+    return problems
+
+
+@contextlib.contextmanager
+def _shard_paths(path: str, rec: ShardRecord, listing: dict[str, int | None] | None):
+    """{file: local path} of a shard's files: in OUT/ itself, or (an object store, ``listing`` given)
+    downloaded into a temp folder that is removed afterwards.  A file that is not there gets a path
+    that does not exist."""
+    if listing is None:
+        yield {f["file"]: os.path.join(path, f["file"]) for f in rec.files()}
+        return
+    with tempfile.TemporaryDirectory(prefix="fastfeat-verify-") as folder:
+        paths = {f["file"]: os.path.join(folder, f["file"]) for f in rec.files()}
+        for name, local in paths.items():
+            if listing.get(name) is not None:
+                storage.download(storage.join(path, name), local)
+        yield paths
+
+
+def _check_shard(rec: ShardRecord, paths: dict[str, str], sink: Sink, seen: set[str]) -> list[str]:
+    """The problems of one listed shard; adds its ids to ``seen``."""
+    missing = [name for name, p in paths.items() if not os.path.isfile(p)]
+    if missing:
+        return [f"{name}: missing" for name in missing]
+    problems = [f"{f['file']}: checksum mismatch" for f in rec.files() if file_sha256(paths[f["file"]]) != f["sha256"]]
+    try:
+        rows, ids = sink.inspect(paths)
+    except Exception as exc:  # a damaged file raises various pyarrow/numpy errors
+        return [*problems, f"{rec.file}: unreadable ({exc})"]
+    if rows != rec.rows:
+        problems.append(f"{rec.file}: {rows} rows, manifest says {rec.rows}")
+    if rec.rows + len(rec.errors) != rec.end_item - rec.first_item:
+        problems.append(
+            f"{rec.file}: {rec.rows} rows + {len(rec.errors)} errors do not account for "
+            f"items [{rec.first_item}, {rec.end_item})"
+        )
+    dup = seen.intersection(ids)
+    if dup or len(set(ids)) != len(ids):
+        problems.append(f"{rec.file}: duplicate ids, e.g. {sorted(dup)[:1] or ids[:1]}")
+    seen.update(ids)
     return problems
 
 
@@ -549,12 +740,12 @@ def _completeness(manifest: dict, records: list[ShardRecord], partial: bool) -> 
     return []
 
 
-def _check_errors_table(path: str, records: list[ShardRecord]) -> list[str]:
-    file = os.path.join(path, ERRORS)
-    if not os.path.isfile(file):
+def _check_errors_table(path: str, records: list[ShardRecord], listing: dict | None = None) -> list[str]:
+    file = storage.join(path, ERRORS)
+    if not (listing.get(ERRORS) is not None if listing is not None else os.path.isfile(file)):
         return [f"{ERRORS}: missing"]
     try:
-        table = pq.read_table(file)
+        table = pq.read_table(storage.open_input_file(file) if listing is not None else file)
     except Exception as exc:  # a damaged file raises various pyarrow errors
         return [f"{ERRORS}: unreadable ({exc})"]
     skipped = sorted(e["id"] for r in records for e in r.errors)

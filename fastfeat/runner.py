@@ -122,6 +122,7 @@ class RunStats:
     wall_s: float = 0.0
     busy: dict[str, float] = field(default_factory=dict)
     wait: dict[str, float] = field(default_factory=dict)
+    first_batch_at: float | None = None  # time.time() when the first batch reached its shard writer
 
 
 ReadFn = Callable[[Item], tuple[np.ndarray | None, tuple[int, int], tuple[str, str] | None]]
@@ -204,6 +205,8 @@ class Runner:
                     rows = [batch.items[i] for i in batch.good]
                     sizes = [batch.sizes[i] for i in batch.good]
                     shard.add(Rows([it.id for it in rows], [it.label for it in rows], sizes, batch.features))
+                if stats.first_batch_at is None:
+                    stats.first_batch_at = time.time()
                 stats.rows += len(batch.good)
                 stats.errors += len(batch.errors)
                 stats.warnings += len(batch.warnings)

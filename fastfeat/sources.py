@@ -52,6 +52,13 @@ and ids are unique within a source (checked).
 small integer codes, paths derived from the source's folder) and makes ``Item``
 objects on access, so a million-image source takes tens of MB, not hundreds.
 
+Any of these may live on object storage or another remote file system: a source given as a URI
+(``s3://bucket/photos``, ``gs://bucket/shards-{0000..0099}.tar``, ``hdfs://...``) is listed and read
+through ``pyarrow.fs`` (:mod:`fastfeat.storage`), with the same ids, labels and order as a local copy
+(a folder is listed with one recursive key listing; a tar shard is streamed once to list its members;
+an image is one GET, a tar member one ranged GET).  A list file's lines may be URIs too, and relative
+lines of a remote list file are keys under its folder.  ``file://`` URIs are local paths.
+
 Read errors (:meth:`ItemReader.read`) are ``OSError`` whose ``strerror`` (and
 ``str()``) name what was read: the file, the tar shard and member, or the
 Parquet file and row.
@@ -60,6 +67,7 @@ Parquet file and row.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import tarfile
@@ -69,6 +77,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, islice
 from typing import NamedTuple, overload
+
+from . import storage
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pnm", ".ppm", ".pgm", ".jp2", ".gif"}
@@ -167,7 +177,8 @@ class ItemList(Sequence[Item]):
         self._blob, self._ends = blob, ends
         self._labels, self._label_table = labels, label_table
         # path_mode "join": root/id (a folder); "abspath": abspath(join(root, id)) (a list file);
-        # "table": path_table[path_codes[i]] (tar and Parquet sources: a few container files).
+        # "table": path_table[path_codes[i]] (tar and Parquet sources: a few container files);
+        # "uri": root is a remote folder URI, the path is the id joined to it (unless the id is a URI).
         self._root, self._path_mode = root, path_mode
         self._prefix = os.path.join(root, "") if root is not None else ""
         self._path_codes, self._path_table = path_codes, path_table or []
@@ -184,7 +195,13 @@ class ItemList(Sequence[Item]):
         if self._path_mode == "join":  # root is absolute and normalised, id has no "." or ".." parts
             return self._prefix + (id_ if os.sep == "/" else id_.replace("/", os.sep))
         if self._path_mode == "abspath":
+            if "://" in id_:  # a list line naming an object (s3://...) or a file:// URI
+                return storage.local_path(id_)
             return os.path.abspath(os.path.join(self._root, id_))
+        if self._path_mode == "uri":  # a line of a remote list may name a URI or an absolute local path
+            return (
+                storage.local_path(id_) if storage.scheme(id_) or id_.startswith("/") else storage.join(self._root, id_)
+            )
         return self._path_table[self._path_codes[i]]
 
     def _item(self, i: int) -> Item:
@@ -361,6 +378,26 @@ def _walk_folder(root: str, progress: Progress | None = None) -> ItemList:
                     root=root_abs, path_mode="join", skipped=skipped)  # fmt: skip
 
 
+def _walk_remote_folder(root: str, progress: Progress | None = None) -> ItemList:
+    """A folder on an object store (a key prefix), listed in one recursive listing, with the ids,
+    labels and order a local copy gets: hidden names skipped, image extensions only, byte order."""
+    try:
+        files = storage.walk_files(root)
+    except OSError as exc:
+        raise SourceError(f"cannot read folder {storage.display(root)}: {storage.describe(exc)}") from None
+    ids = sorted(
+        (_encode(f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+         and not any(part.startswith(".") for part in f.split("/"))),
+    )  # fmt: skip
+    out = _Builder(root, "uri", progress)
+    for id_b in ids:
+        head, sep, _ = id_b.partition(b"/")
+        out.add(_decode(id_b), _decode(head) if sep else None)
+    if progress is not None:
+        progress(len(out))
+    return out.build()
+
+
 class _FolderWalk:
     """The columns a folder walk fills, and the classification of a folder's entries."""
 
@@ -489,17 +526,26 @@ def format_skipped(skipped: Sequence[Skipped]) -> str | None:
 
 
 def _read_list(list_path: str, progress: Progress | None = None) -> ItemList:
-    base = os.path.dirname(os.path.abspath(list_path))
-    ext = os.path.splitext(list_path)[1].lower()
-    out = _Builder(base, "abspath", progress)
+    remote = storage.is_remote(list_path)
+    base = storage.parent(list_path) if remote else os.path.dirname(os.path.abspath(list_path))
+    ext = os.path.splitext(storage.basename(list_path))[1].lower()
+    out = _Builder(base, "uri" if remote else "abspath", progress)
     header: tuple[int, int | None] | None = None  # (path column, label column) named by a header row
     first = True
-    with open(list_path, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
+    if remote:
+        try:
+            text = storage.read_bytes(list_path).decode("utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SourceError(f"cannot read list file {storage.display(list_path)}: {storage.describe(exc)}") from None
+        lines = io.StringIO(text, newline="")
+    else:
+        lines = open(list_path, encoding="utf-8-sig", newline="")  # -sig: a spreadsheet's byte-order mark
+    with lines as f:
         for lineno, raw in enumerate(f, 1):
             line = raw.rstrip("\r\n")
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
-            where = f"{list_path}:{lineno}"
+            where = f"{storage.display(list_path) if remote else list_path}:{lineno}"
             if ext == ".csv" or (ext == ".tsv" or "\t" in line):
                 fields = next(csv.reader([line])) if ext == ".csv" else line.split("\t")
                 fields = [x.strip() for x in fields]
@@ -552,10 +598,13 @@ def _split_spaces(line: str, base: str, where: str) -> tuple[str, str | None]:
     if len(parts) == 1:
         return line, None  # one token
     # A path may itself contain spaces: the whole line is the path when that file exists.
-    if os.path.exists(os.path.join(base, line)):
+    if storage.is_remote(base):  # a remote list: its relative paths are keys under its folder
+        if storage.exists(storage.join(base, line)):
+            return line, None
+    elif os.path.exists(os.path.join(base, line)):
         return line, None
     path, label = parts
-    if not any(c.isspace() for c in path) or os.path.isfile(os.path.join(base, path)):
+    if not any(c.isspace() for c in path) or storage.is_file(storage.join(base, path)):
         return path, label
     raise SourceError(
         f"{where}: ambiguous line {line!r}: neither the whole line nor {path!r} is an existing file, so "
@@ -576,10 +625,13 @@ def _read_tars(paths: list[str], progress: Progress | None = None) -> ItemList:
     out = _Builder(progress=progress)
     for path in paths:
         try:
+            if storage.is_remote(path):
+                _remote_tar_items(path, out)
+                continue
             with tarfile.open(path, mode="r:") as tar:  # uncompressed: members are read in place by offset
                 _tar_items(tar, os.path.abspath(path), out)
         except (tarfile.TarError, OSError) as exc:
-            raise SourceError(f"cannot read tar shard {path}: {exc}") from None
+            raise SourceError(f"cannot read tar shard {storage.display(path)}: {storage.describe(exc)}") from None
         except KeyError as exc:
             raise SourceError(f"duplicate id {exc.args[0]!r} in tar shard {path}: ids must be unique") from None
     if progress is not None:
@@ -587,10 +639,29 @@ def _read_tars(paths: list[str], progress: Progress | None = None) -> ItemList:
     return out.build()
 
 
-def _tar_items(tar: tarfile.TarFile, path: str, out: _Builder) -> None:
+def _remote_tar_items(path: str, out: _Builder) -> None:
+    """A remote tar, streamed once from start to end (one GET) instead of a ranged GET per member
+    header; the small label members are kept as they stream by."""
+    fs, key = storage.resolve(path)
+    with fs.open_input_stream(key) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        members, labels = [], {}
+        for m in tar:
+            members.append(m)
+            if m.isfile() and m.size <= MAX_LABEL_BYTES and m.name.lower().endswith((".cls", ".txt")):
+                labels[m.name] = tar.extractfile(m).read()
+    _tar_items(members, path, out, read=lambda m: labels[m.name])
+
+
+def _tar_items(tar: tarfile.TarFile | list[tarfile.TarInfo], path: str, out: _Builder, read=None) -> None:
+    """``tar`` an open tar file, or (a streamed remote one) its members, with ``read`` giving a label
+    member's bytes."""
+    if isinstance(tar, tarfile.TarFile):
+        members, read = tar.getmembers(), (lambda m, tar=tar: tar.extractfile(m).read())
+    else:
+        members = tar
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
     unsafe: list[str] = []
-    for m in tar.getmembers():
+    for m in members:
         if not m.isfile():
             continue
         if _unsafe_member(m.name):
@@ -610,7 +681,7 @@ def _tar_items(tar: tarfile.TarFile, path: str, out: _Builder) -> None:
         label_member = group.get("cls") or group.get("txt")
         label = None
         if label_member is not None and label_member.size <= MAX_LABEL_BYTES:
-            label = tar.extractfile(label_member).read().decode("utf-8", "replace").strip()
+            label = read(label_member).decode("utf-8", "replace").strip()
         out.add(key, label, path, offset=image.offset_data, size=image.size)
 
 
@@ -620,10 +691,12 @@ def _read_parquets(paths: list[str], image_column: str, progress: Progress | Non
 
     out = _Builder(progress=progress)
     for path in paths:
+        remote = storage.is_remote(path)
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(storage.open_input_file(path) if remote else path)
         except Exception as exc:  # pyarrow raises several types for a bad file
-            raise SourceError(f"cannot read Parquet source {path}: {exc}") from None
+            where = storage.display(path) if remote else path
+            raise SourceError(f"cannot read Parquet source {where}: {storage.describe(exc)}") from None
         names = pf.schema_arrow.names
         if image_column not in names:
             raise SourceError(
@@ -637,8 +710,8 @@ def _read_parquets(paths: list[str], image_column: str, progress: Progress | Non
                 f"{path}: column {image_column!r} is {col_type}, not binary image bytes or a struct with 'bytes'"
             )
         labels = pf.read(columns=["label"]).column(0).to_pylist() if "label" in names else [None] * pf.metadata.num_rows
-        base = os.path.basename(path)
-        abspath = os.path.abspath(path)
+        base = storage.basename(path)
+        abspath = path if remote else os.path.abspath(path)
         try:
             for row, label in enumerate(labels):
                 out.add(f"{base}:{row}", None if label is None else str(label), abspath, offset=row)
@@ -652,12 +725,13 @@ def _read_parquets(paths: list[str], image_column: str, progress: Progress | Non
 
 
 def source_kind(source: str) -> str:
-    lower = source.lower()
+    remote = storage.is_remote(source)
+    lower = (source.partition("?")[0] if remote else source).lower()  # a URI's options are not its name
     if lower.endswith(".tar"):
         return "webdataset"
     if lower.endswith(".parquet"):
         return "parquet"
-    if os.path.isdir(source):
+    if storage.is_dir(source) if remote else os.path.isdir(source):
         return "folder"
     return "list"
 
@@ -670,6 +744,12 @@ def list_items(source: str, image_column: str = "image", *, progress: Progress |
     listing skipped (looping folder links, broken links, unreadable folders) is in
     ``result.skipped``; :func:`format_skipped` makes one line of it.
     """
+    source = storage.local_path(source)
+    if storage.is_remote(source):
+        try:
+            return _list_remote(source, image_column, progress)
+        except OSError as exc:  # the store refused or could not be reached
+            raise SourceError(f"cannot read source {storage.display(source)}: {storage.describe(exc)}") from None
     kind = source_kind(source)
     if kind in ("webdataset", "parquet"):
         paths = expand_braces(source)
@@ -696,6 +776,32 @@ def list_items(source: str, image_column: str = "image", *, progress: Progress |
     return items
 
 
+def _list_remote(source: str, image_column: str, progress: Progress | None) -> ItemList:
+    """``list_items`` for a URI: the same kinds of source, read through pyarrow.fs."""
+    storage.check_bucket(source)
+    kind = source_kind(source)
+    if kind in ("webdataset", "parquet"):
+        paths = expand_braces(source)
+        missing = [p for p in paths if not storage.is_file(p)]
+        if missing:
+            raise SourceError(f"source does not exist: {storage.display(missing[0])}")
+        items = _read_tars(paths, progress) if kind == "webdataset" else _read_parquets(paths, image_column, progress)
+    elif kind == "folder":
+        items = _walk_remote_folder(source, progress)
+    elif not storage.is_file(source):
+        raise SourceError(f"source does not exist: {storage.display(source)}")
+    elif os.path.splitext(storage.basename(source))[1].lower() in LIST_EXTENSIONS:
+        items = _read_list(source, progress)
+    else:
+        raise SourceError(
+            f"source must be a folder, a list file ({', '.join(sorted(LIST_EXTENSIONS))}), .tar shards or .parquet files: "
+            f"{storage.display(source)}"
+        )
+    if not len(items):
+        raise SourceError(f"source has no images: {storage.display(source)}")
+    return items
+
+
 def _with_path(exc: OSError, what: str) -> OSError:
     """``exc`` again, as the same OSError subclass, with ``what`` it tried to read in its strerror."""
     reason = exc.strerror or str(exc)
@@ -714,10 +820,13 @@ class ItemReader:
         self.image_column = image_column
         self._files: dict[str, object] = {}
         self._group: tuple[str, int, int, list] | None = None  # (path, first row, end row, values)
+        self._remote_tar: tuple[str, object] | None = None  # (URI, open file) of the current remote tar shard
 
     def read(self, item: Item) -> bytes:
         if item.error:
             raise OSError(item.error)
+        if "://" in item.path and storage.is_remote(item.path):
+            return self._read_remote(item)
         if item.size is not None:  # tar member
             what = f"{item.path!r} (tar member {item.id!r} at byte {item.offset})"
             if item.size > MAX_FILE_BYTES:
@@ -744,15 +853,41 @@ class ItemReader:
             raise OSError(f"file too large: {size} bytes (limit {MAX_FILE_BYTES}): {what}")
         return data
 
+    def _read_remote(self, item: Item) -> bytes:
+        """An object: one GET (a tar member: one ranged GET on the shard, kept open while its members come)."""
+        where = repr(storage.display(item.path))
+        if item.offset is not None and item.size is None:  # Parquet row
+            return self._parquet_bytes(item.path, item.offset)
+        try:
+            if item.size is not None:
+                what = f"{where} (tar member {item.id!r} at byte {item.offset})"
+                if item.size > MAX_FILE_BYTES:
+                    raise OSError(f"file too large: {item.size} bytes (limit {MAX_FILE_BYTES})")
+                if self._remote_tar is None or self._remote_tar[0] != item.path:
+                    self._remote_tar = (item.path, storage.open_input_file(item.path))
+                data = self._remote_tar[1].read_at(item.size, item.offset)
+                if len(data) != item.size:
+                    raise OSError(f"truncated tar member: {len(data)} of {item.size} bytes")
+                return data
+            what = where
+            data = storage.read_bytes(item.path, limit=MAX_FILE_BYTES)
+        except OSError as exc:
+            raise OSError(f"{storage.describe(exc)}: {what}") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise OSError(f"file too large: over {MAX_FILE_BYTES} bytes (the limit): {what}")
+        return data
+
     def _parquet_bytes(self, path: str, row: int) -> bytes:
         import pyarrow.parquet as pq
 
-        what = f"{path!r} row {row}"
+        what = f"{storage.display(path)!r} row {row}" if "://" in path else f"{path!r} row {row}"
         g = self._group
         if g is None or g[0] != path or not g[1] <= row < g[2]:
             self._group = g = None
             try:
-                pf = self._files.get(path) or pq.ParquetFile(path)
+                pf = self._files.get(path) or pq.ParquetFile(
+                    storage.open_input_file(path) if "://" in path and storage.is_remote(path) else path
+                )
                 self._files = {path: pf}
                 start = 0
                 for i in range(pf.metadata.num_row_groups):

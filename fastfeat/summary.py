@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
-from . import __version__
+from . import __version__, storage
 
 ERRORS_FILE = "errors.parquet"  # fastfeat.output.ERRORS
 
@@ -34,6 +35,7 @@ class ProgressBar:
         from tqdm import tqdm
 
         self.errors = 0
+        self.text = ""
         self._bar = tqdm(
             total=total, unit="img", desc="extract", file=sys.stderr, dynamic_ncols=True, smoothing=0.1
         )  # fmt: skip
@@ -41,8 +43,16 @@ class ProgressBar:
     def update(self, images: int, errors: int = 0) -> None:
         if errors:  # only batches with errors touch the postfix; update() below redraws (rate-limited)
             self.errors += errors
-            self._bar.set_postfix_str(_plural(self.errors, "error"), refresh=False)
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
         self._bar.update(images)
+
+    def status(self, text: str) -> None:
+        """A run's state after the rate (a Ray run: "shards 3/10, workers 2"), before the error count."""
+        self.text = text
+        self._bar.set_postfix_str(self._postfix(), refresh=False)
+
+    def _postfix(self) -> str:
+        return ", ".join(p for p in (self.text, _plural(self.errors, "error") if self.errors else "") if p)
 
     def close(self) -> None:
         self._bar.close()
@@ -70,10 +80,12 @@ def run_summary(
         "images_per_s": round(processed / wall, 2) if wall > 0 else None,
         "startup_s": round(startup_s, 3) if startup_s is not None else None,
         "images_per_s_with_startup": round(processed / total, 2) if total else None,
+        # From the process's start (imports included) to the first batch handed to its shard writer.
+        "time_to_first_batch_s": _since_process_start(getattr(stats, "first_batch_at", None)),
         "stage_busy_s": {k: round(v, 3) for k, v in stats.busy.items()},
         "thread_wait_s": {k: round(v, 3) for k, v in stats.wait.items()},
         "complete": complete,
-        "out": os.path.abspath(ex.out),
+        "out": storage.display(ex.out),
         "model": ex.spec.name,
         "backend": ex.backend_name,
         "format": ex.format,
@@ -83,6 +95,25 @@ def run_summary(
         "fastfeat_version": __version__,
         "git_sha": git_sha,
     }
+
+
+def process_started_at() -> float | None:
+    """When this process started, as a ``time.time()`` epoch (Linux: /proc), or None.
+
+    The start-up a user waits through begins there, before Python imports torch and DALI."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _since_process_start(moment: float | None) -> float | None:
+    started = process_started_at()
+    return round(moment - started, 3) if moment is not None and started is not None else None
 
 
 def _rate(images: int, seconds: float) -> str:
@@ -95,7 +126,7 @@ def _bottleneck(summary: dict) -> str | None:
     if not busy or wall <= 0:
         return None
     stage = max(busy, key=busy.get)
-    share = min(busy[stage] / wall, 1.0)
+    share = min(busy[stage] / (wall * summary.get("workers", 1)), 1.0)  # a Ray run sums busy time over workers
     return f"{STAGE_WORDS.get(stage, stage)} (busy {share:.0%} of the time)"
 
 
@@ -121,6 +152,12 @@ def format_summary(summary: dict) -> str:
             ("with start-up", f"{_rate(processed, summary['wall_s'] + startup)} ({startup:.2f} s to load the model "
              "and build the decoder)")
         )  # fmt: skip
+    if (first := summary.get("time_to_first_batch_s")) is not None:
+        lines.append(("first batch", f"{first:.2f} s after the command started (imports included)"))
+    if (ray := summary.get("ray")) is not None:
+        gpus = f" + {ray['gpus_per_worker']:g} GPU" if ray.get("gpus_per_worker") else ""
+        retried = f", {_plural(ray['retried_shards'], 'shard')} retried" if ray.get("retried_shards") else ""
+        lines.append(("ray", f"{_plural(ray['workers'], 'worker')} × {ray['cpus_per_worker']:g} CPU{gpus}{retried}"))
     if processed and (bottleneck := _bottleneck(summary)) is not None:
         lines.append(("bottleneck", bottleneck))
     out = summary["out"]

@@ -363,6 +363,21 @@ def compiler_unavailable(arch: int) -> str | None:
     return None
 
 
+def preflight(targets) -> str | None:
+    """Before compiling: warn (stderr) when Triton is a version ``triton_compat`` was not checked
+    against, and say why a target cannot compile here (None when every one can)."""
+    import sys
+
+    unchecked = triton_compat.unchecked_version_message()
+    if unchecked:
+        print(f"warning: {unchecked}", file=sys.stderr)
+    for target in targets:
+        why = compiler_unavailable(TARGETS[target].arch)
+        if why:
+            return why
+    return None
+
+
 def compile_job(job: dict) -> dict:
     """Compile one job; returns its result fields (never raises for a compile error)."""
     fn = triton_compat.jit_function(getattr(importlib.import_module(job["module"]), job["kernel"]))

@@ -273,8 +273,14 @@ def conv2d_nhwc(
     def grid(meta):
         return (triton.cdiv(m_gemm, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups)
 
+    from . import native
+
     # Triton launches on the current device and stream: make that x's device (see on_tensor_device).
     with on_tensor_device(x):
+        # The AOT library (when built, and when it holds this specialisation) launches with no JIT.
+        aot = dict(kernel=(kh, kw), stride=(sh, sw), padding=(ph, pw), groups=groups, relu=relu, allow_tf32=allow_tf32)
+        if native.conv2d(x, packed, bias, out, **aot):
+            return out
         _conv2d_nhwc_kernel[grid](
             x,
             packed,

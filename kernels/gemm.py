@@ -273,6 +273,16 @@ def linear(
     if k == 0:
         raise ValueError("x has K=0 features")
 
+    from . import native
+
+    readable = _readable_columns(w_packed)
+    # The AOT library (when built, and when it holds this specialisation) launches with no JIT. It makes
+    # the same split-K choice (and allocates its own workspace), so a forced split_k stays with the JIT.
+    if split_k is None:
+        with on_tensor_device(x):
+            if native.linear(x, w_packed, bias, out, readable_cols=readable, relu=relu, allow_tf32=allow_tf32):
+                return out
+
     splits = split_k if split_k is not None else _pick_split_k(m, n, k, x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), SPLIT_K_GRANULE) * SPLIT_K_GRANULE
     splits = triton.cdiv(k, k_per_split)  # rounding the chunk up may leave fewer, never empty, splits
@@ -294,7 +304,7 @@ def linear(
             n,
             k,
             w_packed.stride(0),
-            _readable_columns(w_packed),
+            readable,
             m_bucket(m),
             k_per_split,
             SPLIT_K=splits,

@@ -139,7 +139,13 @@ def maxpool2d_nhwc(
     else:
         block_p, block_c = POOL_BLOCK_P, min(POOL_BLOCK_C, triton.next_power_of_2(c))
     params = lrn if lrn is not None else LRNParams()
+    from . import native
+
     with on_tensor_device(x):  # Triton launches on the current device: make it x's
+        # The AOT library (when built, and when it holds this specialisation) launches with no JIT.
+        aot = dict(kernel=(kh, kw), stride=(sh, sw), padding=(ph, pw), ceil_mode=ceil_mode, relu=relu, lrn=lrn)
+        if native.maxpool(x, out, **aot):
+            return out
         _maxpool_nhwc_kernel[(triton.cdiv(p_total, block_p), triton.cdiv(c, block_c))](
             x,
             out,

@@ -189,3 +189,64 @@ def compile_for_cuda(
     with contextlib.redirect_stdout(log):
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, CUDA_WARP_SIZE), options=options)
     return int(compiled.metadata.shared), log.getvalue()
+
+
+# -- ahead-of-time C sources (the native library, native/generate.py) -------------------------------
+# Kernel scalar types -> the C types of the launcher's parameters. Triton's own map
+# (``triton.backends.nvidia.driver.ty_to_cpp``) says "double" for fp32 scalars: its JIT launcher parses
+# Python floats as double and narrows them itself, but an AOT launcher hands cuLaunchKernel a pointer to
+# the C value, so a double would pass its low 4 bytes as the kernel's fp32 argument.
+_AOT_C_TYPES = {"i1": "int8_t", "i8": "int8_t", "i16": "int16_t", "i32": "int32_t", "i64": "int64_t",
+                "u1": "uint8_t", "u8": "uint8_t", "u16": "uint16_t", "u32": "uint32_t", "u64": "uint64_t",
+                "fp32": "float", "f32": "float", "fp64": "double"}  # fmt: skip
+
+
+def aot_c_type(ty: str) -> str:
+    """The C type of a kernel argument of Triton type ``ty`` in an AOT launcher (pointers: CUdeviceptr)."""
+    if ty.startswith("*"):
+        return "CUdeviceptr"
+    if ty not in _AOT_C_TYPES:
+        raise ValueError(f"no AOT C type for kernel argument type {ty!r}")
+    return _AOT_C_TYPES[ty]
+
+
+def constexpr_params(fn) -> list[str]:
+    """Names of the parameters of ``fn`` declared ``tl.constexpr`` (not those folded because they equal 1)."""
+    return [p.name for p in fn.params if p.is_constexpr]
+
+
+def aot_templates() -> dict[str, str]:
+    """The texts of Triton's AOT templates for CUDA (``triton/tools/extra/cuda``): compile.c, compile.h, link.h.
+
+    ``triton.tools.compile`` fills compile.c/compile.h for one specialisation; ``triton.tools.link``
+    reads the ``tt-linker`` lines of the headers and writes one dispatcher per kernel.
+    """
+    import pathlib
+
+    import triton.tools
+
+    root = pathlib.Path(triton.tools.__file__).parent / "extra" / "cuda"
+    return {name: (root / name).read_text() for name in ("compile.c", "compile.h", "link.h")}
+
+
+def compile_binary(fn, signature: dict, constexprs: dict, attrs: dict, arch: int, options: dict) -> dict:
+    """Compile ``fn`` for ``sm_<arch>``; the cubin and the launch metadata an AOT launcher needs.
+
+    Returns {"cubin": bytes, "name": kernel symbol, "shared": bytes of shared memory, "global_scratch":
+    bytes, "profile_scratch": bytes}; compiler errors propagate.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn, signature, constexprs, attrs)
+    with contextlib.redirect_stdout(io.StringIO()):  # ptxas -v output, when configure_compiler asked for it
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, CUDA_WARP_SIZE), options=options)
+    meta = compiled.metadata
+    return {
+        "cubin": compiled.asm["cubin"],
+        "name": meta.name,
+        "shared": int(meta.shared),
+        "global_scratch": int(getattr(meta, "global_scratch_size", 0) or 0),
+        "profile_scratch": int(getattr(meta, "profile_scratch_size", 0) or 0),
+    }

@@ -80,3 +80,27 @@ def clean_copy(tmp_path_factory, corrupt_dataset) -> str:
         if name not in ("01_truncated.jpg", "03_text.jpg"):
             shutil.copy(os.path.join(corrupt_dataset, name), root / name)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint (moto's server, a subprocess on 127.0.0.1) with an empty bucket.
+
+    Yields a tests/s3_server.py ``S3Endpoint``: ``uri(*parts)`` -> ``s3://bucket/...``, ``prefix()`` a
+    fresh key prefix, ``env`` the AWS_* variables, ``keys(prefix)``, ``upload_tree(folder, prefix)``,
+    ``client()`` (boto3).  The AWS_* variables are set in os.environ for the rest of the session, so
+    subprocesses (CLI runs, local Ray workers) reach the server too."""
+    import s3_server
+
+    proc, endpoint = s3_server.start()
+    saved = {k: os.environ.get(k) for k in endpoint.env}
+    os.environ.update(endpoint.env)
+    try:
+        yield endpoint
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3_server.stop(proc)

@@ -325,7 +325,7 @@ def _dali_failure(decoder, sample: np.ndarray) -> str:
 
     pipe = decoder._build()
     with pytest.raises(RuntimeError) as info:
-        decoder._run([_jpeg(), sample], [geometry(decoder.pre, 64, 48)] * 2, pipe=pipe)
+        decoder._run([_jpeg(), sample], [geometry(decoder.pre, 64, 48)] * 2, pipe=pipe, dims=[(48, 64)] * 2)
     assert info.type is RuntimeError  # raw pipe given explicitly: compare the text, not SampleError
     return str(info.value)
 

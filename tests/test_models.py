@@ -62,16 +62,24 @@ def test_forward_stops_after_deepest_requested_layer():
     w = load_weights(CAFFENET, "random:0")
     net = make_backend("torch", CAFFENET, w.tensors, torch.device("cpu"), torch.float32)
     ran = []
-    original = net.run_layer
-
-    def spy(i, x, inplace_ok=False):
-        ran.append(CAFFENET.layers[i].name)
-        return original(i, x, inplace_ok)
-
-    net.run_layer = spy
+    ops = net.plan(["norm1"])
+    for op in ops:  # what forward_intermediates runs, spied on
+        object.__setattr__(op, "run", (lambda run, covers: lambda x: ran.extend(covers) or run(x))(op.run, op.covers))
+    net.plan = lambda names: ops
     out = net.forward_intermediates(net.prepare(torch.randn(1, 227, 227, 3)), ["norm1"])
     assert ran == ["conv1", "relu1", "pool1", "norm1"]
     assert out["norm1"].shape == (1, 96, 27, 27)
+
+
+def test_cpu_plan_fuses_conv_relu_only_when_the_conv_output_is_not_requested():
+    w = load_weights(CAFFENET, "random:0")
+    net = make_backend("torch", CAFFENET, w.tensors, torch.device("cpu"), torch.float32)
+    assert [op.name for op in net.plan(["pool1"])] == ["conv1+relu1", "pool1"]
+    assert [op.name for op in net.plan(["conv1", "pool1"])] == ["conv1", "relu1", "pool1"]
+    x = net.prepare(torch.randn(2, 227, 227, 3, generator=torch.Generator().manual_seed(0)))
+    fused = net.forward_intermediates(x, ["relu2"])["relu2"]
+    unfused = net.forward_intermediates(x, ["conv1", "conv2", "relu2"])["relu2"]
+    assert torch.equal(fused, unfused)  # the post-op ReLU is the same max(0, ·) of the same accumulator
 
 
 def test_pre_activation_tap_is_not_overwritten_by_inplace_relu():

@@ -8,24 +8,25 @@ from PIL import Image
 from reference import reference_preprocess, rel_err
 
 from fastfeat.decode import Decoder, PreprocessError, geometry, load_mean, read_image
-from fastfeat.models import get_model, list_models
+from fastfeat.models import DEFAULT_DECODE, get_model, list_models
 from fastfeat.sources import Item
 
 # DALI's bilinear resampler and torch's differ in rounding only: measured 0.3-0.8% per photo.
 PREPROCESS_TOL = 0.012
 
 
-def _decode(model, paths, batch_size=8, mean_image=None):
+def _decode(model, paths, batch_size=8, mean_image=None, mode=DEFAULT_DECODE):
     spec = get_model(model)
-    dec = Decoder(spec.preprocess, batch_size, torch.device("cpu"), mean_image=mean_image)
+    dec = Decoder(spec.preprocess, batch_size, torch.device("cpu"), mean_image=mean_image, mode=mode)
     read = [read_image(Item(p, p, None), 10**9) for p in paths]
     batch, bad, _ = dec.decode([r[0] for r in read], [r[1] for r in read])
     return batch, bad
 
 
+@pytest.mark.parametrize("mode", ["fast", "exact"])
 @pytest.mark.parametrize("model", list_models())
-def test_dali_matches_reference(model, photos):
-    batch, bad = _decode(model, photos)
+def test_dali_matches_reference(model, mode, photos):
+    batch, bad = _decode(model, photos, mode=mode)
     assert bad == {}
     crop = get_model(model).preprocess.crop
     assert batch.shape == (len(photos), crop, crop, 3) and batch.dtype == torch.float32
@@ -104,3 +105,53 @@ def test_resource_failures_are_not_taken_for_bad_images():
     assert not _is_sample_error(decode_failure + "\nstd::bad_alloc", raw=False)
     assert not _is_sample_error("CUDA error: out of memory in fn.resize", raw=False)
     assert not _is_sample_error("Error in CPU operator `nvidia.dali.fn.resize`", raw=False)
+
+
+# fast resizes only the crop window: the same sample grid, uint8 rounding apart (measured at most
+# 5.5e-4 on these photos and 5e-4 on ImageNet-like ones, benchmarks/results/decode_modes_cpu.json).
+WINDOW_TOL = 2e-3
+# dct: libjpeg-turbo's DCT-domain downscale before the resize: 2.3% on the upscaled photo below (on
+# noisy 2-12 MP photos 5-15%, same file), far below a wrong orientation (147%).
+DCT_TOL = 0.05
+
+
+@pytest.mark.parametrize("model", ["caffenet", "alexnet"])
+def test_fast_decode_equals_exact_up_to_rounding(model, photos):
+    exact, _ = _decode(model, photos, mode="exact")
+    fast, _ = _decode(model, photos, mode="fast")
+    for i in range(len(photos)):
+        assert rel_err(fast[i], exact[i]) < WINDOW_TOL, photos[i]
+
+
+def test_dct_decodes_large_jpegs_scaled_and_upright(tmp_path, photos):
+    """A JPEG ≥ 2× the target (also one stored sideways with EXIF orientation 6) is decoded scaled;
+    a small one is not; every result stays close to the exact decode, in the same orientation."""
+    spec = get_model("alexnet")
+    big = Image.open(photos[0]).convert("RGB").resize((1600, 1200), Image.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: displayed after a 90-degree turn
+    files = {"big": jpeg_bytes(big), "sideways": jpeg_bytes(big.transpose(Image.Transpose.ROTATE_90), exif=exif),
+             "small": open(photos[1], "rb").read()}  # fmt: skip
+    paths = []
+    for name, data in files.items():
+        (tmp_path / f"{name}.jpg").write_bytes(data)
+        paths.append(str(tmp_path / f"{name}.jpg"))
+    read = [read_image(Item(p, p, None), 10**9, pre=spec.preprocess) for p in paths]
+    encoded, sizes = [r[0] for r in read], [r[1] for r in read]
+    dct = Decoder(spec.preprocess, 4, torch.device("cpu"), mode="dct")
+    geoms = [geometry(spec.preprocess, w, h) for w, h in sizes]
+    scaled = dct._decode_scaled(encoded, sizes, geoms)
+    assert sorted(scaled) == [0, 1]  # the two big ones, not the small one
+    assert scaled[0].shape[:2] == (300, 400)  # 1/4 scale: the smallest that keeps >= 256 x 341
+    exact, _, _ = Decoder(spec.preprocess, 4, torch.device("cpu"), mode="exact").decode(encoded, sizes)
+    got, bad, _ = dct.decode(encoded, sizes)
+    assert bad == {}
+    for i in range(3):
+        assert rel_err(got[i], exact[i]) < DCT_TOL, paths[i]
+    assert rel_err(got[1], exact[0]) < DCT_TOL  # the sideways file shows the same upright picture
+    assert rel_err(got[1], exact[0].flip(0)) > 10 * DCT_TOL  # and that check can fail
+
+
+def test_unknown_decode_mode_is_refused():
+    with pytest.raises(PreprocessError, match="unknown decode mode"):
+        Decoder(get_model("caffenet").preprocess, 2, torch.device("cpu"), mode="quick")

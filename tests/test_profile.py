@@ -10,10 +10,12 @@ import sys
 import pytest
 import torch
 
+from fastfeat.backends import make_backend
 from fastfeat.backends.plan import Op
 from fastfeat.cli import main
 from fastfeat.models import get_model
 from fastfeat.profile import format_table, plot_profile, profile, resolve_backends, time_plan
+from fastfeat.weights import load_weights
 
 TOTAL_MACS = {"caffenet": 724_406_816, "alexnet": 714_188_480}
 BATCH_SIZES = (1, 4)
@@ -118,7 +120,10 @@ def test_profile_covers_every_layer_with_exact_macs(torch_results, monkeypatch):
     # Controlled clock: the CPU timer reads the clock before and after each timed run, so run k lasts
     # durations[k] ms.  Every expected number below comes from these durations, not from the result.
     repeat, batches = 3, (1, 2)
-    n_ops = len(spec.layer_names)  # the torch backend runs one op per layer
+    # The torch backend's ops on this CPU (conv+ReLU fused where oneDNN runs the dtype natively).
+    weights = load_weights(spec, "random:0").tensors
+    ops = make_backend("torch", spec, weights, torch.device("cpu"), torch.float32).plan(spec.layer_names[-1:])
+    n_ops = len(ops)
     rng = random.Random(0)
     durations = [rng.uniform(0.5, 20.0) for _ in range(len(batches) * n_ops * repeat)]
     readings, now = [], 1000.0
@@ -129,7 +134,6 @@ def test_profile_covers_every_layer_with_exact_macs(torch_results, monkeypatch):
     monkeypatch.setattr(fastfeat.profile, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     results = profile(model=spec.name, device="cpu", precision="fp32", batch_sizes=batches, repeat=repeat, warmup=1)
     assert next(clock, None) is None  # exactly two readings per timed run
-    kinds = {layer.name: layer.kind for layer in spec.layers}
     for b, (batch, result) in enumerate(zip(batches, results, strict=True)):
         runs = durations[b * n_ops * repeat : (b + 1) * n_ops * repeat]
         per_op = [sorted(runs[i * repeat : (i + 1) * repeat]) for i in range(n_ops)]
@@ -146,7 +150,7 @@ def test_profile_covers_every_layer_with_exact_macs(torch_results, monkeypatch):
             assert layer["ms_p80"] == pytest.approx(mid + 0.6 * (hi - mid), rel=1e-9)
             assert layer["percent"] == pytest.approx(100.0 * median / total, rel=1e-9)
         for kind, entry in result["by_type"].items():
-            kind_ms = math.fsum(m for name, m in zip(spec.layer_names, medians, strict=True) if kinds[name] == kind)
+            kind_ms = math.fsum(m for op, m in zip(ops, medians, strict=True) if op.kind == kind)
             assert entry["ms"] == pytest.approx(kind_ms, rel=1e-9)
             assert entry["percent"] == pytest.approx(100.0 * kind_ms / total, rel=1e-9)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..layers import LRN, Conv, Layer, Linear, MaxPool, ReLU
 from ..models import ModelSpec
 from .base import Backend, register_backend
-from .plan import Op
+from .plan import Op, fused_name
 
 
 def lrn_band(channels: int, size: int, alpha: float, device: torch.device) -> torch.Tensor:
@@ -52,6 +52,16 @@ def lrn_fp32(x: torch.Tensor, band: torch.Tensor, beta: float, k: float) -> torc
 def _conv(net: TorchNet, layer: Conv, x: torch.Tensor, inplace_ok: bool) -> torch.Tensor:
     w, b = net.params[layer.name]
     return F.conv2d(x, w, b, stride=layer.stride, padding=layer.pad, groups=layer.groups)
+
+
+def _conv_relu(net: TorchNet, layer: Conv, x: torch.Tensor) -> torch.Tensor:
+    """conv+bias+ReLU as one oneDNN primitive (ReLU as a post-op: no second pass over the output).
+
+    The op Inductor's freezing pass emits for the same pattern; bit-identical to conv then ReLU
+    (the post-op applies max(0, ·) to the same accumulator)."""
+    w, b = net.params[layer.name]
+    pad, stride = [layer.pad] * 2, [layer.stride] * 2
+    return torch.ops.mkldnn._convolution_pointwise(x, w, b, pad, stride, [1, 1], layer.groups, "relu", [], "")
 
 
 def _relu(net: TorchNet, layer: ReLU, x: torch.Tensor, inplace_ok: bool) -> torch.Tensor:
@@ -111,13 +121,37 @@ class TorchNet(Backend):
         layer: Layer = self.spec.layers[index]
         return OPS[type(layer)](self, layer, x, inplace_ok)
 
+    def fuses_conv_relu(self) -> bool:
+        """oneDNN's conv+ReLU primitive: CPU only (cuDNN has no such entry point in torch), and in a
+        dtype this CPU runs natively (its fp16 path refuses CPUs without AVX512-FP16 or AVX-NE-CONVERT,
+        where the plain conv still runs)."""
+        if self.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return False
+        native = {
+            torch.float32: True,
+            torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+            torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+        }
+        return native.get(self.dtype, False)
+
     def plan(self, names: list[str]) -> list[Op]:
-        """One op per layer up to the deepest requested one (torch fuses nothing)."""
+        """One op per layer up to the deepest requested one; on the CPU a conv whose output is not
+        requested runs fused with the ReLU after it."""
         wanted = set(names)
-        last = max(self.spec.index(n) for n in names)
-        ops = []
-        for i, layer in enumerate(self.spec.layers[: last + 1]):
+        layers = self.spec.layers[: max(self.spec.index(n) for n in names) + 1]
+        ops, i = [], 0
+        while i < len(layers):
+            layer = layers[i]
+            if (
+                self.fuses_conv_relu() and isinstance(layer, Conv) and layer.name not in wanted
+                and i + 1 < len(layers) and isinstance(layers[i + 1], ReLU)
+            ):  # fmt: skip
+                covers = (layer.name, layers[i + 1].name)
+                ops.append(Op(fused_name(covers), layer.kind, covers, partial(_conv_relu, self, layer)))
+                i += 2
+                continue
             # An in-place ReLU would overwrite a tapped pre-activation (fc7 when fc7 and relu7 are asked).
-            inplace = i > 0 and self.spec.layers[i - 1].name not in wanted
+            inplace = i > 0 and layers[i - 1].name not in wanted
             ops.append(Op(layer.name, layer.kind, (layer.name,), partial(self.run_layer, i, inplace_ok=inplace)))
+            i += 1
         return ops

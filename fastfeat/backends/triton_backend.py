@@ -61,6 +61,16 @@ class TritonNet(Backend):
                 chw = inputs[layer.name]
                 w = kernels.pack_linear_weight(w, input_chw=chw if len(chw) == 3 else None, dtype=dtype)
             self.packed[layer.name] = (w, b)
+        # Ahead-of-time kernels (libfastfeat_kernels.so, kernels/native.py) or JIT: decided now, logged
+        # once, and kept here so that a run can say which path its timings took.
+        self.kernel_source = "JIT (Triton interpreter)" if device.type != "cuda" else self._kernel_source()
+
+    @staticmethod
+    def _kernel_source() -> str:
+        from fastfeat.kernels import native
+
+        native.library()
+        return native.describe()
 
     def prepare(self, images_nhwc: torch.Tensor) -> torch.Tensor:
         return images_nhwc.to(device=self.device, dtype=self.dtype, non_blocking=True).contiguous()

@@ -11,7 +11,7 @@ import torch
 
 from ..augment import DEFAULT_AUGMENT
 from ..backends import make_backend, unavailable_reason
-from ..decode import DEFAULT_MAX_PIXELS, Decoder, load_mean, read_image
+from ..decode import DEFAULT_DECODE, DEFAULT_MAX_PIXELS, Decoder, load_mean, read_image
 from ..errors import ConfigError
 from ..extractor import _raise_pillow_limit, run_metadata, weights_identity
 from ..forward import Forward
@@ -50,7 +50,7 @@ class Engine:
         # What a shard made with these settings carries, by extract's own function (it reads these
         # attributes): a served image is one centre view, as extract's default.
         self.backend_name, self.dtype = cfg.backend, cfg.dtype
-        self.augment, self.augment_reduce = DEFAULT_AUGMENT, "mean"
+        self.augment, self.augment_reduce, self.decode_mode = DEFAULT_AUGMENT, "mean", DEFAULT_DECODE
         self.metadata = run_metadata(self, cfg.mean_file)
         self.dims = {n: int(np.prod(self.spec.shapes()[n])) for n in layers}
         keep_freed_memory()

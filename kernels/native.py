@@ -1,0 +1,324 @@
+"""The ahead-of-time kernel library (libfastfeat_kernels.so, built by CMakeLists.txt), through ctypes.
+
+When the library is built, the launchers (conv2d_nhwc, linear, maxpool2d_nhwc, lrn_nhwc) hand every
+launch it holds a specialisation for to it, so the triton backend starts with no JIT compilation and no
+autotuning: the library runs, per specialisation and GPU, the first config the prune rules keep (what
+``FASTFEAT_AUTOTUNE=0`` runs). Anything else -- no library, no CUDA driver, a GPU other than sm_80 /
+sm_90, a shape outside the shipped networks, CPU tensors, another output dtype -- JIT-compiles as before.
+
+Where the library is looked for, first hit wins:
+
+* ``$FASTFEAT_NATIVE_LIB`` (a path; ``FASTFEAT_NATIVE=0`` disables the library altogether);
+* ``libfastfeat_kernels.so`` next to this module (the CMake build copies it there);
+
+A library built from other kernel sources than these (``kernel_hash`` differs) is not used: its cubins
+would silently run old code. ``describe()`` says which path the launchers take, and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+
+from . import aot
+
+LIB_NAME = "libfastfeat_kernels.so"
+ENV_LIB = "FASTFEAT_NATIVE_LIB"
+ENV_ENABLE = "FASTFEAT_NATIVE"
+# fastfeat_kernels.h: FASTFEAT_KERNELS_ABI_VERSION and the status codes the launchers act on.
+ABI_VERSION = 1
+OK = 0
+ERR_UNSUPPORTED_SHAPE = 3
+ERR_NO_DRIVER = 4
+ERR_NO_DEVICE = 5
+ERR_NO_CONTEXT = 6
+ERR_WRONG_ARCH = 7
+ERR_LAUNCH = 8
+ERR_OTHER_CONTEXT = 10
+# Statuses after which this process stops asking the library (the answer will not change).
+_FINAL = (ERR_NO_DRIVER, ERR_NO_DEVICE, ERR_WRONG_ARCH, ERR_OTHER_CONTEXT)
+# Kernels whose Triton cache keys make up ``kernel_hash``: (module, kernel), the ones the AOT build compiles.
+KERNELS = aot.KERNELS
+# Bump with the AOT cache format (native/generate.py writes it into the hash).
+AOT_FORMAT_VERSION = 1
+
+log = logging.getLogger("fastfeat.kernels")
+
+
+def kernel_hash() -> str:
+    """Hash of what the compiled kernels depend on: each kernel's Triton cache key (its source, the
+    @triton.jit functions it calls, the constexpr globals it reads), the Triton version, the AOT format.
+
+    The build names its AOT cache after it and embeds it in the library; a library whose hash differs
+    from the running sources is stale and is not used.
+    """
+    import hashlib
+    import importlib
+
+    import triton
+
+    from .triton_compat import jit_function
+
+    h = hashlib.sha256(f"triton={triton.__version__} format={AOT_FORMAT_VERSION}".encode())
+    for module, kernel in KERNELS:
+        fn = jit_function(getattr(importlib.import_module(f"{__package__}.{module}"), kernel))
+        h.update(f"{kernel}={fn.cache_key}".encode())
+    return h.hexdigest()[:16]
+
+
+# -- the C structures of fastfeat_kernels.h ------------------------------------------------------------
+class LrnParams(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_int), ("alpha", ctypes.c_double), ("beta", ctypes.c_double), ("k", ctypes.c_double)]
+
+
+def _ints(*names):
+    return [(n, ctypes.c_int) for n in names]
+
+
+class ConvDesc(ctypes.Structure):
+    _fields_ = _ints("n", "h", "w", "c_in", "c_out", "groups", "kernel_h", "kernel_w", "stride_h", "stride_w",
+                     "pad_h", "pad_w", "relu", "has_bias", "allow_tf32")  # fmt: skip
+
+
+class PoolDesc(ctypes.Structure):
+    _fields_ = _ints("n", "h", "w", "c", "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_h", "pad_w",
+                     "ceil_mode", "relu", "fuse_lrn") + [("lrn", LrnParams)]  # fmt: skip
+
+
+class LrnDesc(ctypes.Structure):
+    _fields_ = _ints("n", "h", "w", "c") + [("lrn", LrnParams)]
+
+
+class GemmDesc(ctypes.Structure):
+    _fields_ = _ints("m", "n", "k", "w_row_stride", "w_readable_cols", "relu", "has_bias", "allow_tf32")
+
+
+class Plan(ctypes.Structure):
+    _fields_ = [("num_launches", ctypes.c_int), ("entry", ctypes.c_int * 2), ("split_k", ctypes.c_int),
+                ("workspace_bytes", ctypes.c_size_t)]  # fmt: skip
+
+
+_P = ctypes.c_void_p
+_SIGNATURES = {
+    "fastfeat_status_string": (ctypes.c_char_p, [ctypes.c_int]),
+    "fastfeat_build_info": (ctypes.c_char_p, []),
+    "fastfeat_kernel_hash": (ctypes.c_char_p, []),
+    "fastfeat_abi_version": (ctypes.c_int, []),
+    "fastfeat_num_entries": (ctypes.c_int, []),
+    "fastfeat_driver_error": (ctypes.c_char_p, []),
+    "fastfeat_last_cuda_error": (ctypes.c_int, []),
+    "fastfeat_check_device": (ctypes.c_int, [ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]),
+    "fastfeat_conv2d_plan": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ConvDesc), ctypes.POINTER(Plan)]),
+    "fastfeat_maxpool_plan": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(PoolDesc), ctypes.POINTER(Plan)]),
+    "fastfeat_lrn_plan": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(LrnDesc), ctypes.POINTER(Plan)]),
+    "fastfeat_gemm_plan": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(GemmDesc), ctypes.POINTER(Plan)]),
+    "fastfeat_conv2d_output_size": (ctypes.c_int, [ctypes.POINTER(ConvDesc), ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]),
+    "fastfeat_maxpool_output_size": (ctypes.c_int, [ctypes.POINTER(PoolDesc), ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]),
+    "fastfeat_conv2d_bias_relu": (ctypes.c_int, [_P, ctypes.c_int, ctypes.POINTER(ConvDesc), _P, _P, _P, _P]),
+    "fastfeat_maxpool_relu_lrn": (ctypes.c_int, [_P, ctypes.c_int, ctypes.POINTER(PoolDesc), _P, _P]),
+    "fastfeat_lrn": (ctypes.c_int, [_P, ctypes.c_int, ctypes.POINTER(LrnDesc), _P, _P]),
+    "fastfeat_gemm_bias_relu": (ctypes.c_int, [_P, ctypes.c_int, ctypes.POINTER(GemmDesc), _P, _P, _P, _P, _P, ctypes.c_size_t]),
+    "fastfeat_gemm_workspace_bytes": (ctypes.c_int, [ctypes.POINTER(GemmDesc), ctypes.POINTER(ctypes.c_size_t)]),
+}  # fmt: skip
+
+
+def load(path: str) -> ctypes.CDLL:
+    """Open the library at ``path`` with every entry point's ctypes signature set (OSError if it cannot)."""
+    lib = ctypes.CDLL(path)
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+def status_string(lib, status: int) -> str:
+    return lib.fastfeat_status_string(status).decode()
+
+
+# -- the launchers' side ---------------------------------------------------------------------------------
+class _State:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.resolved = False
+        self.lib = None
+        self.path: str | None = None
+        self.reason = "not looked for yet"
+        self.disabled: str | None = None  # a final status: the library cannot run in this process
+        self.launches = 0
+        self.fallbacks: dict[str, int] = {}
+
+
+_state = _State()
+
+
+def candidates() -> list[str]:
+    """Where the library is looked for, in order."""
+    env = os.environ.get(ENV_LIB)
+    return [env] if env else [os.path.join(os.path.dirname(os.path.abspath(__file__)), LIB_NAME)]
+
+
+def _resolve() -> None:
+    s = _state
+    s.resolved = True
+    if os.environ.get(ENV_ENABLE, "1") == "0":
+        s.reason = f"disabled by {ENV_ENABLE}=0"
+        return
+    path = next((p for p in candidates() if os.path.isfile(p)), None)
+    if path is None:
+        s.reason = f"no {LIB_NAME} (looked in {', '.join(candidates())}; build it with CMake, see README)"
+        return
+    try:
+        lib = load(path)
+    except (OSError, AttributeError) as e:
+        s.reason = f"{path} cannot be loaded: {e}"
+        return
+    if lib.fastfeat_abi_version() != ABI_VERSION:
+        s.reason = f"{path} has ABI version {lib.fastfeat_abi_version()}, this fastfeat needs {ABI_VERSION}: rebuild it"
+        return
+    try:
+        current = kernel_hash()
+    except RuntimeError as e:  # kernels built for Triton's interpreter have no compiled form to compare
+        s.reason = f"{path} cannot be checked against these kernel sources: {e}"
+        return
+    built = lib.fastfeat_kernel_hash().decode()
+    if built != current:
+        s.reason = f"{path} was built from other kernel sources ({built}, these are {current}): rebuild it"
+        return
+    s.lib, s.path = lib, path
+    s.reason = f"{path}: {lib.fastfeat_build_info().decode()}"
+
+
+def library():
+    """The loaded library, or None (``describe()`` says why)."""
+    if not _state.resolved:
+        with _state.lock:
+            if not _state.resolved:
+                _resolve()
+                log.info("fastfeat kernels: %s", describe())
+    return _state.lib if _state.disabled is None else None
+
+
+def reset() -> None:
+    """Forget the library and the counters: the next launch looks for it again (after an environment change)."""
+    global _state
+    with _state.lock:
+        _state = _State()
+
+
+def describe() -> str:
+    """One line: whether the launchers use the AOT library, where it is, and why not."""
+    s = _state
+    if not s.resolved:
+        return "AOT library not looked for yet (it is on the first GPU launch)"
+    if s.lib is None:
+        return f"JIT (no AOT library: {s.reason})"
+    if s.disabled:
+        return f"JIT (AOT library {s.path} unusable here: {s.disabled})"
+    falls = sum(s.fallbacks.values())
+    return f"AOT library {s.reason} ({s.launches} AOT launches, {falls} JIT fallbacks)"
+
+
+def stats() -> dict:
+    """Counters: AOT launches and JIT fallbacks by reason (for the summary of a run)."""
+    return {"library": _state.path if _state.lib is not None and not _state.disabled else None,
+            "aot_launches": _state.launches, "jit_fallbacks": dict(_state.fallbacks), "describe": describe()}  # fmt: skip
+
+
+# torch dtype name -> fastfeat_dtype
+_DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def _call(name: str, x, fn) -> bool:
+    """Run ``fn(lib, stream, dtype_code)``; True when the library launched, False to JIT instead."""
+    import torch
+
+    from .autotune import interpreter_active
+
+    dtype = _DTYPE_CODES.get(str(x.dtype).replace("torch.", ""))
+    if not x.is_cuda or dtype is None or interpreter_active():
+        return False
+    lib = library()
+    if lib is None:
+        return False
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    status = fn(lib, ctypes.c_void_p(stream), dtype)
+    if status == OK:
+        _state.launches += 1
+        return True
+    reason = status_string(lib, status)
+    if status == ERR_LAUNCH:
+        raise RuntimeError(
+            f"{name}: the AOT kernel library failed to launch (CUDA error {lib.fastfeat_last_cuda_error()}): {reason}"
+        )
+    if status in _FINAL:
+        extra = lib.fastfeat_driver_error().decode() if status in (ERR_NO_DRIVER, ERR_NO_DEVICE) else ""
+        _state.disabled = reason + (f" ({extra})" if extra else "")
+        log.info("fastfeat kernels: %s", describe())
+    key = f"{name}: {reason.split(':')[0]}"
+    if key not in _state.fallbacks:
+        log.info("fastfeat kernels: %s falls back to JIT: %s", name, reason)
+    _state.fallbacks[key] = _state.fallbacks.get(key, 0) + 1
+    return False
+
+
+def _ptr(t) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def conv2d(x, packed, bias, out, *, kernel, stride, padding, groups, relu, allow_tf32) -> bool:
+    """conv2d_nhwc through the library; False: not launched (JIT it)."""
+    if not x.is_cuda or out.dtype != x.dtype:
+        return False
+    n, h, w, cin = x.shape
+    d = ConvDesc(n, h, w, cin, out.shape[3], groups, *kernel, *stride, *padding, int(relu), int(bias is not None),
+                 int(allow_tf32))  # fmt: skip
+    b = _ptr(bias) if bias is not None else None
+    return _call(
+        "conv2d_nhwc",
+        x,
+        lambda lib, s, dt: lib.fastfeat_conv2d_bias_relu(s, dt, d, _ptr(x), _ptr(packed), b, _ptr(out)),
+    )
+
+
+def maxpool(x, out, *, kernel, stride, padding, ceil_mode, relu, lrn) -> bool:
+    """maxpool2d_nhwc through the library; False: not launched (JIT it)."""
+    if not x.is_cuda or out.dtype != x.dtype:
+        return False
+    n, h, w, c = x.shape
+    params = LrnParams(*lrn) if lrn is not None else LrnParams(5, 1e-4, 0.75, 1.0)
+    d = PoolDesc(n, h, w, c, *kernel, *stride, *padding, int(ceil_mode), int(relu), int(lrn is not None), params)
+    return _call("maxpool2d_nhwc", x, lambda lib, s, dt: lib.fastfeat_maxpool_relu_lrn(s, dt, d, _ptr(x), _ptr(out)))
+
+
+def lrn(x, out, *, size, alpha, beta, k) -> bool:
+    """lrn_nhwc through the library; False: not launched (JIT it)."""
+    if not x.is_cuda or out.dtype != x.dtype:
+        return False
+    n, h, w, c = x.shape
+    d = LrnDesc(n, h, w, c, LrnParams(size, alpha, beta, k))
+    return _call("lrn_nhwc", x, lambda lib, s, dt: lib.fastfeat_lrn(s, dt, d, _ptr(x), _ptr(out)))
+
+
+def linear(x, w_packed, bias, out, *, readable_cols, relu, allow_tf32) -> bool:
+    """linear through the library (with its own split-K choice); False: not launched (JIT it)."""
+    import torch
+
+    if not x.is_cuda or out.dtype != x.dtype or x.dtype != w_packed.dtype:
+        return False
+    m, k = x.shape
+    d = GemmDesc(m, w_packed.shape[1], k, w_packed.stride(0), readable_cols, int(relu), int(bias is not None),
+                 int(allow_tf32))  # fmt: skip
+    b = _ptr(bias) if bias is not None else None
+
+    def run(lib, s, dt):
+        need = ctypes.c_size_t(0)
+        status = lib.fastfeat_gemm_workspace_bytes(d, ctypes.byref(need))
+        if status != OK:
+            return status
+        ws = torch.empty(need.value // 4, dtype=torch.float32, device=x.device) if need.value else None
+        return lib.fastfeat_gemm_bias_relu(s, dt, d, _ptr(x), _ptr(w_packed), b, _ptr(out),
+                                           _ptr(ws) if ws is not None else None, need.value)  # fmt: skip
+
+    return _call("linear", x, run)

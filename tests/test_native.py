@@ -1,0 +1,71 @@
+"""The triton backend's choice between the AOT kernel library (kernels/native.py) and JIT, on CPU.
+
+The library itself is tested by ctest (CMakeLists.txt); these check the Python side: where it is looked
+for, that it can be switched off, and that a library built from other kernel sources is refused (a
+subprocess: the test session's Triton runs the interpreter, whose kernels have no compiled form to hash).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastfeat.kernels import native
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILT = os.path.join(ROOT, "build", native.LIB_NAME)
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    native.reset()
+    yield monkeypatch
+    native.reset()
+
+
+def test_missing_library_means_jit(fresh, tmp_path):
+    fresh.setenv(native.ENV_LIB, str(tmp_path / native.LIB_NAME))
+    assert native.library() is None
+    assert native.describe().startswith("JIT (no AOT library: no libfastfeat_kernels.so")
+    assert native.stats()["library"] is None
+
+
+def test_disabled_by_environment(fresh):
+    fresh.setenv(native.ENV_ENABLE, "0")
+    assert native.library() is None
+    assert "disabled by FASTFEAT_NATIVE=0" in native.describe()
+
+
+def test_cpu_tensors_never_reach_the_library(fresh):
+    torch = pytest.importorskip("torch")
+    x = torch.zeros(1, 8, 8, 3)
+    assert not native.lrn(x, torch.empty_like(x), size=5, alpha=1e-4, beta=0.75, k=1.0)
+    assert not native._state.resolved  # not even looked for
+
+
+_PROBE = """
+import json, sys
+from fastfeat.kernels import native
+if sys.argv[1] == "stale":
+    native.kernel_hash = lambda: "0000000000000000"
+lib = native.library()
+print(json.dumps({"loaded": lib is not None, "describe": native.describe()}))
+"""
+
+
+@pytest.mark.skipif(not os.path.isfile(BUILT), reason="the native library is not built (cmake --build build)")
+@pytest.mark.parametrize("case", ["current", "stale"])
+def test_built_library_is_used_only_when_current(case):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", native.ENV_ENABLE)}
+    env.update({native.ENV_LIB: BUILT, "PYTHONPATH": ROOT})
+    proc = subprocess.run([sys.executable, "-c", _PROBE, case], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if case == "current":
+        assert out["loaded"] and out["describe"].startswith(f"AOT library {BUILT}"), out
+    else:
+        assert not out["loaded"] and "built from other kernel sources" in out["describe"], out

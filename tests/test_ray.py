@@ -1,0 +1,269 @@
+"""``fastfeat extract --ray`` on a local Ray instance (one per module), and fastfeat.ray_data.
+
+Faults are made deterministic with the workers' test hook (fastfeat.cluster.TEST_HOLD_ENV): the worker
+about to write a batch of the named shard records its pid in ``held`` and waits, its temp file open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from helpers import column_matrix, read_features
+
+from fastfeat import storage
+from fastfeat.cli import main
+from fastfeat.cluster import TEST_HOLD_ENV, run_on_ray
+from fastfeat.extractor import Extractor
+from fastfeat.output import remove_tmp_of, tmp_name, verify
+
+ray = pytest.importorskip("ray")  # the dev install has it (fastfeat[ray]); a bare install skips this module
+
+RUN = dict(model="caffenet", weights="random:0", layers="relu6", batch_size=2, shard_size=3, progress=False)
+CLI_RUN = ["--weights", "random:0", "--layers", "relu6", "--batch-size", "2", "--shard-size", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def hold_dir(tmp_path_factory, s3_endpoint):
+    """The one Ray instance of this module; its workers see the test hook's folder and the S3 endpoint."""
+    folder = tmp_path_factory.mktemp("hold")
+    # Before ray.init: the workers inherit the raylet's environment (s3_endpoint's AWS_* variables too).
+    os.environ[TEST_HOLD_ENV] = str(folder)
+    ray.init(num_cpus=2, object_store_memory=300 << 20, include_dashboard=False, log_to_driver=False)
+    yield folder
+    ray.shutdown()
+    del os.environ[TEST_HOLD_ENV]
+
+
+@contextlib.contextmanager
+def holding(folder, shard: int):
+    """Workers stop mid-way through writing ``shard`` (the first attempt only) until the block ends."""
+    (folder / "held").unlink(missing_ok=True)
+    (folder / "hold").write_text(str(shard))
+    try:
+        yield
+    finally:
+        (folder / "hold").unlink(missing_ok=True)
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def held(folder) -> dict | None:
+    try:
+        return json.loads((folder / "held").read_text())
+    except (OSError, ValueError):  # not yet written, or being written
+        return None
+
+
+@pytest.fixture(scope="module")
+def clean(dataset, tmp_path_factory):
+    """The reference: a single-process run of the same configuration."""
+    out = tmp_path_factory.mktemp("clean") / "out"
+    summary = Extractor(dataset, str(out), **RUN).run()
+    assert summary["complete"]
+    return out
+
+
+def assert_same_output(got, ref) -> None:
+    """Same shard files byte for byte, same manifest (the record of every shard), same errors table."""
+    files = sorted(f for f in os.listdir(ref) if f.startswith("part-"))
+    assert sorted(f for f in os.listdir(got) if f.startswith("part-")) == files, (
+        "shard files differ (or temp files left)"
+    )
+    for name in [*files, "errors.parquet", "items-00000.arrow"]:
+        assert (got / name).read_bytes() == (ref / name).read_bytes(), name
+    a, b = json.loads((got / "manifest.json").read_text()), json.loads((ref / "manifest.json").read_text())
+    assert a == b
+    assert verify(str(got)) == []
+    assert read_features(str(got)).equals(read_features(str(ref)))
+
+
+def test_ray_run_equals_single_process_run(dataset, clean, hold_dir, tmp_path):
+    out = tmp_path / "out"
+    summary = run_on_ray(Extractor(dataset, str(out), **RUN), workers=2, cpus_per_worker=1)
+    assert_same_output(out, clean)
+    ray_info = summary["ray"]
+    assert ray_info["workers"] == 2 and ray_info["cpus_per_worker"] == 1 and ray_info["retried_shards"] == 0
+    ref = json.loads((clean / "summary.json").read_text())
+    assert (summary["rows_written"], summary["errors"]) == (ref["rows_written"], ref["errors"])
+    assert summary["stage_busy_s"]["forward"] > 0 and set(summary["stage_busy_s"]) == set(ref["stage_busy_s"])
+    # Up to date: a second run starts nothing and says so.
+    again = run_on_ray(Extractor(dataset, str(out), **RUN), workers=2, cpus_per_worker=1)
+    assert again["up_to_date"] and again["rows"] == summary["rows_written"]
+
+
+def test_worker_killed_while_writing_a_shard(dataset, clean, hold_dir, tmp_path):
+    out = tmp_path / "out"
+    result: dict = {}
+
+    def drive():
+        try:
+            result["summary"] = run_on_ray(Extractor(dataset, str(out), **RUN), workers=2, cpus_per_worker=1)
+        except BaseException as exc:  # reported by the assertion below
+            result["error"] = exc
+
+    with holding(hold_dir, shard=1):
+        driver = threading.Thread(target=drive)
+        driver.start()
+        victim = wait_for(lambda: held(hold_dir), what="a worker to start writing shard 1")
+        tmp = [f for f in os.listdir(out) if f.startswith("part-00001.") and f.endswith(f".{victim['pid']}@{victim['host']}.tmp")]  # fmt: skip
+        assert tmp, os.listdir(out)  # mid-shard: its temp file is there, not yet renamed
+        os.kill(victim["pid"], signal.SIGKILL)
+    driver.join(timeout=180)
+    assert not driver.is_alive() and "error" not in result, result.get("error")
+    assert result["summary"]["ray"]["retried_shards"] == 1
+    assert_same_output(out, clean)  # includes: no temp file left, no shard file the manifest does not list
+
+
+def test_driver_killed_then_rerun_resumes(dataset, clean, hold_dir, tmp_path):
+    out = tmp_path / "out"
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "fastfeat", "extract", dataset, "--out", str(out), *CLI_RUN]
+    cmd += ["--ray", address, "--ray-workers", "1", "--ray-cpus-per-worker", "1"]
+    with holding(hold_dir, shard=1):
+        driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            victim = wait_for(lambda: held(hold_dir), what="a worker to start writing shard 1")
+
+            def committed():
+                with contextlib.suppress(OSError, ValueError):
+                    return len(json.loads((out / "manifest.json").read_text())["shards"])
+
+            assert wait_for(committed, what="a shard in the manifest") >= 1
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=30)
+        finally:
+            driver.kill()
+    # Ray ends the dead driver's workers; the held one left a partial temp file behind.
+    wait_for(lambda: not os.path.exists(f"/proc/{victim['pid']}"), what="the dead driver's workers to end")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"] and [s["index"] for s in manifest["shards"]] == [0]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_output(out, clean)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_already_done"] == 3 * len(manifest["shards"])
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--ray", "--ray-workers", "0"], "--ray-workers must be at least 1, got 0"),
+        (["--ray", "--ray-cpus-per-worker", "-1"], "--ray-cpus-per-worker must be a positive number"),
+        (["--ray-workers", "2"], "need --ray"),
+        (["--ray", "--num-shards", "2"], "drop --num-shards/--shard-index"),
+        (["--ray", "--devices", "auto"], "--ray and --devices"),
+    ],
+)
+def test_bad_ray_options_are_one_line_errors(dataset, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    code = main(["extract", dataset, "--out", str(out), *CLI_RUN, *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err and not out.exists(), err
+
+
+def test_more_cpus_per_worker_than_any_node_is_refused_before_writing(dataset, hold_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    address = ray.get_runtime_context().gcs_address
+    code = main(["extract", dataset, "--out", str(out), *CLI_RUN, "--ray", address, "--ray-cpus-per-worker", "3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "no node of the Ray cluster has that many CPUs (largest: 2)" in err, err
+    assert not out.exists()
+
+
+def test_feature_mapper_in_a_ray_data_pipeline(dataset, corrupt_dataset, clean, hold_dir):
+    from fastfeat.ray_data import FeatureMapper
+
+    ref = read_features(str(clean))
+    ids = ref.column("id").to_pylist()
+    bad = os.path.join(corrupt_dataset, "03_text.jpg")
+    images = [open(os.path.join(dataset, i), "rb").read() for i in ids] + [open(bad, "rb").read()]
+    ds = ray.data.from_arrow(pa.table({"id": [*ids, "bad"], "image": images}))
+    feats = ds.map_batches(
+        FeatureMapper,
+        fn_constructor_kwargs={"weights": "random:0", "layers": "relu6", "batch_size": 2},
+        batch_format="pyarrow", batch_size=2, concurrency=1, num_cpus=1,
+    )  # fmt: skip
+    got = pa.concat_tables(ray.get(feats.to_arrow_refs())).sort_by("id")
+    assert got.column_names == ["id", "relu6", "error"]  # the bytes are dropped
+    failed = got.filter(pc.equal(got.column("id"), "bad"))
+    assert failed.column("error").to_pylist() == ["header: not a recognised image format"]
+    assert failed.column("relu6").null_count == 1
+    good = got.filter(pc.not_equal(got.column("id"), "bad"))
+    ref = ref.sort_by("id")
+    assert good.column("id").to_pylist() == ref.column("id").to_pylist() and good.column("error").null_count == len(
+        good
+    )
+    assert good.schema.field("relu6").type == ref.schema.field("relu6").type
+    # Batches are composed differently from extract's (whose batches never span shards): the same
+    # features up to the rounding of a different batch shape.
+    np.testing.assert_allclose(
+        column_matrix(good, "relu6").astype(np.float32), column_matrix(ref, "relu6").astype(np.float32),
+        rtol=0.02, atol=0.02,
+    )  # fmt: skip
+
+
+def test_source_and_output_on_s3_equal_a_local_run(dataset, clean, hold_dir, s3_endpoint):
+    s3 = s3_endpoint
+    prefix = s3.prefix()
+    s3.upload_tree(dataset, prefix + "/src")
+    out = s3.uri(prefix, "out")
+    summary = run_on_ray(Extractor(s3.uri(prefix, "src"), out, **RUN), workers=2, cpus_per_worker=1)
+    assert summary["complete"] and summary["ray"]["workers"] == 2
+    manifest = json.loads(storage.read_bytes(storage.join(out, "manifest.json")))
+    ref = json.loads((clean / "manifest.json").read_text())
+    assert manifest["shards"] == ref["shards"]  # every shard's file, sha256, rows and errors
+    assert main(["verify", out]) == 0
+    for name in [r["file"] for r in ref["shards"]] + ["errors.parquet"]:
+        assert storage.read_bytes(storage.join(out, name)) == (clean / name).read_bytes(), name
+    keys = [k for k in s3.keys(f"{prefix}/out") if k]
+    assert sorted(os.path.basename(k) for k in keys) == sorted(
+        [r["file"] for r in ref["shards"]] + ["errors.parquet", "items-00000.arrow", "manifest.json", "summary.json"]
+    )  # no temp object, no unlisted shard
+
+
+def test_temp_files_of_other_hosts_are_left_to_their_owner(tmp_path):
+    """A pid is only meaningful on its host: a dead-looking pid of another host is not removed at resume."""
+    from fastfeat.output import _remove_orphan_tmp
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = os.getpid()
+    names = {
+        "dead_here": tmp_name("part-00000.parquet", dead.pid),
+        "alive_here": tmp_name("part-00001.parquet", alive),
+        "other_host": f"part-00002.parquet.{dead.pid}@some-other-host.tmp",
+        "old_style": f"part-00003.parquet.{dead.pid}.tmp",  # before host tags: written on this host
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"partial")
+    _remove_orphan_tmp(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted([names["alive_here"], names["other_host"]])
+    # The Ray driver knows its own dead workers on every host, and removes exactly their files.
+    remove_tmp_of(str(tmp_path), {("some-other-host", dead.pid)})
+    assert os.listdir(tmp_path) == [names["alive_here"]]
+
+
+def test_unreachable_ray_address_is_a_one_line_error_before_writing(dataset, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fastfeat", "extract", dataset, "--out", str(out), *CLI_RUN, "--ray", "127.0.0.1:1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and not out.exists(), proc.stderr
+    assert proc.stderr.strip() == "fastfeat: error: cannot connect to Ray at 127.0.0.1:1: Connection refused"
