@@ -372,6 +372,7 @@ def emit_variant(var: dict, unit: str, templates: dict, declared: set) -> tuple[
         "gridX": grid[0],
         "gridY": grid[1],
         "gridZ": grid[2],
+        # A field of Triton's compile.h template ("CUresult{_placeholder} kernel(...)"), empty as compile.py sets it.
         "_placeholder": "",
         "warp_size": triton_compat.CUDA_WARP_SIZE,
         "backend_name": "cuda",

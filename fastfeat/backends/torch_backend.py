@@ -12,6 +12,7 @@ which is what oneDNN's bf16 kernels want (619 -> 1,050 img/s against autocast).
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import torch
@@ -121,10 +122,11 @@ class TorchNet(Backend):
         layer: Layer = self.spec.layers[index]
         return OPS[type(layer)](self, layer, x, inplace_ok)
 
+    @functools.cached_property
     def fuses_conv_relu(self) -> bool:
         """oneDNN's conv+ReLU primitive: CPU only (cuDNN has no such entry point in torch), and in a
         dtype this CPU runs natively (its fp16 path refuses CPUs without AVX512-FP16 or AVX-NE-CONVERT,
-        where the plain conv still runs)."""
+        where the plain conv still runs).  Decided once: ``plan`` runs for every batch."""
         if self.device.type != "cpu" or not torch.backends.mkldnn.is_available():
             return False
         native = {
@@ -143,7 +145,7 @@ class TorchNet(Backend):
         while i < len(layers):
             layer = layers[i]
             if (
-                self.fuses_conv_relu() and isinstance(layer, Conv) and layer.name not in wanted
+                self.fuses_conv_relu and isinstance(layer, Conv) and layer.name not in wanted
                 and i + 1 < len(layers) and isinstance(layers[i + 1], ReLU)
             ):  # fmt: skip
                 covers = (layer.name, layers[i + 1].name)
