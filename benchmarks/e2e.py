@@ -237,6 +237,19 @@ def main() -> None:
     fastfeat_model = float(np.median(model_samples[f"ceiling: model only (fastfeat torch {precision})"]))
     compiled = float(np.median(model_samples[f"compiled model (torch.compile+freezing {precision})"]))
     result["forward_vs_compiled_p50"] = round(fastfeat_model / compiled, 3)
+    # Batch 1 (a server's case), interleaved pairs: the FC weights are read once per image there.
+    single = {"fastfeat torch": "torch", "torch.compile+freezing": "compile"}
+    single_samples: dict[str, list[float]] = {k: [] for k in single}
+    for backend in single.values():
+        model_only(weights, 1, precision, iters=4, backend=backend)  # the compiled graph for batch 1
+    for _ in range(2 * args.repeats):
+        for name, backend in single.items():
+            single_samples[name].append(model_only(weights, 1, precision, iters=40, backend=backend))
+    result["forward_batch1_img_per_s"] = {
+        name: dict(zip(("p20", "p50", "p80"), percentiles(v), strict=True)) for name, v in single_samples.items()
+    }
+    pairs = [a / b for a, b in zip(*single_samples.values(), strict=True)]
+    result["forward_batch1_vs_compiled_p50"] = round(float(np.median(pairs)), 3)
     result["load_after"] = os.getloadavg()[0]
     print(json.dumps(result, indent=1))
     tag = "cuda" if torch.cuda.is_available() else "cpu"

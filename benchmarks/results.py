@@ -20,9 +20,13 @@ COLUMNS = ["kernel", "provider", "shape", "dtype", "batch", "metric", "p20", "p5
 def git_sha() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(
-            ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
+        sha = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        # Uncommitted changes to the measured code: the sha alone would name code that did not run.
+        changed = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no", "--", "../fastfeat", "../kernels"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        return sha.stdout.strip() + ("-dirty" if changed.stdout.strip() else "")
     except OSError:
         return ""
 

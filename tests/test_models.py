@@ -82,6 +82,37 @@ def test_cpu_plan_fuses_conv_relu_only_when_the_conv_output_is_not_requested():
     assert torch.equal(fused, unfused)  # the post-op ReLU is the same max(0, ·) of the same accumulator
 
 
+def test_cpu_prepacked_weights_match_plain_ops_at_every_batch_size():
+    """Weights reordered ahead of time (oneDNN conv layout per input shape, MKL-packed fp32 FC for one
+    batch size of at least FC_PACK_MIN_BATCH) give the plain ops' results, at the packed batch size,
+    at another one (the FC falls back to the plain weight) and after it."""
+    from fastfeat.backends.torch_backend import FC_PACK_MIN_BATCH
+
+    w = load_weights(ALEXNET, "random:0")
+    net = make_backend("torch", ALEXNET, w.tensors, torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    for batch in (FC_PACK_MIN_BATCH, 3, FC_PACK_MIN_BATCH):
+        x = net.prepare(torch.randn(batch, 224, 224, 3, generator=gen))
+        got = net.forward_intermediates(x, ["relu7"])["relu7"]
+        h = x
+        for name in ("conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "conv3", "relu3", "conv4", "relu4"):
+            h = net.run_layer(ALEXNET.index(name), h)
+        for name in ("conv5", "relu5", "pool5"):
+            h = net.run_layer(ALEXNET.index(name), h)
+        for name in ("fc6", "relu6", "fc7", "relu7"):
+            cw, cb = net.params.get(name, (None, None))
+            h = torch.relu(h) if cw is None else torch.nn.functional.linear(h.flatten(1), cw, cb)
+        rel = ((got - h).norm() / h.norm()).item()
+        assert rel < 1e-5, (batch, rel)  # fp32: only the GEMM's summation order differs
+    if not net.packs_fc or not net.fuses_conv_relu:
+        pytest.skip("no MKL / oneDNN in this torch build: the plain ops ran")
+    assert {name: held[0] for name, held in net._packed_fc.items()} == {
+        "fc6": FC_PACK_MIN_BATCH,
+        "fc7": FC_PACK_MIN_BATCH,
+    }
+    assert {key[1][0] for key in net._packed_conv} == {FC_PACK_MIN_BATCH, 3}
+
+
 def test_pre_activation_tap_is_not_overwritten_by_inplace_relu():
     w = load_weights(ALEXNET, "random:0")
     net = make_backend("torch", ALEXNET, w.tensors, torch.device("cpu"), torch.float32)

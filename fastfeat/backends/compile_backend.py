@@ -51,6 +51,7 @@ class CompileNet(TorchNet):
     name = "compile"
     compiles_on_first_call = True
     compiles_each_op = True  # for fastfeat.profile: time each op compiled on its own
+    prepacks_weights = False  # freezing packs the weights itself
 
     @classmethod
     def unavailable(cls, device: torch.device) -> str | None:
