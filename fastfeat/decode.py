@@ -27,10 +27,10 @@ Decode modes (``--decode``; recorded in every shard's metadata, so a run never m
   The sample positions are the same; pixels differ from ``exact`` by the resize's uint8 rounding
   (at most one grey level): features differ by 1e-4 relative (AlexNet) and less (CaffeNet).
 * ``dct``: ``fast``, and on the CPU a JPEG at least twice the resize target in both dimensions is
-  decoded by libjpeg-turbo at 1/2, 1/4 or 1/8 scale in the DCT domain (simplejpeg, straight into
-  numpy), to the smallest scale still at least the target, then resized by the same DALI operator.
-  About 3× less CPU per 2-12 megapixel photo (entropy decoding, which scaling cannot skip, is then
-  most of the cost), but the DCT-domain box filter before the resize changes the features by 3-7% relative,
+  decoded by libjpeg-turbo at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's ``draft``), to the
+  smallest scale still at least the target, then resized by the same DALI operator.  About 2× less
+  CPU per 2-12 megapixel photo (entropy decoding, which scaling cannot skip, is then most of the
+  cost), but the DCT-domain box filter before the resize changes the features by 3-7% relative,
   far more than ``fast``: opt-in.  nvJPEG has no scaled decode, so on CUDA ``dct`` is ``fast``.
   Measured by ``benchmarks/decode_modes.py`` (benchmarks/results/decode_modes_cpu.json).
 
@@ -63,15 +63,6 @@ from .sources import Item, ItemReader
 DEFAULT_MAX_PIXELS = 100_000_000  # refuse decompression bombs above 100 megapixels (configurable)
 JPEG_MAGIC = b"\xff\xd8"
 EXIF_ORIENTATION = 0x0112  # values 5-8 rotate by 90 degrees: width and height swap
-DCT_FACTORS = (1, 2, 4, 8)  # libjpeg-turbo's fast DCT-domain downscales (1/2, 1/4, 1/8)
-
-
-def _upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
-    """An HWC image stored with EXIF ``orientation`` (1-8), as displayed (what Pillow's exif_transpose does)."""
-    if orientation in (2, 4, 5, 7):  # the mirrored ones: flip left-right first
-        pixels = pixels[:, ::-1]
-    turns = {3: 2, 4: 2, 5: 1, 6: 3, 7: 3, 8: 1}.get(orientation, 0)  # counter-clockwise quarter turns
-    return np.rot90(pixels, turns) if turns else pixels
 
 
 class PreprocessError(ValueError):
@@ -254,12 +245,12 @@ class Decoder:
         self.pre, self.batch_size, self.device = pre, batch_size, device
         # Resize only the crop window: one centre view (several views crop different windows of one resize).
         self.window_resize = mode != "exact" and len(views) == 1 and views[0].anchor == "center"
-        # Scaled JPEG decoding is libjpeg-turbo's (simplejpeg on the CPU): nvJPEG has none.
+        # Scaled JPEG decoding is libjpeg-turbo's (Pillow on the CPU): nvJPEG has none.
         self.dct_scaling = mode == "dct" and device.type != "cuda"
         self.hw_decoder_load = hw_decoder_load  # see decoder_options
         self.views = views  # the crops of each image (fastfeat.augment): a batch has len(views) rows per image
         self.num_threads = num_threads or max(1, os.cpu_count() or 1)
-        self._scaled_pool = None  # threads decoding large JPEGs at reduced scale (simplejpeg releases the GIL)
+        self._scaled_pool = None  # threads decoding large JPEGs at reduced scale (Pillow releases the GIL)
         mean = np.asarray(pre.mean, np.float32) if mean_image is None else np.asarray(mean_image, np.float32)
         self.per_channel_mean = mean.shape == (3,)
         self.channel_mean = [float(v) for v in mean] if self.per_channel_mean else [0.0, 0.0, 0.0]
@@ -482,7 +473,7 @@ class Decoder:
     def _decode_scaled(self, encoded, sizes, geoms) -> dict[int, np.ndarray]:
         """{index: pixels} of the JPEGs at least twice their resize target in both dimensions, decoded
         by libjpeg-turbo in the DCT domain at the smallest of 1/2, 1/4, 1/8 that is still at least the
-        target (``_scaled_jpeg``).  A sample it cannot decode is left to DALI (and its errors)."""
+        target (Pillow's ``draft``).  A sample Pillow cannot decode is left to DALI (and its errors)."""
         chosen = [
             i for i, (sample, (w, h), g) in enumerate(zip(encoded, sizes, geoms, strict=True))
             if sample[:2].tobytes() == JPEG_MAGIC and w >= 2 * g[1] and h >= 2 * g[0]
@@ -493,44 +484,26 @@ class Decoder:
             from concurrent.futures import ThreadPoolExecutor
 
             self._scaled_pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="fastfeat-scaled-decode")
-        decoded = self._scaled_pool.map(lambda i: self._scaled_jpeg(encoded[i], geoms[i]), chosen)
+        decoded = self._scaled_pool.map(lambda i: self._pil_scaled(encoded[i], geoms[i]), chosen)
         return {i: px for i, px in zip(chosen, decoded, strict=True) if px is not None}
 
-    def _scaled_jpeg(self, sample: np.ndarray, geom) -> np.ndarray | None:
-        """libjpeg-turbo's DCT-domain decode at 1/2, 1/4 or 1/8 scale, upright, in the model's channel order.
-
-        simplejpeg decodes straight into a numpy array (measured on 2-12 MP photos: 20 ms per image
-        against 29 ms through Pillow's ``draft``, whose image objects and conversions cost the rest);
-        the EXIF orientation is read by Pillow from the header alone and applied as a numpy view.
-        The scale is the smallest power of two still at least the target (the Pillow ``draft`` rule,
-        and the factors libjpeg-turbo scales fastest: others run a slower IDCT).
-        """
-        import simplejpeg
-        from PIL import Image
+    def _pil_scaled(self, sample: np.ndarray, geom) -> np.ndarray | None:
+        from PIL import Image, ImageOps
 
         rh, rw = geom[:2]
-        data = sample.tobytes()
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                orientation = im.getexif().get(EXIF_ORIENTATION, 1)
-            height, width = simplejpeg.decode_jpeg_header(data)[:2]  # as stored, before the orientation
-            turned = orientation in (5, 6, 7, 8)
-            want_h, want_w = (rw, rh) if turned else (rh, rw)
-            factor = max(f for f in DCT_FACTORS if -(-height // f) >= want_h and -(-width // f) >= want_w)
-            if factor == 1:
-                return None
-            pixels = simplejpeg.decode_jpeg(
-                data, colorspace=self.pre.channel_order, min_height=-(-height // factor),
-                min_width=-(-width // factor), min_factor=factor,
-            )  # fmt: skip
+            with Image.open(io.BytesIO(sample.tobytes())) as im:
+                # draft takes the stored (not upright) size: swap the target for 90-degree orientations.
+                turned = im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+                im.draft("RGB", (rh, rw) if turned else (rw, rh))
+                pixels = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
         except MemoryError:
             raise
-        except Exception:  # a damaged or unusual JPEG (CMYK...): DALI decodes it (or reports it) as any other
+        except Exception:  # a damaged JPEG: DALI decodes it (or reports it) as any other image
             return None
-        pixels = _upright(pixels, orientation)
         if pixels.shape[0] < rh or pixels.shape[1] < rw:  # never upsample what a full decode would shrink
             return None
-        return np.ascontiguousarray(pixels)
+        return np.ascontiguousarray(pixels[..., ::-1] if self.pre.channel_order == "BGR" else pixels)
 
     def _warnings_by_sample(self, encoded, geoms, dims) -> dict[int, str]:
         notes = {}

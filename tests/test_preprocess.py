@@ -7,7 +7,7 @@ from helpers import jpeg_bytes
 from PIL import Image
 from reference import reference_preprocess, rel_err
 
-from fastfeat.decode import Decoder, PreprocessError, _upright, geometry, load_mean, read_image
+from fastfeat.decode import Decoder, PreprocessError, geometry, load_mean, read_image
 from fastfeat.models import DEFAULT_DECODE, get_model, list_models
 from fastfeat.sources import Item
 
@@ -150,23 +150,6 @@ def test_dct_decodes_large_jpegs_scaled_and_upright(tmp_path, photos):
         assert rel_err(got[i], exact[i]) < DCT_TOL, paths[i]
     assert rel_err(got[1], exact[0]) < DCT_TOL  # the sideways file shows the same upright picture
     assert rel_err(got[1], exact[0].flip(0)) > 10 * DCT_TOL  # and that check can fail
-
-
-@pytest.mark.parametrize("orientation", range(1, 9))
-def test_dct_orientation_matches_pillow_exif_transpose(orientation):
-    """The scaled decode applies EXIF orientation itself: every one of the 8 values as Pillow does."""
-    import io
-
-    from PIL import ImageOps
-
-    stored = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    Image.fromarray(stored).save(buf, "PNG", exif=exif.tobytes())
-    with Image.open(io.BytesIO(buf.getvalue())) as im:
-        want = np.asarray(ImageOps.exif_transpose(im))
-    assert np.array_equal(_upright(stored, orientation), want)
 
 
 def test_unknown_decode_mode_is_refused():
