@@ -13,7 +13,7 @@ Compared, on the same JPEG corpora (benchmarks/make_corpus.py: ImageNet-like, an
 * compiled   : the model-only rate of ``torch.compile`` with freezing (the ``compile`` backend: the
                same ops, Inductor-fused, weights pre-packed), the best CPU engine fastfeat has to beat.
 
-    python benchmarks/e2e.py --count 512 --large-count 48 --repeats 3
+    python benchmarks/e2e.py --count 512 --large-count 192 --repeats 3
 
 Writes benchmarks/results/e2e_<device>.json and appends to benchmarks/results/results.csv.
 Never run two benchmarks at once on a 2-core machine.
@@ -149,7 +149,8 @@ def main() -> None:
     ap.add_argument("--corpus", default=None, help="existing ImageNet-like corpus folder (default: generate one)")
     ap.add_argument("--large-corpus", default=None, help="existing large-photo corpus folder (default: generate one)")
     ap.add_argument("--count", type=int, default=512)
-    ap.add_argument("--large-count", type=int, default=48, help="0: skip the large-photo corpus")
+    # 192 = 3 batches of 64: with fewer than two batches the decoder never works while the network runs.
+    ap.add_argument("--large-count", type=int, default=192, help="0: skip the large-photo corpus")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=3)

@@ -113,6 +113,19 @@ def test_cpu_prepacked_weights_match_plain_ops_at_every_batch_size():
     assert {key[1][0] for key in net._packed_conv} == {FC_PACK_MIN_BATCH, 3}
 
 
+def test_cpu_fc_weights_over_the_packing_cap_stay_unpacked(monkeypatch):
+    from fastfeat.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "FC_PACK_MAX_BYTES", 100 << 20)  # between fc7 (67 MB) and fc6 (151 MB)
+    w = load_weights(ALEXNET, "random:0")
+    net = make_backend("torch", ALEXNET, w.tensors, torch.device("cpu"), torch.float32)
+    if not net.packs_fc:
+        pytest.skip("no MKL in this torch build")
+    x = torch.randn(torch_backend.FC_PACK_MIN_BATCH, 224, 224, 3, generator=torch.Generator().manual_seed(2))
+    net.forward_intermediates(net.prepare(x), ["relu7"])
+    assert set(net._packed_fc) == {"fc7"}
+
+
 def test_pre_activation_tap_is_not_overwritten_by_inplace_relu():
     w = load_weights(ALEXNET, "random:0")
     net = make_backend("torch", ALEXNET, w.tensors, torch.device("cpu"), torch.float32)

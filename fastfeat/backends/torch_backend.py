@@ -93,6 +93,8 @@ def _fc(net: TorchNet, layer: Linear, x: torch.Tensor, inplace_ok: bool) -> torc
 # MKL's packed GEMM gains nothing when the weight is read once per row (batch 1: memory-bound), and
 # each packing is a second copy of a weight of up to 400 MB (VGG-16's fc6).
 FC_PACK_MIN_BATCH = 16
+# VGG-16's fc6 (411 MB) is about 1% of its forward time: a second copy of it is not worth that.
+FC_PACK_MAX_BYTES = 256 << 20
 
 # The one place that maps a layer kind to a torch op.
 OPS = {Conv: _conv, ReLU: _relu, MaxPool: _pool, LRN: _norm, Linear: _fc}
@@ -173,13 +175,15 @@ class TorchNet(Backend):
         fc7 of AlexNet at batch 64 take 24 and 12 ms instead of 33 and 15 ms on the Intel Xeon dev box.
         A packing serves one batch size (``_mkl_linear`` falls back to the plain weight for others), and
         costs a second copy of the weight, so it is made for one batch size of at least
-        ``FC_PACK_MIN_BATCH`` (the extraction batch; the short last batch takes the plain path), and
-        only in fp32 (bf16 runs in oneDNN)."""
+        ``FC_PACK_MIN_BATCH`` (the extraction batch; the short last batch takes the plain path), for
+        weights up to ``FC_PACK_MAX_BYTES``, and only in fp32 (bf16 runs in oneDNN)."""
         if not self.packs_fc or batch < FC_PACK_MIN_BATCH:
             return None
         held = self._packed_fc.get(layer.name)
         if held is None:
             w, _ = self.params[layer.name]
+            if w.numel() * w.element_size() > FC_PACK_MAX_BYTES:
+                return None
             held = (batch, torch.ops.mkl._mkl_reorder_linear_weight(w, batch))
             self._packed_fc[layer.name] = held
         return held[1] if held[0] == batch else None
