@@ -70,3 +70,32 @@ def test_compile_backend_matches_torch_backend_on_vgg16(photos):
         # Both fp32; Inductor may fuse and reorder sums (measured 0 difference on CPU).
         err = rel_err(got[name].float(), want[name].float())
         assert err < TOLERANCES["fp32"], (name, err)
+
+
+@pytest.mark.parametrize("user_dir", [None, "mine"])
+def test_compile_backend_keeps_inductor_cache_in_fastfeat_cache(tmp_path, user_dir):
+    """Inductor's compiled kernels go to <fastfeat cache>/inductor (not /tmp, emptied by reboots),
+    unless the user chose a place with $TORCHINDUCTOR_CACHE_DIR.  A fresh process: Inductor fixes its
+    directory the first time it is used."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["FASTFEAT_CACHE"] = str(tmp_path / "ffcache")
+    if user_dir:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / user_dir)
+    code = (
+        "import torch\n"
+        "from fastfeat.backends import make_backend\n"
+        "from fastfeat.models import get_model\n"
+        "from fastfeat.weights import load_weights\n"
+        "spec = get_model('caffenet')\n"
+        "make_backend('compile', spec, load_weights(spec, 'random:0').tensors, torch.device('cpu'), torch.float32)\n"
+        "from torch._inductor.runtime.cache_dir_utils import cache_dir\n"
+        "print(cache_dir())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    want = tmp_path / user_dir if user_dir else tmp_path / "ffcache" / "inductor"
+    assert out.stdout.strip().splitlines()[-1] == str(want)
