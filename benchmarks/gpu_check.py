@@ -480,12 +480,12 @@ def native_step(rec: dict, cfg: Settings, budget: Budget, report: Report) -> Non
     # Start-up: process start to the first CaffeNet output, JIT from an empty Triton cache vs the library.
     for label, flag in (("startup aot", "1"), ("startup jit", "0")):
         with tempfile.TemporaryDirectory(prefix="fastfeat-startup-") as cache:
-            res = run(label, [sys.executable, os.path.join(tests, "startup_time.py")],
+            res = run(label, in_checkout(os.path.join(tests, "startup_time.py")),
                       {"FASTFEAT_NATIVE": flag, "TRITON_CACHE_DIR": cache})  # fmt: skip
         if res and res["exit_code"] == 0:
             res["result"] = json.loads(res["output_tail"].strip().splitlines()[-1])
-    run("kernels", [sys.executable, os.path.join(tests, "test_gpu_kernels.py")])
-    run("forward", [sys.executable, os.path.join(tests, "test_gpu_forward.py")])
+    run("kernels", in_checkout(os.path.join(tests, "test_gpu_kernels.py")))
+    run("forward", in_checkout(os.path.join(tests, "test_gpu_forward.py")))
     if os.path.isfile(bench):
         with tempfile.TemporaryDirectory(prefix="fastfeat-bench-") as tmp:
             out = os.path.join(tmp, "bench.json")
@@ -497,6 +497,18 @@ def native_step(rec: dict, cfg: Settings, budget: Budget, report: Report) -> Non
                     res["profile"] = json.load(f)
     else:
         rec["results"]["bench"] = {"skipped": f"no {bench} (carry build/fastfeat-layer-bench with the library)"}
+
+
+def in_checkout(script: str) -> list[str]:
+    """The command that runs a Python ``script`` with ``fastfeat.kernels`` importable from this checkout.
+
+    The GPU machine runs the source tree uninstalled, where kernels/ is not yet fastfeat.kernels: the
+    native scripts failed there with "No module named 'fastfeat.kernels'" (first GPU run, stop 19)."""
+    boot = (
+        "import runpy, sys; sys.path.insert(0, sys.argv[1]); from checkout import make_importable; "
+        "make_importable(); sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    return [sys.executable, "-c", boot, BENCH, script]
 
 
 # -- step 6: decode ---------------------------------------------------------------------------------------

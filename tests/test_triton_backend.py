@@ -92,7 +92,8 @@ def test_triton_matches_torch_backend(model, dtype, photos_or_none):
 
 def test_plan_fuses_but_never_hides_a_requested_layer():
     spec = get_model("caffenet")
-    net = make_backend("triton", spec, load_weights(spec, "random:0").tensors, torch.device("cpu"), torch.float32)
+    # DEVICE: on a GPU machine the CPU needs TRITON_INTERPRET=1, which only CPU-only runs set (found by gpu_check).
+    net = make_backend("triton", spec, load_weights(spec, "random:0").tensors, DEVICE, torch.float32)
     full = [op.name for op in net.plan(["relu7"])]
     assert full == [
         "conv1+relu1", "pool1+norm1", "conv2+relu2", "pool2+norm2", "conv3+relu3", "conv4+relu4",
