@@ -25,25 +25,28 @@ from .base import Backend, register_backend
 from .plan import Op, fused_name
 
 
-def lrn_band(channels: int, size: int, alpha: float, device: torch.device) -> torch.Tensor:
-    """[C, C, 1, 1] weights of a 1×1 conv that sums each channel's window of ``size`` squares × alpha/size."""
+def lrn_band(
+    channels: int, size: int, alpha: float, k: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([C, C, 1, 1] weights, [C] bias) of a 1×1 conv giving k + alpha/size × each channel's window of
+    ``size`` squares."""
     idx = torch.arange(channels)
     band = ((idx[:, None] - idx[None, :]).abs() <= size // 2).float() * (alpha / size)
-    return band[:, :, None, None].to(device).contiguous(memory_format=torch.channels_last)
+    bias = torch.full((channels,), float(k), dtype=torch.float32, device=device)
+    return band[:, :, None, None].to(device).contiguous(memory_format=torch.channels_last), bias
 
 
-def lrn_fp32(x: torch.Tensor, band: torch.Tensor, beta: float, k: float) -> torch.Tensor:
+def lrn_fp32(x: torch.Tensor, band: torch.Tensor, bias: torch.Tensor, beta: float) -> torch.Tensor:
     """Caffe LRN across channels, y = x / (k + alpha/n * sum_window x^2)^beta, in fp32, back in x's dtype.
 
     The windowed sum of squares is a 1×1 convolution with a banded C×C matrix: oneDNN runs it as a
     GEMM, 3.3x faster than torch's local_response_norm (avg_pool3d) at CaffeNet's norm1, batch 64,
     on the 2-core dev box (14 vs 47 ms), and it has no bf16 gap (torch's LRN has no bf16 CPU kernel).
-    k rides in as the convolution's bias, and x is only read (it may be a tapped pool output): every
+    k rides in as the convolution's ``bias`` (``lrn_band``), and x is only read (it may be a tapped pool output): every
     result is a new tensor or an in-place op on one, six passes over memory where a private copy of x
     and a separate ``add_`` made eight.
     """
     xf = x if x.dtype == torch.float32 else x.float()
-    bias = torch.full((band.shape[0],), float(k), dtype=torch.float32, device=x.device)
     scale = F.conv2d(xf * xf, band, bias)
     if beta == 0.75:  # Caffe's value: s^-0.75 = s^-0.5 * s^-0.25, two cheap roots instead of pow
         scale.rsqrt_()
@@ -81,7 +84,7 @@ def _pool(net: TorchNet, layer: MaxPool, x: torch.Tensor, inplace_ok: bool) -> t
 
 
 def _norm(net: TorchNet, layer: LRN, x: torch.Tensor, inplace_ok: bool) -> torch.Tensor:
-    return lrn_fp32(x, net.lrn_bands[layer.name], layer.beta, layer.k)
+    return lrn_fp32(x, *net.lrn_bands[layer.name], layer.beta)
 
 
 def _fc(net: TorchNet, layer: Linear, x: torch.Tensor, inplace_ok: bool) -> torch.Tensor:
@@ -120,10 +123,10 @@ class TorchNet(Backend):
             torch.backends.cuda.matmul.allow_tf32 = False
         inputs = spec.input_shapes()
         self.params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.lrn_bands: dict[str, torch.Tensor] = {}
+        self.lrn_bands: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (band, bias) per LRN layer
         for layer in spec.layers:
             if isinstance(layer, LRN):
-                self.lrn_bands[layer.name] = lrn_band(inputs[layer.name][0], layer.size, layer.alpha, device)
+                self.lrn_bands[layer.name] = lrn_band(inputs[layer.name][0], layer.size, layer.alpha, layer.k, device)
             if layer.param_key is None:
                 continue
             w = tensors[f"{layer.param_key}.weight"].to(device=device, dtype=dtype)
