@@ -91,17 +91,8 @@ def _fc(net: TorchNet, layer: Linear, x: torch.Tensor, inplace_ok: bool) -> torc
     w, b = net.params[layer.name]
     if x.dim() > 2:
         x = x.flatten(1)  # C×H×W order, as Caffe and torchvision flatten
-    packed = net.packed_fc_weight(layer, x.shape[0])
-    if packed is not None:
-        return torch.ops.mkl._mkl_linear(x, packed, w, b, x.shape[0])
     return F.linear(x, w, b)
 
-
-# MKL's packed GEMM gains nothing when the weight is read once per row (batch 1: memory-bound), and
-# each packing is a second copy of a weight of up to 400 MB (VGG-16's fc6).
-FC_PACK_MIN_BATCH = 16
-# VGG-16's fc6 (411 MB) is about 1% of its forward time: a second copy of it is not worth that.
-FC_PACK_MAX_BYTES = 256 << 20
 
 # The one place that maps a layer kind to a torch op.
 OPS = {Conv: _conv, ReLU: _relu, MaxPool: _pool, LRN: _norm, Linear: _fc}
@@ -112,7 +103,7 @@ class TorchNet(Backend):
     """Runs a ModelSpec with torch ops.  ``forward_intermediates`` stops after the deepest tap."""
 
     name = "torch"
-    # Reorder weights ahead of time (packed_conv_weight, packed_fc_weight).  Off for subclasses that
+    # Reorder conv weights ahead of time (packed_conv_weight).  Off for subclasses that
     # trace the ops (torch.compile: the reorder ops have no meta kernels, and freezing packs anyway).
     prepacks_weights: ClassVar[bool] = True
 
@@ -134,16 +125,9 @@ class TorchNet(Backend):
             if w.dim() == 4:
                 w = w.contiguous(memory_format=torch.channels_last)
             self.params[layer.name] = (w, b)
-        # Weights reordered ahead of time into the layout the CPU kernels read, as Inductor's freezing
-        # does (without it every call reorders them again); see packed_conv_weight / packed_fc_weight.
+        # Conv weights reordered ahead of time into the layout oneDNN reads, as Inductor's freezing does
+        # (without it every call reorders them again); see packed_conv_weight.
         self._packed_conv: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
-        self._packed_fc: dict[str, tuple[int, torch.Tensor]] = {}
-        # A plain attribute, not a cached_property: _fc runs inside torch.compile's trace, which cannot
-        # enter cached_property's lock.
-        self.packs_fc = (
-            self.prepacks_weights and device.type == "cpu" and dtype == torch.float32
-            and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
-        )  # fmt: skip
 
     def prepare(self, images_nhwc: torch.Tensor) -> torch.Tensor:
         """NHWC float batch -> NCHW-shaped, channels_last-strided compute tensor on the device."""
@@ -174,26 +158,6 @@ class TorchNet(Backend):
             )
             self._packed_conv[key] = packed
         return packed
-
-    def packed_fc_weight(self, layer: Linear, batch: int) -> torch.Tensor | None:
-        """An fp32 FC weight packed by MKL for a batch of ``batch`` rows (``cblas_sgemm_pack``), or None.
-
-        MKL's packed GEMM is what Inductor's freezing uses for fp32 linear layers on the CPU: fc6 and
-        fc7 of AlexNet at batch 64 take 24 and 12 ms instead of 33 and 15 ms on the Intel Xeon dev box.
-        A packing serves one batch size (``_mkl_linear`` falls back to the plain weight for others), and
-        costs a second copy of the weight, so it is made for one batch size of at least
-        ``FC_PACK_MIN_BATCH`` (the extraction batch; the short last batch takes the plain path), for
-        weights up to ``FC_PACK_MAX_BYTES``, and only in fp32 (bf16 runs in oneDNN)."""
-        if not self.packs_fc or batch < FC_PACK_MIN_BATCH:
-            return None
-        held = self._packed_fc.get(layer.name)
-        if held is None:
-            w, _ = self.params[layer.name]
-            if w.numel() * w.element_size() > FC_PACK_MAX_BYTES:
-                return None
-            held = (batch, torch.ops.mkl._mkl_reorder_linear_weight(w, batch))
-            self._packed_fc[layer.name] = held
-        return held[1] if held[0] == batch else None
 
     @functools.cached_property
     def fuses_conv_relu(self) -> bool:
