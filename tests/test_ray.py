@@ -56,7 +56,9 @@ def holding(folder, shard: int):
         (folder / "hold").unlink(missing_ok=True)
 
 
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+# Generous: a worker reaches its shard only after Ray starts and its actor builds the model, which took
+# over 60 s once on the 2-core CI box in a slow phase (stop 19); the waits end as soon as it happens.
+def wait_for(predicate, timeout: float = 180.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := predicate():
