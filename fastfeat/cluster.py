@@ -506,8 +506,8 @@ def run_on_ray(
     try:
         pending = [s for s in ex.shards() if s.index not in ex.output.shards]
         n_workers, cpus = plan_workers(ray, max(1, len(pending)), gpus, workers, cpus_per_worker)
+        tensors = _put_weights(ray, ex.weights.tensors)  # before OUT/ exists: a full store writes nothing
         todo, done_items, total = ex.begin()  # everything is checked: OUT/ is created only now
-        tensors = ray.put(ex.weights.tensors)  # once, shared by every actor through the object store
         worker = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=gpus, max_concurrency=2)
         config = worker_config(ex)
         spawn = partial(worker.remote, config, tensors)
@@ -542,6 +542,23 @@ def run_on_ray(
         "retried_shards": dispatch.retried,
     }  # fmt: skip
     return ex.end(stats, total, done_items, startup_s, workers=n_workers, ray=ray_info)
+
+
+def _put_weights(ray, tensors: dict):
+    """The weights in the object store, once, shared by every actor; a one-line error where the store is
+    full and Ray may not spill to disk (it refuses once the disk is 95% full: ``local_fs_capacity_threshold``)."""
+    try:
+        return ray.put(tensors)
+    except (ray.exceptions.OutOfDiskError, ray.exceptions.ObjectStoreFullError) as exc:
+        size_mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
+        raise RayRunError(
+            f"Ray could not store the model weights ({size_mb:.0f} MB): {_first_line(str(exc))} (free disk "
+            "space on the driver's node, or give Ray a larger object store: ray start --object-store-memory)"
+        ) from None
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "unknown error")
 
 
 def _wait_gone(ray, actors: list, timeout: float = 10.0) -> None:

@@ -39,7 +39,9 @@ def hold_dir(tmp_path_factory, s3_endpoint):
     folder = tmp_path_factory.mktemp("hold")
     # Before ray.init: the workers inherit the raylet's environment (s3_endpoint's AWS_* variables too).
     os.environ[TEST_HOLD_ENV] = str(folder)
-    ray.init(num_cpus=2, object_store_memory=300 << 20, include_dashboard=False, log_to_driver=False)
+    # Room for two runs' weights (232 MB each): a run's put may come before the last run's copy is freed,
+    # and spilling it is refused on a disk over 95% full (CI failed so at stop 19).
+    ray.init(num_cpus=2, object_store_memory=768 << 20, include_dashboard=False, log_to_driver=False)
     yield folder
     ray.shutdown()
     del os.environ[TEST_HOLD_ENV]
@@ -58,13 +60,31 @@ def holding(folder, shard: int):
 
 # Generous: a worker reaches its shard only after Ray starts and its actor builds the model, which took
 # over 60 s once on the 2-core CI box in a slow phase (stop 19); the waits end as soon as it happens.
-def wait_for(predicate, timeout: float = 180.0, what: str = "condition"):
+def wait_for(predicate, timeout: float = 180.0, what: str = "condition", failed=lambda: None):
+    """``predicate()``'s first true value; fails at once, with its message, when ``failed()`` says the run
+    being waited on has already ended (so a driver's own error is shown, not a 180 s timeout)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := predicate():
             return value
+        if (why := failed()) is not None:
+            raise AssertionError(f"while waiting for {what}: {why}")
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def thread_failed(thread: threading.Thread, result: dict):
+    """For wait_for: the error a driver thread ended with (see drive() below), or None while it runs."""
+    if thread.is_alive():
+        return None
+    return f"the driver ended: {result.get('error', result.get('summary'))!r}"
+
+
+def process_failed(proc: subprocess.Popen):
+    """For wait_for: a driver process's exit code and error output once it has ended, else None."""
+    if proc.poll() is None:
+        return None
+    return f"the driver exited with {proc.returncode}: {proc.stderr.read().decode(errors='replace')[-2000:]}"
 
 
 def held(folder) -> dict | None:
@@ -124,7 +144,8 @@ def test_worker_killed_while_writing_a_shard(dataset, clean, hold_dir, tmp_path)
     with holding(hold_dir, shard=1):
         driver = threading.Thread(target=drive)
         driver.start()
-        victim = wait_for(lambda: held(hold_dir), what="a worker to start writing shard 1")
+        victim = wait_for(lambda: held(hold_dir), what="a worker to start writing shard 1",
+                          failed=lambda: thread_failed(driver, result))  # fmt: skip
         tmp = [f for f in os.listdir(out) if f.startswith("part-00001.") and f.endswith(f".{victim['pid']}@{victim['host']}.tmp")]  # fmt: skip
         assert tmp, os.listdir(out)  # mid-shard: its temp file is there, not yet renamed
         os.kill(victim["pid"], signal.SIGKILL)
@@ -142,13 +163,14 @@ def test_driver_killed_then_rerun_resumes(dataset, clean, hold_dir, tmp_path):
     with holding(hold_dir, shard=1):
         driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            victim = wait_for(lambda: held(hold_dir), what="a worker to start writing shard 1")
+            victim = wait_for(lambda: held(hold_dir), what="a worker to start writing shard 1",
+                              failed=lambda: process_failed(driver))  # fmt: skip
 
             def committed():
                 with contextlib.suppress(OSError, ValueError):
                     return len(json.loads((out / "manifest.json").read_text())["shards"])
 
-            assert wait_for(committed, what="a shard in the manifest") >= 1
+            assert wait_for(committed, what="a shard in the manifest", failed=lambda: process_failed(driver)) >= 1
             driver.send_signal(signal.SIGKILL)
             driver.wait(timeout=30)
         finally:
@@ -187,6 +209,22 @@ def test_more_cpus_per_worker_than_any_node_is_refused_before_writing(dataset, h
     code = main(["extract", dataset, "--out", str(out), *CLI_RUN, "--ray", address, "--ray-cpus-per-worker", "3"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "no node of the Ray cluster has that many CPUs (largest: 2)" in err, err
+    assert not out.exists()
+
+
+def test_object_store_out_of_disk_is_a_one_line_error_before_writing(dataset, hold_dir, tmp_path, capsys, monkeypatch):
+    # What Ray raises for the weights' put when its store is full and the disk is over 95% full (seen in
+    # CI at stop 19): the CLI said so in a traceback, after creating OUT/.
+    def full(_value, **_kw):
+        raise ray.exceptions.OutOfDiskError("Local disk is full\nThe object cannot be created because ...")
+
+    monkeypatch.setattr(ray, "put", full)
+    out = tmp_path / "out"
+    address = ray.get_runtime_context().gcs_address
+    code = main(["extract", dataset, "--out", str(out), *CLI_RUN, "--ray", address])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "Ray could not store the model weights (" in err and "Local disk is full" in err, err
     assert not out.exists()
 
 

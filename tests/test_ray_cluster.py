@@ -9,7 +9,7 @@ import signal
 import threading
 
 import pytest
-from test_ray import RUN, assert_same_output, held, holding, wait_for
+from test_ray import RUN, assert_same_output, held, holding, thread_failed, wait_for
 
 from fastfeat.cluster import TEST_HOLD_ENV, run_on_ray
 from fastfeat.extractor import Extractor
@@ -23,9 +23,12 @@ def cluster(tmp_path_factory):
     """A head without resources (the driver's) and three one-CPU, one-GPU (logical) worker nodes."""
     folder = tmp_path_factory.mktemp("hold")
     os.environ[TEST_HOLD_ENV] = str(folder)  # before the nodes start: their workers inherit it
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    # Object stores that hold CaffeNet's 232 MB of weights with room to spare: Cluster's default (150 MiB)
+    # makes Ray spill them to disk, which it refuses on a disk over 95% full (CI failed so at stop 19).
+    head = {"num_cpus": 0, "include_dashboard": False, "object_store_memory": 512 << 20}
+    c = Cluster(initialize_head=True, head_node_args=head)
     for _ in range(3):
-        c.add_node(num_cpus=1, num_gpus=1, object_store_memory=300 << 20)
+        c.add_node(num_cpus=1, num_gpus=1, object_store_memory=512 << 20)
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False)
     yield c, folder
@@ -57,7 +60,8 @@ def test_gpu_workers_across_nodes_survive_a_node_removed_mid_shard(dataset, clea
     with holding(folder, shard=2):
         driver = threading.Thread(target=drive)
         driver.start()
-        victim = wait_for(lambda: held(folder), what="a worker to start writing shard 2")
+        victim = wait_for(lambda: held(folder), what="a worker to start writing shard 2",
+                          failed=lambda: thread_failed(driver, result))  # fmt: skip
         assert any(f.endswith(f".{victim['pid']}@{victim['host']}.tmp") for f in os.listdir(out))
         node = next(n for n in c.worker_nodes if n.node_id == victim["node_id"])
         c.remove_node(node, allow_graceful=False)
