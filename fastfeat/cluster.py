@@ -551,14 +551,11 @@ def _put_weights(ray, tensors: dict):
         return ray.put(tensors)
     except (ray.exceptions.OutOfDiskError, ray.exceptions.ObjectStoreFullError) as exc:
         size_mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
+        reason = next(iter(str(exc).strip().splitlines()), type(exc).__name__)  # Ray's first line says it
         raise RayRunError(
-            f"Ray could not store the model weights ({size_mb:.0f} MB): {_first_line(str(exc))} (free disk "
+            f"Ray could not store the model weights ({size_mb:.0f} MB): {reason} (free disk "
             "space on the driver's node, or give Ray a larger object store: ray start --object-store-memory)"
         ) from None
-
-
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "unknown error")
 
 
 def _wait_gone(ray, actors: list, timeout: float = 10.0) -> None:

@@ -58,8 +58,8 @@ def holding(folder, shard: int):
         (folder / "hold").unlink(missing_ok=True)
 
 
-# Generous: a worker reaches its shard only after Ray starts and its actor builds the model, which took
-# over 60 s once on the 2-core CI box in a slow phase (stop 19); the waits end as soon as it happens.
+# Generous: a worker reaches its shard only after Ray starts and its actor builds the model (tens of
+# seconds on the 2-core box); the waits end as soon as that happens, or as soon as the driver has failed.
 def wait_for(predicate, timeout: float = 180.0, what: str = "condition", failed=lambda: None):
     """``predicate()``'s first true value; fails at once, with its message, when ``failed()`` says the run
     being waited on has already ended (so a driver's own error is shown, not a 180 s timeout)."""
