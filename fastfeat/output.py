@@ -17,9 +17,10 @@ A shard is therefore either listed and complete, or not listed and redone.
 **Object stores** (``--out s3://bucket/run``, ``gs://``; see fastfeat.storage) have no rename and no
 ``flock``.  There a shard's files are written exactly as above into a local staging folder (under
 ``$TMPDIR``: the npy sink rewrites its header on close, which needs a seekable local file), checksummed,
-then each uploaded with one PUT to its final, fixed key (``part-00007.parquet``), and only then added to
-the manifest, itself one PUT.  A PUT is atomic (a reader sees the whole old object, the whole new one or
-none) and a killed upload leaves no object, so the guarantee is the same: the manifest is the only
+then each uploaded to its final, fixed key (``part-00007.parquet``; through a temp key and a server-side
+copy, see fastfeat.storage), and only then added to the manifest, written the same way and last.  A final
+key only ever receives a whole object, and a killed writer's temp keys and uncommitted shard objects are
+deleted when the output is next opened, so the guarantee is the same: the manifest is the only
 truth, ``verify`` and the readers go by it, and a shard not listed is redone.  Redoing it overwrites the
 same key with the same bytes (the output is deterministic), so no second copy ever appears beside it.
 The manifest must have a single writer there (no lock serialises read-merge-write): the CLI refuses
@@ -332,6 +333,7 @@ class OutputDir:
                 if self.remote:  # shard temp files are staged on this host; a killed run's are removed here
                     os.makedirs(self.staging_dir(), exist_ok=True)
                     _remove_orphan_tmp(self.staging_dir())
+                    self._remove_unlisted_objects()
                 else:
                     _remove_orphan_tmp(self.path)
                 if new_generation is not None:
@@ -346,6 +348,19 @@ class OutputDir:
         except OSError as exc:
             where = storage.display(self.path) if self.remote else self.path
             raise OutputError(f"cannot write to output directory {where}: {storage.describe(exc)}") from None
+
+    def _remove_unlisted_objects(self) -> None:
+        """Object stores: delete what a killed writer left that the manifest does not list: temp keys of
+        uploads (``.tmp-*``, see fastfeat.storage), shard objects uploaded but never committed, and an item
+        list whose generation was never recorded.  The manifest is the truth, so none of it is data; the
+        output's single writer (the CLI refuses parts on object stores, Ray's driver alone calls this)
+        does it before any upload of its own."""
+        listed = {f["file"] for r in self.shards.values() for f in r.files()}
+        listed |= {g["items_file"] for g in self.generations}
+        for entry in storage.list_dir(self.path):
+            stray = SHARD_RE.match(entry) or ITEMS_RE.match(entry)
+            if entry.startswith(storage.TEMP_PREFIX) or (stray and entry not in listed):
+                storage.delete(storage.join(self.path, entry))
 
     def staging_dir(self) -> str:
         """Object stores: the local folder where this OUT/'s shard files are written before their upload

@@ -15,12 +15,16 @@ per scheme, host and query, then reused.  Credentials and the endpoint can also 
 ``GOOGLE_APPLICATION_CREDENTIALS``), which keeps them out of the URI and so out of logs and manifests.
 An object key is the URI's path as written (no percent-decoding); a key holding ``?`` cannot be named.
 
-**Atomic writes without rename.** Object stores have no rename, but an object upload is atomic: a reader
-sees the whole old object, the whole new one, or none (S3 and GCS publish an object only when its single
-PUT, or the completion of its multipart or resumable upload, succeeds).  :func:`upload` and
-:func:`write_bytes` therefore write straight to the final key on those stores (``s3``, ``gs``), and a
-writer killed mid-upload leaves no object.  Other remote file systems (HDFS) show a file while it is
-written, so there the data goes to a ``.tmp-<random>`` name first and is then moved, which is atomic.
+**Atomic writes, also when the process fails.** An object upload is atomic (a reader sees the whole old
+object, the whole new one, or none), but pyarrow's output stream publishes the object when it is closed,
+and it is closed also when the ``with`` block exits on an exception (a Ctrl-C between open and write) or
+when the stream is garbage collected (apache/arrow#40502; pyarrow has no way to abort the upload).  So
+:func:`upload` and :func:`write_bytes` never write the final key with a stream: the data goes to a
+``.tmp-<random>-<name>`` key in the same folder first, then a server-side copy (S3 CopyObject) or move
+publishes it whole, and the temp key is deleted.  An exception deletes the temp key; a process killed
+outright may leave one behind, which is never read (no reader or manifest names ``.tmp-*``) and which
+:func:`remove_temp_objects` deletes when the output is next opened.  HDFS gets the same temp name and an
+atomic rename.
 """
 
 from __future__ import annotations
@@ -226,17 +230,22 @@ def open_input_file(location: str):
     return fs.open_input_file(path)
 
 
-def _atomic_target(fs: pafs.FileSystem, path: str, location: str) -> str:
-    """Where to write so that readers never see part of it: the final key where an upload is atomic,
-    else a temp name in the same folder (moved into place by the caller)."""
-    if scheme(location) in ATOMIC_PUT_SCHEMES:
-        return path
+TEMP_PREFIX = ".tmp-"  # temp keys of uploads in flight (or of a killed writer): never a final name
+
+
+def _temp_path(path: str) -> str:
+    """A fresh temp key beside ``path``: readers and manifests never name it, so it is never seen as data."""
     folder, _, name = path.rpartition("/")
-    return f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
+    return f"{folder}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
 
 
 def _publish(fs: pafs.FileSystem, written: str, path: str) -> None:
-    if written != path:
+    """Make the complete temp object ``written`` appear whole at ``path``: on an object store a server-side
+    copy (one CopyObject: atomic, no data through this host) then the temp's deletion; elsewhere a rename."""
+    if isinstance(fs, pafs.S3FileSystem):
+        fs.copy_file(written, path)
+        fs.delete_file(written)
+    else:
         fs.move(written, path)
 
 
@@ -246,17 +255,19 @@ def write_bytes(location: str, data: bytes) -> None:
 
 
 def _put(location: str, write) -> tuple:
-    """``write(stream)`` the object at ``location`` atomically (see the module docstring); (fs, path)."""
+    """``write(stream)`` the object at ``location`` atomically (see the module docstring); (fs, path).
+
+    The stream writes a temp key, never ``location``: pyarrow publishes whatever a stream holds when it is
+    closed, also on an exception, so only a stream whose writing completed is copied to the final key."""
     fs, path = resolve(location)
-    target = _atomic_target(fs, path, location)
+    target = _temp_path(path)
     try:
         with fs.open_output_stream(target) as out:
             write(out)
         _publish(fs, target, path)
     except BaseException:
-        if target != path:
-            with contextlib.suppress(OSError):
-                fs.delete_file(target)
+        with contextlib.suppress(OSError):
+            fs.delete_file(target)
         raise
     return fs, path
 
@@ -282,6 +293,16 @@ def delete(location: str) -> None:
     fs, path = resolve(location)
     with contextlib.suppress(FileNotFoundError):
         fs.delete_file(path)
+
+
+def remove_temp_objects(location: str) -> list[str]:
+    """Delete the ``.tmp-*`` objects directly under a remote folder (uploads of a writer that was killed
+    before it could delete them); the names removed.  Only the folder's single writer may call this: it
+    would also remove an upload in flight of another process."""
+    removed = [name for name in list_dir(location) if name.startswith(TEMP_PREFIX)]
+    for name in removed:
+        delete(join(location, name))
+    return removed
 
 
 def make_dir(location: str) -> None:
