@@ -13,9 +13,13 @@ preallocate per-thread nvJPEG device buffers and pinned host buffers K times ove
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 
 
 def parse_devices(devices: str) -> list[int]:
@@ -88,8 +92,80 @@ def worker_env(device: int, env: dict[str, str] | None = None) -> dict[str, str]
 
 def launch_per_device(devices: str, argv: list[str]) -> int:
     ids = parse_devices(devices)
-    procs = [
-        subprocess.Popen(worker_argv(argv, i, len(ids)), env=worker_env(d)) for i, d in enumerate(ids)
-    ]  # fmt: skip
-    codes = [p.wait() for p in procs]
-    return next((c for c in codes if c != 0), 0)
+    workers = [(f"worker {i} (GPU {d})", worker_argv(argv, i, len(ids)), worker_env(d)) for i, d in enumerate(ids)]
+    return supervise(workers)
+
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def supervise(workers: list[tuple[str, list[str], dict[str, str] | None]], grace_s: float = 30.0) -> int:
+    """Run ``(name, argv, env)`` worker processes to the end, as one command: the exit status of the whole.
+
+    - SIGINT/SIGTERM to this process are forwarded to every live worker (which stop as after their own
+      Ctrl-C: a finished shard is kept, the current one redone on resume), then the workers are awaited and
+      the status is 128 + the signal.  Workers run in their own process group, so a Ctrl-C at the terminal
+      reaches them once, through here, not twice.
+    - A worker that exits non-zero stops its siblings (SIGTERM; SIGKILL after ``grace_s`` seconds), one line
+      names it on stderr, and its status (1 for a worker killed by a signal) is returned.
+    """
+    procs: list[subprocess.Popen] = []
+    received: list[int] = []
+    signalled: set[int] = set()  # pids the handler has forwarded a signal to
+
+    def forward(signum, _frame) -> None:
+        received.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signum)
+                signalled.add(p.pid)
+
+    # Installed before the first worker starts: a signal at any time reaches every worker started, and
+    # once one has come no further worker is started.
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    exits: queue.Queue[subprocess.Popen] = queue.Queue()
+    names: dict[int, str] = {}
+    try:
+        for name, cmd, env in workers:
+            if received:
+                break
+            p = subprocess.Popen(cmd, env=env, process_group=0)
+            procs.append(p)
+            if received and p.pid not in signalled:  # the signal came while it was being started
+                p.send_signal(received[-1])
+            names[p.pid] = name
+            # One waiter per worker: the first to end is seen at once, whichever it is.
+            threading.Thread(target=lambda p=p: (p.wait(), exits.put(p)), daemon=True).start()
+        failed = None
+        for _ in procs:
+            p = exits.get()
+            if p.returncode != 0 and failed is None and not received:
+                failed = p
+                _stop(procs, grace_s)
+    except BaseException:  # a worker that could not be started: none is left running unsupervised
+        _stop(procs, grace_s)
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        return 128 + received[0]
+    if failed is not None:
+        code = failed.returncode
+        how = f"exit status {code}" if code > 0 else f"signal {signal.Signals(-code).name}"
+        print(f"fastfeat: {names[failed.pid]} failed ({how}); the other workers were stopped", file=sys.stderr)
+        return code if code > 0 else 1
+    return 0
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
