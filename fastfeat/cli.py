@@ -342,12 +342,14 @@ def _add_serve(sub) -> None:
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (visible in ps: prefer --token-file)")  # fmt: skip
     p.add_argument("--token-file", default=None, help="read the bearer token from this file")
     p.add_argument("--access-log", action="store_true", help="log every request on stderr")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                   help="answer 503 to a request still unanswered after S seconds (default 60)")  # fmt: skip
 
 
 def _run_serve(args) -> int:
     from .errors import ConfigError
     from .serve import ServeConfig, serve
-    from .serve.config import DEFAULT_EXACT_BELOW
+    from .serve.config import DEFAULT_EXACT_BELOW, DEFAULT_REQUEST_TIMEOUT_S
 
     token = args.token
     if args.token_file is not None:
@@ -364,6 +366,7 @@ def _run_serve(args) -> int:
         index=args.index, index_layer=args.index_layer,
         exact_below=DEFAULT_EXACT_BELOW if args.exact_below is None else args.exact_below, token=token,
         access_log=args.access_log,
+        request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S if args.request_timeout is None else args.request_timeout,
     )  # fmt: skip
     serve(cfg)
     return 0

@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..models import parse_layers
-from .batching import Batcher, Job, JobResult
+from .batching import Batcher, BatcherDead, Job, JobResult
 from .codec import (
     ARROW_MEDIA_TYPE,
     FORMATS,
@@ -66,6 +66,8 @@ IMAGE_BODY = {
 _ERROR = {"description": "JSON error: {error: {status, kind, message}}"}
 REFUSALS = {
     400: _ERROR, 401: _ERROR, 413: _ERROR, 415: _ERROR, 422: _ERROR, 429: {"description": "queue full; see Retry-After"},
+    500: {"description": "the batch could not run (a server failure, not the image's)"},
+    503: {"description": "no answer within --request-timeout, or the batching threads stopped"},
 }  # fmt: skip
 
 
@@ -204,16 +206,27 @@ def create_app(cfg: ServeConfig, engine: Engine, batcher: Batcher, metrics: Metr
                 waits.append((outcome, future))
             outcomes.append(outcome)
         if jobs:
-            if not batcher.submit(jobs):
+            try:
+                admitted = batcher.submit(jobs)
+            except BatcherDead as exc:
+                raise ApiError(503, "batcher_dead", f"the server cannot compute features: {exc}") from None
+            if not admitted:
                 raise ApiError(429, "queue_full", f"the server holds {batcher.admitted} images, at its limit of {cfg.queue_limit} (--max-queue); retry later",  # fmt: skip
                                headers={"Retry-After": RETRY_AFTER_S})  # fmt: skip
             metrics.admitted.inc(len(jobs))
             results = asyncio.gather(*(f for _, f in waits))
             gone = asyncio.ensure_future(_until_disconnect(request.receive))
             try:
-                done, _ = await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {results, gone}, timeout=cfg.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
                 gone.cancel()
+            if not done:  # neither answered nor gone: the batch is stuck or the queue too long
+                batcher.cancel(jobs)
+                results.cancel()
+                raise ApiError(503, "timeout", f"no answer within {cfg.request_timeout_s:g} s (--request-timeout); retry later",  # fmt: skip
+                               headers={"Retry-After": RETRY_AFTER_S})  # fmt: skip
             if results not in done:
                 batcher.cancel(jobs)  # frees their slots now; waiting ones never reach the decoder
                 results.cancel()
@@ -224,7 +237,7 @@ def create_app(cfg: ServeConfig, engine: Engine, batcher: Batcher, metrics: Metr
                 outcome.batch_size = r.batch_size
                 outcome.timing = {"queue": _ms(r.queue_s), "decode": _ms(r.decode_s), "forward": _ms(r.forward_s)}
                 if r.failure:
-                    outcome.error = ApiError(503, "server_failure", f"the batch could not run: {r.failure}")
+                    outcome.error = ApiError(500, "server_failure", f"the batch could not run: {r.failure}")
                 elif r.error:
                     outcome.error = ApiError(422, "decode_failed", f"cannot decode the image: {r.error}")
                 else:
@@ -267,6 +280,9 @@ def create_app(cfg: ServeConfig, engine: Engine, batcher: Batcher, metrics: Metr
 
     @app.get("/healthz", summary="Liveness: ok once the model is loaded (no token needed)")
     async def healthz():
+        if not batcher.alive:  # requests could only fail: a load balancer must take this server out
+            why = batcher.death or "the batching threads are not running"
+            return JSONResponse({"status": "failing", "reason": why}, 503)
         return {"status": "ok", "queue_images": batcher.waiting, "inflight_images": batcher.admitted}
 
     @app.get("/metrics", dependencies=protected, summary="Prometheus metrics (text format)")
@@ -287,8 +303,8 @@ def create_app(cfg: ServeConfig, engine: Engine, batcher: Batcher, metrics: Metr
         "/v1/features", dependencies=protected, openapi_extra=IMAGE_BODY, responses=REFUSALS,
         summary="Features of one or more images",
         description="Per image: id, width, height and each layer's vector. format=json (arrays), npy (one "
-        "[images, sum of dims] array, the layers concatenated in order; X-Fastfeat-Layers/-Images/-Errors "
-        "headers), or arrow (an IPC stream with a Parquet shard's schema). An image that fails is listed "
+        "[images, sum of dims] array, the layers concatenated in order; X-Fastfeat-Layers/-Rows headers, and "
+        "-Images/-Errors while they fit in 3000 bytes), or arrow (an IPC stream with a Parquet shard's schema). An image that fails is listed "
         "with its error; its neighbours in the request still get their features.",
     )  # fmt: skip
     async def features(
@@ -314,10 +330,12 @@ def create_app(cfg: ServeConfig, engine: Engine, batcher: Batcher, metrics: Metr
             extra = {"model": engine.spec.name, "request_ms": _ms(time.perf_counter() - t0)}
             body = await run_in_threadpool(encode_json, outcomes, names, dtype, extra)
             return Response(body, media_type="application/json")
-        headers = binary_headers(outcomes, names, engine.dims)
+        # Encoding a few hundred rows takes milliseconds: off the event loop, which serves every other request.
+        headers = await run_in_threadpool(binary_headers, outcomes, names, engine.dims)
         if format == "npy":
-            return Response(encode_npy(outcomes, names, engine.dims, dtype), media_type=NPY_MEDIA_TYPE, headers=headers)
-        body = encode_arrow(outcomes, names, engine.dims, dtype, engine.metadata)
+            body = await run_in_threadpool(encode_npy, outcomes, names, engine.dims, dtype)
+            return Response(body, media_type=NPY_MEDIA_TYPE, headers=headers)
+        body = await run_in_threadpool(encode_arrow, outcomes, names, engine.dims, dtype, engine.metadata)
         return Response(body, media_type=ARROW_MEDIA_TYPE, headers=headers)
 
     @app.post(

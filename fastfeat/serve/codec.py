@@ -138,13 +138,47 @@ def _ascii_json(value) -> str:
     return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
 
 
+# The per-image headers of a binary response, together, at most this many bytes: nginx's default
+# proxy_buffer_size (4 KiB) must hold the whole response head, and a 256-image request's details are tens
+# of KB (a 502 behind it).  Over the limit they are left out (X-Fastfeat-Details says so); the arrow body
+# always carries them in its schema metadata, and format=json in its body.
+DETAIL_HEADER_LIMIT = 3000
+
+
+def _positions(outcomes: list[Outcome]) -> str:
+    """The request positions of the rows, as ranges ("0-2,4"): short whatever the request's size."""
+    spans: list[list[int]] = []
+    for i, o in enumerate(outcomes):
+        if o.features is None:
+            continue
+        if spans and spans[-1][1] == i - 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def image_details(outcomes: list[Outcome]) -> tuple[list[dict], list[dict]]:
+    """(the rows' images, the failed images): what a binary body's rows do not say themselves."""
+    return [o.head() for o in outcomes if o.features is not None], [o.error_record() for o in outcomes if o.features is None]  # fmt: skip
+
+
 def binary_headers(outcomes: list[Outcome], layers: list[str], dims: dict[str, int]) -> dict[str, str]:
-    """What a binary body does not carry itself: the rows' images and the failed images (JSON, ASCII)."""
-    return {
+    """The layers and the rows' request positions, always; the per-image details (JSON, ASCII) when they fit
+    in DETAIL_HEADER_LIMIT bytes."""
+    images, errors = image_details(outcomes)
+    headers = {
         "X-Fastfeat-Layers": ",".join(f"{n}:{dims[n]}" for n in layers),
-        "X-Fastfeat-Images": _ascii_json([o.head() for o in outcomes if o.features is not None]),
-        "X-Fastfeat-Errors": _ascii_json([o.error_record() for o in outcomes if o.features is None]),
+        "X-Fastfeat-Rows": _positions(outcomes),
     }
+    details = {"X-Fastfeat-Images": _ascii_json(images), "X-Fastfeat-Errors": _ascii_json(errors)}
+    size = sum(len(v) for v in details.values())
+    if size <= DETAIL_HEADER_LIMIT:
+        return {**headers, **details}
+    headers["X-Fastfeat-Details"] = (
+        f"omitted: {size} bytes, over the {DETAIL_HEADER_LIMIT}-byte limit; format=arrow (schema metadata) or json has them"
+    )
+    return headers
 
 
 def encode_npy(outcomes: list[Outcome], layers: list[str], dims: dict[str, int], dtype: str) -> bytes:
@@ -170,6 +204,10 @@ def encode_arrow(outcomes: list[Outcome], layers: list[str], dims: dict[str, int
     schema = feature_schema(Layout({n: dims[n] for n in layers}, dtype, meta))
     feats = {n: np.stack([_cast(o.features[n], dtype) for o in good]) if good else np.empty((0, dims[n]), dtype) for n in layers}  # fmt: skip
     rows = Rows([o.id for o in good], [None] * len(good), [(o.width, o.height) for o in good], feats)
+    images, errors = image_details(outcomes)
+    schema = schema.with_metadata(
+        {**(schema.metadata or {}), b"fastfeat.images": _ascii_json(images), b"fastfeat.errors": _ascii_json(errors)}
+    )
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, schema) as writer:
         writer.write_batch(record_batch(schema, rows))

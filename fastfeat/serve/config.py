@@ -22,6 +22,9 @@ DEFAULT_MAX_BODY_MB = 32.0  # a few dozen phone photos per request; raise it for
 # float32 rows (1.65 us a row) costs as much as one image's forward pass (AlexNet fp32, 18.7 ms) on
 # the 2-core dev box (benchmarks/index_threshold.py, benchmarks/results/index_threshold_cpu.json).
 DEFAULT_EXACT_BELOW = 10_000
+# A request that has no answer after this long gets 503 (its images leave the queue): a client behind a
+# proxy learns at once that the server is overloaded or stuck, instead of hanging until its own timeout.
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -47,6 +50,7 @@ class ServeConfig:
     exact_below: int = DEFAULT_EXACT_BELOW
     token: str | None = None
     access_log: bool = False
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
 
     @property
     def queue_limit(self) -> int:
@@ -81,6 +85,8 @@ def check_serve_config(cfg: ServeConfig) -> list[str]:
         raise ConfigError(f"--max-queue ({cfg.max_queue}) must be >= --max-batch ({cfg.max_batch})")
     if not 0 <= cfg.max_delay_ms <= 10_000:
         raise ConfigError(f"--max-delay-ms must be in [0, 10000], got {cfg.max_delay_ms:g}")
+    if not 0 < cfg.request_timeout_s <= 86_400:
+        raise ConfigError(f"--request-timeout must be in (0, 86400] seconds, got {cfg.request_timeout_s:g}")
     if not cfg.max_body_mb > 0:
         raise ConfigError(f"--max-body-mb must be > 0, got {cfg.max_body_mb:g}")
     if cfg.exact_below < 0:
