@@ -103,4 +103,4 @@ def s3_endpoint():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        s3_server.stop(proc)
+        s3_server.stop(proc, endpoint)

@@ -17,6 +17,11 @@ connection closed with a TCP RST, nothing answered) or ``"stall"`` (the request 
 ``stall_s`` seconds, then a reset).  Everything is bounded: ``max_failures`` caps the injected failures,
 a stall lasts ``stall_s``, a hold at most ``hold_timeout_s`` (then it resets).  :attr:`log` records
 ``(method, path, decision)`` of each request, in arrival order.
+
+The tests' ``s3_endpoint`` (tests/s3_server.py) always reaches moto through one of these, as
+``s3_endpoint.proxy``: with no faults configured it only forwards (and renames moto's
+CompleteMultipartUpload answer, which pyarrow would take for an error, see :func:`_moto_compatible`).
+A test that configures faults calls :meth:`reset` when done (``with s3_endpoint.faults() as proxy:``).
 """
 
 from __future__ import annotations
@@ -155,6 +160,16 @@ class S3FaultProxy:
             if seed is not None:
                 self._rng = random.Random(seed)
 
+    def reset(self) -> None:
+        """No faults, no holds (held requests are dropped): a plain forwarding proxy again."""
+        with self._lock:
+            self.fail_share, self.fail_first, self.failure, self.max_failures = 0.0, 0, "503", None
+            self._down = False
+            self._per_key.clear()
+            holds, self._holds = self._holds, []
+        for h in holds:
+            h.drop()
+
     def down(self, failure: str | None = None) -> None:
         """Fail every request (with ``failure``, default the configured one) until :meth:`up`."""
         self.configure(failure=failure)
@@ -191,6 +206,15 @@ class S3FaultProxy:
                 return self.failure, None
             self.log.append((req.method, req.path, "forward"))
             return "forward", None
+
+
+def _moto_compatible(payload: bytes) -> bytes:
+    """moto (5.2) answers CompleteMultipartUpload with a ``CompleteMultipartUploadResponse`` root element where
+    S3 answers ``CompleteMultipartUploadResult``; pyarrow 26 (aws-sdk-cpp) takes any other root for an error
+    embedded in a 200 OK and fails every upload.  Renamed here, so uploads through the proxy complete."""
+    if payload.startswith(b"<?xml") and b"<CompleteMultipartUploadResponse" in payload[:200]:
+        return payload.replace(b"CompleteMultipartUploadResponse", b"CompleteMultipartUploadResult")
+    return payload
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -260,6 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._upstream.close()
             self._upstream = None
             return self._reset()
+        payload = _moto_compatible(payload)
         self.send_response_only(resp.status, resp.reason)
         for k, v in resp.getheaders():
             if k.lower() not in _NOT_FORWARDED and k.lower() != "content-length":

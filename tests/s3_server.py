@@ -4,6 +4,8 @@ The ``s3_endpoint`` fixture (tests/conftest.py, one server per test session) yie
 :class:`S3Endpoint`.  While it lives, ``os.environ`` holds ``AWS_ENDPOINT_URL`` and dummy credentials,
 so ``s3://<bucket>/...`` URIs reach the server from this process and from any subprocess it starts
 (CLI runs, Ray workers started by ``ray.init`` here); ``env`` is the same for an explicit ``env=``.
+The endpoint is a tests/s3_fault_proxy.py proxy in front of moto (``proxy``): it forwards everything
+unless a test configures faults, within ``with endpoint.faults() as proxy:``.
 :meth:`S3Endpoint.uri` makes such a URI; :meth:`S3Endpoint.query_uri` names the endpoint in the URI
 itself instead (pyarrow's ``endpoint_override``/``scheme`` options).
 """
@@ -19,7 +21,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+from s3_fault_proxy import S3FaultProxy
 
 BUCKET = "fastfeat-test"
 
@@ -36,6 +41,15 @@ class S3Endpoint:
     port: int
     bucket: str
     env: dict[str, str] = field(default_factory=dict)  # AWS_* variables that point a client here
+    proxy: S3FaultProxy | None = None  # what host:port is: the fault proxy in front of moto
+
+    @contextmanager
+    def faults(self):
+        """The proxy, to configure faults on; they are all cleared on exit, whatever happened."""
+        try:
+            yield self.proxy
+        finally:
+            self.proxy.reset()
 
     @property
     def endpoint_url(self) -> str:
@@ -85,7 +99,8 @@ def start(bucket: str = BUCKET, timeout_s: float = 30.0):
     proc = subprocess.Popen(
         [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    endpoint = S3Endpoint("127.0.0.1", port, bucket)
+    proxy = S3FaultProxy("127.0.0.1", port).start()
+    endpoint = S3Endpoint("127.0.0.1", proxy.port, bucket, proxy=proxy)
     endpoint.env = {
         "AWS_ENDPOINT_URL": endpoint.endpoint_url,
         "AWS_ACCESS_KEY_ID": "testing",
@@ -103,13 +118,16 @@ def start(bucket: str = BUCKET, timeout_s: float = 30.0):
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
+                proxy.stop()
                 raise RuntimeError(f"moto_server did not answer on {endpoint.endpoint_url}") from None
             time.sleep(0.1)
     endpoint.client().create_bucket(Bucket=bucket)
     return proc, endpoint
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, endpoint: S3Endpoint | None = None) -> None:
+    if endpoint is not None and endpoint.proxy is not None:
+        endpoint.proxy.stop()
     proc.terminate()
     try:
         proc.wait(timeout=10)

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from fastfeat.serve.batching import Batcher, Job, JobResult
+from fastfeat.serve.batching import Batcher, BatcherDead, Job, JobResult
 
 TIMEOUT_S = 30
 
@@ -105,3 +105,45 @@ def test_submit_after_stop_raises():
     batcher.stop()
     with pytest.raises(RuntimeError, match="shutting down"):
         batcher.submit(_jobs([1], {}))
+
+
+def test_a_failure_outside_forward_fails_that_batch_only():
+    """A bug after the forward call (here the metrics callback) fails the jobs of its batch, not the thread."""
+    rec, results, done = Recorder(), {}, threading.Event()
+    calls = []
+
+    def on_batch(size, decode_s, forward_s):
+        calls.append(size)
+        if len(calls) == 2:
+            raise ValueError("bad metric")
+
+    batcher = Batcher(rec.decode, rec.forward, 2, 0.0, 64, on_batch=on_batch)
+    _run(batcher, _jobs(range(6), results, done, 6), results, done)
+    assert all("bad metric" in results[v].failure for v in (2, 3))
+    assert all(results[v].features["f"][0] == 10 * v for v in (0, 1, 4, 5)) and batcher.admitted == 0
+
+
+class _Killed(BaseException):
+    """Escapes `except Exception`: the thread that raises it dies."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_thread_answers_its_jobs_and_refuses_new_ones():
+    rec, results, done = Recorder(), {}, threading.Event()
+
+    def on_batch(size, decode_s, forward_s):
+        raise _Killed("gone")
+
+    batcher = Batcher(rec.decode, rec.forward, 2, 0.0, 64, on_batch=on_batch)
+    assert not batcher.alive  # not started yet
+    jobs = _jobs(range(5), results, done, 5)  # the first batch kills the thread; the rest must not wait
+    assert batcher.submit(jobs)
+    batcher.start()
+    try:
+        assert done.wait(TIMEOUT_S)
+        assert not batcher.alive and "forward thread stopped: _Killed: gone" in batcher.death
+        assert all(results[v].failure for v in range(5)) and batcher.admitted == 0
+        with pytest.raises(BatcherDead, match="forward thread stopped"):
+            batcher.submit(_jobs([9], {}))
+    finally:
+        batcher.stop()

@@ -200,7 +200,13 @@ class Batcher:
                     continue
             else:
                 self._fail(jobs, RuntimeError("the server is shutting down"))
-        self._handoff.put(_END)
+        while True:  # the forward thread ends on _END; a dead one takes nothing, so never block on it
+            try:
+                self._handoff.put(_END, timeout=0.1)
+                break
+            except queue.Full:
+                if self.death is not None:
+                    break
 
     def _decode_batch(self, jobs: list[Job]) -> tuple:
         closed = time.perf_counter()
