@@ -102,8 +102,8 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def supervise(workers: list[tuple[str, list[str], dict[str, str] | None]], grace_s: float = 30.0) -> int:
     """Run ``(name, argv, env)`` worker processes to the end, as one command: the exit status of the whole.
 
-    - SIGINT/SIGTERM to this process are forwarded to every live worker (which stop as after their own
-      Ctrl-C: a finished shard is kept, the current one redone on resume), then the workers are awaited and
+    - SIGINT/SIGTERM to this process are forwarded to every live worker (a finished shard is kept, the
+      current one redone on resume: the output's protocol), then the workers are awaited and
       the status is 128 + the signal.  Workers run in their own process group, so a Ctrl-C at the terminal
       reaches them once, through here, not twice.
     - A worker that exits non-zero stops its siblings (SIGTERM; SIGKILL after ``grace_s`` seconds), one line
