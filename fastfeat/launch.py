@@ -104,8 +104,8 @@ def supervise(workers: list[tuple[str, list[str], dict[str, str] | None]], grace
 
     - SIGINT/SIGTERM to this process are forwarded to every live worker (a finished shard is kept, the
       current one redone on resume: the output's protocol), then the workers are awaited and
-      the status is 128 + the signal.  Workers run in their own process group, so a Ctrl-C at the terminal
-      reaches them once, through here, not twice.
+      the status is 128 + the signal.  Workers run in their own session (so their own process group), so a
+      Ctrl-C at the terminal reaches them once, through here, not twice.
     - A worker that exits non-zero stops its siblings (SIGTERM; SIGKILL after ``grace_s`` seconds), one line
       names it on stderr, and its status (1 for a worker killed by a signal) is returned.
     """
@@ -130,7 +130,8 @@ def supervise(workers: list[tuple[str, list[str], dict[str, str] | None]], grace
         for name, cmd, env in workers:
             if received:
                 break
-            p = subprocess.Popen(cmd, env=env, process_group=0)
+            # A session of its own (setsid, done in C: safe beside the waiter threads, unlike preexec_fn).
+            p = subprocess.Popen(cmd, env=env, start_new_session=True)
             procs.append(p)
             if received and p.pid not in signalled:  # the signal came while it was being started
                 p.send_signal(received[-1])
