@@ -61,6 +61,12 @@ POINTS = {
 }
 
 
+CASES = [(p, signal.SIGKILL) for p in POINTS] + [
+    ("shard temp upload completes", signal.SIGINT),
+    ("manifest published by copy", signal.SIGINT),
+]
+
+
 @pytest.fixture(scope="module")
 def clean_run(dataset, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("clean") / "out")
@@ -84,8 +90,7 @@ def _records(out: str) -> list:
 
 @pytest.mark.parametrize(
     "point, signum",
-    [(p, signal.SIGKILL) for p in POINTS]
-    + [("shard temp upload completes", signal.SIGINT), ("manifest published by copy", signal.SIGINT)],
+    [pytest.param(p, s, id=f"{p.replace(' ', '_')}-{s.name}") for p, s in CASES],
 )
 def test_killed_upload_then_resume_equals_a_clean_run_and_leaves_no_stray_object(
     point, signum, s3_endpoint, dataset, clean_run
