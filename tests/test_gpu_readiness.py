@@ -43,16 +43,21 @@ GPU_CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.py")
 def _capture_workers(monkeypatch, device_count: int) -> list[tuple[list[str], dict]]:
     started = []
 
-    class Proc:
+    class Proc:  # what launch.supervise uses of a Popen: a worker that exits 0 at once
         def __init__(self, argv, env):
             started.append((argv, env))
+            self.pid, self.returncode = len(started), None
 
-        def wait(self):
+        def wait(self, timeout=None):
+            self.returncode = 0
             return 0
+
+        def poll(self):
+            return self.returncode
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: device_count)
-    monkeypatch.setattr(launch.subprocess, "Popen", lambda argv, env: Proc(argv, env))
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda argv, env, **kw: Proc(argv, env))
     return started
 
 

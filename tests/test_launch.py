@@ -11,8 +11,6 @@ import sys
 
 import pytest
 
-from fastfeat.launch import worker_argv
-
 # A fake worker: installs its SIGINT/SIGTERM handler (which writes <name>.signal and exits 0), then says
 # "<name>" on the shared ready fifo; then either waits for a signal, or (given a fifo of its own) reads
 # one line from it and exits with the status it names.
@@ -103,14 +101,3 @@ def test_workers_that_all_succeed_give_status_zero(tmp_path):
             f.write("0\n")
     _, err = parent.communicate(timeout=120)
     assert parent.returncode == 0 and err == ""
-
-
-def test_worker_argv_replaces_the_part_options():
-    argv = worker_argv(["extract", "src", "--out", "o", "--devices", "0,1", "--num-shards=4"], 1, 2, cpus=8)
-    assert argv[3:] == ["extract", "src", "--out", "o", "--num-shards", "2", "--shard-index", "1"] + [
-        "--device",
-        "cuda:0",
-        "--threads",
-        "4",
-        "--no-progress",
-    ]
