@@ -58,7 +58,8 @@ import torch
 
 from .augment import AUGMENTS, DEFAULT_AUGMENT, View
 from .models import DECODE_MODES, DEFAULT_DECODE, Preprocess
-from .sources import Item, ItemReader
+from .sources.items import Item
+from .sources.reader import ItemReader
 
 DEFAULT_MAX_PIXELS = 100_000_000  # refuse decompression bombs above 100 megapixels (configurable)
 JPEG_MAGIC = b"\xff\xd8"

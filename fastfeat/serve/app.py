@@ -368,7 +368,7 @@ def _thumbnail_jpeg(item, image_column: str, size: int, max_pixels: int) -> byte
     from PIL import Image, ImageOps
 
     from ..decode import read_image
-    from ..sources import ItemReader
+    from ..sources.reader import ItemReader
 
     data, _, err = read_image(item, max_pixels, ItemReader(image_column))  # the same header limits first
     if err:
