@@ -470,7 +470,7 @@ def _add_verify(sub) -> None:
 
 
 def _run_verify(args) -> int:
-    from .output import verify
+    from .output.verification import verify
 
     problems = verify(args.out, partial=args.partial)
     for problem in problems:
