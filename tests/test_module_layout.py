@@ -27,6 +27,25 @@ def test_module_imports_without_torch_or_dali(module):
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+def test_augment_reads_a_mean_file_without_decode(tmp_path):
+    """augment.py <-> decode.py was a cycle (load_mean): the views' mean now comes from fastfeat.means."""
+    import numpy as np
+
+    np.save(tmp_path / "mean.npy", np.full((3, 256, 256), 110, np.float32))
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "sys.modules['nvidia'] = None\n"
+        "from fastfeat.augment import augmented_mean, get_views\n"
+        "from fastfeat.models import get_model\n"
+        f"mean = augmented_mean({str(tmp_path / 'mean.npy')!r}, get_model('caffenet').preprocess, get_views('5crop'))\n"
+        "assert mean.shape == (5, 227, 227, 3), mean.shape\n"
+        "assert 'fastfeat.decode' not in sys.modules\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_old_import_paths_still_work():
     """Public names keep their old homes (fastfeat.decode, fastfeat.output, fastfeat.sources)."""
     from fastfeat import decode, header, means, output, sources
