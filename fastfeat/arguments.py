@@ -8,6 +8,7 @@ import re
 from .augment import DEFAULT_AUGMENT, check_augment
 from .backends import backend_names
 from .errors import ConfigError
+from .means import check_mean_file
 from .models import DECODE_MODES, DEFAULT_DECODE, ModelSpec, get_model, parse_layers
 from .published import WEIGHTS_CHOICES, check_model, download_url
 from .published import lookup as lookup_published
@@ -38,6 +39,7 @@ def check_arguments(
     augment: str = DEFAULT_AUGMENT,
     augment_reduce: str = "mean",
     decode: str = DEFAULT_DECODE,
+    mean_file: str | None = None,
 ) -> tuple[ModelSpec, list[str]]:
     """The model spec and the requested layers in forward order; ConfigError for anything wrong."""
     try:
@@ -45,6 +47,7 @@ def check_arguments(
         names = parse_layers(spec, layers)
     except (ValueError, KeyError) as exc:
         raise ConfigError(str(exc).strip("'\"")) from None
+    check_mean_file(mean_file, spec.preprocess, spec.name)
     for flag, value in (("batch-size", batch_size), ("shard-size", shard_size), ("threads", num_threads),
                         ("max-pixels", max_pixels)):  # fmt: skip
         if value is not None and value < 1:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError
+from .means import load_mean
 
 DEFAULT_AUGMENT = "center"
 REDUCES = ("mean", "max")
@@ -98,8 +99,6 @@ def augment_metadata(augment: str, reduce: str) -> dict:
 def augmented_mean(mean_file: str, pre, views: tuple[View, ...]) -> np.ndarray:
     """``--mean-file`` under augmentation: one mean crop per view, [views, crop, crop, 3] (a per-channel
     mean, shape (3,), is the same for every view and is returned as it is)."""
-    from .decode import load_mean  # decode imports this module
-
     full = load_mean(mean_file, pre.resize, pre.resize)
     if full.shape == (3,):
         return full

@@ -12,6 +12,12 @@ from .models import DEFAULT_LAYERS, MODELS
 from .published import PUBLISHED
 from .sinks import DEFAULT_FORMAT, format_names
 
+# The shapes as fastfeat.means.MEAN_SHAPES says (not imported: it loads numpy).
+MEAN_FILE_HELP = (
+    "Caffe-style .npy mean in 0-255 pixel units, subtracted (no std): shape (3,), (3,S,S) or (S,S,3), "
+    "S >= the crop; Caffe-style models only (caffenet), not alexnet/vgg16 (ImageNet mean/std)"
+)
+
 
 def _compact(names: list[str]) -> str:
     """conv1 conv2 conv3 -> conv1-3; pool1 pool2 pool5 -> pool1,2,5; conv1_1 ... conv5_3 -> conv1_1..conv5_3."""
@@ -88,7 +94,7 @@ def _add_extract(sub) -> None:
     p.add_argument(
         "--dtype", choices=("float16", "float32"), default="float16", help="stored feature type (default %(default)s)"
     )
-    p.add_argument("--mean-file", default=None, help=".npy mean image or per-channel mean (caffe style)")
+    p.add_argument("--mean-file", default=None, help=MEAN_FILE_HELP)
     p.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse images above this many pixels")
     p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a different run found in --out")
@@ -175,7 +181,8 @@ def _run_extract(args, argv: list[str]) -> int:
         augment=args.augment, augment_reduce=args.augment_reduce, decode=args.decode,
     )  # fmt: skip
     source = _extract_source(args.source, args.sample)
-    check_arguments(**options)  # before torch and DALI are imported: a bad flag is reported at once
+    # Before torch and DALI are imported: a bad flag is reported at once.
+    check_arguments(**options, mean_file=args.mean_file)
     _check_ray_args(args)
     if args.devices:
         from .launch import launch_per_device
@@ -334,7 +341,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-queue", type=int, default=None, help="images admitted at once before 429 (default 4 × max-batch)")  # fmt: skip
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body, MiB (default 32; 413 above)")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (422; default 100 M)")
-    p.add_argument("--mean-file", default=None, help=".npy mean image or per-channel mean (caffe style)")
+    p.add_argument("--mean-file", default=None, help=MEAN_FILE_HELP)
     p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: all cores)")
     p.add_argument("--index", default=None, metavar="DIR", help="an output directory of fastfeat extract to search")
     p.add_argument("--index-layer", default=None, help="the layer searched (default: the deepest served one it holds)")
@@ -473,7 +480,7 @@ def _add_verify(sub) -> None:
 
 
 def _run_verify(args) -> int:
-    from .output import verify
+    from .output.verification import verify
 
     problems = verify(args.out, partial=args.partial)
     for problem in problems:

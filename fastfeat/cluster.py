@@ -492,7 +492,7 @@ def run_on_ray(
 
     ``gpus_per_worker``: 1 when the run's device is CUDA, else 0 (a test may ask for logical GPUs).
     """
-    from .decode import console
+    from .console import console
     from .output import remove_tmp_of
     from .summary import ProgressBar
 

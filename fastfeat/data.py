@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import storage
-from .output import MANIFEST
+from .output.layout import MANIFEST
 from .sinks.npy import HEADER_BYTES
 from .sinks.parquet import ROW_GROUP_BYTES
 

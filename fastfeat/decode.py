@@ -1,5 +1,6 @@
-"""Image decoding and preprocessing: the header check of the read stage (``read_image``), then
-NVIDIA DALI.
+"""Image decoding and preprocessing with NVIDIA DALI.  The header check of the read stage
+(``read_image``) and the geometry are in fastfeat.header, ``--mean-file`` in fastfeat.means (both
+torch-free); the names stay importable from here.
 
 DALI is fed encoded bytes through ``external_source`` by fastfeat's own reader, so
 fastfeat keeps control of ids, order and error handling.  Two styles:
@@ -44,114 +45,18 @@ and cropped by the same DALI operators; only when Pillow fails too is it an erro
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
-import sys
-import tempfile
-import threading
-import warnings
 
 import numpy as np
 import torch
 
 from .augment import AUGMENTS, DEFAULT_AUGMENT, View
+from .console import captured_native_stderr, console  # noqa: F401  (console: re-exported for old importers)
+from .header import DEFAULT_MAX_PIXELS, EXIF_ORIENTATION, JPEG_MAGIC, geometry, read_image  # noqa: F401
+from .means import PreprocessError, load_mean  # noqa: F401  (re-exported: fastfeat.decode.load_mean)
 from .models import DECODE_MODES, DEFAULT_DECODE, Preprocess
-from .sources import Item, ItemReader
-
-DEFAULT_MAX_PIXELS = 100_000_000  # refuse decompression bombs above 100 megapixels (configurable)
-JPEG_MAGIC = b"\xff\xd8"
-EXIF_ORIENTATION = 0x0112  # values 5-8 rotate by 90 degrees: width and height swap
-
-
-class PreprocessError(ValueError):
-    pass
-
-
-def load_mean(mean_file: str, crop: int, resize: int) -> np.ndarray:
-    """A .npy mean as an HWC float32 array of shape (crop, crop, 3) or (3,) in the model's channel order.
-
-    Accepts Caffe's CHW mean image (3×256×256 as ``ilsvrc_2012_mean.npy``; centre-cropped
-    to the crop like the image), an HWC image, or a per-channel vector of 3.
-    """
-    if not os.path.isfile(mean_file):
-        raise PreprocessError(f"mean file not found: {mean_file}")
-    try:
-        mean = np.load(mean_file, allow_pickle=False).astype(np.float32)
-    except Exception as exc:  # numpy raises several types for a non-.npy file
-        raise PreprocessError(f"cannot read mean file {mean_file}: {exc}") from None
-    if mean.shape == (3,):
-        return mean
-    if mean.ndim == 3 and mean.shape[0] == 3 and mean.shape[2] != 3:
-        mean = mean.transpose(1, 2, 0)
-    if mean.ndim != 3 or mean.shape[2] != 3 or mean.shape[0] != mean.shape[1] or mean.shape[0] < crop:
-        raise PreprocessError(
-            f"mean file {mean_file}: expected shape (3,), (3,S,S) or (S,S,3) with S >= {crop}, got {mean.shape}"
-        )
-    off = (mean.shape[0] - crop) // 2
-    return np.ascontiguousarray(mean[off : off + crop, off : off + crop])
-
-
-def geometry(pre: Preprocess, width: int, height: int) -> tuple[int, int, int, int]:
-    """(resized_h, resized_w, crop_top, crop_left) for an upright width×height image.
-
-    caffe: warp to resize×resize; crop offset (resize - crop) // 2 as Caffe's
-    DataTransformer (integer division: 14 for 256 -> 227).
-    torchvision: shorter side to ``resize``, longer side int(resize * long / short)
-    (truncated, as torchvision's Resize); offset int(round((size - crop) / 2)) as
-    its CenterCrop (Python's round: halves go to even).
-    """
-    crop = pre.crop
-    if pre.style == "caffe":
-        rh = rw = pre.resize
-        top = left = (pre.resize - crop) // 2
-    else:
-        short, long = min(width, height), max(width, height)
-        new_long = int(pre.resize * long / short)
-        rh, rw = (pre.resize, new_long) if height <= width else (new_long, pre.resize)
-        top, left = int(round((rh - crop) / 2.0)), int(round((rw - crop) / 2.0))
-    return rh, rw, top, left
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_native_stderr_lock = threading.Lock()  # one capture at a time: fd 2 is process-wide
-
-
-@contextlib.contextmanager
-def captured_native_stderr():
-    """Collect what native code (DALI's libjpeg, nvImageCodec) writes to file descriptor 2 meanwhile.
-
-    Decoder warnings such as "Corrupt JPEG data: 517 extraneous bytes before marker 0xd9" are
-    printed by C code straight to fd 2: they would break the progress bar and could not be told
-    apart by image.  Python's own writes go through ``sys.stderr``; ``console()`` gives the code
-    that must keep printing meanwhile (the progress bar) a stream that bypasses the capture.
-    Yields a list that holds the captured text (ANSI codes removed) once the block ends.
-    """
-    out: list[str] = []
-    with _native_stderr_lock, tempfile.TemporaryFile() as tmp:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield out
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            text = _ANSI.sub("", tmp.read().decode("utf-8", errors="replace"))
-            out.append(" ".join(line.strip() for line in text.splitlines() if line.strip())[:500])
-
-
-_console = None
-
-
-def console():
-    """A text stream on a duplicate of the original stderr: unaffected by ``captured_native_stderr``."""
-    global _console
-    if _console is None:
-        _console = os.fdopen(os.dup(2), "w", buffering=1)
-    return _console
 
 
 class SampleError(RuntimeError):
@@ -560,44 +465,3 @@ class Decoder:
             return None, bad, notes
         zero = torch.zeros_like(good[0])
         return torch.cat([zero if r is None else r for r in rows]), bad, notes
-
-
-def read_image(
-    item: Item, max_pixels: int, reader: ItemReader | None = None, pre: Preprocess | None = None
-) -> tuple[np.ndarray | None, tuple[int, int], tuple[str, str] | None]:
-    """Bytes and upright (width, height) of one image, or an error (stage, message).
-
-    Refused from the header alone, before any decoding: more than ``max_pixels`` pixels, or
-    (given the preprocessing ``pre``) an aspect ratio so extreme that the resized image would be.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        data = (reader or ItemReader()).read(item)
-    except OSError as exc:
-        return None, (0, 0), ("read", exc.strerror or str(exc))
-    if not data:
-        return None, (0, 0), ("read", "empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-                # DALI applies the EXIF orientation: report and resize by the upright size (any format:
-                # phone JPEGs are often "MPO" to Pillow).
-                if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
-                    width, height = height, width
-    except Image.DecompressionBombError:
-        return None, (0, 0), ("header", f"image too large: over --max-pixels {max_pixels} (decompression bomb?)")
-    except UnidentifiedImageError:
-        return None, (0, 0), ("header", "not a recognised image format")
-    except (OSError, SyntaxError, ValueError) as exc:
-        return None, (0, 0), ("header", f"unreadable image header: {exc}")
-    if width * height > max_pixels:
-        return None, (width, height), ("header", f"image too large: {width}x{height} over --max-pixels {max_pixels}")
-    if pre is not None:
-        rh, rw, _, _ = geometry(pre, width, height)
-        if rh * rw > max_pixels:
-            message = f"aspect ratio too extreme: {width}x{height} resizes to {rw}x{rh}, over --max-pixels {max_pixels}"
-            return None, (width, height), ("header", message)
-    return np.frombuffer(data, dtype=np.uint8), (width, height), None

@@ -67,7 +67,7 @@ class Extractor:
             model=model, layers=layers, weights=weights, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
             precision=precision, device=device, backend=backend, format=format, max_pixels=max_pixels,
             num_threads=num_threads, num_shards=num_shards, shard_index=shard_index, max_error_rate=max_error_rate,
-            augment=augment, augment_reduce=augment_reduce, decode=decode,
+            augment=augment, augment_reduce=augment_reduce, decode=decode, mean_file=mean_file,
         )  # fmt: skip
         self.decode_mode = decode  # before run_metadata, which records it
         storage.check_single_writer(out, num_shards)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .sinks.base import Rows
-from .sources import Item
+from .sources.items import Item
 
 QUEUE_DEPTH = 3  # batches in flight between two stages: enough to hide jitter, bounded memory
 STAGES = ("read", "decode", "h2d", "forward", "d2h", "write")  # busy time is accounted per stage

@@ -91,7 +91,7 @@ def test_mean_image_file(tmp_path, photos):
 
 def test_bad_mean_file(tmp_path):
     np.save(tmp_path / "m.npy", np.zeros((3, 100, 100), np.float32))
-    with pytest.raises(PreprocessError, match="expected shape"):
+    with pytest.raises(PreprocessError, match=r"shape \(3, 100, 100\); expected"):
         load_mean(str(tmp_path / "m.npy"), 227, 256)
     with pytest.raises(PreprocessError, match="not found"):
         load_mean(str(tmp_path / "nope.npy"), 227, 256)

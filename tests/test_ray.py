@@ -281,7 +281,7 @@ def test_source_and_output_on_s3_equal_a_local_run(dataset, clean, hold_dir, s3_
 
 def test_temp_files_of_other_hosts_are_left_to_their_owner(tmp_path):
     """A pid is only meaningful on its host: a dead-looking pid of another host is not removed at resume."""
-    from fastfeat.output import _remove_orphan_tmp
+    from fastfeat.output.layout import _remove_orphan_tmp
 
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -133,7 +133,7 @@ def test_unreadable_folder_is_skipped_and_reported(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied")
         return real_scandir(path)
 
-    monkeypatch.setattr(sources.os, "scandir", scandir)
+    monkeypatch.setattr(sources.folder.os, "scandir", scandir)
     items = list_items(str(tmp_path))
     assert _ids(items) == ["3.jpg", "a/1.jpg"]
     assert items.skipped == [Skipped("locked", "unreadable", None, "Permission denied")]
@@ -163,7 +163,7 @@ def test_empty_folder_error_says_what_was_skipped(tmp_path):
 
 
 def test_progress_while_listing_a_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "PROGRESS_EVERY", 10)
+    monkeypatch.setattr(sources.folder, "PROGRESS_EVERY", 10)
     _touch(tmp_path, *[f"c{k}/{i:03d}.jpg" for k in range(3) for i in range(20)], "c0/readme.txt")
     calls: list[int] = []
     items = list_items(str(tmp_path), progress=calls.append)
@@ -172,7 +172,7 @@ def test_progress_while_listing_a_folder(tmp_path, monkeypatch):
 
 
 def test_progress_while_reading_a_list(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "PROGRESS_EVERY", 10)
+    monkeypatch.setattr(sources.items, "PROGRESS_EVERY", 10)
     lst = tmp_path / "l.txt"
     lst.write_text("".join(f"img{i}.jpg\n" for i in range(25)))
     calls: list[int] = []
@@ -323,7 +323,7 @@ def test_permission_denied_error_names_the_path(tmp_path, monkeypatch):
     def denied(file, *args, **kw):
         raise PermissionError(13, "Permission denied", file)
 
-    monkeypatch.setattr(sources, "open", denied, raising=False)
+    monkeypatch.setattr(sources.reader, "open", denied, raising=False)
     _, _, (stage, message) = read_image(Item("locked.jpg", path, None), 10**9)
     assert stage == "read" and message == f"Permission denied: {path!r}"
 
@@ -333,7 +333,7 @@ def test_directory_and_too_large_errors_name_the_path(tmp_path, monkeypatch):
     (tmp_path / "dir.jpg").mkdir()
     _, _, (_, message) = read_image(Item("dir.jpg", str(tmp_path / "dir.jpg"), None), 10**9)
     assert message == f"Is a directory: {str(tmp_path / 'dir.jpg')!r}"
-    monkeypatch.setattr(sources, "MAX_FILE_BYTES", 50)
+    monkeypatch.setattr(sources.reader, "MAX_FILE_BYTES", 50)
     _, _, (_, message) = read_image(Item("big.jpg", str(tmp_path / "big.jpg"), None), 10**9)
     assert message == f"file too large: 100 bytes (limit 50): {str(tmp_path / 'big.jpg')!r}"
 
@@ -389,7 +389,7 @@ def test_random_tree_matches_an_os_walk_listing(tmp_path, monkeypatch, every):
     several depths; small chunks exercise the per-chunk classification and progress."""
     import random
 
-    monkeypatch.setattr(sources, "PROGRESS_EVERY", every)
+    monkeypatch.setattr(sources.folder, "PROGRESS_EVERY", every)
     rng = random.Random(7)
     parts = ["a", "a-b", "a.b", "a0", "a b", "a~", "é", "Z", "x.jpg", "b.PNG"]
     for _ in range(300):

@@ -385,8 +385,8 @@ def create_app(cfg: ServeConfig, engine: Engine, batcher: Batcher, metrics: Metr
 def _thumbnail_jpeg(item, image_column: str, size: int, max_pixels: int) -> bytes:
     from PIL import Image, ImageOps
 
-    from ..decode import read_image
-    from ..sources import ItemReader
+    from ..header import read_image
+    from ..sources.reader import ItemReader
 
     data, _, err = read_image(item, max_pixels, ItemReader(image_column))  # the same header limits first
     if err:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..arguments import OUTPUT_DTYPE_NAMES, PRECISION_NAMES
 from ..backends import backend_names
 from ..errors import ConfigError
+from ..means import check_mean_file
 from ..models import get_model, parse_layers
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -68,6 +69,7 @@ def check_serve_config(cfg: ServeConfig) -> list[str]:
         layers = parse_layers(spec, cfg.layers)
     except (ValueError, KeyError) as exc:
         raise ConfigError(str(exc).strip("'\"")) from None
+    check_mean_file(cfg.mean_file, spec.preprocess, spec.name)
     if cfg.weights is None:
         raise ConfigError("--weights is required: a .pth/.safetensors/.caffemodel file, or random:SEED")
     if not 0 <= cfg.port <= 65535:

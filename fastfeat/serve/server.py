@@ -44,7 +44,7 @@ def serve(cfg: ServeConfig) -> None:
     sock = _bind(cfg.host, cfg.port)
     t0 = time.perf_counter()
 
-    from ..decode import console
+    from ..console import console
     from .app import create_app
     from .batching import Batcher
     from .engine import Engine

@@ -1,0 +1,122 @@
+"""Reading an item's encoded bytes: a file, a tar member or a Parquet row, local or on object storage."""
+
+from __future__ import annotations
+
+import os
+
+from .. import storage
+from .items import Item
+
+# Encoded files above this are refused unread: no JPEG/PNG a CNN should see is this large.
+MAX_FILE_BYTES = 1 << 30
+
+
+def _with_path(exc: OSError, what: str) -> OSError:
+    """``exc`` again, as the same OSError subclass, with ``what`` it tried to read in its strerror."""
+    reason = exc.strerror or str(exc)
+    if exc.errno is not None:
+        return OSError(exc.errno, f"{reason}: {what}")  # OSError(errno, ...) picks FileNotFoundError & co.
+    return OSError(f"{reason}: {what}")
+
+
+class ItemReader:
+    """Reads an item's encoded bytes; keeps the current Parquet row group (items come in order).
+
+    Every failure is an OSError whose ``strerror`` names what was read: the file, the tar shard
+    and member, or the Parquet file and row."""
+
+    def __init__(self, image_column: str = "image"):
+        self.image_column = image_column
+        self._files: dict[str, object] = {}
+        self._group: tuple[str, int, int, list] | None = None  # (path, first row, end row, values)
+        self._remote_tar: tuple[str, object] | None = None  # (URI, open file) of the current remote tar shard
+
+    def read(self, item: Item) -> bytes:
+        if item.error:
+            raise OSError(item.error)
+        if "://" in item.path and storage.is_remote(item.path):
+            return self._read_remote(item)
+        if item.size is not None:  # tar member
+            what = f"{item.path!r} (tar member {item.id!r} at byte {item.offset})"
+            if item.size > MAX_FILE_BYTES:
+                raise OSError(f"file too large: {item.size} bytes (limit {MAX_FILE_BYTES}): {what}")
+            try:
+                with open(item.path, "rb") as f:
+                    f.seek(item.offset)
+                    data = f.read(item.size)
+            except OSError as exc:
+                raise _with_path(exc, what) from None
+            if len(data) != item.size:
+                raise OSError(f"truncated tar member: {len(data)} of {item.size} bytes: {what}")
+            return data
+        if item.offset is not None:  # Parquet row
+            return self._parquet_bytes(item.path, item.offset)
+        what = repr(item.path)
+        try:
+            with open(item.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                data = f.read() if size <= MAX_FILE_BYTES else None
+        except OSError as exc:
+            raise _with_path(exc, what) from None
+        if data is None:
+            raise OSError(f"file too large: {size} bytes (limit {MAX_FILE_BYTES}): {what}")
+        return data
+
+    def _read_remote(self, item: Item) -> bytes:
+        """An object: one GET (a tar member: one ranged GET on the shard, kept open while its members come)."""
+        where = repr(storage.display(item.path))
+        if item.offset is not None and item.size is None:  # Parquet row
+            return self._parquet_bytes(item.path, item.offset)
+        try:
+            if item.size is not None:
+                what = f"{where} (tar member {item.id!r} at byte {item.offset})"
+                if item.size > MAX_FILE_BYTES:
+                    raise OSError(f"file too large: {item.size} bytes (limit {MAX_FILE_BYTES})")
+                if self._remote_tar is None or self._remote_tar[0] != item.path:
+                    self._remote_tar = (item.path, storage.open_input_file(item.path))
+                data = self._remote_tar[1].read_at(item.size, item.offset)
+                if len(data) != item.size:
+                    raise OSError(f"truncated tar member: {len(data)} of {item.size} bytes")
+                return data
+            what = where
+            data = storage.read_bytes(item.path, limit=MAX_FILE_BYTES)
+        except OSError as exc:
+            raise OSError(f"{storage.describe(exc)}: {what}") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise OSError(f"file too large: over {MAX_FILE_BYTES} bytes (the limit): {what}")
+        return data
+
+    def _parquet_bytes(self, path: str, row: int) -> bytes:
+        import pyarrow.parquet as pq
+
+        what = f"{storage.display(path)!r} row {row}" if "://" in path else f"{path!r} row {row}"
+        g = self._group
+        if g is None or g[0] != path or not g[1] <= row < g[2]:
+            self._group = g = None
+            try:
+                pf = self._files.get(path) or pq.ParquetFile(
+                    storage.open_input_file(path) if "://" in path and storage.is_remote(path) else path
+                )
+                self._files = {path: pf}
+                start = 0
+                for i in range(pf.metadata.num_row_groups):
+                    n = pf.metadata.row_group(i).num_rows
+                    if row < start + n:
+                        values = pf.read_row_group(i, columns=[self.image_column]).column(0).to_pylist()
+                        self._group = g = (path, start, start + n, values)
+                        break
+                    start += n
+            except OSError as exc:
+                raise _with_path(exc, what) from None
+            except Exception as exc:  # pyarrow's own errors (ArrowInvalid, ...) for a damaged file
+                raise OSError(f"{type(exc).__name__}: {exc}: {what}") from None
+            if g is None:
+                raise OSError(f"no such row (the file has {start} rows): {what}")
+        value = g[3][row - g[1]]
+        if isinstance(value, dict):
+            value = value.get("bytes")
+        if not value:
+            raise OSError(f"empty image bytes: {what}")
+        if len(value) > MAX_FILE_BYTES:
+            raise OSError(f"image too large: {len(value)} bytes (limit {MAX_FILE_BYTES}): {what}")
+        return value
