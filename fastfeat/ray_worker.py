@@ -31,32 +31,30 @@ class WorkerConfig:
     strict: bool
 
 
-class ShardWorker:
-    """A Ray actor: one model, one decoder, one output directory; ``run_shard`` writes a whole shard.
+class LocalShardWorker:
+    """One model, one decoder, one output directory; ``run_shard`` writes a whole shard.  Plain Python:
+    :class:`ShardWorker` is it as a Ray actor (and tests/test_stages.py runs it without Ray).
 
-    Made an actor with ``ray.remote(ShardWorker)`` by :func:`fastfeat.cluster.run_on_ray`
-    (``max_concurrency=2``, so that ``progress`` answers while ``run_shard`` runs).  ``on_batch``: a
-    picklable ``callable(shard_index)`` called after every batch written (tests hold a worker mid-shard
-    with it: :class:`fastfeat.testing.HoldShard`); None in a normal run."""
+    ``threads``: the decoder's and torch's threads when --threads was not given (a worker: the CPUs Ray
+    granted it).  ``on_batch``: a picklable ``callable(shard_index)`` called after every batch written
+    (tests hold a worker mid-shard with it: :class:`fastfeat.testing.HoldShard`); None in a normal run."""
 
-    def __init__(self, config: WorkerConfig, tensors: dict, on_batch: Callable[[int], None] | None = None):
+    def __init__(
+        self, config: WorkerConfig, tensors: dict, threads: int = 1, on_batch: Callable[[int], None] | None = None
+    ):
         import socket
 
-        import ray
         import torch
 
-        from .output import OutputDir, describe_diff, host_tag
+        from .output import OutputDir, describe_diff
         from .sinks import get_sink
         from .sinks.base import Layout
         from .sources import ItemReader
         from .stages import build_stages
 
-        self.config, self.on_batch, self.pid, self.host = config, on_batch, os.getpid(), host_tag()
-        self.node_id = ray.get_runtime_context().get_node_id()
-        # Size every pool to the CPUs Ray granted: two workers on one node must not oversubscribe it.
-        granted = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        self.threads = config.stage.num_threads or max(1, math.floor(granted))
-        torch.set_num_threads(self.threads)
+        self.config, self.on_batch = config, on_batch
+        self.threads = config.stage.num_threads or threads
+        torch.set_num_threads(self.threads)  # two workers on one node must not oversubscribe it
         # "cuda": Ray's CUDA_VISIBLE_DEVICES leaves the granted GPU only, whichever the driver named.
         options = replace(config.stage, device=torch.device(config.stage.device.type), num_threads=self.threads)
         metadata = options.metadata()
@@ -71,10 +69,6 @@ class ShardWorker:
         self.sink = get_sink(config.format)(Layout(options.dims(), options.dtype, metadata))
         self.out = OutputDir(config.out, config.run_config)  # refuses an OUT/ that holds another run
         self.done = 0  # images of the current shard written so far (progress)
-
-    def ready(self) -> tuple[str, int, str, int]:
-        """(host tag, pid, node id, threads): the driver's sign that the actor is up, and whose temp files are whose."""
-        return self.host, self.pid, self.node_id, self.threads
 
     def progress(self) -> int:
         return self.done
@@ -109,6 +103,26 @@ class ShardWorker:
         )  # fmt: skip
         stats = runner.run([ShardTask(shard.index, 0, len(items))])
         return records[0], stats
+
+
+class ShardWorker(LocalShardWorker):
+    """The Ray actor: a :class:`LocalShardWorker` sized to the CPUs Ray granted it, which tells the driver
+    where it runs.  Made an actor with ``ray.remote(ShardWorker)`` by :func:`fastfeat.cluster.run_on_ray`
+    (``max_concurrency=2``, so that ``progress`` answers while ``run_shard`` runs)."""
+
+    def __init__(self, config: WorkerConfig, tensors: dict, on_batch: Callable[[int], None] | None = None):
+        import ray
+
+        from .output import host_tag
+
+        self.pid, self.host = os.getpid(), host_tag()
+        self.node_id = ray.get_runtime_context().get_node_id()
+        granted = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        super().__init__(config, tensors, threads=max(1, math.floor(granted)), on_batch=on_batch)
+
+    def ready(self) -> tuple[str, int, str, int]:
+        """(host tag, pid, node id, threads): the driver's sign that the actor is up, and whose temp files are whose."""
+        return self.host, self.pid, self.node_id, self.threads
 
 
 def pack_items(items: list) -> tuple:
