@@ -18,9 +18,9 @@ from functools import cached_property
 
 import numpy as np
 
-from . import __version__
 from .augment import DEFAULT_AUGMENT, augment_metadata, augmented_mean, get_views
 from .decode import DEFAULT_DECODE, DEFAULT_MAX_PIXELS, load_mean, read_image
+from .version import __version__
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: mean_image is an array
