@@ -1,9 +1,9 @@
 """``fastfeat extract SRC --out DIR --ray [ADDRESS]``: one run over a Ray cluster, exactly once.
 
-The driver (this module, in the calling process) validates, lists and plans exactly as a single-process run
-(:class:`fastfeat.extractor.Extractor`), creates the output, then hands the unfinished output shards
-to Ray actors (:class:`fastfeat.ray_worker.ShardWorker`), one whole shard per task with only that shard's items.  Each
-actor loads the model once, from weights the driver put in Ray's object store (no path has to exist on
+The driver (this module, in the calling process) validates, lists and plans exactly as a single-process
+run (:class:`fastfeat.extractor.Extractor`), creates the output, then hands the unfinished output shards
+to Ray actors (:class:`fastfeat.ray_worker.ShardWorker`), one whole shard per task with only that shard's
+items.  Each actor loads the model once, from weights the driver put in Ray's object store (no path has to exist on
 the worker's host), and runs the same :class:`fastfeat.runner.Runner` over the shard, writing it with
 the same temp-then-rename :class:`fastfeat.output.ShardTransaction`; but its ``commit`` only hands the
 :class:`ShardRecord` back.  The driver alone merges records into ``manifest.json``, so no lock has to
