@@ -1,8 +1,7 @@
 """fastfeat: fast, exactly-once bulk CNN feature extraction (DeCAF, CaffeNet, AlexNet)."""
 
-__version__ = "0.1.0"
-
-from . import samples  # noqa: E402  (light: the folder of the sample photos, fastfeat.samples.path())
+from . import samples  # (light: the folder of the sample photos, fastfeat.samples.path())
+from .version import __version__
 
 
 def extract(source: str, out: str, **kwargs) -> dict:

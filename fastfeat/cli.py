@@ -6,11 +6,11 @@ import argparse
 import json
 import sys
 
-from . import __version__
 from .backends import backend_names
 from .models import DEFAULT_LAYERS, MODELS
 from .published import PUBLISHED
 from .sinks import DEFAULT_FORMAT, format_names
+from .version import __version__
 
 # The shapes as fastfeat.means.MEAN_SHAPES says (not imported: it loads numpy).
 MEAN_FILE_HELP = (

@@ -1,9 +1,9 @@
 """``fastfeat extract SRC --out DIR --ray [ADDRESS]``: one run over a Ray cluster, exactly once.
 
-The driver (this process) validates, lists and plans exactly as a single-process run
-(:class:`fastfeat.extractor.Extractor`), creates the output, then hands the unfinished output shards
-to Ray actors (:class:`ShardWorker`), one whole shard per task with only that shard's items.  Each
-actor loads the model once, from weights the driver put in Ray's object store (no path has to exist on
+The driver (this module, in the calling process) validates, lists and plans exactly as a single-process
+run (:class:`fastfeat.extractor.Extractor`), creates the output, then hands the unfinished output shards
+to Ray actors (:class:`fastfeat.ray_worker.ShardWorker`), one whole shard per task with only that shard's
+items.  Each actor loads the model once, from weights the driver put in Ray's object store (no path has to exist on
 the worker's host), and runs the same :class:`fastfeat.runner.Runner` over the shard, writing it with
 the same temp-then-rename :class:`fastfeat.output.ShardTransaction`; but its ``commit`` only hands the
 :class:`ShardRecord` back.  The driver alone merges records into ``manifest.json``, so no lock has to
@@ -23,19 +23,20 @@ Ray is imported lazily, only with ``--ray``: a plain install runs everything els
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import time
 from collections import deque
 from contextlib import redirect_stderr
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from .errors import ConfigError
+from .ray_worker import ShardWorker, WorkerConfig, pack_items, unpack_items
+
+__all__ = [  # the worker's names too: importable from here as before the split
+    "RayRunError", "ShardWorker", "WorkerConfig", "check_ray_options", "import_ray", "pack_items", "plan_workers",
+    "run_on_ray", "unpack_items", "worker_config",
+]  # fmt: skip
 
 if TYPE_CHECKING:  # the runner imports torch: not needed to check the --ray options
     from .runner import RunStats, ShardTask
@@ -48,10 +49,6 @@ MAX_SHARD_ATTEMPTS = 4
 POLL_S = 0.5  # progress refresh of the driver's bar
 DEFAULT_CPU_WORKER_CPUS = 4  # CPU workers: enough threads per model to be efficient, several per node
 MAX_GPU_WORKER_CPUS = 8  # GPU workers: decode threads next to each GPU, at most this many by default
-# Test hook (see tests/test_ray.py): a folder; a worker about to write a batch of the shard whose index
-# is in <folder>/hold claims <folder>/held (once: created exclusively, with its pid, host and node) and
-# waits there, mid-shard with its temp file open, until "hold" is removed.  A test kills it meanwhile.
-TEST_HOLD_ENV = "FASTFEAT_TEST_HOLD"
 
 
 class RayRunError(RuntimeError):
@@ -75,177 +72,12 @@ def check_ray_options(workers: int | None, cpus_per_worker: float | None) -> Non
         raise ConfigError(f"--ray-cpus-per-worker must be a positive number, got {cpus_per_worker:g}")
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What a worker needs to build the same pipeline as the driver's run (weights travel separately)."""
-
-    out: str
-    run_config: dict  # the manifest's config: the worker's OutputDir must find the same run in OUT/
-    model: str
-    layers: list[str]
-    batch_size: int
-    device: str  # "cpu" or "cuda": a GPU actor sees only the GPU Ray gave it
-    precision: str
-    backend: str
-    dtype: str
-    format: str
-    max_pixels: int
-    num_threads: int | None  # --threads; None: the CPUs Ray granted the actor
-    image_column: str
-    strict: bool
-    augment: str
-    augment_reduce: str
-    decode: str  # --decode: part of every shard's metadata
-    mean_file: str | None
-    mean_image: np.ndarray | None
-    weights_id: dict
-
-
 def worker_config(ex) -> WorkerConfig:
-    mean_file = ex.metadata["preprocessing"]["mean_file"]
+    """What every worker of the driver's run ``ex`` (an Extractor) builds its stages and sink from."""
     return WorkerConfig(
-        out=ex.out, run_config=ex.output.config, model=ex.spec.name, layers=ex.layers, batch_size=ex.batch_size,
-        device=ex.device.type, precision=ex.precision, backend=ex.backend_name, dtype=ex.dtype, format=ex.format,
-        max_pixels=ex.max_pixels, num_threads=ex.num_threads, image_column=ex.image_column, strict=ex.strict,
-        augment=ex.augment, augment_reduce=ex.augment_reduce, decode=ex.decode_mode, mean_file=mean_file, mean_image=ex.mean_image,
-        weights_id=ex.weights_id,
+        out=ex.out, run_config=ex.output.config, stage=ex.stage_options, format=ex.format,
+        image_column=ex.image_column, strict=ex.strict,
     )  # fmt: skip
-
-
-class ShardWorker:
-    """A Ray actor: one model, one decoder, one output directory; ``run_shard`` writes a whole shard.
-
-    Made an actor with ``ray.remote(ShardWorker)`` by :func:`run_on_ray` (``max_concurrency=2``, so that
-    ``progress`` answers while ``run_shard`` runs)."""
-
-    def __init__(self, config: WorkerConfig, tensors: dict):
-        import socket
-
-        import ray
-        import torch
-
-        from .augment import augment_metadata, get_views
-        from .backends import make_backend
-        from .decode import Decoder, read_image
-        from .extractor import _raise_pillow_limit, features_metadata
-        from .forward import Forward
-        from .models import get_model
-        from .output import OutputDir, describe_diff, host_tag
-        from .runtime import PRECISIONS, keep_freed_memory, make_current
-        from .sinks import get_sink
-        from .sinks.base import Layout
-        from .sources import ItemReader
-
-        self.config, self.pid, self.host = config, os.getpid(), host_tag()
-        self.node_id = ray.get_runtime_context().get_node_id()
-        # Size every pool to the CPUs Ray granted: two workers on one node must not oversubscribe it.
-        granted = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        self.threads = config.num_threads or max(1, math.floor(granted))
-        torch.set_num_threads(self.threads)
-        keep_freed_memory()
-        device = torch.device(config.device)  # "cuda": Ray's CUDA_VISIBLE_DEVICES leaves the granted GPU only
-        make_current(device)
-        spec = get_model(config.model)
-        views = get_views(config.augment)
-        _raise_pillow_limit(config.max_pixels)
-        metadata = {
-            **features_metadata(
-                spec, config.weights_id, config.mean_file, config.mean_image, device, config.precision,
-                config.backend, config.dtype, config.layers, decode=config.decode,
-            ),
-            "augment": augment_metadata(config.augment, config.augment_reduce),
-        }  # fmt: skip
-        if metadata != config.run_config["metadata"]:
-            # Another GPU model, CPU or library version than the driver's: its shards would be labelled
-            # as made the driver's way.  Run the driver on a node like the workers (or make them alike).
-            raise RuntimeError(
-                f"worker on {socket.gethostname()} differs from the driver "
-                f"({describe_diff(config.run_config['metadata'], metadata)}); run the driver on a node like the workers"
-            )
-        net = make_backend(config.backend, spec, tensors, device, PRECISIONS[config.precision])
-        self.decoder = Decoder(
-            spec.preprocess, config.batch_size, device, self.threads, config.mean_image, views, mode=config.decode
-        )
-        self.forward = Forward(net, config.layers, config.dtype, len(views), config.augment_reduce)
-        self.read = partial(
-            read_image, max_pixels=config.max_pixels, reader=ItemReader(config.image_column), pre=spec.preprocess
-        )
-        shapes = spec.shapes()
-        dims = {n: math.prod(shapes[n]) for n in config.layers}
-        self.sink = get_sink(config.format)(Layout(dims, config.dtype, metadata))
-        self.out = OutputDir(config.out, config.run_config)  # refuses an OUT/ that holds another run
-        self.done = 0  # images of the current shard written so far (progress)
-
-    def ready(self) -> tuple[str, int, str, int]:
-        """(host tag, pid, node id, threads): the driver's sign that the actor is up, and whose temp files are whose."""
-        return self.host, self.pid, self.node_id, self.threads
-
-    def progress(self) -> int:
-        return self.done
-
-    def run_shard(self, shard: ShardTask, columns: tuple) -> tuple:
-        """Write output shard ``shard`` from its items (items [shard.first, shard.end) of the run, as
-        :func:`pack_items` columns): (its ShardRecord, the runner's RunStats).  The record is not
-        committed here: the driver does."""
-        from .output import ShardTransaction
-        from .runner import Runner, ShardTask
-
-        items = unpack_items(columns)
-        records = []
-        self.done = 0
-
-        def open_shard(_local: ShardTask):
-            return ShardTransaction(
-                self.out, self.sink, shard.index, shard.first, shard.end, commit=records.append
-            )  # fmt: skip
-
-        def progress(images: int, errors: int) -> None:
-            self.done += images
-            _test_hold(shard.index)
-
-        # The runner sees only this shard's items, at positions [0, n): batches start at the same
-        # offsets from the shard's first item as in a single-process run, so every batch is the same.
-        runner = Runner(
-            items, self.config.batch_size, read=self.read, decode=self.decoder.decode, forward=self.forward,
-            open_shard=open_shard, progress=progress, strict=self.config.strict,
-        )  # fmt: skip
-        stats = runner.run([ShardTask(shard.index, 0, len(items))])
-        return records[0], stats
-
-
-def pack_items(items: list) -> tuple:
-    """A shard's items as columns: a task ships them several times faster than Item objects (see
-    benchmarks/ray_overhead.py --driver-costs: 10,000 items)."""
-    return tuple(list(col) for col in zip(*((it.id, it.path, it.label, it.offset, it.size, it.error) for it in items), strict=True))  # fmt: skip
-
-
-def unpack_items(columns: tuple) -> list:
-    from .sources import Item
-
-    return [Item(*fields) for fields in zip(*columns, strict=True)] if columns else []
-
-
-def _test_hold(index: int) -> None:
-    folder = os.environ.get(TEST_HOLD_ENV)
-    if not folder:
-        return
-    hold = os.path.join(folder, "hold")
-    try:
-        with open(hold, encoding="utf-8") as f:
-            if f.read().strip() != str(index):
-                return
-        fd = os.open(os.path.join(folder, "held"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except OSError:  # no hold, or another attempt already held: go on
-        return
-    import ray
-
-    from .output import host_tag
-
-    with os.fdopen(fd, "w") as f:
-        json.dump({"pid": os.getpid(), "host": host_tag(), "node_id": ray.get_runtime_context().get_node_id()}, f)
-    deadline = time.monotonic() + 120  # never hang a forgotten test forever
-    while os.path.exists(hold) and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _cluster_shape(ray) -> tuple[float, float, float]:
@@ -486,11 +318,13 @@ def _cause(exc) -> BaseException:
 
 def run_on_ray(
     ex, address: str | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
-    gpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None, on_batch=None,
 ) -> dict:  # fmt: skip
     """Run the validated and planned ``ex`` (an :class:`Extractor`) on Ray; returns the run summary.
 
     ``gpus_per_worker``: 1 when the run's device is CUDA, else 0 (a test may ask for logical GPUs).
+    ``on_batch``: a picklable hook every worker calls with the shard's index after each batch (fault
+    tests inject :class:`fastfeat.testing.HoldShard`); None in a normal run.
     """
     from .console import console
     from .output import remove_tmp_of
@@ -510,7 +344,7 @@ def run_on_ray(
         todo, done_items, total = ex.begin()  # everything is checked: OUT/ is created only now
         worker = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=gpus, max_concurrency=2)
         config = worker_config(ex)
-        spawn = partial(worker.remote, config, tensors)
+        spawn = partial(worker.remote, config, tensors, on_batch)
         with redirect_stderr(console()):
             bar = ProgressBar(total) if ex.progress and total else None
             try:

@@ -6,43 +6,31 @@ exit code 2) and leaves no output directory behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import sys
 import time
 from contextlib import redirect_stderr
-from functools import partial
 
-import numpy as np
-
-from . import __version__, storage
+from . import storage
 from .arguments import check_arguments
-from .augment import DEFAULT_AUGMENT, augment_metadata, augmented_mean, get_views
-from .backends import make_backend, unavailable_reason
+from .augment import DEFAULT_AUGMENT, get_views
+from .backends import unavailable_reason
 from .checksum import file_sha256
-from .decode import DEFAULT_DECODE, DEFAULT_MAX_PIXELS, Decoder, console, load_mean, read_image
+from .console import console
 from .errors import ConfigError, ExtractFailed
-from .forward import Forward
+from .header import DEFAULT_MAX_PIXELS
+from .models import DEFAULT_DECODE
 from .output import SUMMARY, OutputDir, ShardTransaction, plan_items, shard_tasks
 from .published import WEIGHTS_CHOICES
 from .published import lookup as lookup_published
 from .published import resolve as resolve_published
 from .runner import Runner, RunStats, ShardTask
-from .runtime import (
-    PRECISIONS,
-    device_name,
-    git_sha,
-    keep_freed_memory,
-    library_versions,
-    make_current,
-    resolve_device,
-    resolve_precision,
-)
+from .runtime import git_sha, resolve_device, resolve_precision
 from .sinks import DEFAULT_FORMAT, get_sink
 from .sinks.base import Layout
 from .sources import ItemReader, format_skipped, list_items
+from .stages import StageOptions, build_stages, mean_for, raise_pillow_limit
 from .summary import ProgressBar, format_summary, run_summary
 from .weights import WeightsError, load_weights
 
@@ -69,28 +57,30 @@ class Extractor:
             num_threads=num_threads, num_shards=num_shards, shard_index=shard_index, max_error_rate=max_error_rate,
             augment=augment, augment_reduce=augment_reduce, decode=decode, mean_file=mean_file,
         )  # fmt: skip
-        self.decode_mode = decode  # before run_metadata, which records it
+        self.decode_mode = decode
         storage.check_single_writer(out, num_shards)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         if (why := unavailable_reason(backend, self.device)) is not None:
             raise ConfigError(f"backend {backend!r} is not available: {why}")
-        _raise_pillow_limit(max_pixels)
+        raise_pillow_limit(max_pixels)
         items = _list(source, image_column, progress)  # SourceError (a ValueError) for missing/empty sources
         self.weights_source, self.weights_id, self.weights = weights, *weights_identity(self.spec, weights)
         pre = self.spec.preprocess
         self.views, self.augment, self.augment_reduce = get_views(augment), augment, augment_reduce
-        self.mean_image = load_mean(mean_file, pre.crop, pre.resize) if mean_file else None
-        if mean_file and augment != DEFAULT_AUGMENT:  # a mean image is cropped (and mirrored) with each view
-            self.mean_image = augmented_mean(mean_file, pre, self.views)
+        self.mean_image = mean_for(mean_file, pre, augment)
         self.out, self.backend_name, self.format = out, backend, format
         self.batch_size, self.shard_size, self.dtype = batch_size, shard_size, dtype
         self.max_pixels, self.num_threads, self.progress = max_pixels, num_threads, progress
         self.image_column, self.num_shards, self.shard_index = image_column, num_shards, shard_index
         self.strict, self.max_error_rate = strict, max_error_rate
-        self.metadata = run_metadata(self, mean_file)
-        shapes = self.spec.shapes()
-        self.sink = get_sink(format)(Layout({n: math.prod(shapes[n]) for n in self.layers}, dtype, self.metadata))
+        self.stage_options = StageOptions(
+            self.spec, self.layers, self.device, self.precision, backend=backend, dtype=dtype, batch_size=batch_size,
+            num_threads=num_threads, max_pixels=max_pixels, augment=augment, augment_reduce=augment_reduce,
+            decode=decode, mean_file=mean_file, mean_image=self.mean_image, weights_id=self.weights_id,
+        )  # fmt: skip
+        self.metadata = self.stage_options.metadata()
+        self.sink = get_sink(format)(Layout(self.stage_options.dims(), dtype, self.metadata))
         self.output = OutputDir(out, run_config(self), overwrite=overwrite)
         self.output.source = storage.display(source)  # a URI without its options (they may hold keys)
         self.items, self.new_generation = plan_items(self.output, items, append)
@@ -113,21 +103,14 @@ class Extractor:
         if self.up_to_date():  # nothing to load or build; the last real run's summary is kept
             summary = _read_json(storage.join(self.output.path, SUMMARY))
             return {**summary, "up_to_date": True, "rows": self.output.rows()}
-        keep_freed_memory()
-        make_current(self.device)  # --device cuda:N: weights, the decoder and any device-less CUDA call go to N
-        net = make_backend(self.backend_name, self.spec, self.weights.tensors, self.device, PRECISIONS[self.precision])
-        pre = self.spec.preprocess
-        decoder = Decoder(
-            pre, self.batch_size, self.device, self.num_threads, self.mean_image, self.views, mode=self.decode_mode
-        )
+        stages = build_stages(self.stage_options, self.weights.tensors, ItemReader(self.image_column))
         todo, done_items, total = self.begin()
         # Python's stderr (and the bar) bypass fd 2, where the decoder's native warnings are captured.
         with redirect_stderr(console()):
             bar = ProgressBar(total) if self.progress and total else None
             runner = Runner(
                 self.items, self.batch_size,
-                read=partial(read_image, max_pixels=self.max_pixels, reader=ItemReader(self.image_column), pre=pre),
-                decode=decoder.decode, forward=Forward(net, self.layers, self.dtype, len(self.views), self.augment_reduce),
+                read=stages.read, decode=stages.decoder.decode, forward=stages.forward,
                 open_shard=lambda s: ShardTransaction(self.output, self.sink, s.index, s.first, s.end),
                 progress=bar.update if bar is not None else None, strict=self.strict,
             )  # fmt: skip
@@ -215,56 +198,6 @@ def weights_identity(spec, source: str) -> tuple[dict, object]:
     if not os.path.isfile(source):
         raise WeightsError(f"weights file not found: {source} ({WEIGHTS_CHOICES})")
     return {"source": os.path.abspath(source), "sha256": file_sha256(source), "random": False}, None
-
-
-def _raise_pillow_limit(max_pixels: int) -> None:
-    from PIL import Image
-
-    # Pillow refuses headers above 2 x MAX_IMAGE_PIXELS by itself: never below our own limit.
-    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels)
-
-
-def _sha256_array(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
-
-
-def run_metadata(ex: Extractor, mean_file: str | None) -> dict:
-    """What every shard's metadata says about how its features were made."""
-    metadata = features_metadata(
-        ex.spec, ex.weights_id, mean_file, ex.mean_image, ex.device, ex.precision, ex.backend_name, ex.dtype, ex.layers,
-        decode=ex.decode_mode,
-    )  # fmt: skip
-    # The run config holds the metadata: a resume with other views or reduction is refused.
-    return {**metadata, "augment": augment_metadata(ex.augment, ex.augment_reduce)}
-
-
-def features_metadata(
-    spec, weights_id: dict, mean_file: str | None, mean_image: np.ndarray | None, device, precision: str,
-    backend: str, dtype: str, layers: list[str], decode: str = DEFAULT_DECODE,
-) -> dict:  # fmt: skip
-    """How features were made: a shard's metadata, and what ``fastfeat serve`` answers on GET /v1/model
-    (one function, so a served feature and a stored one are described alike and can be compared)."""
-    shapes = spec.shapes()
-    return {
-        "fastfeat_version": __version__,
-        "model": spec.name,
-        "weights": weights_id,
-        "preprocessing": {
-            **spec.preprocess.to_dict(),
-            "mean_file": os.path.abspath(mean_file) if mean_file else None,
-            "mean_sha256": _sha256_array(mean_image) if mean_image is not None else None,
-            "decoder": "nvidia-dali " + ("mixed (nvJPEG)" if device.type == "cuda" else "cpu"),
-            "decode": decode,  # fast / exact / dct: how much work the decoder skipped (fastfeat.decode)
-        },
-        "precision": precision,
-        "backend": backend,
-        "device": device.type,
-        "device_name": device_name(device),
-        "dtype": dtype,
-        "layers": {n: list(shapes[n]) for n in layers},
-        "layer_order": "C,H,W (conv layers flattened in C×H×W order)",
-        "versions": library_versions(),
-    }
 
 
 def run_config(ex: Extractor) -> dict:

@@ -21,12 +21,12 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from . import __version__
 from .backends import backend_names, make_backend, unavailable_reason
 from .backends.plan import Op
 from .models import ModelSpec, get_model
 from .profile_report import TYPE_ORDER, check_outputs, format_table, plot_profile, write_json
 from .runtime import PRECISIONS, device_name, git_sha, keep_freed_memory, resolve_device, resolve_precision
+from .version import __version__
 from .weights import load_weights
 
 DEFAULT_BATCH_SIZES = (1, 64)

@@ -32,8 +32,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from . import __version__
 from .errors import ConfigError
+from .version import __version__
 
 CACHE_ENV = "FASTFEAT_CACHE"
 MIRROR_ENV = "FASTFEAT_WEIGHTS_MIRROR"

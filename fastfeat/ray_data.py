@@ -53,41 +53,29 @@ class FeatureMapper:
         import torch
 
         from .arguments import check_arguments
-        from .augment import get_views
-        from .backends import make_backend
-        from .decode import Decoder, load_mean
-        from .extractor import _raise_pillow_limit
-        from .forward import Forward
-        from .runtime import PRECISIONS, keep_freed_memory, make_current, resolve_device, resolve_precision
+        from .runtime import resolve_device, resolve_precision
+        from .stages import StageOptions, build_stages, mean_for
         from .weights import load_weights
 
         self.spec, self.layers = check_arguments(
             model=model, layers=layers, weights=weights, batch_size=batch_size, shard_size=1, dtype=dtype,
             precision=precision, device=device, backend=backend, format="parquet", max_pixels=max_pixels,
             num_threads=num_threads, num_shards=1, shard_index=0, max_error_rate=None, augment=augment,
-            augment_reduce=augment_reduce, decode=decode,
+            augment_reduce=augment_reduce, decode=decode, mean_file=mean_file,
         )  # fmt: skip
         threads = num_threads or _granted_cpus()
         torch.set_num_threads(threads)
-        keep_freed_memory()
-        self.device = resolve_device(device)
-        make_current(self.device)
-        precision = resolve_precision(precision, self.device)
-        _raise_pillow_limit(max_pixels)
+        device = resolve_device(device)
+        options = StageOptions(
+            self.spec, self.layers, device, resolve_precision(precision, device), backend=backend, dtype=dtype,
+            batch_size=batch_size, num_threads=threads, max_pixels=max_pixels, augment=augment,
+            augment_reduce=augment_reduce, decode=decode, mean_file=mean_file,
+            mean_image=mean_for(mean_file, self.spec.preprocess, augment),
+        )  # fmt: skip
         tensors = load_weights(self.spec, weights).tensors  # a file, a published name (cached) or random:SEED
-        pre = self.spec.preprocess
-        views = get_views(augment)
-        mean = load_mean(mean_file, pre.crop, pre.resize) if mean_file else None
-        if mean_file and len(views) > 1:
-            from .augment import augmented_mean
-
-            mean = augmented_mean(mean_file, pre, views)
-        net = make_backend(backend, self.spec, tensors, self.device, PRECISIONS[precision])
-        self.batch_size, self.max_pixels, self.pre = batch_size, max_pixels, pre
-        self.decoder = Decoder(pre, batch_size, self.device, threads, mean, views, mode=decode)
-        self.forward = Forward(net, self.layers, dtype, len(views), augment_reduce)
-        shapes = self.spec.shapes()
-        self.dims = {n: math.prod(shapes[n]) for n in self.layers}
+        self.stages = build_stages(options, tensors)
+        self.device, self.batch_size, self.dims = device, batch_size, self.stages.dims
+        self.decoder, self.forward = self.stages.decoder, self.stages.forward
         self.dtype, self.image_column, self.keep_image = dtype, image_column, keep_image
 
     def __call__(self, batch):
@@ -112,9 +100,7 @@ class FeatureMapper:
         return out.append_column("error", pa.array(errors, pa.string()))
 
     def _extract(self, values: list, offset: int, errors: list, features: dict) -> None:
-        from .decode import read_image
         from .runner import STAGES
-        from .sources import Item
 
         encoded, sizes, readable = [], [], []
         for j, value in enumerate(values):
@@ -122,8 +108,7 @@ class FeatureMapper:
             if not data:
                 errors[offset + j] = "read: empty image bytes"
                 continue
-            item = Item(id=str(offset + j), path="", label=None)
-            got, size, err = read_image(item, self.max_pixels, reader=_BytesReader(data), pre=self.pre)
+            got, size, err = self.stages.read_bytes(data, str(offset + j))
             if err is not None:
                 errors[offset + j] = f"{err[0]}: {err[1]}"
                 continue
@@ -142,16 +127,6 @@ class FeatureMapper:
         rows = [offset + readable[k] for k in good]
         for name, a in feats.items():
             features[name][rows] = a
-
-
-class _BytesReader:
-    """An ItemReader for bytes already in hand (read_image's header checks run on them)."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def read(self, _item) -> bytes:
-        return self.data
 
 
 def _granted_cpus() -> int:

@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from . import __version__
 from .errors import ConfigError
+from .version import __version__
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

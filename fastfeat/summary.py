@@ -7,7 +7,8 @@ import os
 import sys
 import time
 
-from . import __version__, storage
+from . import storage
+from .version import __version__
 
 ERRORS_FILE = "errors.parquet"  # fastfeat.output.ERRORS
 

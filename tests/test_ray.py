@@ -1,7 +1,8 @@
 """``fastfeat extract --ray`` on a local Ray instance (one per module), and fastfeat.ray_data.
 
-Faults are made deterministic with the workers' test hook (fastfeat.cluster.TEST_HOLD_ENV): the worker
-about to write a batch of the named shard records its pid in ``held`` and waits, its temp file open.
+Faults are made deterministic with a hook the tests inject into the workers (run_on_ray's ``on_batch``:
+fastfeat.testing.HoldShard): the worker about to write a batch of the named shard records its pid in
+``held`` and waits, its temp file open.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from helpers import column_matrix, read_features
 
 from fastfeat import storage
 from fastfeat.cli import main
-from fastfeat.cluster import TEST_HOLD_ENV, run_on_ray
+from fastfeat.cluster import run_on_ray
 from fastfeat.extractor import Extractor
 from fastfeat.output import remove_tmp_of, tmp_name, verify
+from fastfeat.testing import HoldShard
 
 ray = pytest.importorskip("ray")  # the dev install has it (fastfeat[ray]); a bare install skips this module
 
@@ -33,18 +35,28 @@ RUN = dict(model="caffenet", weights="random:0", layers="relu6", batch_size=2, s
 CLI_RUN = ["--weights", "random:0", "--layers", "relu6", "--batch-size", "2", "--shard-size", "3", "--no-progress"]
 
 
+# A driver process whose workers hold (HoldShard): argv = source, out, Ray address, hold folder, RUN as JSON.
+HELD_DRIVER = """
+import json, sys
+from fastfeat.cluster import run_on_ray
+from fastfeat.extractor import Extractor
+from fastfeat.testing import HoldShard
+source, out, address, folder, run = sys.argv[1:]
+ex = Extractor(source, out, **json.loads(run))
+run_on_ray(ex, address=address, workers=1, cpus_per_worker=1, on_batch=HoldShard(folder))
+"""
+
+
 @pytest.fixture(scope="module")
 def hold_dir(tmp_path_factory, s3_endpoint):
-    """The one Ray instance of this module; its workers see the test hook's folder and the S3 endpoint."""
+    """The one Ray instance of this module, and the folder of the workers' hold (HoldShard).  Started after
+    s3_endpoint: the workers inherit the raylet's environment (its AWS_* variables)."""
     folder = tmp_path_factory.mktemp("hold")
-    # Before ray.init: the workers inherit the raylet's environment (s3_endpoint's AWS_* variables too).
-    os.environ[TEST_HOLD_ENV] = str(folder)
     # Room for two runs' weights (232 MB each): a run's put may come before the last run's copy is freed,
     # and spilling it is refused on a disk over 95% full (CI failed so at stop 19).
     ray.init(num_cpus=2, object_store_memory=768 << 20, include_dashboard=False, log_to_driver=False)
     yield folder
     ray.shutdown()
-    del os.environ[TEST_HOLD_ENV]
 
 
 @contextlib.contextmanager
@@ -137,7 +149,8 @@ def test_worker_killed_while_writing_a_shard(dataset, clean, hold_dir, tmp_path)
 
     def drive():
         try:
-            result["summary"] = run_on_ray(Extractor(dataset, str(out), **RUN), workers=2, cpus_per_worker=1)
+            ex = Extractor(dataset, str(out), **RUN)
+            result["summary"] = run_on_ray(ex, workers=2, cpus_per_worker=1, on_batch=HoldShard(hold_dir))
         except BaseException as exc:  # reported by the assertion below
             result["error"] = exc
 
@@ -160,8 +173,10 @@ def test_driver_killed_then_rerun_resumes(dataset, clean, hold_dir, tmp_path):
     address = ray.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "fastfeat", "extract", dataset, "--out", str(out), *CLI_RUN]
     cmd += ["--ray", address, "--ray-workers", "1", "--ray-cpus-per-worker", "1"]
+    # The first driver is --ray's own run_on_ray with the hold injected (the CLI takes no hook); the rerun is the CLI.
+    held_driver = [sys.executable, "-c", HELD_DRIVER, dataset, str(out), address, str(hold_dir), json.dumps(RUN)]
     with holding(hold_dir, shard=1):
-        driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        driver = subprocess.Popen(held_driver, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             victim = wait_for(lambda: held(hold_dir), what="a worker to start writing shard 1",
                               failed=lambda: process_failed(driver))  # fmt: skip

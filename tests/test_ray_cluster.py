@@ -11,8 +11,9 @@ import threading
 import pytest
 from test_ray import RUN, assert_same_output, held, holding, thread_failed, wait_for
 
-from fastfeat.cluster import TEST_HOLD_ENV, run_on_ray
+from fastfeat.cluster import run_on_ray
 from fastfeat.extractor import Extractor
+from fastfeat.testing import HoldShard
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -22,7 +23,6 @@ from ray.cluster_utils import Cluster  # noqa: E402
 def cluster(tmp_path_factory):
     """A head without resources (the driver's) and three one-CPU, one-GPU (logical) worker nodes."""
     folder = tmp_path_factory.mktemp("hold")
-    os.environ[TEST_HOLD_ENV] = str(folder)  # before the nodes start: their workers inherit it
     # Object stores that hold CaffeNet's 232 MB of weights with room to spare: Cluster's default (150 MiB)
     # makes Ray spill them to disk, which it refuses on a disk over 95% full (CI failed so at stop 19).
     head = {"num_cpus": 0, "include_dashboard": False, "object_store_memory": 512 << 20}
@@ -34,7 +34,6 @@ def cluster(tmp_path_factory):
     yield c, folder
     ray.shutdown()
     c.shutdown()
-    del os.environ[TEST_HOLD_ENV]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,9 @@ def test_gpu_workers_across_nodes_survive_a_node_removed_mid_shard(dataset, clea
         try:
             # One (logical) GPU per worker: two workers on two of the three nodes, the third one spare.
             ex = Extractor(dataset, str(out), **RUN)
-            result["summary"] = run_on_ray(ex, workers=2, cpus_per_worker=1, gpus_per_worker=1)
+            result["summary"] = run_on_ray(
+                ex, workers=2, cpus_per_worker=1, gpus_per_worker=1, on_batch=HoldShard(folder)
+            )
         except BaseException as exc:  # reported by the assertion below
             result["error"] = exc
 

@@ -22,8 +22,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .. import __version__
 from ..models import parse_layers
+from ..version import __version__
 from .batching import Batcher, BatcherDead, Job, JobResult
 from .codec import (
     ARROW_MEDIA_TYPE,

@@ -9,27 +9,15 @@ import time
 import numpy as np
 import torch
 
-from ..augment import DEFAULT_AUGMENT
-from ..backends import make_backend, unavailable_reason
-from ..decode import DEFAULT_DECODE, DEFAULT_MAX_PIXELS, Decoder, load_mean, read_image
+from ..backends import unavailable_reason
 from ..errors import ConfigError
-from ..extractor import _raise_pillow_limit, run_metadata, weights_identity
-from ..forward import Forward
+from ..extractor import weights_identity
+from ..header import DEFAULT_MAX_PIXELS
 from ..models import get_model
-from ..runtime import PRECISIONS, keep_freed_memory, resolve_device, resolve_precision
-from ..sources import Item
+from ..runtime import resolve_device, resolve_precision
+from ..stages import StageOptions, build_stages, mean_for
 from ..weights import load_weights
 from .config import ServeConfig
-
-
-class _Upload:
-    """An ItemReader for bytes already in memory, so that read_image's header checks apply unchanged."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def read(self, item: Item) -> bytes:
-        return self.data
 
 
 class Engine:
@@ -42,31 +30,30 @@ class Engine:
         self.precision = resolve_precision(cfg.precision, self.device)
         if (why := unavailable_reason(cfg.backend, self.device)) is not None:
             raise ConfigError(f"backend {cfg.backend!r} is not available: {why}")
-        _raise_pillow_limit(self.max_pixels)
         self.weights_id, weights = weights_identity(self.spec, cfg.weights)
         weights = weights or load_weights(self.spec, cfg.weights)
-        pre = self.spec.preprocess
-        self.mean_image = mean_image = load_mean(cfg.mean_file, pre.crop, pre.resize) if cfg.mean_file else None
-        # What a shard made with these settings carries, by extract's own function (it reads these
-        # attributes): a served image is one centre view, as extract's default.
+        # A served image is one centre view, as extract's default; its metadata is what a shard made with
+        # these settings carries.
+        options = StageOptions(
+            self.spec, layers, self.device, self.precision, backend=cfg.backend, dtype=cfg.dtype,
+            batch_size=cfg.max_batch, num_threads=cfg.threads, max_pixels=self.max_pixels,
+            mean_file=cfg.mean_file, mean_image=mean_for(cfg.mean_file, self.spec.preprocess, "center"),
+            weights_id=self.weights_id,
+        )  # fmt: skip
+        # float32 out of the forward stage; a float16 response is cast from it as extract casts its rows.
+        self.stages = build_stages(options, weights.tensors, forward_dtype="float32")
+        self.mean_image, self.metadata, self.dims = options.mean_image, self.stages.metadata, self.stages.dims
         self.backend_name, self.dtype = cfg.backend, cfg.dtype
-        self.augment, self.augment_reduce, self.decode_mode = DEFAULT_AUGMENT, "mean", DEFAULT_DECODE
-        self.metadata = run_metadata(self, cfg.mean_file)
-        self.dims = {n: int(np.prod(self.spec.shapes()[n])) for n in layers}
-        keep_freed_memory()
-        net = make_backend(cfg.backend, self.spec, weights.tensors, self.device, PRECISIONS[self.precision])
         # Backends that compile per input shape (torch.compile, Triton autotuning) get batches padded to a
         # power of two, so that at most log2(max_batch)+1 shapes ever compile instead of one per batch size.
-        self.pad_batches = net.compiles_on_first_call
-        self.decoder = Decoder(pre, cfg.max_batch, self.device, num_threads=cfg.threads, mean_image=mean_image)
-        # float32 out of the forward stage; a float16 response is cast from it as extract casts its rows.
-        self._forward = Forward(net, layers, "float32")
+        self.pad_batches = self.stages.net.compiles_on_first_call
+        self.decoder, self._forward = self.stages.decoder, self.stages.forward
         self.busy = {"h2d": 0.0, "forward": 0.0, "d2h": 0.0}
         self.max_batch = cfg.max_batch
 
     def check(self, data: bytes) -> tuple[np.ndarray | None, tuple[int, int], str | None]:
         """(bytes as uint8, upright (width, height), None) or (None, size, reason): extract's header check."""
-        encoded, size, err = read_image(Item("upload", "", None), self.max_pixels, _Upload(data), self.spec.preprocess)
+        encoded, size, err = self.stages.read_bytes(data)
         return encoded, size, (err[1] if err else None)
 
     def decode(self, encoded: list[np.ndarray], sizes: list[tuple[int, int]]):
