@@ -63,9 +63,17 @@ class Forward:
     stream; the device->host copy waits for this stream only, so the decoder's GPU work for the next
     batch overlaps the forward pass."""
 
-    def __init__(self, net: Backend, layers: list[str], dtype: str, views: int = 1, reduce: str = "mean"):
+    def __init__(
+        self, net: Backend, layers: list[str], dtype: str, views: int = 1, reduce: str = "mean",
+        pad_rows: int | None = None,
+    ):  # fmt: skip
         self.net, self.layers, self.out_dtype = net, layers, OUTPUT_DTYPES[dtype]
         self.views, self.reduce = views, reduce  # test-time augmentation: rows per image, and their reduction
+        # A short batch (a shard's last, say) is padded with zero rows to this many, the padded rows dropped:
+        # GEMM libraries pick their kernel, and with it the summation order, by the number of rows (MKL's
+        # sgemm on AVX2 does for M <= 4), so an image's features would depend on how many batch-mates it
+        # had; with every batch the same height they do not (an --append run equals a clean one).
+        self.pad_rows = pad_rows
         self.device = net.device
         if self.device.type == "cuda" and self.device.index is None:  # "cuda": the constructing thread's device
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -84,6 +92,10 @@ class Forward:
             if images.is_cuda:  # made on the decoder's stream: keep its memory until this stream is done
                 images.record_stream(self.stream)
             t0 = clock.mark()
+            if self.pad_rows is not None and images.shape[0] < self.pad_rows:
+                padded = images.new_zeros((self.pad_rows, *images.shape[1:]))
+                padded[: images.shape[0]] = images
+                images = padded
             x = self.net.prepare(images)
             rows = torch.tensor(good, device=x.device)
             t1 = clock.mark()

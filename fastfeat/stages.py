@@ -118,11 +118,15 @@ class Stages:
         return self.options.dims()
 
 
-def build_stages(options: StageOptions, tensors: dict, reader=None, forward_dtype: str | None = None) -> Stages:
+def build_stages(
+    options: StageOptions, tensors: dict, reader=None, forward_dtype: str | None = None, pad_short_batches: bool = True
+) -> Stages:
     """Load the backend with ``tensors`` and build the decoder and forward stage on ``options.device``.
 
     ``forward_dtype``: the forward stage's output dtype when it is not the stored one (the server answers
-    float32 and casts per request as extract casts its rows)."""
+    float32 and casts per request as extract casts its rows).  ``pad_short_batches``: run a short batch
+    padded to ``batch_size`` (see fastfeat.forward.Forward); the server, whose batches are short by design,
+    pads its own way."""
     from .backends import make_backend
     from .decode import Decoder
     from .forward import Forward
@@ -137,7 +141,10 @@ def build_stages(options: StageOptions, tensors: dict, reader=None, forward_dtyp
         options.spec.preprocess, options.batch_size, options.device, options.num_threads, options.mean_image, views,
         mode=options.decode,
     )  # fmt: skip
-    forward = Forward(net, options.layers, forward_dtype or options.dtype, len(views), options.augment_reduce)
+    forward = Forward(
+        net, options.layers, forward_dtype or options.dtype, len(views), options.augment_reduce,
+        pad_rows=options.batch_size * len(views) if pad_short_batches else None,
+    )  # fmt: skip
     return Stages(options, net, decoder, forward, reader)
 
 

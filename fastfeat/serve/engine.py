@@ -41,7 +41,7 @@ class Engine:
             weights_id=self.weights_id,
         )  # fmt: skip
         # float32 out of the forward stage; a float16 response is cast from it as extract casts its rows.
-        self.stages = build_stages(options, weights.tensors, forward_dtype="float32")
+        self.stages = build_stages(options, weights.tensors, forward_dtype="float32", pad_short_batches=False)
         self.mean_image, self.metadata, self.dims = options.mean_image, self.stages.metadata, self.stages.dims
         self.backend_name, self.dtype = cfg.backend, cfg.dtype
         # Backends that compile per input shape (torch.compile, Triton autotuning) get batches padded to a
