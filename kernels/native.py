@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 
-from . import aot
+from .kernel_list import KERNELS
 
 LIB_NAME = "libfastfeat_kernels.so"
 ENV_LIB = "FASTFEAT_NATIVE_LIB"
@@ -39,8 +39,6 @@ ERR_LAUNCH = 8
 ERR_OTHER_CONTEXT = 10
 # Statuses after which this process stops asking the library (the answer will not change).
 _FINAL = (ERR_NO_DRIVER, ERR_NO_DEVICE, ERR_WRONG_ARCH, ERR_OTHER_CONTEXT)
-# Kernels whose Triton cache keys make up ``kernel_hash``: (module, kernel), the ones the AOT build compiles.
-KERNELS = aot.KERNELS
 # Bump with the AOT cache format (native/generate.py writes it into the hash).
 AOT_FORMAT_VERSION = 1
 
