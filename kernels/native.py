@@ -144,6 +144,7 @@ class _State:
         self.path: str | None = None
         self.reason = "not looked for yet"
         self.disabled: str | None = None  # a final status: the library cannot run in this process
+        self.refused = False  # a library was found but not used (stale, another Triton): worth a warning
         self.launches = 0
         self.fallbacks: dict[str, int] = {}
 
@@ -165,27 +166,66 @@ def _resolve() -> None:
         return
     path = next((p for p in candidates() if os.path.isfile(p)), None)
     if path is None:
-        s.reason = f"no {LIB_NAME} (looked in {', '.join(candidates())}; build it with CMake, see README)"
+        s.reason = f"no {LIB_NAME} (looked in {', '.join(candidates())}; build it with CMake, see docs/native.md)"
         return
     try:
         lib = load(path)
     except (OSError, AttributeError) as e:
         s.reason = f"{path} cannot be loaded: {e}"
         return
-    if lib.fastfeat_abi_version() != ABI_VERSION:
-        s.reason = f"{path} has ABI version {lib.fastfeat_abi_version()}, this fastfeat needs {ABI_VERSION}: rebuild it"
-        return
-    try:
-        current = kernel_hash()
-    except RuntimeError as e:  # kernels built for Triton's interpreter have no compiled form to compare
-        s.reason = f"{path} cannot be checked against these kernel sources: {e}"
-        return
-    built = lib.fastfeat_kernel_hash().decode()
-    if built != current:
-        s.reason = f"{path} was built from other kernel sources ({built}, these are {current}): rebuild it"
+    why = refusal(lib, path)
+    if why is not None:
+        s.reason, s.refused = why, True
         return
     s.lib, s.path = lib, path
     s.reason = f"{path}: {lib.fastfeat_build_info().decode()}"
+
+
+def built_triton(build_info: str) -> str | None:
+    """The Triton version a library was built with, read from its ``fastfeat_build_info()`` line
+    ("fastfeat kernels (triton 3.6.0): ..."); None when the line does not say."""
+    import re
+
+    found = re.search(r"\(triton ([^)\s]+)\)", build_info)
+    return found.group(1) if found else None
+
+
+def rebuild_recipe(triton_version: str) -> str:
+    """How to build the library for ``triton_version`` (docs/native.md has the whole recipe)."""
+    return (
+        f"rebuild it for triton {triton_version}: pip install --no-deps --target DIR triton=={triton_version}, then "
+        "PYTHONPATH=DIR cmake -S . -B build -DPython3_EXECUTABLE=$PWD/.venv/bin/python -DFASTFEAT_AOT_TARGETS=sm90 "
+        "&& PYTHONPATH=DIR cmake --build build (see docs/native.md)"
+    )
+
+
+def refusal(lib, path: str, triton_version: str | None = None, current_hash=None) -> str | None:
+    """Why the opened library at ``path`` must not be used here (one line), or None when it may.
+
+    Refused: another ABI; a library built for another Triton (its cubins and launch code follow that
+    Triton's compiler and cache keys; the message says how to rebuild); one built from other kernel
+    sources (``kernel_hash``). ``triton_version`` / ``current_hash``: this process's (defaults: the
+    imported Triton, ``kernel_hash``), injectable for tests.
+    """
+    if lib.fastfeat_abi_version() != ABI_VERSION:
+        return f"{path} has ABI version {lib.fastfeat_abi_version()}, this fastfeat needs {ABI_VERSION}: rebuild it"
+    if triton_version is None:
+        import triton
+
+        triton_version = triton.__version__
+    built_for = built_triton(lib.fastfeat_build_info().decode())
+    if built_for is not None and built_for != triton_version:
+        return f"{path} was built for triton {built_for}, this process runs triton {triton_version}: " + (
+            rebuild_recipe(triton_version)
+        )
+    try:
+        current = (current_hash or kernel_hash)()
+    except RuntimeError as e:  # kernels built for Triton's interpreter have no compiled form to compare
+        return f"{path} cannot be checked against these kernel sources: {e}"
+    built = lib.fastfeat_kernel_hash().decode()
+    if built != current:
+        return f"{path} was built from other kernel sources ({built}, these are {current}): rebuild it"
+    return None
 
 
 def library():
@@ -194,7 +234,7 @@ def library():
         with _state.lock:
             if not _state.resolved:
                 _resolve()
-                log.info("fastfeat kernels: %s", describe())
+                (log.warning if _state.refused else log.info)("fastfeat kernels: %s", describe())
     return _state.lib if _state.disabled is None else None
 
 
