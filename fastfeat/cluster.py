@@ -96,6 +96,8 @@ class WorkerConfig:
     augment: str
     augment_reduce: str
     decode: str  # --decode: part of every shard's metadata
+    cuda_graphs: bool  # --cuda-graphs, resolved on the driver (its device type is the workers')
+    compile_mode: str | None  # --compile-mode as given (None: the compile backend's default)
     mean_file: str | None
     mean_image: np.ndarray | None
     weights_id: dict
@@ -107,7 +109,8 @@ def worker_config(ex) -> WorkerConfig:
         out=ex.out, run_config=ex.output.config, model=ex.spec.name, layers=ex.layers, batch_size=ex.batch_size,
         device=ex.device.type, precision=ex.precision, backend=ex.backend_name, dtype=ex.dtype, format=ex.format,
         max_pixels=ex.max_pixels, num_threads=ex.num_threads, image_column=ex.image_column, strict=ex.strict,
-        augment=ex.augment, augment_reduce=ex.augment_reduce, decode=ex.decode_mode, mean_file=mean_file, mean_image=ex.mean_image,
+        augment=ex.augment, augment_reduce=ex.augment_reduce, decode=ex.decode_mode, cuda_graphs=ex.cuda_graphs,
+        compile_mode=ex.compile_mode, mean_file=mean_file, mean_image=ex.mean_image,
         weights_id=ex.weights_id,
     )  # fmt: skip
 
@@ -151,7 +154,8 @@ class ShardWorker:
         metadata = {
             **features_metadata(
                 spec, config.weights_id, config.mean_file, config.mean_image, device, config.precision,
-                config.backend, config.dtype, config.layers, decode=config.decode,
+                config.backend, config.dtype, config.layers, decode=config.decode, cuda_graphs=config.cuda_graphs,
+                compile_mode=config.compile_mode,
             ),
             "augment": augment_metadata(config.augment, config.augment_reduce),
         }  # fmt: skip
@@ -162,11 +166,14 @@ class ShardWorker:
                 f"worker on {socket.gethostname()} differs from the driver "
                 f"({describe_diff(config.run_config['metadata'], metadata)}); run the driver on a node like the workers"
             )
-        net = make_backend(config.backend, spec, tensors, device, PRECISIONS[config.precision])
+        net = make_backend(
+            config.backend, spec, tensors, device, PRECISIONS[config.precision], compile_mode=config.compile_mode
+        )
         self.decoder = Decoder(
             spec.preprocess, config.batch_size, device, self.threads, config.mean_image, views, mode=config.decode
         )
-        self.forward = Forward(net, config.layers, config.dtype, len(views), config.augment_reduce)
+        graph_rows = config.batch_size * len(views) if config.cuda_graphs else None
+        self.forward = Forward(net, config.layers, config.dtype, len(views), config.augment_reduce, graph_rows)
         self.read = partial(
             read_image, max_pixels=config.max_pixels, reader=ItemReader(config.image_column), pre=spec.preprocess
         )

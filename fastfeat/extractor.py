@@ -21,10 +21,12 @@ from . import __version__, storage
 from .arguments import check_arguments
 from .augment import DEFAULT_AUGMENT, augment_metadata, augmented_mean, get_views
 from .backends import make_backend, unavailable_reason
+from .backends.compile_backend import recorded_mode
 from .checksum import file_sha256
 from .decode import DEFAULT_DECODE, DEFAULT_MAX_PIXELS, Decoder, console, load_mean, read_image
 from .errors import ConfigError, ExtractFailed
 from .forward import Forward
+from .graphs import resolve_cuda_graphs
 from .output import SUMMARY, OutputDir, ShardTransaction, plan_items, shard_tasks
 from .published import WEIGHTS_CHOICES
 from .published import lookup as lookup_published
@@ -60,19 +62,22 @@ class Extractor:
         overwrite: bool = False, progress: bool = True, image_column: str = "image", num_shards: int = 1,
         shard_index: int = 0, format: str = DEFAULT_FORMAT, append: bool = False, strict: bool = False,
         max_error_rate: float | None = None, augment: str = DEFAULT_AUGMENT, augment_reduce: str = "mean",
-        decode: str = DEFAULT_DECODE,
+        decode: str = DEFAULT_DECODE, cuda_graphs: str = "auto", compile_mode: str | None = None,
     ):  # fmt: skip
         self.started = time.perf_counter()
         self.spec, self.layers = check_arguments(
             model=model, layers=layers, weights=weights, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
             precision=precision, device=device, backend=backend, format=format, max_pixels=max_pixels,
             num_threads=num_threads, num_shards=num_shards, shard_index=shard_index, max_error_rate=max_error_rate,
-            augment=augment, augment_reduce=augment_reduce, decode=decode,
+            augment=augment, augment_reduce=augment_reduce, decode=decode, cuda_graphs=cuda_graphs,
+            compile_mode=compile_mode,
         )  # fmt: skip
         self.decode_mode = decode  # before run_metadata, which records it
         storage.check_single_writer(out, num_shards)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        self.cuda_graphs = resolve_cuda_graphs(cuda_graphs, self.device, backend)
+        self.compile_mode = compile_mode
         if (why := unavailable_reason(backend, self.device)) is not None:
             raise ConfigError(f"backend {backend!r} is not available: {why}")
         _raise_pillow_limit(max_pixels)
@@ -115,7 +120,10 @@ class Extractor:
             return {**summary, "up_to_date": True, "rows": self.output.rows()}
         keep_freed_memory()
         make_current(self.device)  # --device cuda:N: weights, the decoder and any device-less CUDA call go to N
-        net = make_backend(self.backend_name, self.spec, self.weights.tensors, self.device, PRECISIONS[self.precision])
+        net = make_backend(
+            self.backend_name, self.spec, self.weights.tensors, self.device, PRECISIONS[self.precision],
+            compile_mode=self.compile_mode,
+        )  # fmt: skip
         pre = self.spec.preprocess
         decoder = Decoder(
             pre, self.batch_size, self.device, self.num_threads, self.mean_image, self.views, mode=self.decode_mode
@@ -127,7 +135,9 @@ class Extractor:
             runner = Runner(
                 self.items, self.batch_size,
                 read=partial(read_image, max_pixels=self.max_pixels, reader=ItemReader(self.image_column), pre=pre),
-                decode=decoder.decode, forward=Forward(net, self.layers, self.dtype, len(self.views), self.augment_reduce),
+                decode=decoder.decode,
+                forward=Forward(net, self.layers, self.dtype, len(self.views), self.augment_reduce,
+                                graph_rows=self.batch_size * len(self.views) if self.cuda_graphs else None),
                 open_shard=lambda s: ShardTransaction(self.output, self.sink, s.index, s.first, s.end),
                 progress=bar.update if bar is not None else None, strict=self.strict,
             )  # fmt: skip
@@ -232,7 +242,7 @@ def run_metadata(ex: Extractor, mean_file: str | None) -> dict:
     """What every shard's metadata says about how its features were made."""
     metadata = features_metadata(
         ex.spec, ex.weights_id, mean_file, ex.mean_image, ex.device, ex.precision, ex.backend_name, ex.dtype, ex.layers,
-        decode=ex.decode_mode,
+        decode=ex.decode_mode, cuda_graphs=ex.cuda_graphs, compile_mode=ex.compile_mode,
     )  # fmt: skip
     # The run config holds the metadata: a resume with other views or reduction is refused.
     return {**metadata, "augment": augment_metadata(ex.augment, ex.augment_reduce)}
@@ -240,7 +250,8 @@ def run_metadata(ex: Extractor, mean_file: str | None) -> dict:
 
 def features_metadata(
     spec, weights_id: dict, mean_file: str | None, mean_image: np.ndarray | None, device, precision: str,
-    backend: str, dtype: str, layers: list[str], decode: str = DEFAULT_DECODE,
+    backend: str, dtype: str, layers: list[str], decode: str = DEFAULT_DECODE, cuda_graphs: bool = False,
+    compile_mode: str | None = None,
 ) -> dict:  # fmt: skip
     """How features were made: a shard's metadata, and what ``fastfeat serve`` answers on GET /v1/model
     (one function, so a served feature and a stored one are described alike and can be compared)."""
@@ -258,6 +269,9 @@ def features_metadata(
         },
         "precision": precision,
         "backend": backend,
+        # How the forward pass ran (--cuda-graphs resolved; torch.compile's mode for the compile backend).
+        "cuda_graphs": bool(cuda_graphs),
+        "compile_mode": recorded_mode(backend, device.type, compile_mode),
         "device": device.type,
         "device_name": device_name(device),
         "dtype": dtype,

@@ -40,8 +40,8 @@ if TYPE_CHECKING:  # imported where used: --cuda-graphs is checked before torch 
 CUDA_GRAPHS_CHOICES = ("auto", "on", "off")
 # Backends that ``auto`` captures on CUDA; torch.compile has its own graphs (--compile-mode reduce-overhead).
 AUTO_BACKENDS = ("torch", "triton")
-# Graphs kept at once: the buckets of one run (its batch and the short last one) and then some.
-DEFAULT_MAX_GRAPHS = 4
+# Graphs kept at once: every bucket of a batch of up to 128 rows (1, 2, 4, ..., 128): a server warms them all up.
+DEFAULT_MAX_GRAPHS = 8
 # Eager runs before a capture: the first compiles/autotunes, the second runs as the graph will.
 WARMUP_RUNS = 2
 

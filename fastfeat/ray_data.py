@@ -38,8 +38,8 @@ class FeatureMapper:
     Constructor arguments (``fn_constructor_kwargs``) are those of ``fastfeat extract``: ``weights``
     (required: a file, a published name or ``random:SEED``), ``model``, ``layers``, ``image_column``,
     ``device`` (auto: the GPU Ray gave the actor, else CPU), ``precision``, ``backend``, ``dtype``,
-    ``mean_file``, ``max_pixels``, ``augment``, ``augment_reduce``, ``decode``; ``num_threads`` defaults to the
-    CPUs Ray granted the actor; ``batch_size`` is the decoder's (the largest batch it is given:
+    ``mean_file``, ``max_pixels``, ``augment``, ``augment_reduce``, ``decode``, ``cuda_graphs``, ``compile_mode``;
+    ``num_threads`` defaults to the CPUs Ray granted the actor; ``batch_size`` is the decoder's (the largest batch it is given:
     pass ``map_batches`` the same); ``keep_image`` keeps the bytes column in the output.
     """
 
@@ -48,7 +48,8 @@ class FeatureMapper:
         image_column: str = "image", device: str = "auto", precision: str | None = None, backend: str = "torch",
         dtype: str = "float16", mean_file: str | None = None, max_pixels: int = 100_000_000,
         num_threads: int | None = None, batch_size: int = 64, augment: str = "center",
-        augment_reduce: str = "mean", keep_image: bool = False, decode: str = "fast",
+        augment_reduce: str = "mean", keep_image: bool = False, decode: str = "fast", cuda_graphs: str = "auto",
+        compile_mode: str | None = None,
     ):  # fmt: skip
         import torch
 
@@ -58,6 +59,7 @@ class FeatureMapper:
         from .decode import Decoder, load_mean
         from .extractor import _raise_pillow_limit
         from .forward import Forward
+        from .graphs import resolve_cuda_graphs
         from .runtime import PRECISIONS, keep_freed_memory, make_current, resolve_device, resolve_precision
         from .weights import load_weights
 
@@ -65,7 +67,7 @@ class FeatureMapper:
             model=model, layers=layers, weights=weights, batch_size=batch_size, shard_size=1, dtype=dtype,
             precision=precision, device=device, backend=backend, format="parquet", max_pixels=max_pixels,
             num_threads=num_threads, num_shards=1, shard_index=0, max_error_rate=None, augment=augment,
-            augment_reduce=augment_reduce, decode=decode,
+            augment_reduce=augment_reduce, decode=decode, cuda_graphs=cuda_graphs, compile_mode=compile_mode,
         )  # fmt: skip
         threads = num_threads or _granted_cpus()
         torch.set_num_threads(threads)
@@ -82,10 +84,13 @@ class FeatureMapper:
             from .augment import augmented_mean
 
             mean = augmented_mean(mean_file, pre, views)
-        net = make_backend(backend, self.spec, tensors, self.device, PRECISIONS[precision])
+        net = make_backend(backend, self.spec, tensors, self.device, PRECISIONS[precision], compile_mode=compile_mode)
+        graphs = resolve_cuda_graphs(cuda_graphs, self.device, backend)
         self.batch_size, self.max_pixels, self.pre = batch_size, max_pixels, pre
         self.decoder = Decoder(pre, batch_size, self.device, threads, mean, views, mode=decode)
-        self.forward = Forward(net, self.layers, dtype, len(views), augment_reduce)
+        self.forward = Forward(
+            net, self.layers, dtype, len(views), augment_reduce, batch_size * len(views) if graphs else None
+        )
         shapes = self.spec.shapes()
         self.dims = {n: math.prod(shapes[n]) for n in self.layers}
         self.dtype, self.image_column, self.keep_image = dtype, image_column, keep_image

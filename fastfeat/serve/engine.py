@@ -15,6 +15,7 @@ from ..decode import DEFAULT_DECODE, DEFAULT_MAX_PIXELS, Decoder, load_mean, rea
 from ..errors import ConfigError
 from ..extractor import _raise_pillow_limit, run_metadata, weights_identity
 from ..forward import Forward
+from ..graphs import resolve_cuda_graphs
 from ..models import get_model
 from ..runtime import PRECISIONS, keep_freed_memory, resolve_device, resolve_precision
 from ..sources import Item
@@ -40,6 +41,8 @@ class Engine:
         self.max_pixels = cfg.max_pixels or DEFAULT_MAX_PIXELS
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
+        self.cuda_graphs = resolve_cuda_graphs(cfg.cuda_graphs, self.device, cfg.backend)
+        self.compile_mode = cfg.compile_mode
         if (why := unavailable_reason(cfg.backend, self.device)) is not None:
             raise ConfigError(f"backend {cfg.backend!r} is not available: {why}")
         _raise_pillow_limit(self.max_pixels)
@@ -54,13 +57,17 @@ class Engine:
         self.metadata = run_metadata(self, cfg.mean_file)
         self.dims = {n: int(np.prod(self.spec.shapes()[n])) for n in layers}
         keep_freed_memory()
-        net = make_backend(cfg.backend, self.spec, weights.tensors, self.device, PRECISIONS[self.precision])
+        net = make_backend(
+            cfg.backend, self.spec, weights.tensors, self.device, PRECISIONS[self.precision],
+            compile_mode=cfg.compile_mode,
+        )  # fmt: skip
         # Backends that compile per input shape (torch.compile, Triton autotuning) get batches padded to a
         # power of two, so that at most log2(max_batch)+1 shapes ever compile instead of one per batch size.
-        self.pad_batches = net.compiles_on_first_call
+        # (CUDA graphs pad to the same buckets themselves.)
+        self.pad_batches = net.compiles_on_first_call and not self.cuda_graphs
         self.decoder = Decoder(pre, cfg.max_batch, self.device, num_threads=cfg.threads, mean_image=mean_image)
         # float32 out of the forward stage; a float16 response is cast from it as extract casts its rows.
-        self._forward = Forward(net, layers, "float32")
+        self._forward = Forward(net, layers, "float32", graph_rows=cfg.max_batch if self.cuda_graphs else None)
         self.busy = {"h2d": 0.0, "forward": 0.0, "d2h": 0.0}
         self.max_batch = cfg.max_batch
 
@@ -91,7 +98,7 @@ class Engine:
         Image.fromarray(ramp).save(buf, format="JPEG", quality=90)
         sample, size, _ = self.check(buf.getvalue())
         sizes = sorted({1 << i for i in range(self.max_batch.bit_length())} | {self.max_batch}, reverse=True)
-        for n in sizes if self.pad_batches else sizes[:1]:
+        for n in sizes if self.pad_batches or self.cuda_graphs else sizes[:1]:  # capture every bucket's graph
             images, _, _ = self.decode([sample] * n, [size] * n)
             self.forward(images, list(range(n)))
         return time.perf_counter() - t0
