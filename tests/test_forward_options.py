@@ -58,6 +58,7 @@ def test_run_metadata_records_the_forward_choices(tmp_path):
     assert ex.output.config["metadata"]["cuda_graphs"] is False  # part of the run config: a resume must match
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_compile_mode_on_another_backend_is_a_one_line_error(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "fastfeat", "extract", SAMPLES, "--out", str(tmp_path / "o"), "--weights", "random:0",

@@ -100,6 +100,7 @@ def test_cuda_graphs_choice():
         resolve_cuda_graphs("yes", cuda, "torch")
 
 
+@pytest.mark.slow  # a CLI subprocess each
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 @pytest.mark.parametrize("command", ["extract", "profile", "serve"])
 def test_cuda_graphs_on_a_cpu_is_a_one_line_error(command, tmp_path):
