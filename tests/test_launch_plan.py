@@ -57,13 +57,19 @@ def test_second_forward_makes_no_plan_and_a_new_shape_or_layer_set_does(backend)
 
 
 def test_triton_outputs_are_the_plans_buffers():
-    """The ownership rule: the next forward with the same plan overwrites what the last one returned."""
+    """The ownership rule: the next forward with the same plan overwrites what the last one returned.
+    And no launch of a CPU plan ever looks for the AOT library (no ctypes work without one)."""
+    from fastfeat.kernels import native
+
+    native.reset()
     spec = tiny()
     net = make_backend("triton", spec, load_weights(spec, "random:0").tensors, DEVICE, torch.float32)
     a = net.forward_intermediates(net.prepare(images(2, seed=1)), ["relu7"])["relu7"]
     kept = a.clone()
     b = net.forward_intermediates(net.prepare(images(2, seed=2)), ["relu7"])["relu7"]
     assert a.data_ptr() == b.data_ptr() and not torch.equal(kept, b)
+    if DEVICE.type == "cpu":
+        assert not native._state.resolved
 
 
 def test_triton_plan_checks_the_input_once_when_it_is_made():

@@ -106,3 +106,11 @@ def test_library_for_this_triton_and_these_sources_is_accepted():
 def test_build_line_names_its_triton():
     assert native.built_triton("fastfeat kernels (triton 3.6.0): caffenet; bf16; sm90; 3 entries") == "3.6.0"
     assert native.built_triton("something else") is None
+
+
+def test_runtime_does_not_import_the_aot_build_tool():
+    """native.py reads the kernel list from kernels/kernel_list.py, not from aot.py (the build tool, which
+    imports the launchers, which import native.py: the cycle issue 21 cut)."""
+    code = "import sys; from fastfeat.kernels import native; print('fastfeat.kernels.aot' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
