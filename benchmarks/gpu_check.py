@@ -441,7 +441,8 @@ def compile_step(rec: dict, cfg: Settings, budget: Budget, report: Report, names
 # triton with the AOT library, each without and with CUDA graphs; torch eager and torch with graphs;
 # torch.compile reduce-overhead and max-autotune last (they autotune per batch).  bf16, taps relu6,relu7,
 # AlexNet and CaffeNet; host ms per forward pass without graphs (benchmarks/host_time.py); and one padded
-# short batch against its unpadded run.  Sized for one device call of at most 8 minutes:
+# short batch against its unpadded run.  Sized for one device call of at most 8 minutes (the budget cuts
+# the compile variants first: they come last, batch by batch):
 #     python benchmarks/gpu_check.py --steps graphs --budget-s 420      (watchdog at 450 s)
 # The record is saved after every unit into gpu_check.json and gpu_check_graphs.json.
 GRAPH_TAPS = ("relu6", "relu7")
@@ -484,7 +485,21 @@ def _images_per_s(run, x, iters: int, warmup: int) -> float:
 
 
 def graphs_step(rec: dict, cfg: Settings, budget: Budget, report: Report, names: dict, weights) -> None:
-    """See the comment above GRAPH_TAPS."""
+    """See the comment above GRAPH_TAPS.  FASTFEAT_NATIVE (switched per variant) is restored after it."""
+    saved = os.environ.get("FASTFEAT_NATIVE")
+    try:
+        _graphs_units(rec, cfg, budget, report, names, weights)
+    finally:
+        if saved is None:
+            os.environ.pop("FASTFEAT_NATIVE", None)
+        else:
+            os.environ["FASTFEAT_NATIVE"] = saved
+        from fastfeat.kernels import native
+
+        native.reset()
+
+
+def _graphs_units(rec: dict, cfg: Settings, budget: Budget, report: Report, names: dict, weights) -> None:
     from functools import partial
 
     import torch
@@ -590,9 +605,10 @@ def graphs_step(rec: dict, cfg: Settings, budget: Budget, report: Report, names:
         rec["notes"].append("compile modes: dry run without --with-compile (Inductor's cold C++ build)")
         save()
         return
-    for mode in GRAPH_COMPILE_MODES:
-        for batch in batches:
-            for model in cfg.models:
+    # Batch by batch (64 first), both modes: a run cut short still compares every variant at one batch.
+    for batch in batches:
+        for model in cfg.models:
+            for mode in GRAPH_COMPILE_MODES:
                 net = make_backend("compile", get_model(names[model]), weights(model), dev, dtype, compile_mode=mode)
                 measure(model, batch, f"compile {mode}", net, graphs=False, host=False)
                 del net
