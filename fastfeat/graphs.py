@@ -84,12 +84,16 @@ def cuda_capture(fn: ForwardFn, static_input: torch.Tensor) -> tuple[Callable[[]
     """Warm ``fn`` up on a side stream, then capture one call of it as a CUDA graph."""
     import torch
 
+    current = torch.cuda.current_stream(static_input.device)
+    # The first run on the stream that will replay the graph: a backend's plan allocates its buffers
+    # there, so the caching allocator ties them to that stream (not to a short-lived side stream).
+    fn(static_input)
     side = torch.cuda.Stream(static_input.device)
-    side.wait_stream(torch.cuda.current_stream(static_input.device))
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP_RUNS):
+    side.wait_stream(current)
+    with torch.cuda.stream(side):  # as torch's docs do: lazy initialisations happen off the captured stream
+        for _ in range(WARMUP_RUNS - 1):
             fn(static_input)
-    torch.cuda.current_stream(static_input.device).wait_stream(side)
+    current.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         outputs = fn(static_input)
