@@ -67,9 +67,12 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 from checkout import make_importable  # noqa: E402
 
-STEPS = ("tests", "agreement", "layers", "forward", "native", "decode", "compile")
+STEPS = ("tests", "agreement", "layers", "forward", "graphs", "native", "decode", "compile")
 # Steps a dry run leaves out unless --steps names them: they need a GPU.
 GPU_ONLY_STEPS = ("native",)
+# Steps a dry run runs only when --steps names them: graphs interprets the whole tiny network a dozen
+# times (minutes on the 2-core box; tests/test_gpu_readiness.py runs it on its own).
+DRY_OPT_IN_STEPS = ("graphs",)
 # The prebuilt native library and benchmark (CMakeLists.txt copies the library next to fastfeat.kernels;
 # the benchmark stays in the build directory, beside its own copy of the library).
 NATIVE_LIB = os.path.join(ROOT, "kernels", "libfastfeat_kernels.so")
@@ -147,7 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tests-cap-s", type=float, default=None, help="the tests step ends here (100; dry 45)")
     ap.add_argument("--batch-sizes", default=None, help="most valuable first (256,64,1; dry 2,1)")
     ap.add_argument("--steps", default=None, help=f"a subset of {','.join(STEPS)} (default all; a dry run skips "
-                    f"{','.join(GPU_ONLY_STEPS)})")  # fmt: skip
+                    f"{','.join(GPU_ONLY_STEPS + DRY_OPT_IN_STEPS)})")  # fmt: skip
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--out", default=None, help="directory for gpu_check.json (default $OUT, and benchmarks/results)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny networks and budget")
@@ -158,7 +161,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     if args.steps is None:
-        steps = tuple(s for s in STEPS if not (args.dry_run and s in GPU_ONLY_STEPS))
+        steps = tuple(s for s in STEPS if not (args.dry_run and s in GPU_ONLY_STEPS + DRY_OPT_IN_STEPS))
     else:
         steps = tuple(s.strip() for s in args.steps.split(",") if s.strip())
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
@@ -433,6 +436,186 @@ def compile_step(rec: dict, cfg: Settings, budget: Budget, report: Report, names
     layers(rec, cfg, budget, report, names, ("compile",))
 
 
+# -- step: graphs (issue 24) ----------------------------------------------------------------------------------
+# The host out of the forward pass: img/s at batch 64, 1 and 256 (most valuable first) for triton JIT and
+# triton with the AOT library, each without and with CUDA graphs; torch eager and torch with graphs;
+# torch.compile reduce-overhead and max-autotune last (they autotune per batch).  bf16, taps relu6,relu7,
+# AlexNet and CaffeNet; host ms per forward pass without graphs (benchmarks/host_time.py); and one padded
+# short batch against its unpadded run.  Sized for one device call of at most 8 minutes (the budget cuts
+# the compile variants first: they come last, batch by batch):
+#     python benchmarks/gpu_check.py --steps graphs --budget-s 420      (watchdog at 450 s)
+# The record is saved after every unit into gpu_check.json and gpu_check_graphs.json.
+GRAPH_TAPS = ("relu6", "relu7")
+GRAPH_BATCHES = (64, 1, 256)
+GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _emulated_capture(fn, static_input):
+    """The dry run's stand-in for a CUDA graph (a CPU has none): replay recomputes into the outputs of the
+    'capture', so the step's bucketing, padding and bookkeeping run end to end; its timings mean nothing."""
+    outputs = {k: v.clone() for k, v in fn(static_input).items()}
+
+    def replay():
+        for k, v in fn(static_input).items():
+            outputs[k].copy_(v)
+
+    return replay, outputs
+
+
+def _images_per_s(run, x, iters: int, warmup: int) -> float:
+    import torch
+
+    for _ in range(max(warmup, 1)):  # the first call compiles, autotunes, plans (or captures): never timed
+        run(x)
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            run(x)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            run(x)
+        seconds = time.perf_counter() - t0
+    return x.shape[0] * iters / seconds
+
+
+def graphs_step(rec: dict, cfg: Settings, budget: Budget, report: Report, names: dict, weights) -> None:
+    """See the comment above GRAPH_TAPS.  FASTFEAT_NATIVE (switched per variant) is restored after it."""
+    saved = os.environ.get("FASTFEAT_NATIVE")
+    try:
+        _graphs_units(rec, cfg, budget, report, names, weights)
+    finally:
+        if saved is None:
+            os.environ.pop("FASTFEAT_NATIVE", None)
+        else:
+            os.environ["FASTFEAT_NATIVE"] = saved
+        from fastfeat.kernels import native
+
+        native.reset()
+
+
+def _graphs_units(rec: dict, cfg: Settings, budget: Budget, report: Report, names: dict, weights) -> None:
+    from functools import partial
+
+    import torch
+    from host_time import host_ms_per_forward
+
+    from fastfeat.backends import make_backend
+    from fastfeat.graphs import GraphForward, cuda_capture
+    from fastfeat.kernels import native
+    from fastfeat.models import get_model
+    from fastfeat.runtime import PRECISIONS, git_sha
+
+    dev = torch.device(cfg.device)
+    dtype = PRECISIONS[cfg.precision]
+    capture = cuda_capture if dev.type == "cuda" else _emulated_capture
+    # The dry run: one batch of 2 (a padded row of 1 in it), two host calls: it only proves the code runs.
+    batches = (2,) if cfg.dry_run else GRAPH_BATCHES
+    host_calls = 2 if cfg.dry_run else 20
+    taps = list(GRAPH_TAPS)
+    rec.update(commit=git_sha(), taps=taps, precision=cfg.precision, batches=list(batches), img_per_s={}, host_ms={},
+               graph_stats={}, padding={}, notes=[],
+               capture="cuda" if dev.type == "cuda" else "emulated (dry run on CPU): bookkeeping only, no timing")  # fmt: skip
+    own = Report([os.path.join(os.path.dirname(p), "gpu_check_graphs.json") for p in report.paths], {})
+
+    def save() -> None:
+        report.save()
+        own.data = {k: report.data.get(k) for k in ("device", "torch", "triton", "capability")} | {"graphs": rec}
+        own.save()
+
+    def kernels(source: str) -> str | None:
+        """Switch the triton backend's kernels to JIT or the AOT library; why not, or None."""
+        os.environ["FASTFEAT_NATIVE"] = "1" if source == "native" else "0"
+        native.reset()
+        if source == "jit":
+            return None
+        if dev.type != "cuda":
+            return "dry run: the AOT library runs on a GPU only"
+        return None if native.library() is not None else native.describe()
+
+    def measure(model: str, batch: int, label: str, net, graphs: bool, host: bool) -> None:
+        key = f"{model} {label}{' graphs' if graphs else ''} b{batch}"
+        if out_of_budget(rec, budget, key):
+            return
+        spec = net.spec
+        gen = torch.Generator().manual_seed(0)
+        x = net.prepare(torch.randn(batch, spec.input_size, spec.input_size, 3, generator=gen))
+        if graphs:
+            run = GraphForward(partial(net.forward_intermediates, names=taps), batch, capture=capture)
+        else:
+            run = partial(net.forward_intermediates, names=taps)
+        rec["img_per_s"][key] = _images_per_s(run, x, cfg.iters, cfg.warmup)
+        if graphs:
+            rec["graph_stats"][key] = dict(run.stats, failed=list(run.failed.values()))
+        if host:
+            rec["host_ms"][key] = host_ms_per_forward(lambda: run(x), dev, calls=host_calls)
+        print(f"graphs {key}: {rec['img_per_s'][key]:,.3g} img/s", flush=True)
+        save()
+
+    def padding(model: str, net) -> None:
+        """A short batch padded to its bucket against the same rows run unpadded (rows never mix)."""
+        full = max(batches)
+        rows = max(1, full * 3 // 5)
+        key = f"{model} triton b{rows} in bucket {full}"
+        if full < 2 or out_of_budget(rec, budget, key):
+            return
+        spec = net.spec
+        gen = torch.Generator().manual_seed(3)
+        images = torch.randn(full, spec.input_size, spec.input_size, 3, generator=gen)
+        run = GraphForward(partial(net.forward_intermediates, names=taps), full, capture=capture)
+        run(net.prepare(images))
+        short = net.prepare(images[:rows] * 0.5)
+        padded = {k: v.float().clone() for k, v in run(short).items()}
+        alone = {k: v.float() for k, v in net.forward_intermediates(short, taps).items()}
+        rec["padding"][key] = {
+            t: {"rel_err": float((padded[t] - alone[t]).norm() / alone[t].norm()),
+                "bit_identical": bool(torch.equal(padded[t], alone[t]))}
+            for t in taps
+        }  # fmt: skip
+        save()
+
+    for batch in batches:
+        for model in cfg.models:
+            spec = get_model(names[model])
+            for source in ("jit", "native"):
+                why = kernels(source)
+                if why is not None:
+                    rec["notes"].append(f"triton {source}: {why}")
+                    continue
+                net = make_backend("triton", spec, weights(model), dev, dtype)
+                measure(model, batch, f"triton {source}", net, graphs=True, host=False)
+                measure(model, batch, f"triton {source}", net, graphs=False, host=True)
+                if source == "jit" and batch == batches[0]:
+                    padding(model, net)
+                del net
+            kernels("jit")
+            net = make_backend("torch", spec, weights(model), dev, dtype)
+            measure(model, batch, "torch", net, graphs=False, host=True)
+            measure(model, batch, "torch", net, graphs=True, host=False)
+            del net
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    rec["notes"] = sorted(set(rec["notes"]))
+    if cfg.dry_run and not cfg.with_compile:
+        rec["notes"].append("compile modes: dry run without --with-compile (Inductor's cold C++ build)")
+        save()
+        return
+    # Batch by batch (64 first), both modes: a run cut short still compares every variant at one batch.
+    for batch in batches:
+        for model in cfg.models:
+            for mode in GRAPH_COMPILE_MODES:
+                net = make_backend("compile", get_model(names[model]), weights(model), dev, dtype, compile_mode=mode)
+                measure(model, batch, f"compile {mode}", net, graphs=False, host=False)
+                del net
+                torch._dynamo.reset()
+    save()
+
+
 # -- step 5: native ---------------------------------------------------------------------------------------
 def native_step(rec: dict, cfg: Settings, budget: Budget, report: Report) -> None:
     """The prebuilt AOT library on this GPU: its GPU tests, the layer benchmark, start-up times.
@@ -600,6 +783,13 @@ def plan(cfg: Settings, names: dict) -> dict:
         "agreement": [f"{m} {p} b{cfg.agreement_batch}" for m in cfg.models for p in (cfg.precision, "fp32")],
         "layers": [f"{m} torch+triton b{b}" for b in cfg.batch_sizes for m in cfg.models],
         "forward": [f"{m} {k} b{b}" for b in cfg.batch_sizes for m in cfg.models for k in ("torch", "triton")],
+        "graphs": [
+            f"{m} {k} b{b}"
+            for b in ((2,) if cfg.dry_run else GRAPH_BATCHES)
+            for m in cfg.models
+            for k in ("triton jit", "triton native", "torch")
+        ]
+        + [f"compile {mode}" for mode in GRAPH_COMPILE_MODES],
         "native": ["startup aot", "startup jit", "kernels", "forward", "bench"],
         "decode": [f"cpu, mixed hw_decoder_load={load}" for load in DECODE_LOADS],
         "compile": [f"{m} compile b{b}" for b in cfg.batch_sizes for m in cfg.models],
@@ -643,8 +833,9 @@ def main(argv=None) -> int:
     paths = [os.path.join(out_dir, "gpu_check.json")] if out_dir else []
     if not cfg.dry_run:
         paths.append(os.path.join(BENCH, "results", "gpu_check.json"))
-    if not paths:
-        sys.exit("gpu_check: --dry-run needs --out (or $OUT): a dry run never writes benchmarks/results")
+    if not paths:  # a dry run never writes benchmarks/results
+        paths = [os.path.join(tempfile.mkdtemp(prefix="gpu_check-dry-"), "gpu_check.json")]
+        print(f"gpu_check: no --out (or $OUT): writing {paths[0]}", flush=True)
     dev = torch.device(cfg.device)
     report = Report(paths, {
         "dry_run": cfg.dry_run, "device": device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
@@ -666,6 +857,7 @@ def main(argv=None) -> int:
         "agreement": lambda rec: agreement(rec, cfg, budget, report, names, weights),
         "layers": lambda rec: layers(rec, cfg, budget, report, names, ("torch", "triton")),
         "forward": lambda rec: forward(rec, cfg, budget, report, names, weights, ("torch", "triton")),
+        "graphs": lambda rec: graphs_step(rec, cfg, budget, report, names, weights),
         "native": lambda rec: native_step(rec, cfg, budget, report),
         "decode": lambda rec: decode(rec, cfg, budget, report),
         "compile": lambda rec: compile_step(rec, cfg, budget, report, names, weights),

@@ -8,6 +8,7 @@ import re
 from .augment import DEFAULT_AUGMENT, check_augment
 from .backends import backend_names
 from .errors import ConfigError
+from .graphs import check_cuda_graphs
 from .means import check_mean_file
 from .models import DECODE_MODES, DEFAULT_DECODE, ModelSpec, get_model, parse_layers
 from .published import WEIGHTS_CHOICES, check_model, download_url
@@ -17,6 +18,18 @@ from .sinks import format_names
 PRECISION_NAMES = ("fp32", "bf16", "fp16")
 OUTPUT_DTYPE_NAMES = ("float16", "float32")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+# torch.compile's modes (--compile-mode; the compile backend's default is COMPILE_DEFAULT_MODE on CUDA).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: str | None, backend: str) -> None:
+    """ConfigError for an unknown --compile-mode, or one given to a backend that does not compile."""
+    if mode is None:
+        return
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"unknown --compile-mode {mode!r}; choose from {', '.join(COMPILE_MODES)}")
+    if backend != "compile":
+        raise ConfigError(f"--compile-mode applies to --backend compile, not {backend!r}")
 
 
 def check_arguments(
@@ -40,6 +53,8 @@ def check_arguments(
     augment_reduce: str = "mean",
     decode: str = DEFAULT_DECODE,
     mean_file: str | None = None,
+    cuda_graphs: str = "auto",
+    compile_mode: str | None = None,
 ) -> tuple[ModelSpec, list[str]]:
     """The model spec and the requested layers in forward order; ConfigError for anything wrong."""
     try:
@@ -60,6 +75,8 @@ def check_arguments(
         raise ConfigError(f"unknown device {device!r}; choose auto, cpu or cuda[:N]")
     if backend not in backend_names():
         raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(backend_names())}")
+    check_cuda_graphs(cuda_graphs)
+    check_compile_mode(compile_mode, backend)
     if format not in format_names():
         raise ConfigError(f"unknown output format {format!r}; choose from {', '.join(format_names())}")
     if num_shards < 1 or not 0 <= shard_index < num_shards:

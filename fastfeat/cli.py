@@ -86,6 +86,18 @@ def _add_extract(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--backend", default="torch", help=f"one of {', '.join(backend_names())} (default torch)")
     p.add_argument(
+        "--cuda-graphs",
+        default="auto",
+        help="auto (default: on for the torch and triton backends on CUDA), on or off: replay the whole forward pass "
+        "as one CUDA graph per batch-size bucket (docs/gpu.md)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="--backend compile: default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs (the default "
+        "on CUDA; on CPU the default is freezing)",
+    )
+    p.add_argument(
         "--format",
         default=DEFAULT_FORMAT,
         help=f"output format: {', '.join(format_names())} (default {DEFAULT_FORMAT})",
@@ -178,7 +190,8 @@ def _run_extract(args, argv: list[str]) -> int:
         precision=args.precision, device=args.device, backend=args.backend, shard_size=args.shard_size,
         dtype=args.dtype, max_pixels=args.max_pixels, num_threads=args.threads, num_shards=args.num_shards,
         shard_index=args.shard_index, format=args.format, max_error_rate=args.max_error_rate,
-        augment=args.augment, augment_reduce=args.augment_reduce, decode=args.decode,
+        augment=args.augment, augment_reduce=args.augment_reduce, decode=args.decode, cuda_graphs=args.cuda_graphs,
+        compile_mode=args.compile_mode,
     )  # fmt: skip
     source = _extract_source(args.source, args.sample)
     # Before torch and DALI are imported: a bad flag is reported at once.
@@ -288,6 +301,18 @@ def _add_profile(sub) -> None:
         "--backend", default="torch", help=f"{', '.join(backend_names())} or all, comma-separated (default torch)"
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument(
+        "--cuda-graphs",
+        default="auto",
+        help="auto (default: on for the torch and triton backends on CUDA), on or off: replay the whole forward pass "
+        "as one CUDA graph per batch-size bucket (docs/gpu.md)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="--backend compile: default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs (the default "
+        "on CUDA; on CPU the default is freezing)",
+    )
     p.add_argument("--precision", default=None, help="fp32, bf16 or fp16 (default: bf16 where supported, else fp32)")
     p.add_argument("--batch-size", default="1,64", help="comma-separated batch sizes (default 1,64)")
     p.add_argument("--repeat", default="10", help="timed runs per op; the table shows their median (default 10)")
@@ -311,6 +336,8 @@ def _run_profile(args) -> int:
         warmup=args.warmup,
         weights=args.weights,
         log=lambda line: print(line, file=sys.stderr),
+        cuda_graphs=args.cuda_graphs,
+        compile_mode=args.compile_mode,
     )
     print(format_table(results))
     if args.json:
@@ -335,6 +362,18 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 where supported")
     p.add_argument("--backend", default="torch", help=f"one of {', '.join(backend_names())} (default torch)")
+    p.add_argument(
+        "--cuda-graphs",
+        default="auto",
+        help="auto (default: on for the torch and triton backends on CUDA), on or off: replay the whole forward pass "
+        "as one CUDA graph per batch-size bucket (docs/gpu.md)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="--backend compile: default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs (the default "
+        "on CUDA; on CPU the default is freezing)",
+    )
     p.add_argument("--dtype", choices=("float16", "float32"), default="float32", help="default response dtype")
     p.add_argument("--max-batch", type=int, default=64, help="images per forward pass at most (default 64)")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
@@ -367,7 +406,8 @@ def _run_serve(args) -> int:
             raise ConfigError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
     cfg = ServeConfig(
         model=args.model, weights=args.weights, layers=args.layers, host=args.host, port=args.port,
-        device=args.device, precision=args.precision, backend=args.backend, dtype=args.dtype,
+        device=args.device, precision=args.precision, backend=args.backend, cuda_graphs=args.cuda_graphs,
+        compile_mode=args.compile_mode, dtype=args.dtype,
         max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
         max_body_mb=args.max_body_mb, max_pixels=args.max_pixels, mean_file=args.mean_file, threads=args.threads,
         index=args.index, index_layer=args.index_layer,

@@ -19,6 +19,7 @@ from .backends import unavailable_reason
 from .checksum import file_sha256
 from .console import console
 from .errors import ConfigError, ExtractFailed
+from .graphs import resolve_cuda_graphs
 from .header import DEFAULT_MAX_PIXELS
 from .models import DEFAULT_DECODE
 from .output import SUMMARY, OutputDir, ShardTransaction, plan_items, shard_tasks
@@ -48,7 +49,7 @@ class Extractor:
         overwrite: bool = False, progress: bool = True, image_column: str = "image", num_shards: int = 1,
         shard_index: int = 0, format: str = DEFAULT_FORMAT, append: bool = False, strict: bool = False,
         max_error_rate: float | None = None, augment: str = DEFAULT_AUGMENT, augment_reduce: str = "mean",
-        decode: str = DEFAULT_DECODE,
+        decode: str = DEFAULT_DECODE, cuda_graphs: str = "auto", compile_mode: str | None = None,
     ):  # fmt: skip
         self.started = time.perf_counter()
         self.spec, self.layers = check_arguments(
@@ -56,11 +57,14 @@ class Extractor:
             precision=precision, device=device, backend=backend, format=format, max_pixels=max_pixels,
             num_threads=num_threads, num_shards=num_shards, shard_index=shard_index, max_error_rate=max_error_rate,
             augment=augment, augment_reduce=augment_reduce, decode=decode, mean_file=mean_file,
+            cuda_graphs=cuda_graphs, compile_mode=compile_mode,
         )  # fmt: skip
         self.decode_mode = decode
         storage.check_single_writer(out, num_shards)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        self.cuda_graphs = resolve_cuda_graphs(cuda_graphs, self.device, backend)
+        self.compile_mode = compile_mode
         if (why := unavailable_reason(backend, self.device)) is not None:
             raise ConfigError(f"backend {backend!r} is not available: {why}")
         raise_pillow_limit(max_pixels)
@@ -77,7 +81,8 @@ class Extractor:
         self.stage_options = StageOptions(
             self.spec, self.layers, self.device, self.precision, backend=backend, dtype=dtype, batch_size=batch_size,
             num_threads=num_threads, max_pixels=max_pixels, augment=augment, augment_reduce=augment_reduce,
-            decode=decode, mean_file=mean_file, mean_image=self.mean_image, weights_id=self.weights_id,
+            decode=decode, cuda_graphs=self.cuda_graphs, compile_mode=compile_mode, mean_file=mean_file,
+            mean_image=self.mean_image, weights_id=self.weights_id,
         )  # fmt: skip
         self.metadata = self.stage_options.metadata()
         self.sink = get_sink(format)(Layout(self.stage_options.dims(), dtype, self.metadata))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -61,11 +62,17 @@ class Forward:
     On CUDA the stage runs on its own stream on the backend's device, made current in the calling
     thread (Triton launches on the current device and stream), and is timed with events on that
     stream; the device->host copy waits for this stream only, so the decoder's GPU work for the next
-    batch overlaps the forward pass."""
+    batch overlaps the forward pass.
+
+    ``graph_rows``: run the forward pass through CUDA graphs (fastfeat.graphs) for batches of up to
+    this many rows (the run's batch size times its views), None for none.
+
+    The backend's outputs are its plan's (or graph's) buffers, reused by the next batch: they are
+    copied to the host here, before this call returns, and nothing else holds them."""
 
     def __init__(
         self, net: Backend, layers: list[str], dtype: str, views: int = 1, reduce: str = "mean",
-        pad_rows: int | None = None,
+        pad_rows: int | None = None, graph_rows: int | None = None,
     ):  # fmt: skip
         self.net, self.layers, self.out_dtype = net, layers, OUTPUT_DTYPES[dtype]
         self.views, self.reduce = views, reduce  # test-time augmentation: rows per image, and their reduction
@@ -80,6 +87,11 @@ class Forward:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.clock = _StreamClock(self.stream) if self.stream is not None else _HostClock()
         self._since_trim = 0
+        self.graphs = None
+        if graph_rows is not None:
+            from .graphs import GraphForward
+
+            self.graphs = GraphForward(partial(net.forward_intermediates, names=layers), graph_rows)
 
     def __call__(self, images: torch.Tensor, good: list[int], busy: dict[str, float]) -> dict[str, np.ndarray]:
         self._since_trim += len(images)
@@ -99,7 +111,7 @@ class Forward:
             x = self.net.prepare(images)
             rows = torch.tensor(good, device=x.device)
             t1 = clock.mark()
-            acts = self.net.forward_intermediates(x, self.layers)
+            acts = self.graphs(x) if self.graphs is not None else self.net.forward_intermediates(x, self.layers)
             t2 = clock.mark()
             feats = {}
             for name in self.layers:

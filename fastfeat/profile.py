@@ -17,12 +17,16 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
 
+from .arguments import check_compile_mode
 from .backends import backend_names, make_backend, unavailable_reason
+from .backends.compile_backend import recorded_mode
 from .backends.plan import Op
+from .graphs import GraphForward, resolve_cuda_graphs
 from .models import ModelSpec, get_model
 from .profile_report import TYPE_ORDER, check_outputs, format_table, plot_profile, write_json
 from .runtime import PRECISIONS, device_name, git_sha, keep_freed_memory, resolve_device, resolve_precision
@@ -158,6 +162,15 @@ def time_plan(
     return timed
 
 
+@torch.inference_mode()
+def time_graph_forward(net, names: list[str], x: torch.Tensor, repeat: int) -> float:
+    """Median ms of the whole forward pass replayed as one CUDA graph (captured, after its warm-up, first)."""
+    graph = GraphForward(partial(net.forward_intermediates, names=names), x.shape[0])
+    graph(x)  # capture
+    times, _ = _time_runs(graph, x, repeat, x.device)
+    return float(np.median(times))
+
+
 # ----------------------------------------------------------------------------------------------
 # Result objects
 # ----------------------------------------------------------------------------------------------
@@ -245,12 +258,17 @@ def profile(
     warmup: int = 2,
     weights: str = "random:0",
     log: Callable[[str], None] | None = None,
+    cuda_graphs: str = "auto",
+    compile_mode: str | None = None,
 ) -> list[dict]:
     """Per-op timings of the full forward pass: one result dict per (backend, batch size).
 
     ``backends`` names torch, triton, compile, or all (every one available here).
     ``precision`` defaults to bf16 where the hardware computes it natively, else fp32.
     ``log`` receives one progress line per (backend, batch size).
+    ``cuda_graphs`` (auto, on, off; see fastfeat.graphs): where on, each result also holds
+    ``graph_forward_ms``, the whole forward pass replayed as one CUDA graph (CUDA events, median).
+    ``compile_mode``: torch.compile's mode for the compile backend (its default otherwise).
     """
     spec = get_model(model)
     dev = resolve_device(device)
@@ -258,6 +276,9 @@ def profile(
     sizes = parse_batch_sizes(batch_sizes)
     repeat, warmup = parse_count(repeat, "repeat", 1), parse_count(warmup, "warmup", 0)
     names = resolve_backends(backends, dev, log)
+    graphs = {name: resolve_cuda_graphs(cuda_graphs, dev, name) for name in names}  # ConfigError: on, on a CPU
+    if compile_mode is not None:
+        check_compile_mode(compile_mode, "compile" if "compile" in names else names[0])
     tensors = load_weights(spec, weights).tensors
     # The same heap behaviour as `fastfeat extract`: without it every CPU op page-faults its output in.
     keep_freed_memory()
@@ -267,7 +288,8 @@ def profile(
     deepest = spec.layer_names[-1]
     results = []
     for name in names:
-        net = make_backend(name, spec, tensors, dev, PRECISIONS[precision])
+        mode = compile_mode if name == "compile" else None
+        net = make_backend(name, spec, tensors, dev, PRECISIONS[precision], compile_mode=mode)
         ops = net.plan([deepest])
         # A backend that compiles each op (torch.compile) has it compiled on its own, right before timing.
         compile_fn = net.compile_op if getattr(net, "compiles_each_op", False) else None
@@ -279,7 +301,12 @@ def profile(
             if log is not None:
                 log(f"profiling {spec.name} {name} batch {batch} on {dev} ({precision}, repeat {repeat})")
             timed = time_plan(ops, net.prepare(images[batch]), repeat, op_warmup, dev, compile_fn=compile_fn)
-            results.append(_result(spec, name, dev, precision, batch, timed, repeat, op_warmup, weights))
+            result = _result(spec, name, dev, precision, batch, timed, repeat, op_warmup, weights)
+            result["cuda_graphs"] = graphs[name]
+            result["compile_mode"] = recorded_mode(name, dev.type, compile_mode)
+            if graphs[name]:
+                result["graph_forward_ms"] = time_graph_forward(net, [deepest], net.prepare(images[batch]), repeat)
+            results.append(result)
         del net, ops
         if compile_fn is not None:
             torch._dynamo.reset()

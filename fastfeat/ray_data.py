@@ -38,7 +38,7 @@ class FeatureMapper:
     Constructor arguments (``fn_constructor_kwargs``) are those of ``fastfeat extract``: ``weights``
     (required: a file, a published name or ``random:SEED``), ``model``, ``layers``, ``image_column``,
     ``device`` (auto: the GPU Ray gave the actor, else CPU), ``precision``, ``backend``, ``dtype``,
-    ``mean_file``, ``max_pixels``, ``augment``, ``augment_reduce``, ``decode``; ``num_threads`` defaults to the
+    ``mean_file``, ``max_pixels``, ``augment``, ``augment_reduce``, ``decode``, ``cuda_graphs``, ``compile_mode``; ``num_threads`` defaults to the
     CPUs Ray granted the actor; ``batch_size`` is the decoder's (the largest batch it is given:
     pass ``map_batches`` the same); ``keep_image`` keeps the bytes column in the output.
     """
@@ -48,11 +48,13 @@ class FeatureMapper:
         image_column: str = "image", device: str = "auto", precision: str | None = None, backend: str = "torch",
         dtype: str = "float16", mean_file: str | None = None, max_pixels: int = 100_000_000,
         num_threads: int | None = None, batch_size: int = 64, augment: str = "center",
-        augment_reduce: str = "mean", keep_image: bool = False, decode: str = "fast",
+        augment_reduce: str = "mean", keep_image: bool = False, decode: str = "fast", cuda_graphs: str = "auto",
+        compile_mode: str | None = None,
     ):  # fmt: skip
         import torch
 
         from .arguments import check_arguments
+        from .graphs import resolve_cuda_graphs
         from .runtime import resolve_device, resolve_precision
         from .stages import StageOptions, build_stages, mean_for
         from .weights import load_weights
@@ -61,7 +63,8 @@ class FeatureMapper:
             model=model, layers=layers, weights=weights, batch_size=batch_size, shard_size=1, dtype=dtype,
             precision=precision, device=device, backend=backend, format="parquet", max_pixels=max_pixels,
             num_threads=num_threads, num_shards=1, shard_index=0, max_error_rate=None, augment=augment,
-            augment_reduce=augment_reduce, decode=decode, mean_file=mean_file,
+            augment_reduce=augment_reduce, decode=decode, mean_file=mean_file, cuda_graphs=cuda_graphs,
+            compile_mode=compile_mode,
         )  # fmt: skip
         threads = num_threads or _granted_cpus()
         torch.set_num_threads(threads)
@@ -70,6 +73,7 @@ class FeatureMapper:
             self.spec, self.layers, device, resolve_precision(precision, device), backend=backend, dtype=dtype,
             batch_size=batch_size, num_threads=threads, max_pixels=max_pixels, augment=augment,
             augment_reduce=augment_reduce, decode=decode, mean_file=mean_file,
+            cuda_graphs=resolve_cuda_graphs(cuda_graphs, device, backend), compile_mode=compile_mode,
             mean_image=mean_for(mean_file, self.spec.preprocess, augment),
         )  # fmt: skip
         tensors = load_weights(self.spec, weights).tensors  # a file, a published name (cached) or random:SEED

@@ -41,6 +41,8 @@ class StageOptions:
     augment: str = DEFAULT_AUGMENT
     augment_reduce: str = "mean"
     decode: str = DEFAULT_DECODE
+    cuda_graphs: bool = False  # --cuda-graphs, resolved (fastfeat.graphs.resolve_cuda_graphs)
+    compile_mode: str | None = None  # --compile-mode as given (None: the compile backend's default)
     mean_file: str | None = None  # as given: recorded in the metadata
     mean_image: np.ndarray | None = None  # its contents, as mean_for() loads them (a Ray worker gets them
     # from the driver, so the file need not exist on the worker's host)
@@ -60,7 +62,8 @@ class StageOptions:
         return {
             **features_metadata(
                 self.spec, self.weights_id, self.mean_file, self.mean_image, self.device, self.precision,
-                self.backend, self.dtype, self.layers, decode=self.decode,
+                self.backend, self.dtype, self.layers, decode=self.decode, cuda_graphs=self.cuda_graphs,
+                compile_mode=self.compile_mode,
             ),
             # The run config holds the metadata: a resume with other views or reduction is refused.
             "augment": augment_metadata(self.augment, self.augment_reduce),
@@ -135,7 +138,10 @@ def build_stages(
     raise_pillow_limit(options.max_pixels)
     keep_freed_memory()
     make_current(options.device)  # cuda:N: weights, the decoder and any device-less CUDA call go to N
-    net = make_backend(options.backend, options.spec, tensors, options.device, PRECISIONS[options.precision])
+    net = make_backend(
+        options.backend, options.spec, tensors, options.device, PRECISIONS[options.precision],
+        compile_mode=options.compile_mode,
+    )  # fmt: skip
     views = options.views
     decoder = Decoder(
         options.spec.preprocess, options.batch_size, options.device, options.num_threads, options.mean_image, views,
@@ -144,6 +150,7 @@ def build_stages(
     forward = Forward(
         net, options.layers, forward_dtype or options.dtype, len(views), options.augment_reduce,
         pad_rows=options.batch_size * len(views) if pad_short_batches else None,
+        graph_rows=options.batch_size * len(views) if options.cuda_graphs else None,
     )  # fmt: skip
     return Stages(options, net, decoder, forward, reader)
 
@@ -161,10 +168,12 @@ def _sha256_array(a: np.ndarray) -> str:
 
 def features_metadata(
     spec, weights_id: dict, mean_file: str | None, mean_image: np.ndarray | None, device, precision: str,
-    backend: str, dtype: str, layers: list[str], decode: str = DEFAULT_DECODE,
+    backend: str, dtype: str, layers: list[str], decode: str = DEFAULT_DECODE, cuda_graphs: bool = False,
+    compile_mode: str | None = None,
 ) -> dict:  # fmt: skip
     """How features were made: a shard's metadata, and what ``fastfeat serve`` answers on GET /v1/model
     (one function, so a served feature and a stored one are described alike and can be compared)."""
+    from .backends.compile_backend import recorded_mode
     from .runtime import device_name, library_versions
 
     shapes = spec.shapes()
@@ -181,6 +190,9 @@ def features_metadata(
         },
         "precision": precision,
         "backend": backend,
+        # How the forward pass ran (--cuda-graphs resolved; torch.compile's mode for the compile backend).
+        "cuda_graphs": bool(cuda_graphs),
+        "compile_mode": recorded_mode(backend, device.type, compile_mode),
         "device": device.type,
         "device_name": device_name(device),
         "dtype": dtype,

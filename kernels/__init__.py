@@ -13,12 +13,16 @@ import importlib
 _EXPORTS = {
     "interpreter_active": "autotune",
     "conv2d_nhwc": "conv",
+    "plan_conv2d_nhwc": "conv",
     "pack_conv_weight": "conv",
     "linear": "gemm",
+    "plan_linear": "gemm",
     "pack_linear_weight": "gemm",
     "LRNParams": "lrn",
     "lrn_nhwc": "lrn",
+    "plan_lrn_nhwc": "lrn",
     "maxpool2d_nhwc": "pool",
+    "plan_maxpool2d_nhwc": "pool",
     "conv_output_size": "sizes",
     "pool_output_size": "sizes",
 }

@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from . import triton_compat
+from .kernel_list import KERNELS
 from .triton_compat import DEFAULT_NUM_STAGES, DEFAULT_NUM_WARPS, LAUNCH_OPTIONS
 
 
@@ -51,14 +52,6 @@ TARGETS = {
 # ptxas sometimes spills a word or two while far below the register cap (its own occupancy choice); a
 # spill of at most this many bytes with registers to spare is reported as "spill(minor)", not a problem.
 MINOR_SPILL_BYTES = 16
-# The kernels the recorder intercepts: (module under fastfeat.kernels, global name).
-KERNELS = (
-    ("conv", "_conv2d_nhwc_kernel"),
-    ("gemm", "_linear_kernel"),
-    ("gemm", "_splitk_reduce_kernel"),
-    ("pool", "_maxpool_nhwc_kernel"),
-    ("lrn", "_lrn_nhwc_kernel"),
-)
 # Unlimited shared memory, to ask a prune hook which configs it keeps for reasons other than fit.
 NO_SMEM_LIMIT = 1 << 40
 # ptxas's per-thread register ceiling; a kernel at it is one change away from spilling.

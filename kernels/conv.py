@@ -42,10 +42,13 @@ from .autotune import batch_bucket, conv_configs, m_bucket, prune_conv
 from .gemm import grouped_tile
 from .indexing import nhwc_window_origin
 from .launch_args import (
+    Launch,
+    check_input,
     check_kernel_tensor,
     check_same_device,
     dot_precision,
     int_pair,
+    nothing,
     on_tensor_device,
     output_buffer,
     resolve_out_dtype,
@@ -229,9 +232,39 @@ def conv2d_nhwc(
     fp32 inputs use exact fp32 products unless ``allow_tf32``.
     """
     check_kernel_tensor("x", x, ndim=4)
+    launch = plan_conv2d_nhwc(
+        tuple(x.shape), x.dtype, x.device, packed, bias, kernel_size=kernel_size, stride=stride, padding=padding,
+        groups=groups, relu=relu, out_dtype=out_dtype, out=out, allow_tf32=allow_tf32,
+    )  # fmt: skip
+    # Triton launches on the current device and stream: make that x's device (see on_tensor_device).
+    with on_tensor_device(x):
+        return launch(x)
+
+
+def plan_conv2d_nhwc(
+    x_shape: tuple,
+    dtype: torch.dtype,
+    device: torch.device,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    kernel_size,
+    stride=1,
+    padding=0,
+    groups: int = 1,
+    relu: bool = False,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    allow_tf32: bool = False,
+) -> Launch:
+    """``conv2d_nhwc`` planned for inputs of ``x_shape``/``dtype`` on ``device``: the checks, the output
+    buffer, the grid, the kernel arguments and the AOT library's descriptor, all made here, once.
+
+    The returned launch runs on the current CUDA device and stream (the caller makes them x's)."""
+    check_input("x", x_shape, dtype, device, ndim=4)
     check_kernel_tensor("packed", packed, ndim=3)
-    if packed.dtype != x.dtype:
-        raise ValueError(f"packed weight dtype {packed.dtype} != input dtype {x.dtype}; pack with dtype=x.dtype")
+    if packed.dtype != dtype:
+        raise ValueError(f"packed weight dtype {packed.dtype} != input dtype {dtype}; pack with dtype=x.dtype")
     kh, kw = int_pair("kernel_size", kernel_size)
     sh, sw = int_pair("stride", stride)
     ph, pw = int_pair("padding", padding)
@@ -239,7 +272,7 @@ def conv2d_nhwc(
         raise ValueError(f"invalid geometry kernel_size={kernel_size} stride={stride} padding={padding}")
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
-    n, h, w, cin = x.shape
+    n, h, w, cin = x_shape
     if cin % groups != 0:
         raise ValueError(f"input channels {cin} are not divisible by groups={groups}")
     cin_g = cin // groups
@@ -256,7 +289,7 @@ def conv2d_nhwc(
         check_kernel_tensor("bias", bias, ndim=1, dtypes=(torch.float32,))
         if bias.shape[0] != cout:
             raise ValueError(f"bias has {bias.shape[0]} entries, expected Cout={cout}")
-    check_same_device(x=x, packed=packed, bias=bias)
+    check_same_device(device, packed=packed, bias=bias)
     oh = conv_output_size(h, kh, sh, ph)
     ow = conv_output_size(w, kw, sw, pw)
     if oh < 1 or ow < 1:
@@ -264,48 +297,32 @@ def conv2d_nhwc(
     m_gemm = n * oh * ow
     if m_gemm > MAX_GEMM_M:
         raise ValueError(f"N*OH*OW={m_gemm} exceeds {MAX_GEMM_M}; split the batch")
-    y_dtype = resolve_out_dtype(out_dtype, x.dtype)
-    shape = (n, oh, ow, cout)
-    out = output_buffer(out, shape=shape, dtype=y_dtype, device=x.device)
+    y_dtype = resolve_out_dtype(out_dtype, dtype)
+    out = output_buffer(out, shape=(n, oh, ow, cout), dtype=y_dtype, device=device)
     if m_gemm == 0:
-        return out
+        return Launch(out, nothing)
 
     def grid(meta):
         return (triton.cdiv(m_gemm, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups)
 
     from . import native
 
-    # Triton launches on the current device and stream: make that x's device (see on_tensor_device).
-    with on_tensor_device(x):
-        # The AOT library (when built, and when it holds this specialisation) launches with no JIT.
-        aot = dict(kernel=(kh, kw), stride=(sh, sw), padding=(ph, pw), groups=groups, relu=relu, allow_tf32=allow_tf32)
-        if native.conv2d(x, packed, bias, out, **aot):
-            return out
-        _conv2d_nhwc_kernel[grid](
-            x,
-            packed,
-            bias if bias is not None else x,  # dummy pointer, never read when HAS_BIAS is False
-            out,
-            h,
-            w,
-            cin,
-            oh,
-            ow,
-            cout,
-            m_gemm,
-            cout_g,
-            m_bucket(m_gemm),
-            batch_bucket(n),
-            CIN_G=cin_g,
-            KH=kh,
-            KW=kw,
-            STRIDE_H=sh,
-            STRIDE_W=sw,
-            PAD_H=ph,
-            PAD_W=pw,
-            TAP_LOOP=cin_g >= TAP_LOOP_MIN_CIN,
-            HAS_BIAS=bias is not None,
-            APPLY_RELU=bool(relu),
-            DOT_PRECISION=dot_precision(x.dtype, allow_tf32),
-        )
-    return out
+    # The AOT library (when built, and when it holds this specialisation) launches with no JIT.
+    aot = native.conv2d_launcher(
+        x_shape, dtype, packed, bias, out, kernel=(kh, kw), stride=(sh, sw), padding=(ph, pw), groups=groups,
+        relu=relu, allow_tf32=allow_tf32,
+    )  # fmt: skip
+    jit = _conv2d_nhwc_kernel[grid]
+    # bias or a dummy pointer, never read when HAS_BIAS is False
+    args = (packed, bias if bias is not None else packed, out, h, w, cin, oh, ow, cout, m_gemm, cout_g,
+            m_bucket(m_gemm), batch_bucket(n))  # fmt: skip
+    consts = dict(
+        CIN_G=cin_g, KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw, PAD_H=ph, PAD_W=pw, TAP_LOOP=cin_g >= TAP_LOOP_MIN_CIN,
+        HAS_BIAS=bias is not None, APPLY_RELU=bool(relu), DOT_PRECISION=dot_precision(dtype, allow_tf32),
+    )  # fmt: skip
+
+    def run(x):
+        if aot is None or not aot(x):
+            jit(x, *args, **consts)
+
+    return Launch(out, run)

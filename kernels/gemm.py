@@ -21,10 +21,13 @@ import triton.language as tl
 
 from .autotune import ALIGN_ELEMS, gemm_configs, m_bucket, prune_gemm, sm_count
 from .launch_args import (
+    Launch,
+    check_input,
     check_kernel_tensor,
     check_row_major,
     check_same_device,
     dot_precision,
+    nothing,
     on_tensor_device,
     output_buffer,
     resolve_out_dtype,
@@ -248,10 +251,36 @@ def linear(
     forces it (1 disables split-K). fp32 inputs use exact fp32 products unless ``allow_tf32``.
     """
     check_kernel_tensor("x", x, ndim=2)
+    launch = plan_linear(
+        tuple(x.shape), x.dtype, x.device, w_packed, bias, relu=relu, out_dtype=out_dtype, out=out, split_k=split_k,
+        allow_tf32=allow_tf32,
+    )  # fmt: skip
+    # Triton launches on the current device and stream: make that x's device (see on_tensor_device).
+    with on_tensor_device(x):
+        return launch(x)
+
+
+def plan_linear(
+    x_shape: tuple,
+    dtype: torch.dtype,
+    device: torch.device,
+    w_packed: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    relu: bool = False,
+    out_dtype: torch.dtype | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    split_k: int | None = None,
+    allow_tf32: bool = False,
+) -> Launch:
+    """``linear`` planned for inputs of ``x_shape``/``dtype`` on ``device``: checks, output, the split-K
+    choice and its workspace, the kernel arguments and the AOT descriptor made once (see
+    ``conv.plan_conv2d_nhwc``)."""
+    check_input("x", x_shape, dtype, device, ndim=2)
     check_kernel_tensor("w_packed", w_packed, ndim=2, contiguous=False)
-    if w_packed.dtype != x.dtype:
-        raise ValueError(f"w_packed dtype {w_packed.dtype} != x dtype {x.dtype}; pack with dtype=x.dtype")
-    m, k = x.shape
+    if w_packed.dtype != dtype:
+        raise ValueError(f"w_packed dtype {w_packed.dtype} != x dtype {dtype}; pack with dtype=x.dtype")
+    m, k = x_shape
     if w_packed.shape[0] != k:
         raise ValueError(
             f"x has K={k} features but w_packed is {tuple(w_packed.shape)} (expected [K, N] from "
@@ -263,13 +292,13 @@ def linear(
         check_kernel_tensor("bias", bias, ndim=1, dtypes=(torch.float32,))
         if bias.shape[0] != n:
             raise ValueError(f"bias has {bias.shape[0]} entries, expected N={n}")
-    check_same_device(x=x, w_packed=w_packed, bias=bias)
+    check_same_device(device, w_packed=w_packed, bias=bias)
     if split_k is not None and (not isinstance(split_k, int) or not 1 <= split_k <= MAX_SPLIT_K):
         raise ValueError(f"split_k must be an int in [1, {MAX_SPLIT_K}], got {split_k!r}")
-    y_dtype = resolve_out_dtype(out_dtype, x.dtype)
-    out = output_buffer(out, shape=(m, n), dtype=y_dtype, device=x.device)
+    y_dtype = resolve_out_dtype(out_dtype, dtype)
+    out = output_buffer(out, shape=(m, n), dtype=y_dtype, device=device)
     if m == 0 or n == 0:
-        return out
+        return Launch(out, nothing)
     if k == 0:
         raise ValueError("x has K=0 features")
 
@@ -278,50 +307,34 @@ def linear(
     readable = _readable_columns(w_packed)
     # The AOT library (when built, and when it holds this specialisation) launches with no JIT. It makes
     # the same split-K choice (and allocates its own workspace), so a forced split_k stays with the JIT.
+    aot = None
     if split_k is None:
-        with on_tensor_device(x):
-            if native.linear(x, w_packed, bias, out, readable_cols=readable, relu=relu, allow_tf32=allow_tf32):
-                return out
+        aot = native.linear_launcher(
+            x_shape, dtype, w_packed, bias, out, readable_cols=readable, relu=relu, allow_tf32=allow_tf32
+        )
 
-    splits = split_k if split_k is not None else _pick_split_k(m, n, k, x.device)
+    splits = split_k if split_k is not None else _pick_split_k(m, n, k, device)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), SPLIT_K_GRANULE) * SPLIT_K_GRANULE
     splits = triton.cdiv(k, k_per_split)  # rounding the chunk up may leave fewer, never empty, splits
-    ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
-    b_arg = bias if bias is not None else x  # dummy pointer, never read when HAS_BIAS is False
+    ws = torch.empty((splits, m, n), dtype=torch.float32, device=device) if splits > 1 else out
+    b_arg = bias if bias is not None else w_packed  # dummy pointer, never read when HAS_BIAS is False
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), splits)
 
-    # Triton launches on the current device and stream: make that x's device (see on_tensor_device).
-    with on_tensor_device(x):
-        _linear_kernel[grid](
-            x,
-            w_packed,
-            b_arg,
-            out,
-            ws,
-            m,
-            n,
-            k,
-            w_packed.stride(0),
-            readable,
-            m_bucket(m),
-            k_per_split,
-            SPLIT_K=splits,
-            HAS_BIAS=bias is not None,
-            APPLY_RELU=bool(relu),
-            DOT_PRECISION=dot_precision(x.dtype, allow_tf32),
-        )
-        if splits > 1:
-            _splitk_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
-                ws,
-                b_arg,
-                out,
-                m,
-                n,
-                SPLIT_K=splits,
-                HAS_BIAS=bias is not None,
-                APPLY_RELU=bool(relu),
-                BLOCK=REDUCE_BLOCK,
-            )
-    return out
+    gemm = _linear_kernel[grid]
+    args = (w_packed, b_arg, out, ws, m, n, k, w_packed.stride(0), readable, m_bucket(m), k_per_split)
+    consts = dict(
+        SPLIT_K=splits, HAS_BIAS=bias is not None, APPLY_RELU=bool(relu), DOT_PRECISION=dot_precision(dtype, allow_tf32)
+    )
+    reduce = _splitk_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)] if splits > 1 else None
+    reduce_consts = dict(SPLIT_K=splits, HAS_BIAS=bias is not None, APPLY_RELU=bool(relu), BLOCK=REDUCE_BLOCK)
+
+    def run(x):
+        if aot is not None and aot(x):
+            return
+        gemm(x, *args, **consts)
+        if reduce is not None:
+            reduce(ws, b_arg, out, m, n, **reduce_consts)
+
+    return Launch(out, run)

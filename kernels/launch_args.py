@@ -27,13 +27,48 @@ def check_kernel_tensor(name: str, t, *, ndim: int, dtypes=SUPPORTED_DTYPES, con
         raise ValueError(f"{name} has dtype {t.dtype}; supported: {names}")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous() once, outside the hot loop)")
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu" and interpreter_active():
+    check_kernel_device(name, t.device)
+
+
+def check_kernel_device(name: str, device: torch.device) -> None:
+    """ValueError unless the kernels can run on ``device``: CUDA, or a CPU under the interpreter."""
+    if device.type == "cuda" or (device.type == "cpu" and interpreter_active()):
         return
     raise ValueError(
-        f"{name} is on {t.device}; the triton kernels need a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1)"
+        f"{name} is on {device}; the triton kernels need a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1)"
     )
+
+
+def check_input(name: str, shape: tuple, dtype: torch.dtype, device: torch.device, *, ndim: int) -> None:
+    """A planned launch's input, known by shape, dtype and device only (the plan checks the tensor itself
+    once per forward pass): the rank, a dtype the kernels store, a usable device."""
+    if len(shape) != ndim:
+        raise ValueError(f"{name} must have rank {ndim}, got shape {tuple(shape)}")
+    if dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise ValueError(f"{name} has dtype {dtype}; supported: {names}")
+    check_kernel_device(name, device)
+
+
+class Launch:
+    """A launch planned for one input shape: every check done and the output allocated when it was made.
+
+    ``launch(x)`` runs it on an input of that shape, dtype and device (contiguous) and returns ``out``, the
+    same tensor every call: the caller owns the ordering (the next call overwrites it).
+    """
+
+    __slots__ = ("out", "_run")
+
+    def __init__(self, out: torch.Tensor, run):
+        self.out, self._run = out, run
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._run(x)
+        return self.out
+
+
+def nothing(x) -> None:
+    """The run of a launch with nothing to compute (an empty output)."""
 
 
 def check_row_major(name: str, t, *, cols: int) -> None:
@@ -62,9 +97,12 @@ def on_tensor_device(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
-def check_same_device(**tensors) -> None:
-    """Raise ValueError unless every given tensor (None entries skipped) lives on one device."""
+def check_same_device(device: torch.device | None = None, **tensors) -> None:
+    """Raise ValueError unless every given tensor (None entries skipped) lives on one device (``device``,
+    when given: a planned launch's input device)."""
     devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if device is not None:
+        devices["x"] = device
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n}={d}" for n, d in devices.items())
         raise ValueError(f"tensors must be on one device, got {listing}")

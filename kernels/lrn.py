@@ -17,7 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_args import check_kernel_tensor, on_tensor_device, output_buffer, resolve_out_dtype
+from .launch_args import (
+    Launch,
+    check_input,
+    check_kernel_tensor,
+    nothing,
+    on_tensor_device,
+    output_buffer,
+    resolve_out_dtype,
+)
 
 # A program holds every channel of its pixels in registers; beyond this the tile would spill.
 MAX_LRN_CHANNELS = 2048
@@ -130,31 +138,45 @@ def lrn_nhwc(
     [N, H, W, C] buffer.
     """
     check_kernel_tensor("x", x, ndim=4)
-    n, h, w, c = x.shape
+    launch = plan_lrn_nhwc(
+        tuple(x.shape), x.dtype, x.device, size=size, alpha=alpha, beta=beta, k=k, out_dtype=out_dtype, out=out
+    )
+    with on_tensor_device(x):  # Triton launches on the current device: make it x's
+        return launch(x)
+
+
+def plan_lrn_nhwc(
+    x_shape: tuple,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    size: int = 5,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> Launch:
+    """``lrn_nhwc`` planned for inputs of ``x_shape``/``dtype`` on ``device`` (see ``conv.plan_conv2d_nhwc``)."""
+    check_input("x", x_shape, dtype, device, ndim=4)
+    n, h, w, c = x_shape
     check_lrn_params(size, alpha, beta, k, c)
-    y_dtype = resolve_out_dtype(out_dtype, x.dtype)
-    out = output_buffer(out, shape=tuple(x.shape), dtype=y_dtype, device=x.device)
+    y_dtype = resolve_out_dtype(out_dtype, dtype)
+    out = output_buffer(out, shape=tuple(x_shape), dtype=y_dtype, device=device)
     p_total = n * h * w
     if p_total == 0 or c == 0:
-        return out
+        return Launch(out, nothing)
     block_p, block_c = lrn_tile(c)
     from . import native
 
-    with on_tensor_device(x):  # Triton launches on the current device: make it x's
-        # The AOT library (when built, and when it holds this specialisation) launches with no JIT.
-        if native.lrn(x, out, size=size, alpha=alpha, beta=beta, k=k):
-            return out
-        _lrn_nhwc_kernel[(triton.cdiv(p_total, block_p),)](
-            x,
-            out,
-            p_total,
-            c,
-            float(alpha) / size,
-            float(beta),
-            float(k),
-            SIZE=size,
-            BLOCK_P=block_p,
-            BLOCK_C=block_c,
-            num_warps=LRN_NUM_WARPS,
-        )
-    return out
+    # The AOT library (when built, and when it holds this specialisation) launches with no JIT.
+    aot = native.lrn_launcher(x_shape, dtype, out, size=size, alpha=alpha, beta=beta, k=k)
+    jit = _lrn_nhwc_kernel[(triton.cdiv(p_total, block_p),)]
+    args = (out, p_total, c, float(alpha) / size, float(beta), float(k))
+    consts = dict(SIZE=size, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=LRN_NUM_WARPS)
+
+    def run(x):
+        if aot is None or not aot(x):
+            jit(x, *args, **consts)
+
+    return Launch(out, run)

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 
-from . import aot
+from .kernel_list import KERNELS
 
 LIB_NAME = "libfastfeat_kernels.so"
 ENV_LIB = "FASTFEAT_NATIVE_LIB"
@@ -39,8 +39,6 @@ ERR_LAUNCH = 8
 ERR_OTHER_CONTEXT = 10
 # Statuses after which this process stops asking the library (the answer will not change).
 _FINAL = (ERR_NO_DRIVER, ERR_NO_DEVICE, ERR_WRONG_ARCH, ERR_OTHER_CONTEXT)
-# Kernels whose Triton cache keys make up ``kernel_hash``: (module, kernel), the ones the AOT build compiles.
-KERNELS = aot.KERNELS
 # Bump with the AOT cache format (native/generate.py writes it into the hash).
 AOT_FORMAT_VERSION = 1
 
@@ -146,6 +144,7 @@ class _State:
         self.path: str | None = None
         self.reason = "not looked for yet"
         self.disabled: str | None = None  # a final status: the library cannot run in this process
+        self.refused = False  # a library was found but not used (stale, another Triton): worth a warning
         self.launches = 0
         self.fallbacks: dict[str, int] = {}
 
@@ -167,27 +166,66 @@ def _resolve() -> None:
         return
     path = next((p for p in candidates() if os.path.isfile(p)), None)
     if path is None:
-        s.reason = f"no {LIB_NAME} (looked in {', '.join(candidates())}; build it with CMake, see README)"
+        s.reason = f"no {LIB_NAME} (looked in {', '.join(candidates())}; build it with CMake, see docs/native.md)"
         return
     try:
         lib = load(path)
     except (OSError, AttributeError) as e:
         s.reason = f"{path} cannot be loaded: {e}"
         return
-    if lib.fastfeat_abi_version() != ABI_VERSION:
-        s.reason = f"{path} has ABI version {lib.fastfeat_abi_version()}, this fastfeat needs {ABI_VERSION}: rebuild it"
-        return
-    try:
-        current = kernel_hash()
-    except RuntimeError as e:  # kernels built for Triton's interpreter have no compiled form to compare
-        s.reason = f"{path} cannot be checked against these kernel sources: {e}"
-        return
-    built = lib.fastfeat_kernel_hash().decode()
-    if built != current:
-        s.reason = f"{path} was built from other kernel sources ({built}, these are {current}): rebuild it"
+    why = refusal(lib, path)
+    if why is not None:
+        s.reason, s.refused = why, True
         return
     s.lib, s.path = lib, path
     s.reason = f"{path}: {lib.fastfeat_build_info().decode()}"
+
+
+def built_triton(build_info: str) -> str | None:
+    """The Triton version a library was built with, read from its ``fastfeat_build_info()`` line
+    ("fastfeat kernels (triton 3.6.0): ..."); None when the line does not say."""
+    import re
+
+    found = re.search(r"\(triton ([^)\s]+)\)", build_info)
+    return found.group(1) if found else None
+
+
+def rebuild_recipe(triton_version: str) -> str:
+    """How to build the library for ``triton_version`` (docs/native.md has the whole recipe)."""
+    return (
+        f"rebuild it for triton {triton_version}: pip install --no-deps --target DIR triton=={triton_version}, then "
+        "PYTHONPATH=DIR cmake -S . -B build -DPython3_EXECUTABLE=$PWD/.venv/bin/python -DFASTFEAT_AOT_TARGETS=sm90 "
+        "&& PYTHONPATH=DIR cmake --build build (see docs/native.md)"
+    )
+
+
+def refusal(lib, path: str, triton_version: str | None = None, current_hash=None) -> str | None:
+    """Why the opened library at ``path`` must not be used here (one line), or None when it may.
+
+    Refused: another ABI; a library built for another Triton (its cubins and launch code follow that
+    Triton's compiler and cache keys; the message says how to rebuild); one built from other kernel
+    sources (``kernel_hash``). ``triton_version`` / ``current_hash``: this process's (defaults: the
+    imported Triton, ``kernel_hash``), injectable for tests.
+    """
+    if lib.fastfeat_abi_version() != ABI_VERSION:
+        return f"{path} has ABI version {lib.fastfeat_abi_version()}, this fastfeat needs {ABI_VERSION}: rebuild it"
+    if triton_version is None:
+        import triton
+
+        triton_version = triton.__version__
+    built_for = built_triton(lib.fastfeat_build_info().decode())
+    if built_for is not None and built_for != triton_version:
+        return f"{path} was built for triton {built_for}, this process runs triton {triton_version}: " + (
+            rebuild_recipe(triton_version)
+        )
+    try:
+        current = (current_hash or kernel_hash)()
+    except RuntimeError as e:  # kernels built for Triton's interpreter have no compiled form to compare
+        return f"{path} cannot be checked against these kernel sources: {e}"
+    built = lib.fastfeat_kernel_hash().decode()
+    if built != current:
+        return f"{path} was built from other kernel sources ({built}, these are {current}): rebuild it"
+    return None
 
 
 def library():
@@ -196,7 +234,7 @@ def library():
         with _state.lock:
             if not _state.resolved:
                 _resolve()
-                log.info("fastfeat kernels: %s", describe())
+                (log.warning if _state.refused else log.info)("fastfeat kernels: %s", describe())
     return _state.lib if _state.disabled is None else None
 
 
@@ -230,20 +268,24 @@ def stats() -> dict:
 _DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 
-def _call(name: str, x, fn) -> bool:
-    """Run ``fn(lib, stream, dtype_code)``; True when the library launched, False to JIT instead."""
-    import torch
-
+def _library_for(device, dtype):
+    """The library when launches on (``device``, ``dtype``) may use it, else None, decided without any
+    ctypes work: CPU tensors, the interpreter and dtypes it has no code for never look for it."""
     from .autotune import interpreter_active
 
-    dtype = _DTYPE_CODES.get(str(x.dtype).replace("torch.", ""))
-    if not x.is_cuda or dtype is None or interpreter_active():
+    if device.type != "cuda" or str(dtype).replace("torch.", "") not in _DTYPE_CODES or interpreter_active():
+        return None
+    return library()
+
+
+def _launch(name: str, device, fn) -> bool:
+    """Run ``fn(lib, stream)``; True when the library launched, False to JIT instead."""
+    import torch
+
+    lib = _state.lib
+    if lib is None or _state.disabled is not None:
         return False
-    lib = library()
-    if lib is None:
-        return False
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    status = fn(lib, ctypes.c_void_p(stream), dtype)
+    status = fn(lib, ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream))
     if status == OK:
         _state.launches += 1
         return True
@@ -267,58 +309,96 @@ def _ptr(t) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def conv2d(x, packed, bias, out, *, kernel, stride, padding, groups, relu, allow_tf32) -> bool:
-    """conv2d_nhwc through the library; False: not launched (JIT it)."""
-    if not x.is_cuda or out.dtype != x.dtype:
-        return False
-    n, h, w, cin = x.shape
+# -- launch plans: descriptors and fixed pointers built once per shape; None means JIT with no ctypes work --
+def conv2d_launcher(x_shape, dtype, packed, bias, out, *, kernel, stride, padding, groups, relu, allow_tf32):
+    """``run(x) -> bool`` launching conv2d_nhwc through the library for inputs of ``x_shape``, or None."""
+    if out.dtype != dtype or _library_for(out.device, dtype) is None:
+        return None
+    n, h, w, cin = x_shape
     d = ConvDesc(n, h, w, cin, out.shape[3], groups, *kernel, *stride, *padding, int(relu), int(bias is not None),
                  int(allow_tf32))  # fmt: skip
-    b = _ptr(bias) if bias is not None else None
-    return _call(
-        "conv2d_nhwc",
-        x,
-        lambda lib, s, dt: lib.fastfeat_conv2d_bias_relu(s, dt, d, _ptr(x), _ptr(packed), b, _ptr(out)),
+    code, wp, bp, op = _DTYPE_CODES[str(dtype).replace("torch.", "")], _ptr(packed), _optional_ptr(bias), _ptr(out)
+    device = out.device
+    return lambda x: _launch(
+        "conv2d_nhwc", device, lambda lib, s: lib.fastfeat_conv2d_bias_relu(s, code, d, _ptr(x), wp, bp, op)
     )
+
+
+def maxpool_launcher(x_shape, dtype, out, *, kernel, stride, padding, ceil_mode, relu, lrn):
+    """``run(x) -> bool`` launching maxpool2d_nhwc through the library, or None."""
+    if out.dtype != dtype or _library_for(out.device, dtype) is None:
+        return None
+    n, h, w, c = x_shape
+    params = LrnParams(*lrn) if lrn is not None else LrnParams(5, 1e-4, 0.75, 1.0)
+    d = PoolDesc(n, h, w, c, *kernel, *stride, *padding, int(ceil_mode), int(relu), int(lrn is not None), params)
+    code, op, device = _DTYPE_CODES[str(dtype).replace("torch.", "")], _ptr(out), out.device
+    return lambda x: _launch(
+        "maxpool2d_nhwc", device, lambda lib, s: lib.fastfeat_maxpool_relu_lrn(s, code, d, _ptr(x), op)
+    )
+
+
+def lrn_launcher(x_shape, dtype, out, *, size, alpha, beta, k):
+    """``run(x) -> bool`` launching lrn_nhwc through the library, or None."""
+    if out.dtype != dtype or _library_for(out.device, dtype) is None:
+        return None
+    n, h, w, c = x_shape
+    d = LrnDesc(n, h, w, c, LrnParams(size, alpha, beta, k))
+    code, op, device = _DTYPE_CODES[str(dtype).replace("torch.", "")], _ptr(out), out.device
+    return lambda x: _launch("lrn_nhwc", device, lambda lib, s: lib.fastfeat_lrn(s, code, d, _ptr(x), op))
+
+
+def linear_launcher(x_shape, dtype, w_packed, bias, out, *, readable_cols, relu, allow_tf32):
+    """``run(x) -> bool`` launching linear through the library (its own split-K choice, its workspace
+    allocated here, once), or None."""
+    import torch
+
+    lib = _library_for(out.device, dtype) if out.dtype == dtype == w_packed.dtype else None
+    if lib is None:
+        return None
+    m, k = x_shape
+    d = GemmDesc(m, w_packed.shape[1], k, w_packed.stride(0), readable_cols, int(relu), int(bias is not None),
+                 int(allow_tf32))  # fmt: skip
+    need = ctypes.c_size_t(0)
+    sized = lib.fastfeat_gemm_workspace_bytes(d, ctypes.byref(need))
+    ws = torch.empty(need.value // 4, dtype=torch.float32, device=out.device) if sized == OK and need.value else None
+    code, wp, bp, op = _DTYPE_CODES[str(dtype).replace("torch.", "")], _ptr(w_packed), _optional_ptr(bias), _ptr(out)
+    wsp, device = _optional_ptr(ws), out.device
+
+    def gemm(lib, s, x):
+        if sized != OK:  # the workspace query's status, reported (and counted) as a launch's would be
+            return sized
+        return lib.fastfeat_gemm_bias_relu(s, code, d, _ptr(x), wp, bp, op, wsp, need.value)
+
+    return lambda x: _launch("linear", device, lambda lib, s: gemm(lib, s, x))
+
+
+def _optional_ptr(t) -> ctypes.c_void_p | None:
+    return _ptr(t) if t is not None else None
+
+
+# -- one-off launches (a launcher called directly, not through a plan) ------------------------------------
+def conv2d(x, packed, bias, out, *, kernel, stride, padding, groups, relu, allow_tf32) -> bool:
+    """conv2d_nhwc through the library; False: not launched (JIT it)."""
+    run = conv2d_launcher(tuple(x.shape), x.dtype, packed, bias, out, kernel=kernel, stride=stride, padding=padding,
+                          groups=groups, relu=relu, allow_tf32=allow_tf32)  # fmt: skip
+    return run is not None and run(x)
 
 
 def maxpool(x, out, *, kernel, stride, padding, ceil_mode, relu, lrn) -> bool:
     """maxpool2d_nhwc through the library; False: not launched (JIT it)."""
-    if not x.is_cuda or out.dtype != x.dtype:
-        return False
-    n, h, w, c = x.shape
-    params = LrnParams(*lrn) if lrn is not None else LrnParams(5, 1e-4, 0.75, 1.0)
-    d = PoolDesc(n, h, w, c, *kernel, *stride, *padding, int(ceil_mode), int(relu), int(lrn is not None), params)
-    return _call("maxpool2d_nhwc", x, lambda lib, s, dt: lib.fastfeat_maxpool_relu_lrn(s, dt, d, _ptr(x), _ptr(out)))
+    run = maxpool_launcher(tuple(x.shape), x.dtype, out, kernel=kernel, stride=stride, padding=padding,
+                           ceil_mode=ceil_mode, relu=relu, lrn=lrn)  # fmt: skip
+    return run is not None and run(x)
 
 
 def lrn(x, out, *, size, alpha, beta, k) -> bool:
     """lrn_nhwc through the library; False: not launched (JIT it)."""
-    if not x.is_cuda or out.dtype != x.dtype:
-        return False
-    n, h, w, c = x.shape
-    d = LrnDesc(n, h, w, c, LrnParams(size, alpha, beta, k))
-    return _call("lrn_nhwc", x, lambda lib, s, dt: lib.fastfeat_lrn(s, dt, d, _ptr(x), _ptr(out)))
+    run = lrn_launcher(tuple(x.shape), x.dtype, out, size=size, alpha=alpha, beta=beta, k=k)
+    return run is not None and run(x)
 
 
 def linear(x, w_packed, bias, out, *, readable_cols, relu, allow_tf32) -> bool:
     """linear through the library (with its own split-K choice); False: not launched (JIT it)."""
-    import torch
-
-    if not x.is_cuda or out.dtype != x.dtype or x.dtype != w_packed.dtype:
-        return False
-    m, k = x.shape
-    d = GemmDesc(m, w_packed.shape[1], k, w_packed.stride(0), readable_cols, int(relu), int(bias is not None),
-                 int(allow_tf32))  # fmt: skip
-    b = _ptr(bias) if bias is not None else None
-
-    def run(lib, s, dt):
-        need = ctypes.c_size_t(0)
-        status = lib.fastfeat_gemm_workspace_bytes(d, ctypes.byref(need))
-        if status != OK:
-            return status
-        ws = torch.empty(need.value // 4, dtype=torch.float32, device=x.device) if need.value else None
-        return lib.fastfeat_gemm_bias_relu(s, dt, d, _ptr(x), _ptr(w_packed), b, _ptr(out),
-                                           _ptr(ws) if ws is not None else None, need.value)  # fmt: skip
-
-    return _call("linear", x, run)
+    run = linear_launcher(tuple(x.shape), x.dtype, w_packed, bias, out, readable_cols=readable_cols, relu=relu,
+                          allow_tf32=allow_tf32)  # fmt: skip
+    return run is not None and run(x)

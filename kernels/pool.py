@@ -18,7 +18,16 @@ import triton
 import triton.language as tl
 
 from .indexing import nhwc_window_origin
-from .launch_args import check_kernel_tensor, int_pair, on_tensor_device, output_buffer, resolve_out_dtype
+from .launch_args import (
+    Launch,
+    check_input,
+    check_kernel_tensor,
+    int_pair,
+    nothing,
+    on_tensor_device,
+    output_buffer,
+    resolve_out_dtype,
+)
 from .lrn import LRN_NUM_WARPS, LRNParams, check_lrn_params, lrn_across_channels, lrn_tile
 from .sizes import pool_output_size
 
@@ -110,6 +119,31 @@ def maxpool2d_nhwc(
     ``out``: optional preallocated [N, OH, OW, C] buffer.
     """
     check_kernel_tensor("x", x, ndim=4)
+    launch = plan_maxpool2d_nhwc(
+        tuple(x.shape), x.dtype, x.device, kernel_size=kernel_size, stride=stride, padding=padding,
+        ceil_mode=ceil_mode, relu=relu, lrn=lrn, out_dtype=out_dtype, out=out,
+    )  # fmt: skip
+    with on_tensor_device(x):  # Triton launches on the current device: make it x's
+        return launch(x)
+
+
+def plan_maxpool2d_nhwc(
+    x_shape: tuple,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    kernel_size=3,
+    stride=2,
+    padding=0,
+    ceil_mode: bool = True,
+    relu: bool = False,
+    lrn: LRNParams | tuple | None = None,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> Launch:
+    """``maxpool2d_nhwc`` planned for inputs of ``x_shape``/``dtype`` on ``device`` (checks, output, grid,
+    arguments and the AOT descriptor made once; see ``conv.plan_conv2d_nhwc``)."""
+    check_input("x", x_shape, dtype, device, ndim=4)
     kh, kw = int_pair("kernel_size", kernel_size)
     sh, sw = int_pair("stride", stride)
     ph, pw = int_pair("padding", padding)
@@ -117,7 +151,7 @@ def maxpool2d_nhwc(
         raise ValueError(f"invalid geometry kernel_size={kernel_size} stride={stride} padding={padding}")
     if 2 * ph > kh or 2 * pw > kw:
         raise ValueError(f"padding {padding} must be at most half the kernel {kernel_size}")
-    n, h, w, c = x.shape
+    n, h, w, c = x_shape
     if lrn is not None:
         if not isinstance(lrn, (tuple, list)) or len(lrn) != 4:
             raise ValueError(f"lrn must be LRNParams(size, alpha, beta, k) or None, got {lrn!r}")
@@ -127,12 +161,11 @@ def maxpool2d_nhwc(
     ow = pool_output_size(w, kw, sw, pw, ceil_mode)
     if oh < 1 or ow < 1:
         raise ValueError(f"input {h}x{w} is too small for a {kh}x{kw} pool with padding {padding}")
-    y_dtype = resolve_out_dtype(out_dtype, x.dtype)
-    shape = (n, oh, ow, c)
-    out = output_buffer(out, shape=shape, dtype=y_dtype, device=x.device)
+    y_dtype = resolve_out_dtype(out_dtype, dtype)
+    out = output_buffer(out, shape=(n, oh, ow, c), dtype=y_dtype, device=device)
     p_total = n * oh * ow
     if p_total == 0 or c == 0:
-        return out
+        return Launch(out, nothing)
 
     if lrn is not None:
         block_p, block_c = lrn_tile(c)
@@ -141,34 +174,20 @@ def maxpool2d_nhwc(
     params = lrn if lrn is not None else LRNParams()
     from . import native
 
-    with on_tensor_device(x):  # Triton launches on the current device: make it x's
-        # The AOT library (when built, and when it holds this specialisation) launches with no JIT.
-        aot = dict(kernel=(kh, kw), stride=(sh, sw), padding=(ph, pw), ceil_mode=ceil_mode, relu=relu, lrn=lrn)
-        if native.maxpool(x, out, **aot):
-            return out
-        _maxpool_nhwc_kernel[(triton.cdiv(p_total, block_p), triton.cdiv(c, block_c))](
-            x,
-            out,
-            h,
-            w,
-            c,
-            oh,
-            ow,
-            p_total,
-            float(params.alpha) / params.size,
-            float(params.beta),
-            float(params.k),
-            KH=kh,
-            KW=kw,
-            STRIDE_H=sh,
-            STRIDE_W=sw,
-            PAD_H=ph,
-            PAD_W=pw,
-            APPLY_RELU=bool(relu),
-            FUSE_LRN=lrn is not None,
-            LRN_SIZE=params.size,
-            BLOCK_P=block_p,
-            BLOCK_C=block_c,
-            num_warps=LRN_NUM_WARPS,
-        )
-    return out
+    # The AOT library (when built, and when it holds this specialisation) launches with no JIT.
+    aot = native.maxpool_launcher(
+        x_shape, dtype, out, kernel=(kh, kw), stride=(sh, sw), padding=(ph, pw), ceil_mode=ceil_mode, relu=relu,
+        lrn=lrn,
+    )  # fmt: skip
+    jit = _maxpool_nhwc_kernel[(triton.cdiv(p_total, block_p), triton.cdiv(c, block_c))]
+    args = (out, h, w, c, oh, ow, p_total, float(params.alpha) / params.size, float(params.beta), float(params.k))
+    consts = dict(
+        KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw, PAD_H=ph, PAD_W=pw, APPLY_RELU=bool(relu), FUSE_LRN=lrn is not None,
+        LRN_SIZE=params.size, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=LRN_NUM_WARPS,
+    )  # fmt: skip
+
+    def run(x):
+        if aot is None or not aot(x):
+            jit(x, *args, **consts)
+
+    return Launch(out, run)

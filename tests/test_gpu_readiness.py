@@ -559,6 +559,35 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     print(f"gpu_check --dry-run: {seconds:.0f} s (report: {report['seconds']} s)")
 
 
+@pytest.mark.slow
+def test_gpu_check_graphs_step_dry_run_without_out(tmp_path):
+    """Issue 24's step on the CPU: triton (JIT) and torch, each without and with (emulated) graphs, host
+    time, the padded short batch against its unpadded rows; no --out: a temp dir, printed, and its JSON
+    written as the step goes (gpu_check.json and gpu_check_graphs.json)."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("OUT", None)
+    args = ["--dry-run", "--steps", "graphs", "--models", "caffenet", "--budget-s", "600"]
+    proc = subprocess.run([sys.executable, GPU_CHECK, *args], capture_output=True, text=True, timeout=900,
+                          cwd=tmp_path, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    written = re.search(r"no --out \(or \$OUT\): writing (\S+)", proc.stdout).group(1)
+    assert written.startswith(str(tmp_path)) and not os.path.exists(
+        os.path.join(ROOT, "benchmarks", "results", "gpu_check_graphs.json")
+    )
+    step = json.loads(open(written).read())["steps"]["graphs"]
+    assert step["status"] == "done" and step["capture"].startswith("emulated")
+    assert set(step["img_per_s"]) == {f"caffenet {k} b2" for k in
+                                      ("triton jit", "triton jit graphs", "torch", "torch graphs")}  # fmt: skip
+    assert all(v > 0 for v in step["img_per_s"].values())
+    assert set(step["host_ms"]) == {"caffenet triton jit b2", "caffenet torch b2"}
+    stats = step["graph_stats"]["caffenet triton jit graphs b2"]
+    assert stats["captures"] == 1 and stats["capture_failures"] == 0 and stats["replays"] >= 2
+    assert all(tap["bit_identical"] for tap in step["padding"]["caffenet triton b1 in bucket 2"].values())
+    assert any("native" in note for note in step["notes"])
+    own = json.loads(open(os.path.join(os.path.dirname(written), "gpu_check_graphs.json")).read())
+    assert own["graphs"]["img_per_s"] == step["img_per_s"]
+
+
 def test_gpu_check_caps_the_tests_and_keeps_what_ran(tmp_path):
     """The tests phase ends at its cap, with the outcomes so far kept, and the run goes on."""
     out = tmp_path / "out"

@@ -32,13 +32,24 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 
 
 def make_backend(
-    name: str, spec: ModelSpec, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+    name: str,
+    spec: ModelSpec,
+    tensors: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    compile_mode: str | None = None,
 ) -> Backend:
+    """A backend ready to run; ``compile_mode`` (torch.compile's mode) only for the compile backend."""
     cls = get_backend(name)
     why = cls.unavailable(device)
     if why is not None:
         raise ConfigError(f"backend {name!r} is not available: {why}")
-    return cls(spec, tensors, device, dtype)
+    if compile_mode is None:
+        return cls(spec, tensors, device, dtype)
+    if not getattr(cls, "takes_compile_mode", False):
+        raise ConfigError(f"--compile-mode applies to --backend compile, not {name!r}")
+    return cls(spec, tensors, device, dtype, compile_mode=compile_mode)
 
 
 __all__ = ["backend_names", "get_backend", "make_backend", "register_backend", "unavailable_reason"]

@@ -27,12 +27,26 @@ from .base import register_backend
 from .plan import run_plan
 from .torch_backend import TorchNet
 
-# On CUDA, max-autotune searches Triton templates for every conv/GEMM.  No CUDA graphs: profiling
-# times each op alone, and a graph per op would time a replay the real forward pass never does.
-# On CPU, max-autotune buys little and compiles for minutes; freezing is what pays there.
+# On CUDA, max-autotune searches Triton templates for every conv/GEMM.  No CUDA graphs by default:
+# profiling times each op alone, and a graph per op would time a replay the real forward pass never
+# does (--compile-mode reduce-overhead or max-autotune asks for them: the fair opponent of
+# --cuda-graphs).  On CPU, max-autotune buys little and compiles for minutes; freezing is what pays
+# there, and is what runs unless a mode is asked for.
 MODES = {"cuda": "max-autotune-no-cudagraphs", "cpu": None}
+# The recorded mode of the CPU default (torch.compile's options={"freezing": True}, no mode).
+CPU_DEFAULT = "freezing"
 
 NO_CUDA_RUNTIME = "No CUDA runtime is found"
+
+
+def recorded_mode(backend: str, device_type: str, compile_mode: str | None) -> str | None:
+    """The torch.compile mode a run of ``backend`` on ``device_type`` compiles with, as its metadata and
+    results record it (None: the backend does not compile)."""
+    if backend != CompileNet.name:
+        return None
+    if compile_mode is not None:
+        return compile_mode
+    return MODES.get(device_type) or CPU_DEFAULT
 
 
 class _NoCudaRuntimeFilter(logging.Filter):
@@ -80,14 +94,19 @@ class CompileNet(TorchNet):
             return "torch.compile on CUDA needs the triton package"
         return None
 
-    def __init__(self, *args, **kwargs):
+    takes_compile_mode = True  # make_backend passes --compile-mode
+
+    def __init__(self, spec, tensors, device, dtype, compile_mode: str | None = None):
         _use_fastfeat_inductor_cache()
-        super().__init__(*args, **kwargs)
+        super().__init__(spec, tensors, device, dtype)
         self._graphs: dict[tuple[str, ...], object] = {}
+        self.mode = compile_mode if compile_mode is not None else MODES.get(device.type)
+        # torch.compile takes a mode or options, not both: the CPU default is freezing, with no mode.
+        self._how = {"mode": self.mode} if self.mode is not None else {"options": {"freezing": True}}
 
     def compile_op(self, run):
         """torch.compile one callable alone (fullgraph: a graph break is an error, not a silent eager run)."""
-        return torch.compile(run, mode=MODES.get(self.device.type), dynamic=False, fullgraph=True)
+        return torch.compile(run, mode=self.mode, dynamic=False, fullgraph=True)
 
     @torch.inference_mode()
     def forward_intermediates(self, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
@@ -95,8 +114,6 @@ class CompileNet(TorchNet):
         graph = self._graphs.get(key)
         if graph is None:
             ops = self.plan(names)
-            # torch.compile takes a mode or options, not both: CPU gets freezing, CUDA its mode.
-            how = {"options": {"freezing": True}} if self.device.type == "cpu" else {"mode": MODES["cuda"]}
-            graph = torch.compile(lambda t: run_plan(ops, t, names), dynamic=False, fullgraph=True, **how)
+            graph = torch.compile(lambda t: run_plan(ops, t, names), dynamic=False, fullgraph=True, **self._how)
             self._graphs[key] = graph
         return graph(x)

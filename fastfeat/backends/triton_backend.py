@@ -16,12 +16,27 @@ before triton is imported); otherwise it needs CUDA.
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
 import torch
 
-from ..layers import LRN, Conv, Linear, MaxPool, ReLU
+from ..layers import LRN, Conv, Layer, Linear, MaxPool, ReLU
 from ..models import ModelSpec
 from .base import Backend, register_backend
 from .plan import Op, fused_name
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One fused op: the layers it covers, which kernel runs it, on which layer's geometry."""
+
+    covers: tuple[Layer, ...]
+    kind: str  # conv, fc, pool (+ReLU before, +LRN after), norm or relu
+    layer: Layer  # the conv, fc, pool or LRN layer whose parameters the kernel takes
+    relu: bool = False
+    norm: LRN | None = None
 
 
 @register_backend
@@ -76,32 +91,7 @@ class TritonNet(Backend):
         return images_nhwc.to(device=self.device, dtype=self.dtype, non_blocking=True).contiguous()
 
     # -- ops ----------------------------------------------------------------------------------------
-    def _conv(self, layer: Conv, relu: bool):
-        w, b = self.packed[layer.name]
-        return lambda x: self.k.conv2d_nhwc(
-            x, w, b, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad, groups=layer.groups, relu=relu
-        )
-
-    def _pool(self, layer: MaxPool, relu: bool, norm: LRN | None):
-        lrn = None if norm is None else self.k.LRNParams(norm.size, norm.alpha, norm.beta, norm.k)
-        return lambda x: self.k.maxpool2d_nhwc(
-            x,
-            kernel_size=layer.kernel,
-            stride=layer.stride,
-            padding=layer.pad,
-            ceil_mode=layer.ceil,
-            relu=relu,
-            lrn=lrn,
-        )
-
-    def _norm(self, layer: LRN):
-        return lambda x: self.k.lrn_nhwc(x, size=layer.size, alpha=layer.alpha, beta=layer.beta, k=layer.k)
-
-    def _fc(self, layer: Linear, relu: bool):
-        w, b = self.packed[layer.name]
-        return lambda x: self.k.linear(x.reshape(x.shape[0], -1), w, b, relu=relu)
-
-    def plan(self, names: list[str]) -> list[Op]:
+    def _fuse(self, names: list[str]) -> list[_Step]:
         """Greedy fusion up to the deepest requested layer, never hiding a requested output.
 
         The one place that maps a layer kind to a kernel: conv(+ReLU), fc(+ReLU), ReLU+pool(+LRN),
@@ -115,34 +105,118 @@ class TritonNet(Backend):
             """Layer j+1 is of ``kind`` and layer j's own output is not requested."""
             return j + 1 <= last and isinstance(layers[j + 1], kind) and layers[j].name not in wanted
 
-        ops: list[Op] = []
+        steps: list[_Step] = []
         i = 0
         while i <= last:
             layer = layers[i]
-            covers = [layer]
             if isinstance(layer, (Conv, Linear)):
                 relu = absorbs(i, ReLU)
-                covers += [layers[i + 1]] if relu else []
-                run = self._conv(layer, relu) if isinstance(layer, Conv) else self._fc(layer, relu)
+                covers = (layer, layers[i + 1]) if relu else (layer,)
+                step = _Step(covers, "conv" if isinstance(layer, Conv) else "fc", layer, relu=relu)
             elif isinstance(layer, ReLU) and absorbs(i, MaxPool):
-                covers += [layers[i + 1]] + ([layers[i + 2]] if absorbs(i + 1, LRN) else [])
-                run = self._pool(covers[1], relu=True, norm=covers[2] if len(covers) > 2 else None)
+                norm = layers[i + 2] if absorbs(i + 1, LRN) else None
+                covers = (layer, layers[i + 1]) + ((norm,) if norm is not None else ())
+                step = _Step(covers, "pool", layers[i + 1], relu=True, norm=norm)
             elif isinstance(layer, ReLU):
-                run = torch.relu  # only when the pre-activation is itself requested
+                step = _Step((layer,), "relu", layer)  # only when the pre-activation is itself requested
             elif isinstance(layer, MaxPool):
-                covers += [layers[i + 1]] if absorbs(i, LRN) else []
-                run = self._pool(layer, relu=False, norm=covers[1] if len(covers) > 1 else None)
+                norm = layers[i + 1] if absorbs(i, LRN) else None
+                step = _Step((layer,) + ((norm,) if norm is not None else ()), "pool", layer, norm=norm)
             elif isinstance(layer, LRN):
-                run = self._norm(layer)
+                step = _Step((layer,), "norm", layer)
             else:
                 raise ValueError(f"the triton backend has no kernel for layer kind {layer.kind!r} ({layer.name})")
-            names_covered = tuple(c.name for c in covers)
-            ops.append(Op(fused_name(names_covered), layer.kind, names_covered, run))
-            i += len(covers)
+            steps.append(step)
+            i += len(step.covers)
+        return steps
+
+    def _lrn(self, norm: LRN | None):
+        return None if norm is None else self.k.LRNParams(norm.size, norm.alpha, norm.beta, norm.k)
+
+    def _run(self, step: _Step):
+        """The step as a call of the public launcher, checking its input each call (profiling times ops
+        one by one; tools record launches through it)."""
+        k, layer = self.k, step.layer
+        if step.kind == "conv":
+            w, b = self.packed[layer.name]
+            return lambda x: k.conv2d_nhwc(
+                x, w, b, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad, groups=layer.groups,
+                relu=step.relu,
+            )  # fmt: skip
+        if step.kind == "fc":
+            w, b = self.packed[layer.name]
+            return lambda x: k.linear(x.reshape(x.shape[0], -1), w, b, relu=step.relu)
+        if step.kind == "pool":
+            lrn = self._lrn(step.norm)
+            return lambda x: k.maxpool2d_nhwc(
+                x, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad, ceil_mode=layer.ceil,
+                relu=step.relu, lrn=lrn,
+            )  # fmt: skip
+        if step.kind == "norm":
+            return lambda x: k.lrn_nhwc(x, size=layer.size, alpha=layer.alpha, beta=layer.beta, k=layer.k)
+        return torch.relu
+
+    def _launch(self, step: _Step, shape: tuple, device: torch.device):
+        """(run(x) -> output, output shape): the step planned for inputs of ``shape`` (checks, output
+        buffer, kernel arguments made now; see fastfeat.kernels.launch_args.Launch)."""
+        k, layer, dtype = self.k, step.layer, self.dtype
+        if step.kind == "conv":
+            w, b = self.packed[layer.name]
+            launch = k.plan_conv2d_nhwc(
+                shape, dtype, device, w, b, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad,
+                groups=layer.groups, relu=step.relu,
+            )  # fmt: skip
+        elif step.kind == "fc":
+            w, b = self.packed[layer.name]
+            flat = (shape[0], math.prod(shape[1:]))
+            gemm = k.plan_linear(flat, dtype, device, w, b, relu=step.relu)
+            return (lambda x: gemm(x.view(flat))), tuple(gemm.out.shape)
+        elif step.kind == "pool":
+            launch = k.plan_maxpool2d_nhwc(
+                shape, dtype, device, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad,
+                ceil_mode=layer.ceil, relu=step.relu, lrn=self._lrn(step.norm),
+            )  # fmt: skip
+        elif step.kind == "norm":
+            launch = k.plan_lrn_nhwc(
+                shape, dtype, device, size=layer.size, alpha=layer.alpha, beta=layer.beta, k=layer.k
+            )
+        else:
+            return torch.relu, shape
+        return launch, tuple(launch.out.shape)
+
+    def plan(self, names: list[str]) -> list[Op]:
+        """The fused ops (``_fuse``), each calling its public launcher."""
+        ops = []
+        for step in self._fuse(names):
+            covered = tuple(c.name for c in step.covers)
+            ops.append(Op(fused_name(covered), step.covers[0].kind, covered, self._run(step)))
         return ops
 
-    @torch.inference_mode()
-    def forward_intermediates(self, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-        out = super().forward_intermediates(x, names)
-        # NHWC -> NCHW-shaped views: same shapes and C×H×W flatten order as the torch backend.
-        return {n: t.permute(0, 3, 1, 2) if t.dim() == 4 else t for n, t in out.items()}
+    def make_forward(self, names: list[str], x: torch.Tensor):
+        """The forward pass planned for inputs like ``x``: every launch checked, its output allocated and
+        its arguments bound now, so that a call only launches (see Backend: the outputs are these
+        buffers, overwritten by the next call).  Requested conv-side layers come out as NCHW-shaped
+        views of the NHWC buffers: the same shapes and C×H×W flatten order as the torch backend's."""
+        if x.dim() != 4 or not x.is_contiguous() or x.dtype != self.dtype or x.device.type != self.device.type:
+            raise ValueError(
+                f"the triton backend takes a contiguous NHWC {self.dtype} batch on {self.device} (see prepare), got "
+                f"{tuple(x.shape)} {x.dtype} on {x.device}"
+            )
+        wanted, shape, device = set(names), tuple(x.shape), x.device
+        steps = []
+        for step in self._fuse(names):
+            run, shape = self._launch(step, shape, device)
+            tap = step.covers[-1].name
+            steps.append((run, tap if tap in wanted else None))
+
+        def forward(t: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = {}
+            # Triton launches on the current device: x's, once per forward pass rather than per launch.
+            with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+                for run, tap in steps:
+                    t = run(t)
+                    if tap is not None:
+                        out[tap] = t.permute(0, 3, 1, 2) if t.dim() == 4 else t
+            return out
+
+        return forward

@@ -11,9 +11,10 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..arguments import OUTPUT_DTYPE_NAMES, PRECISION_NAMES
+from ..arguments import OUTPUT_DTYPE_NAMES, PRECISION_NAMES, check_compile_mode
 from ..backends import backend_names
 from ..errors import ConfigError
+from ..graphs import check_cuda_graphs
 from ..means import check_mean_file
 from ..models import get_model, parse_layers
 
@@ -38,6 +39,8 @@ class ServeConfig:
     device: str = "auto"
     precision: str | None = None
     backend: str = "torch"
+    cuda_graphs: str = "auto"  # auto, on or off (fastfeat.graphs)
+    compile_mode: str | None = None  # torch.compile's mode for the compile backend (None: its default)
     dtype: str = "float32"  # the responses' default (``?dtype=`` overrides per request)
     max_batch: int = 64
     max_delay_ms: float = 5.0
@@ -101,6 +104,8 @@ def check_serve_config(cfg: ServeConfig) -> list[str]:
         raise ConfigError(f"unknown device {cfg.device!r}; choose auto, cpu or cuda[:N]")
     if cfg.backend not in backend_names():
         raise ConfigError(f"unknown backend {cfg.backend!r}; choose from {', '.join(backend_names())}")
+    check_cuda_graphs(cfg.cuda_graphs)
+    check_compile_mode(cfg.compile_mode, cfg.backend)
     if cfg.token is not None and not cfg.token.strip():
         raise ConfigError("--token must not be empty")
     if cfg.index is not None:

@@ -12,6 +12,7 @@ import torch
 from ..backends import unavailable_reason
 from ..errors import ConfigError
 from ..extractor import weights_identity
+from ..graphs import resolve_cuda_graphs
 from ..header import DEFAULT_MAX_PIXELS
 from ..models import get_model
 from ..runtime import resolve_device, resolve_precision
@@ -28,6 +29,7 @@ class Engine:
         self.max_pixels = cfg.max_pixels or DEFAULT_MAX_PIXELS
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
+        self.cuda_graphs = resolve_cuda_graphs(cfg.cuda_graphs, self.device, cfg.backend)
         if (why := unavailable_reason(cfg.backend, self.device)) is not None:
             raise ConfigError(f"backend {cfg.backend!r} is not available: {why}")
         self.weights_id, weights = weights_identity(self.spec, cfg.weights)
@@ -37,7 +39,7 @@ class Engine:
         options = StageOptions(
             self.spec, layers, self.device, self.precision, backend=cfg.backend, dtype=cfg.dtype,
             batch_size=cfg.max_batch, num_threads=cfg.threads, max_pixels=self.max_pixels,
-            mean_file=cfg.mean_file, mean_image=mean_for(cfg.mean_file, self.spec.preprocess, "center"),
+            cuda_graphs=self.cuda_graphs, compile_mode=cfg.compile_mode, mean_file=cfg.mean_file, mean_image=mean_for(cfg.mean_file, self.spec.preprocess, "center"),
             weights_id=self.weights_id,
         )  # fmt: skip
         # float32 out of the forward stage; a float16 response is cast from it as extract casts its rows.
@@ -46,7 +48,8 @@ class Engine:
         self.backend_name, self.dtype = cfg.backend, cfg.dtype
         # Backends that compile per input shape (torch.compile, Triton autotuning) get batches padded to a
         # power of two, so that at most log2(max_batch)+1 shapes ever compile instead of one per batch size.
-        self.pad_batches = self.stages.net.compiles_on_first_call
+        # (CUDA graphs pad to the same buckets themselves.)
+        self.pad_batches = self.stages.net.compiles_on_first_call and not self.cuda_graphs
         self.decoder, self._forward = self.stages.decoder, self.stages.forward
         self.busy = {"h2d": 0.0, "forward": 0.0, "d2h": 0.0}
         self.max_batch = cfg.max_batch
@@ -78,7 +81,7 @@ class Engine:
         Image.fromarray(ramp).save(buf, format="JPEG", quality=90)
         sample, size, _ = self.check(buf.getvalue())
         sizes = sorted({1 << i for i in range(self.max_batch.bit_length())} | {self.max_batch}, reverse=True)
-        for n in sizes if self.pad_batches else sizes[:1]:
+        for n in sizes if self.pad_batches or self.cuda_graphs else sizes[:1]:  # capture every bucket's graph
             images, _, _ = self.decode([sample] * n, [size] * n)
             self.forward(images, list(range(n)))
         return time.perf_counter() - t0
