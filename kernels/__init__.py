@@ -14,6 +14,8 @@ _EXPORTS = {
     "interpreter_active": "autotune",
     "conv2d_nhwc": "conv",
     "pack_conv_weight": "conv",
+    "conv2d_nhwc_s2d": "conv_s2d",
+    "pack_conv_weight_s2d": "conv_s2d",
     "linear": "gemm",
     "pack_linear_weight": "gemm",
     "LRNParams": "lrn",

@@ -49,13 +49,18 @@ class TritonNet(Backend):
         self.k = kernels
         inputs = spec.input_shapes()
         self.packed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Conv layers run as space-to-depth + tap loop (kernels/conv_s2d.py), decided once with the packing.
+        self.s2d_layers: set[str] = set()
         for layer in spec.layers:
             if layer.param_key is None:
                 continue
             w = tensors[f"{layer.param_key}.weight"].to(device)
             # Bias stays fp32: the epilogue adds it in fp32 before the downcast.
             b = tensors[f"{layer.param_key}.bias"].to(device=device, dtype=torch.float32).contiguous()
-            if isinstance(layer, Conv):
+            if isinstance(layer, Conv) and self._space_to_depth(layer, inputs[layer.name][0]):
+                w = kernels.pack_conv_weight_s2d(w, stride=layer.stride, dtype=dtype)
+                self.s2d_layers.add(layer.name)
+            elif isinstance(layer, Conv):
                 w = kernels.pack_conv_weight(w, groups=layer.groups, dtype=dtype)
             else:
                 chw = inputs[layer.name]
@@ -75,9 +80,20 @@ class TritonNet(Backend):
     def prepare(self, images_nhwc: torch.Tensor) -> torch.Tensor:
         return images_nhwc.to(device=self.device, dtype=self.dtype, non_blocking=True).contiguous()
 
+    @staticmethod
+    def _space_to_depth(layer: Conv, cin: int) -> bool:
+        """The conv variant of this layer: space-to-depth + tap loop (kernels/conv_s2d.py) or the direct one."""
+        from fastfeat.kernels.conv_s2d import use_space_to_depth
+
+        return use_space_to_depth(cin, layer.groups, layer.kernel, layer.stride)
+
     # -- ops ----------------------------------------------------------------------------------------
     def _conv(self, layer: Conv, relu: bool):
         w, b = self.packed[layer.name]
+        if layer.name in self.s2d_layers:
+            return lambda x: self.k.conv2d_nhwc_s2d(
+                x, w, b, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad, relu=relu
+            )
         return lambda x: self.k.conv2d_nhwc(
             x, w, b, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad, groups=layer.groups, relu=relu
         )
