@@ -50,6 +50,7 @@ was checked against; another version draws a warning).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -87,9 +88,11 @@ def record_model_launches(model: str, dtype_name: str, batches, targets) -> dict
     out: dict[str, list] = {t: [] for t in targets}
     for target in targets:
         for batch in batches:
-            for names in plans:
+            # Both split-K reduces: "separate" is what the AOT library ships, "fused" the JIT default
+            # (identical conv/pool launches of the second pass compile once: build_jobs deduplicates).
+            for names, reduce in itertools.product(plans, ("separate", "fused")):
                 x = torch.empty((batch, spec.input_size, spec.input_size, 3), dtype=dtype)  # never read
-                with aot.recording(aot.TARGETS[target].sm_count) as sink, torch.inference_mode():
+                with aot.recording(aot.TARGETS[target].sm_count, reduce) as sink, torch.inference_mode():
                     for op in net.plan(names):
                         if op.run is torch.relu:  # an un-fused ReLU is a torch op, not a kernel: skip the work
                             continue

@@ -12,6 +12,12 @@ one batch size, say) and writes the JSON after it, so a run cut short keeps ever
 3. layers     per-layer times, triton vs torch eager, both networks, each batch size (bf16, CUDA
               events, fastfeat.profile);
 4. forward    whole forward pass img/s, torch eager and triton, both networks, each batch size;
+4b. roofline  per-kernel table (benchmarks/layer_roofline.py): every conv, pool(+LRN) and fc layer on
+              random inputs of its shape, each fastfeat kernel variant (conv1 direct and space-to-depth,
+              split-K reduce folded or separate) against torch eager (cuDNN/cuBLAS) and torch.compile
+              (max-autotune), in ms, TFLOP/s or GB/s and share of the roofline, with each output's error
+              against torch eager; one row saved to the JSON as soon as it is measured; on its own
+              (``--steps roofline``) it fits one 8-minute call;
 5. native     the prebuilt AOT kernel library (libfastfeat_kernels.so, CMakeLists.txt): its GPU tests
               (every kernel bit-identical to the JIT-compiled Python kernel, the whole forward against
               torch), fastfeat-layer-bench, and the triton backend's start-up time with and without it;
@@ -67,7 +73,7 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 from checkout import make_importable  # noqa: E402
 
-STEPS = ("tests", "agreement", "layers", "forward", "native", "decode", "compile")
+STEPS = ("tests", "agreement", "layers", "forward", "roofline", "native", "decode", "compile")
 # Steps a dry run leaves out unless --steps names them: they need a GPU.
 GPU_ONLY_STEPS = ("native",)
 # The prebuilt native library and benchmark (CMakeLists.txt copies the library next to fastfeat.kernels;
@@ -406,6 +412,35 @@ def layers(rec: dict, cfg: Settings, budget: Budget, report: Report, names: dict
             report.save()
 
 
+def roofline(rec: dict, cfg: Settings, budget: Budget, report: Report, names: dict, weights) -> None:
+    """Step 3b: the per-kernel table of benchmarks/layer_roofline.py, rows saved as they come."""
+    import torch
+    from layer_roofline import format_rows, run_model
+
+    from fastfeat.models import get_model
+    from fastfeat.runtime import PRECISIONS
+
+    rows = rec.setdefault("rows", [])
+    rec["columns"] = "ms: median per call; tflops / gb_s: achieved; roofline_share: peak-bound time / ms"
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        report.save()
+
+    # The dry run proves the step on one tiny network at its smallest batch (the interpreter needs ~15 s).
+    batches = [min(cfg.batch_sizes)] if cfg.dry_run else cfg.batch_sizes
+    models = cfg.models[:1] if cfg.dry_run else cfg.models
+    for batch in batches:
+        for model in models:
+            if out_of_budget(rec, budget, f"{model} b{batch}"):
+                continue
+            run_model(get_model(names[model]), batch, PRECISIONS[cfg.precision], torch.device(cfg.device),
+                      weights(model), repeat=cfg.repeat if not cfg.dry_run else 1, iters=max(cfg.iters // 4, 1),
+                      with_compile=cfg.with_compile, out_of_budget=lambda unit: out_of_budget(rec, budget, unit),
+                      emit=emit)  # fmt: skip
+    print(format_rows(rows), flush=True)
+
+
 def forward(rec: dict, cfg: Settings, budget: Budget, report: Report, names: dict, weights, backends: tuple) -> None:
     from fastfeat.models import get_model
 
@@ -599,6 +634,11 @@ def plan(cfg: Settings, names: dict) -> dict:
         "tests": list(cfg.tests),
         "agreement": [f"{m} {p} b{cfg.agreement_batch}" for m in cfg.models for p in (cfg.precision, "fp32")],
         "layers": [f"{m} torch+triton b{b}" for b in cfg.batch_sizes for m in cfg.models],
+        "roofline": [
+            f"{m} b{b}"
+            for b in ([min(cfg.batch_sizes)] if cfg.dry_run else cfg.batch_sizes)
+            for m in (cfg.models[:1] if cfg.dry_run else cfg.models)
+        ],
         "forward": [f"{m} {k} b{b}" for b in cfg.batch_sizes for m in cfg.models for k in ("torch", "triton")],
         "native": ["startup aot", "startup jit", "kernels", "forward", "bench"],
         "decode": [f"cpu, mixed hw_decoder_load={load}" for load in DECODE_LOADS],
@@ -665,6 +705,7 @@ def main(argv=None) -> int:
         "tests": lambda rec: run_tests(rec, cfg, budget),
         "agreement": lambda rec: agreement(rec, cfg, budget, report, names, weights),
         "layers": lambda rec: layers(rec, cfg, budget, report, names, ("torch", "triton")),
+        "roofline": lambda rec: roofline(rec, cfg, budget, report, names, weights),
         "forward": lambda rec: forward(rec, cfg, budget, report, names, weights, ("torch", "triton")),
         "native": lambda rec: native_step(rec, cfg, budget, report),
         "decode": lambda rec: decode(rec, cfg, budget, report),

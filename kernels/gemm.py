@@ -302,6 +302,8 @@ def pack_linear_weight(
 # How the JIT path sums split-K partials: "fused" (the last program of a tile, one launch) or "separate"
 # (``_splitk_reduce_kernel``, a second launch; what the AOT library still runs). Both give the same bits.
 SPLIT_K_REDUCES = ("fused", "separate")
+# What ``linear(split_k_reduce=None)`` runs; the AOT tooling switches it (see ``aot.recording``).
+DEFAULT_SPLIT_K_REDUCE = "fused"
 # Per-tile arrival counters of the fused reduce, one zeroed int32 buffer per (device, stream), grown on
 # demand. Every launch leaves its counters at zero again, so launches ordered on one stream share it;
 # launches on different streams get different buffers.
@@ -350,7 +352,7 @@ def linear(
     *,
     out: torch.Tensor | None = None,
     split_k: int | None = None,
-    split_k_reduce: str = "fused",
+    split_k_reduce: str | None = None,
     allow_tf32: bool = False,
 ) -> torch.Tensor:
     """y = relu?(x @ W^T + bias) for x [M, K] and ``w_packed`` = W^T [K, N] from ``pack_linear_weight``.
@@ -359,7 +361,8 @@ def linear(
     (fp32/fp16/bf16). bias: [N] fp32 or None. Accumulation, bias and ReLU in fp32, one rounding to ``out_dtype`` (default: x.dtype). ``out``: optional
     preallocated [M, N] buffer. ``split_k``: None picks a split from M, N, K and the SM count; an int
     forces it (1 disables split-K). ``split_k_reduce``: "fused" sums the partials in the GEMM launch (the
-    last program to finish a tile, in split order), "separate" in a second reduce launch; same bits.
+    last program to finish a tile, in split order), "separate" in a second reduce launch; same bits;
+    None: ``DEFAULT_SPLIT_K_REDUCE``.
     fp32 inputs use exact fp32 products unless ``allow_tf32``.
     """
     check_kernel_tensor("x", x, ndim=2)
@@ -381,6 +384,8 @@ def linear(
     check_same_device(x=x, w_packed=w_packed, bias=bias)
     if split_k is not None and (not isinstance(split_k, int) or not 1 <= split_k <= MAX_SPLIT_K):
         raise ValueError(f"split_k must be an int in [1, {MAX_SPLIT_K}], got {split_k!r}")
+    if split_k_reduce is None:
+        split_k_reduce = DEFAULT_SPLIT_K_REDUCE
     if split_k_reduce not in SPLIT_K_REDUCES:
         raise ValueError(f"split_k_reduce must be one of {SPLIT_K_REDUCES}, got {split_k_reduce!r}")
     y_dtype = resolve_out_dtype(out_dtype, x.dtype)

@@ -24,8 +24,8 @@ from triton_interpreter import _bf16_bits_to_f32
 
 from fastfeat.kernels import (
     LRNParams,
-    interpreter_active,
     conv2d_nhwc,
+    interpreter_active,
     linear,
     maxpool2d_nhwc,
     pack_conv_weight,
@@ -85,7 +85,9 @@ def test_conv1_flattened_and_space_to_depth(dtype, device):
     w = (torch.randn(20, 3, 11, 11, generator=gen) / 19).to(dtype).to(device)
     bias = torch.randn(20, generator=gen).to(device)
     flat, s2d = pack_conv_weight(w), pack_conv_weight_s2d(w, stride=4)
-    _assert_batch_independent(lambda x: conv2d_nhwc(x, flat, bias, kernel_size=11, stride=4), (27, 27, 3), dtype, device)
+    _assert_batch_independent(
+        lambda x: conv2d_nhwc(x, flat, bias, kernel_size=11, stride=4), (27, 27, 3), dtype, device
+    )
     op = lambda x: conv2d_nhwc_s2d(x, s2d, bias, kernel_size=11, stride=4)
     _assert_batch_independent(op, (27, 27, 3), dtype, device)
 
