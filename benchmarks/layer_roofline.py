@@ -8,6 +8,7 @@ relative error of the kernel's output against torch eager's. Providers:
 * ``triton``: the launcher the backend uses (conv2d_nhwc, linear with its split-K choice and the reduce
   folded into the GEMM, maxpool2d_nhwc with ReLU and the CaffeNet LRN fused);
 * ``triton-s2d`` (conv1): the space-to-depth tap-loop variant (kernels/conv_s2d.py);
+* ``triton-rows`` (pools): the row-walking 2-D tile pool(+LRN) variant (kernels/pool_rows.py);
 * ``triton-splitk-separate`` (fc layers that split K): the same split, reduced by a second launch;
 * ``torch``: torch eager, channels_last (cuDNN, cuBLAS, torch's pool and LRN);
 * ``compile``: torch.compile of the same torch function (Inductor; ``COMPILE_MODE``).
@@ -78,6 +79,7 @@ def layer_units(spec, batch: int, dtype: torch.dtype, device: torch.device, tens
     from fastfeat import kernels
     from fastfeat.kernels import gemm
     from fastfeat.kernels.conv_s2d import conv2d_nhwc_s2d, pack_conv_weight_s2d, s2d_eligible
+    from fastfeat.kernels.pool_rows import maxpool2d_nhwc_rows
     from fastfeat.layers import LRN, Conv, Linear, MaxPool
 
     gen = torch.Generator().manual_seed(0)
@@ -128,7 +130,10 @@ def layer_units(spec, batch: int, dtype: torch.dtype, device: torch.device, tens
                 y = F.max_pool2d(F.relu(x_cl), layer.kernel, layer.stride, layer.pad, ceil_mode=layer.ceil)
                 return y if norm is None else F.local_response_norm(y, norm.size, norm.alpha, norm.beta, norm.k)
 
-            providers = {"triton": lambda x=x, lrn=lrn, geo=geo: kernels.maxpool2d_nhwc(x, relu=True, lrn=lrn, **geo)}
+            providers = {
+                "triton": lambda x=x, lrn=lrn, geo=geo: kernels.maxpool2d_nhwc(x, relu=True, lrn=lrn, **geo),
+                "triton-rows": lambda x=x, lrn=lrn, geo=geo: maxpool2d_nhwc_rows(x, relu=True, lrn=lrn, **geo),
+            }
             _, oh, ow = layer.out_shape(in_shape)
             nbytes = (x.numel() + batch * oh * ow * c) * esize
             name = layer.name if norm is None else f"{layer.name}+{norm.name}"
