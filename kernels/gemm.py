@@ -214,6 +214,9 @@ def _linear_splitk_fused_kernel(
     out_mask = m_ok[:, None] & n_ok[None, :]
     split_stride = tl.cast(M, tl.int64) * N  # tl.cast: an int argument equal to 1 arrives as a constexpr
     tl.store(ws_ptr + pid_k * split_stride + out_off, acc, mask=out_mask)
+    # The counter is bumped by one thread: the CTA barrier orders every thread's partial stores before it
+    # (the release below is cumulative over what the barrier made visible to that thread).
+    tl.debug_barrier()
     # acq_rel at GPU scope (Triton's default for atomics): this program's partial is released before its
     # arrival counts, and the last arrival acquires every other program's partial before reading it.
     arrived_before = tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel", scope="gpu")
