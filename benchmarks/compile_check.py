@@ -50,6 +50,7 @@ was checked against; another version draws a warning).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -87,15 +88,61 @@ def record_model_launches(model: str, dtype_name: str, batches, targets) -> dict
     out: dict[str, list] = {t: [] for t in targets}
     for target in targets:
         for batch in batches:
-            for names in plans:
+            # Both split-K reduces: "separate" is what the AOT library ships, "fused" the JIT default
+            # (identical conv/pool launches of the second pass compile once: build_jobs deduplicates).
+            for names, reduce in itertools.product(plans, ("separate", "fused")):
                 x = torch.empty((batch, spec.input_size, spec.input_size, 3), dtype=dtype)  # never read
-                with aot.recording(aot.TARGETS[target].sm_count) as sink, torch.inference_mode():
+                with aot.recording(aot.TARGETS[target].sm_count, reduce) as sink, torch.inference_mode():
                     for op in net.plan(names):
                         if op.run is torch.relu:  # an un-fused ReLU is a torch op, not a kernel: skip the work
                             continue
                         start = len(sink)
                         x = op.run(x)
                         out[target] += [(aot.label(model, op.name, dtype_name, batch), c) for c in sink[start:]]
+    out_variants = record_variant_launches(spec, model, dtype, dtype_name, batches, targets)
+    for target in targets:
+        out[target] += out_variants[target]
+    return out
+
+
+def record_variant_launches(spec, model: str, dtype, dtype_name: str, batches, targets) -> dict[str, list]:
+    """{target: [(label, launch)]} of the kernel variants the backend does not launch by default: the
+    row-walking pool(+LRN) for every pool layer (ReLU fused, LRN fused where it follows), labelled
+    "<model>/<pool>[+<norm>] rows <dtype> b<batch>"; the space-to-depth conv of eligible convs runs the
+    tap-loop kernel, labelled "<model>/<conv> s2d <dtype> b<batch>"."""
+    import torch
+
+    from fastfeat.kernels import LRNParams
+    from fastfeat.kernels.conv_s2d import conv2d_nhwc_s2d, pack_conv_weight_s2d, s2d_eligible
+    from fastfeat.kernels.pool_rows import maxpool2d_nhwc_rows
+    from fastfeat.layers import LRN, Conv, MaxPool
+
+    shapes = spec.input_shapes()
+    out: dict[str, list] = {t: [] for t in targets}
+    for target in targets:
+        for batch in batches:
+            for i, layer in enumerate(spec.layers):
+                c, h, w = shapes[layer.name] if len(shapes[layer.name]) == 3 else (0, 0, 0)
+                x = torch.empty((batch, h, w, c), dtype=dtype)
+                with aot.recording(aot.TARGETS[target].sm_count) as sink, torch.inference_mode():
+                    if isinstance(layer, MaxPool):
+                        norm = spec.layers[i + 1] if i + 1 < len(spec.layers) else None
+                        norm = norm if isinstance(norm, LRN) else None
+                        lrn = None if norm is None else LRNParams(norm.size, norm.alpha, norm.beta, norm.k)
+                        maxpool2d_nhwc_rows(x, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad,
+                                            ceil_mode=layer.ceil, relu=True, lrn=lrn)  # fmt: skip
+                        name = layer.name if norm is None else f"{layer.name}+{norm.name}"
+                        op = f"{name} rows"
+                    elif isinstance(layer, Conv) and s2d_eligible(c, layer.groups, layer.kernel, layer.stride):
+                        weight = torch.empty((layer.out, c, layer.kernel, layer.kernel), dtype=dtype)
+                        packed = pack_conv_weight_s2d(weight, stride=layer.stride)
+                        bias = torch.empty((layer.out,), dtype=torch.float32)
+                        conv2d_nhwc_s2d(x, packed, bias, kernel_size=layer.kernel, stride=layer.stride,
+                                        padding=layer.pad, relu=True)  # fmt: skip
+                        op = f"{layer.name} s2d"
+                    else:
+                        continue
+                out[target] += [(aot.label(model, op, dtype_name, batch), c) for c in sink]
     return out
 
 

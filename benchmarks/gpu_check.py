@@ -12,6 +12,12 @@ one batch size, say) and writes the JSON after it, so a run cut short keeps ever
 3. layers     per-layer times, triton vs torch eager, both networks, each batch size (bf16, CUDA
               events, fastfeat.profile);
 4. forward    whole forward pass img/s, torch eager and triton, both networks, each batch size;
+4b. roofline  per-kernel table (benchmarks/layer_roofline.py): every conv, pool(+LRN) and fc layer on
+              random inputs of its shape, each fastfeat kernel variant (conv1 direct and space-to-depth,
+              split-K reduce folded or separate) against torch eager (cuDNN/cuBLAS) and torch.compile
+              (max-autotune), in ms, TFLOP/s or GB/s and share of the roofline, with each output's error
+              against torch eager; one row saved to the JSON as soon as it is measured; on its own
+              (``--steps roofline``) it fits one 8-minute call;
 5. native     the prebuilt AOT kernel library (libfastfeat_kernels.so, CMakeLists.txt): its GPU tests
               (every kernel bit-identical to the JIT-compiled Python kernel, the whole forward against
               torch), fastfeat-layer-bench, and the triton backend's start-up time with and without it;
@@ -67,7 +73,7 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 from checkout import make_importable  # noqa: E402
 
-STEPS = ("tests", "agreement", "layers", "forward", "graphs", "native", "decode", "compile")
+STEPS = ("tests", "agreement", "layers", "forward", "roofline", "graphs", "native", "decode", "compile")
 # Steps a dry run leaves out unless --steps names them: they need a GPU.
 GPU_ONLY_STEPS = ("native",)
 # Steps a dry run runs only when --steps names them: graphs interprets the whole tiny network a dozen
@@ -146,7 +152,7 @@ class Settings:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget-s", type=float, default=None, help="no unit of work starts after this (330; dry 90)")
+    ap.add_argument("--budget-s", type=float, default=None, help="no unit of work starts after this (330; dry 120)")
     ap.add_argument("--tests-cap-s", type=float, default=None, help="the tests step ends here (100; dry 45)")
     ap.add_argument("--batch-sizes", default=None, help="most valuable first (256,64,1; dry 2,1)")
     ap.add_argument("--steps", default=None, help=f"a subset of {','.join(STEPS)} (default all; a dry run skips "
@@ -186,7 +192,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         batch_sizes=batch_sizes,
         # 330 s + GRACE_S: a lent GPU gives 15 minutes for everything, machine start (minutes) included;
         # a 6-minute run leaves room to run it once more (faster then: Triton's caches are warm).
-        budget_s=args.budget_s if args.budget_s is not None else (90 if dry else 330),
+        budget_s=args.budget_s
+        if args.budget_s is not None
+        else (120 if dry else 330),  # dry: 120 s since the roofline step (~20 s)
         tests_cap_s=args.tests_cap_s if args.tests_cap_s is not None else (45 if dry else 100),
         tests=DRY_TESTS if dry else TEST_FILES,
         repeat=2 if dry else 20,
@@ -407,6 +415,35 @@ def layers(rec: dict, cfg: Settings, budget: Budget, report: Report, names: dict
             rec["results"] += res
             print(format_table(res), flush=True)
             report.save()
+
+
+def roofline(rec: dict, cfg: Settings, budget: Budget, report: Report, names: dict, weights) -> None:
+    """Step 3b: the per-kernel table of benchmarks/layer_roofline.py, rows saved as they come."""
+    import torch
+    from layer_roofline import format_rows, run_model
+
+    from fastfeat.models import get_model
+    from fastfeat.runtime import PRECISIONS
+
+    rows = rec.setdefault("rows", [])
+    rec["columns"] = "ms: median per call; tflops / gb_s: achieved; roofline_share: peak-bound time / ms"
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        report.save()
+
+    # The dry run proves the step on one tiny network at its smallest batch (the interpreter needs ~15 s).
+    batches = [min(cfg.batch_sizes)] if cfg.dry_run else cfg.batch_sizes
+    models = cfg.models[:1] if cfg.dry_run else cfg.models
+    for batch in batches:
+        for model in models:
+            if out_of_budget(rec, budget, f"{model} b{batch}"):
+                continue
+            run_model(get_model(names[model]), batch, PRECISIONS[cfg.precision], torch.device(cfg.device),
+                      weights(model), repeat=cfg.repeat if not cfg.dry_run else 1, iters=max(cfg.iters // 4, 1),
+                      with_compile=cfg.with_compile, out_of_budget=lambda unit: out_of_budget(rec, budget, unit),
+                      emit=emit)  # fmt: skip
+    print(format_rows(rows), flush=True)
 
 
 def forward(rec: dict, cfg: Settings, budget: Budget, report: Report, names: dict, weights, backends: tuple) -> None:
@@ -782,6 +819,11 @@ def plan(cfg: Settings, names: dict) -> dict:
         "tests": list(cfg.tests),
         "agreement": [f"{m} {p} b{cfg.agreement_batch}" for m in cfg.models for p in (cfg.precision, "fp32")],
         "layers": [f"{m} torch+triton b{b}" for b in cfg.batch_sizes for m in cfg.models],
+        "roofline": [
+            f"{m} b{b}"
+            for b in ([min(cfg.batch_sizes)] if cfg.dry_run else cfg.batch_sizes)
+            for m in (cfg.models[:1] if cfg.dry_run else cfg.models)
+        ],
         "forward": [f"{m} {k} b{b}" for b in cfg.batch_sizes for m in cfg.models for k in ("torch", "triton")],
         "graphs": [
             f"{m} {k} b{b}"
@@ -856,6 +898,7 @@ def main(argv=None) -> int:
         "tests": lambda rec: run_tests(rec, cfg, budget),
         "agreement": lambda rec: agreement(rec, cfg, budget, report, names, weights),
         "layers": lambda rec: layers(rec, cfg, budget, report, names, ("torch", "triton")),
+        "roofline": lambda rec: roofline(rec, cfg, budget, report, names, weights),
         "forward": lambda rec: forward(rec, cfg, budget, report, names, weights, ("torch", "triton")),
         "graphs": lambda rec: graphs_step(rec, cfg, budget, report, names, weights),
         "native": lambda rec: native_step(rec, cfg, budget, report),

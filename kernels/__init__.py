@@ -15,6 +15,8 @@ _EXPORTS = {
     "conv2d_nhwc": "conv",
     "plan_conv2d_nhwc": "conv",
     "pack_conv_weight": "conv",
+    "conv2d_nhwc_s2d": "conv_s2d",
+    "pack_conv_weight_s2d": "conv_s2d",
     "linear": "gemm",
     "plan_linear": "gemm",
     "pack_linear_weight": "gemm",

@@ -52,6 +52,9 @@ TARGETS = {
 # ptxas sometimes spills a word or two while far below the register cap (its own occupancy choice); a
 # spill of at most this many bytes with registers to spare is reported as "spill(minor)", not a problem.
 MINOR_SPILL_BYTES = 16
+# Kernels the JIT launchers run that the AOT library (native/generate.py) does not ship: recorded and
+# compiled by the compile check, never part of the library's families or its kernel hash.
+JIT_ONLY_KERNELS = (("gemm", "_linear_splitk_fused_kernel"), ("pool_rows", "_maxpool_rows_nhwc_kernel"))
 # Unlimited shared memory, to ask a prune hook which configs it keeps for reasons other than fit.
 NO_SMEM_LIMIT = 1 << 40
 # ptxas's per-thread register ceiling; a kernel at it is one change away from spilling.
@@ -69,6 +72,10 @@ REPRESENTATIVE = (
     ("caffenet/fc6+relu6 {dtype} b2048", "_linear_kernel"),  # SPLIT_K == 1, full tiles
     ("caffenet/fc6+relu6 {dtype} b1", "_linear_kernel"),  # SPLIT_K > 1, thin tiles
     ("caffenet/fc6+relu6 {dtype} b1", "_splitk_reduce_kernel"),
+    ("caffenet/fc6+relu6 {dtype} b1", "_linear_splitk_fused_kernel"),  # split-K, reduce folded in
+    ("caffenet/conv1 s2d {dtype} b256", "_conv2d_nhwc_kernel"),  # conv1 as a space-to-depth 3x3 tap loop
+    ("caffenet/pool1+norm1 rows {dtype} b256", "_maxpool_rows_nhwc_kernel"),  # row-walking pool + LRN
+    ("caffenet/pool5 rows {dtype} b256", "_maxpool_rows_nhwc_kernel"),  # the same, no LRN, fitted BLOCK_C
     ("caffenet/relu1+pool1+norm1 {dtype} b256", "_maxpool_nhwc_kernel"),  # ReLU + pool + LRN in one kernel
     ("caffenet/norm1 {dtype} b256", "_lrn_nhwc_kernel"),
 )
@@ -85,6 +92,7 @@ __all__ = [
     "DEFAULT_NUM_WARPS",
     "DTYPES",
     "EXIT_UNAVAILABLE",
+    "JIT_ONLY_KERNELS",
     "KERNELS",
     "LAUNCH_OPTIONS",
     "MAX_REGS",
@@ -162,8 +170,11 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def recording(sm_count: int):
+def recording(sm_count: int, split_k_reduce: str = "separate"):
     """Replace every kernel by a recorder; let the launchers accept CPU tensors; fix the SM count.
+
+    ``split_k_reduce``: how ``linear`` sums split-K partials while recording: "separate" (the default)
+    is what the AOT library ships (a GEMM and a reduce launch); "fused" records the JIT path's one launch.
 
     Yields the list the launches are appended to, as ``(module, kernel name, kernel, args, kwargs)``
     with tensors replaced by their dtype. Everything is restored on exit.
@@ -179,7 +190,7 @@ def recording(sm_count: int):
         setattr(obj, attr, value)
 
     try:
-        for module, name in KERNELS:
+        for module, name in KERNELS + JIT_ONLY_KERNELS:
             mod = importlib.import_module(f".{module}", __package__)
             patch(mod, name, _Recorder(module, name, getattr(mod, name), sink))
         # The launchers' device checks accept CPU tensors only "under the interpreter".
@@ -187,6 +198,7 @@ def recording(sm_count: int):
         patch(autotune, "interpreter_active", lambda: True)
         patch(launch_args, "interpreter_active", lambda: True)
         patch(gemm, "sm_count", lambda device: sm_count)
+        patch(gemm, "DEFAULT_SPLIT_K_REDUCE", split_k_reduce)
         yield sink
     finally:
         for obj, attr, value in reversed(saved):

@@ -15,6 +15,8 @@ fixed order (deterministic, unlike atomics) before bias, ReLU and the single dow
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -144,6 +146,96 @@ def _linear_kernel(
         tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + out_off, acc, mask=out_mask)
 
 
+# Same tuning as _linear_kernel (one family per M bucket); SPLIT_K is keyed since it changes the K range.
+@triton.autotune(
+    configs=gemm_configs(),
+    key=["M_BUCKET", "N", "K", "STRIDE_WK", "N_LOAD", "SPLIT_K"],
+    prune_configs_by={"early_config_prune": prune_gemm},
+    cache_results=True,
+)
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _linear_splitk_fused_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    ws_ptr,
+    arrivals_ptr,
+    M,
+    N,
+    K,
+    STRIDE_WK,
+    N_LOAD,
+    M_BUCKET,
+    K_PER_SPLIT,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    APPLY_RELU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Split-K GEMM whose reduction is folded in: the last program to finish a tile sums its partials.
+
+    Arguments as ``_linear_kernel`` (SPLIT_K >= 2), plus arrivals_ptr: [tiles] int32, zero on entry and
+    left zero on exit (the last arrival resets its tile's counter, so one buffer serves every launch that
+    is ordered after this one on the stream). Every program stores its fp32 partial tile to
+    ws[pid_k], then increments its tile's counter (acq_rel, so the partial is visible before the count);
+    the program that sees SPLIT_K - 1 arrivals before it re-reads all SPLIT_K partials in split order
+    0, 1, ..., SPLIT_K - 1 (its own included), so the sum -- and the result -- does not depend on which
+    program finished last, and equals the separate reduce kernel's bit for bit. Bias, ReLU and the one
+    downcast follow. Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K).
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    n_load = offs_n < N_LOAD
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
+
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_end
+        a = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(
+            w_ptr + offs_k.to(tl.int64)[:, None] * STRIDE_WK + offs_n[None, :],
+            mask=k_ok[:, None] & n_load[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    out_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    split_stride = tl.cast(M, tl.int64) * N  # tl.cast: an int argument equal to 1 arrives as a constexpr
+    tl.store(ws_ptr + pid_k * split_stride + out_off, acc, mask=out_mask)
+    # The counter is bumped by one thread: the CTA barrier orders every thread's partial stores before it
+    # (the release below is cumulative over what the barrier made visible to that thread).
+    tl.debug_barrier()
+    # acq_rel at GPU scope (Triton's default for atomics): this program's partial is released before its
+    # arrival counts, and the last arrival acquires every other program's partial before reading it.
+    arrived_before = tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel", scope="gpu")
+    if arrived_before == SPLIT_K - 1:
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            # .cg: read from L2, never from a line this SM's L1 might hold from before the other stores.
+            total += tl.load(ws_ptr + s * split_stride + out_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            total += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        if APPLY_RELU:
+            total = tl.maximum(total, 0.0)
+        tl.store(y_ptr + out_off, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+        tl.atomic_xchg(arrivals_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+
+
 @triton.jit
 def _splitk_reduce_kernel(
     ws_ptr,
@@ -213,6 +305,31 @@ def pack_linear_weight(
     return padded[:, :n_out]
 
 
+# How the JIT path sums split-K partials: "fused" (the last program of a tile, one launch) or "separate"
+# (``_splitk_reduce_kernel``, a second launch; what the AOT library still runs). Both give the same bits.
+SPLIT_K_REDUCES = ("fused", "separate")
+# What ``linear(split_k_reduce=None)`` runs; the AOT tooling switches it (see ``aot.recording``).
+DEFAULT_SPLIT_K_REDUCE = "fused"
+# Per-tile arrival counters of the fused reduce, one zeroed int32 buffer per (device, stream), grown on
+# demand. Every launch leaves its counters at zero again, so launches ordered on one stream share it;
+# launches on different streams get different buffers.
+_arrival_buffers: dict[tuple, torch.Tensor] = {}
+_arrival_lock = threading.Lock()
+
+
+def arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``tiles`` counters for the fused split-K reduce on ``device``'s
+    current stream (allocated once per stream and size class, then reused: each launch re-zeroes it)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    with _arrival_lock:
+        buf = _arrival_buffers.get(key)
+        if buf is None or buf.numel() < tiles:
+            buf = torch.zeros(triton.next_power_of_2(max(tiles, 64)), dtype=torch.int32, device=device)
+            _arrival_buffers[key] = buf
+    return buf
+
+
 def _readable_columns(w: torch.Tensor) -> int:
     """How many columns of every row of ``w`` may be read: its row stride when the storage holds the last
     row's padding too (as ``pack_linear_weight``'s does), else just N."""
@@ -241,6 +358,7 @@ def linear(
     *,
     out: torch.Tensor | None = None,
     split_k: int | None = None,
+    split_k_reduce: str | None = None,
     allow_tf32: bool = False,
 ) -> torch.Tensor:
     """y = relu?(x @ W^T + bias) for x [M, K] and ``w_packed`` = W^T [K, N] from ``pack_linear_weight``.
@@ -248,12 +366,15 @@ def linear(
     x: contiguous; w_packed: rows contiguous, row stride >= N (``pack_linear_weight`` pads it); same dtype
     (fp32/fp16/bf16). bias: [N] fp32 or None. Accumulation, bias and ReLU in fp32, one rounding to ``out_dtype`` (default: x.dtype). ``out``: optional
     preallocated [M, N] buffer. ``split_k``: None picks a split from M, N, K and the SM count; an int
-    forces it (1 disables split-K). fp32 inputs use exact fp32 products unless ``allow_tf32``.
+    forces it (1 disables split-K). ``split_k_reduce``: "fused" sums the partials in the GEMM launch (the
+    last program to finish a tile, in split order), "separate" in a second reduce launch; same bits;
+    None: ``DEFAULT_SPLIT_K_REDUCE``.
+    fp32 inputs use exact fp32 products unless ``allow_tf32``.
     """
     check_kernel_tensor("x", x, ndim=2)
     launch = plan_linear(
         tuple(x.shape), x.dtype, x.device, w_packed, bias, relu=relu, out_dtype=out_dtype, out=out, split_k=split_k,
-        allow_tf32=allow_tf32,
+        split_k_reduce=split_k_reduce, allow_tf32=allow_tf32,
     )  # fmt: skip
     # Triton launches on the current device and stream: make that x's device (see on_tensor_device).
     with on_tensor_device(x):
@@ -271,6 +392,7 @@ def plan_linear(
     *,
     out: torch.Tensor | None = None,
     split_k: int | None = None,
+    split_k_reduce: str | None = None,
     allow_tf32: bool = False,
 ) -> Launch:
     """``linear`` planned for inputs of ``x_shape``/``dtype`` on ``device``: checks, output, the split-K
@@ -295,6 +417,10 @@ def plan_linear(
     check_same_device(device, w_packed=w_packed, bias=bias)
     if split_k is not None and (not isinstance(split_k, int) or not 1 <= split_k <= MAX_SPLIT_K):
         raise ValueError(f"split_k must be an int in [1, {MAX_SPLIT_K}], got {split_k!r}")
+    if split_k_reduce is None:
+        split_k_reduce = DEFAULT_SPLIT_K_REDUCE
+    if split_k_reduce not in SPLIT_K_REDUCES:
+        raise ValueError(f"split_k_reduce must be one of {SPLIT_K_REDUCES}, got {split_k_reduce!r}")
     y_dtype = resolve_out_dtype(out_dtype, dtype)
     out = output_buffer(out, shape=(m, n), dtype=y_dtype, device=device)
     if m == 0 or n == 0:
@@ -322,11 +448,38 @@ def plan_linear(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), splits)
 
-    gemm = _linear_kernel[grid]
-    args = (w_packed, b_arg, out, ws, m, n, k, w_packed.stride(0), readable, m_bucket(m), k_per_split)
     consts = dict(
         SPLIT_K=splits, HAS_BIAS=bias is not None, APPLY_RELU=bool(relu), DOT_PRECISION=dot_precision(dtype, allow_tf32)
     )
+    if splits > 1 and split_k_reduce == "fused":
+        # Taken when the plan is made, so never allocated inside a CUDA graph capture; every launch leaves
+        # them at zero. Sized for the most tiles a config can make (BLOCK_M, BLOCK_N >= 16).
+        arrivals = arrival_counters(device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
+        fused = _linear_splitk_fused_kernel[grid]
+        fused_args = (
+            w_packed,
+            b_arg,
+            out,
+            ws,
+            arrivals,
+            m,
+            n,
+            k,
+            w_packed.stride(0),
+            readable,
+            m_bucket(m),
+            k_per_split,
+        )
+
+        def run_fused(x):
+            if aot is not None and aot(x):
+                return
+            fused(x, *fused_args, **consts)
+
+        return Launch(out, run_fused)
+
+    gemm = _linear_kernel[grid]
+    args = (w_packed, b_arg, out, ws, m, n, k, w_packed.stride(0), readable, m_bucket(m), k_per_split)
     reduce = _splitk_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)] if splits > 1 else None
     reduce_consts = dict(SPLIT_K=splits, HAS_BIAS=bias is not None, APPLY_RELU=bool(relu), BLOCK=REDUCE_BLOCK)
 

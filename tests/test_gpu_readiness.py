@@ -37,6 +37,8 @@ from fastfeat.models import get_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.py")
+# The dry run's kernels run fp16 against an fp32 torch reference: the fp16 tolerance of the agreement step.
+TOLERANCES_FP16 = 3e-3
 
 
 # -- 1. the device of a run, and the --devices workers ------------------------------------------------------
@@ -538,7 +540,7 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["tests", "agreement", "layers", "forward", "decode", "compile"]
+    assert list(steps) == ["tests", "agreement", "layers", "forward", "roofline", "decode", "compile"]
     assert "aborted" not in report and "current" not in report
     assert steps["tests"]["counts"] == {"passed": 3} and not steps["tests"]["capped"]
     agree = steps["agreement"]["results"]
@@ -551,6 +553,13 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
         (f"{m}-dry", b, n) for m in ("caffenet", "alexnet") for b in ("torch", "triton") for n in (1, 2)
     }
     assert len(steps["forward"]["img_per_s"]) == 8 and all(v > 0 for v in steps["forward"]["img_per_s"].values())
+    rows = steps["roofline"]["rows"]  # the dry run: caffenet-dry at batch 1, every conv, pool and fc layer
+    assert {r["layer"] for r in rows} == {"conv1", "pool1+norm1", "conv2", "pool2+norm2", "conv3", "conv4", "conv5",
+                                          "pool5", "fc6", "fc7", "fc8"}  # fmt: skip
+    assert {r["provider"] for r in rows if r["layer"] == "conv1"} == {"torch", "triton", "triton-s2d"}
+    assert {r["provider"] for r in rows if r["layer"] == "pool1+norm1"} == {"torch", "triton", "triton-rows"}
+    assert all(r["ms"] > 0 for r in rows)
+    assert all(r["rel_err_vs_torch"] < TOLERANCES_FP16 for r in rows if r["provider"].startswith("triton"))
     assert steps["decode"]["cpu_img_per_s"] > 0 and "no CUDA" in steps["decode"]["mixed"]
     assert steps["compile"]["status"] == "skipped"
     assert set(report["targets"]) == {

@@ -137,3 +137,20 @@ def test_triton_without_cuda_or_interpreter_is_a_clear_error(dataset, tmp_path):
     assert proc.returncode == 2
     assert "needs a CUDA GPU or TRITON_INTERPRET=1" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("model", ["caffenet", "alexnet"])
+def test_conv1_space_to_depth_variant(model, monkeypatch):
+    """FASTFEAT_CONV_S2D=1: conv1 runs as the 3x3 tap-loop conv over a space-to-depth input (weights
+    rearranged once at construction) and matches the torch backend; later convs keep the direct path."""
+    monkeypatch.setenv("FASTFEAT_CONV_S2D", "1")
+    spec = get_model(model)
+    weights = load_weights(spec, "random:7")
+    x = torch.randn(1, spec.input_size, spec.input_size, 3, generator=torch.Generator().manual_seed(5))
+    tri = make_backend("triton", spec, weights.tensors, DEVICE, torch.float32)
+    assert tri.s2d_layers == {"conv1"}
+    ref = make_backend("torch", spec, weights.tensors, DEVICE, torch.float32)
+    got = tri.forward_intermediates(tri.prepare(x), ["conv1"])["conv1"]
+    want = ref.forward_intermediates(ref.prepare(x), ["conv1"])["conv1"]
+    assert got.shape == want.shape
+    assert rel_err(got.reshape(1, -1).float().cpu(), want.reshape(1, -1).float().cpu()) < TOLERANCES[torch.float32]

@@ -64,13 +64,18 @@ class TritonNet(Backend):
         self.k = kernels
         inputs = spec.input_shapes()
         self.packed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Conv layers run as space-to-depth + tap loop (kernels/conv_s2d.py), decided once with the packing.
+        self.s2d_layers: set[str] = set()
         for layer in spec.layers:
             if layer.param_key is None:
                 continue
             w = tensors[f"{layer.param_key}.weight"].to(device)
             # Bias stays fp32: the epilogue adds it in fp32 before the downcast.
             b = tensors[f"{layer.param_key}.bias"].to(device=device, dtype=torch.float32).contiguous()
-            if isinstance(layer, Conv):
+            if isinstance(layer, Conv) and self._space_to_depth(layer, inputs[layer.name][0]):
+                w = kernels.pack_conv_weight_s2d(w, stride=layer.stride, dtype=dtype)
+                self.s2d_layers.add(layer.name)
+            elif isinstance(layer, Conv):
                 w = kernels.pack_conv_weight(w, groups=layer.groups, dtype=dtype)
             else:
                 chw = inputs[layer.name]
@@ -89,6 +94,13 @@ class TritonNet(Backend):
 
     def prepare(self, images_nhwc: torch.Tensor) -> torch.Tensor:
         return images_nhwc.to(device=self.device, dtype=self.dtype, non_blocking=True).contiguous()
+
+    @staticmethod
+    def _space_to_depth(layer: Conv, cin: int) -> bool:
+        """The conv variant of this layer: space-to-depth + tap loop (kernels/conv_s2d.py) or the direct one."""
+        from fastfeat.kernels.conv_s2d import use_space_to_depth
+
+        return use_space_to_depth(cin, layer.groups, layer.kernel, layer.stride)
 
     # -- ops ----------------------------------------------------------------------------------------
     def _fuse(self, names: list[str]) -> list[_Step]:
@@ -139,6 +151,10 @@ class TritonNet(Backend):
         k, layer = self.k, step.layer
         if step.kind == "conv":
             w, b = self.packed[layer.name]
+            if layer.name in self.s2d_layers:
+                return lambda x: k.conv2d_nhwc_s2d(
+                    x, w, b, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad, relu=step.relu
+                )
             return lambda x: k.conv2d_nhwc(
                 x, w, b, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad, groups=layer.groups,
                 relu=step.relu,
@@ -160,6 +176,10 @@ class TritonNet(Backend):
         """(run(x) -> output, output shape): the step planned for inputs of ``shape`` (checks, output
         buffer, kernel arguments made now; see fastfeat.kernels.launch_args.Launch)."""
         k, layer, dtype = self.k, step.layer, self.dtype
+        if step.kind == "conv" and layer.name in self.s2d_layers:  # no plan of its own: checks per call
+            n, h, w_, c = shape
+            _, ho, wo = layer.out_shape((c, h, w_))
+            return self._run(step), (n, ho, wo, layer.out)
         if step.kind == "conv":
             w, b = self.packed[layer.name]
             launch = k.plan_conv2d_nhwc(

@@ -240,3 +240,51 @@ def test_autotune_off_keeps_one_config(monkeypatch):
     tuned = prune_gemm(configs, args)
     monkeypatch.setenv("FASTFEAT_AUTOTUNE", "0")
     assert len(tuned) > 1 and prune_gemm(configs, args) == tuned[:1]
+
+
+# -- split-K with the reduce folded into the GEMM ---------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m, k, n, split_k", [(1, 700, 40, 3), (5, 1100, 33, 5), (17, 520, 130, 2)])
+def test_fused_split_k_matches_reference_and_separate_reduce(m, k, n, split_k, dtype, device, nan_like, assert_close):
+    """The last-arrival reduce: right against plain PyTorch, and the same bits as the two-launch reduce
+    (both sum the partials in split order). Batch 1, M and N not multiples of any tile."""
+    from fastfeat.kernels.gemm import arrival_counters
+
+    x, w, b = _inputs(m, k, n, dtype, device, seed=m + k)
+    packed = pack_linear_weight(w)
+    fused = nan_like((m, n), dtype, device)
+    linear(x, packed, b, True, out=fused, split_k=split_k, split_k_reduce="fused")
+    assert not torch.isnan(fused).any(), "some outputs were never written (no program saw itself last)"
+    assert_close(fused, _reference(x, w, b, True), TOLERANCES[dtype])
+    separate = nan_like((m, n), dtype, device)
+    linear(x, packed, b, True, out=separate, split_k=split_k, split_k_reduce="separate")
+    assert torch.equal(fused, separate)
+    # Every tile's last arrival re-zeroed its counter: the shared buffer is ready for the next launch.
+    assert not arrival_counters(device, 1).any()
+
+
+def test_fused_split_k_last_arrival_sums_every_split(device, monkeypatch):
+    """Each tile is finished exactly once, by its last arrival, and from all of its splits.
+
+    The interpreter runs programs one after another, so there the last arrival is the last split; a
+    counter left non-zero by an earlier launch would make the wrong program finish the tile (or none):
+    the poisoned counters below must give a wrong or unwritten result, which proves the test can fail.
+    """
+    from fastfeat.kernels import gemm
+
+    x, w, b = _inputs(3, 1024, 48, torch.float32, device, seed=3)
+    packed = pack_linear_weight(w)
+    ref = _reference(x, w, b, False)
+    good = linear(x, packed, b, split_k=4)
+    torch.testing.assert_close(good, ref, rtol=0, atol=1e-4)
+    poisoned = torch.full((64,), 2, dtype=torch.int32, device=device)  # "two splits already arrived"
+    monkeypatch.setattr(gemm, "arrival_counters", lambda device, tiles: poisoned)
+    bad = torch.full_like(good, float("nan"))
+    linear(x, packed, b, out=bad, split_k=4)
+    assert torch.isnan(bad).any() or not torch.allclose(bad, ref, atol=1e-3)
+
+
+def test_split_k_reduce_value_error(device):
+    x, w, b = _inputs(2, 64, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="split_k_reduce"):
+        linear(x, pack_linear_weight(w), b, split_k_reduce="atomic")
