@@ -29,3 +29,23 @@ def read_features(out: str):
 def column_matrix(table, name: str) -> np.ndarray:
     col = table.column(name).combine_chunks()
     return np.array(col.flatten().to_numpy(zero_copy_only=False)).reshape(len(table), -1)
+
+
+class torch_threads:
+    """``with torch_threads(n):`` torch's intra-op thread count for the block.  A reference run for a Ray
+    worker granted n CPUs needs the worker's count: on some CPUs (AVX2-only oneDNN) a conv's summation
+    order, and so its last bits, depends on how many threads share it (docs/ray.md)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        import torch
+
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.before)

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from helpers import column_matrix, read_features
+from helpers import column_matrix, read_features, torch_threads
 
 from fastfeat import storage
 from fastfeat.cli import main
@@ -110,7 +110,8 @@ def held(folder) -> dict | None:
 def clean(dataset, tmp_path_factory):
     """The reference: a single-process run of the same configuration."""
     out = tmp_path_factory.mktemp("clean") / "out"
-    summary = Extractor(dataset, str(out), **RUN).run()
+    with torch_threads(1):  # the workers' count (cpus_per_worker=1)
+        summary = Extractor(dataset, str(out), **RUN).run()
     assert summary["complete"]
     return out
 

@@ -9,6 +9,7 @@ import signal
 import threading
 
 import pytest
+from helpers import torch_threads
 from test_ray import RUN, assert_same_output, held, holding, thread_failed, wait_for
 
 from fastfeat.cluster import run_on_ray
@@ -39,7 +40,8 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clean(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean") / "out"
-    Extractor(dataset, str(out), **RUN).run()
+    with torch_threads(1):  # the workers' count (cpus_per_worker=1)
+        Extractor(dataset, str(out), **RUN).run()
     return out
 
 
