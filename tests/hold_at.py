@@ -61,6 +61,7 @@ if __name__ == "__main__":
     marker, target, nth, match, sep, *argv = sys.argv[1:]
     if sep != "--":
         raise SystemExit("usage: hold_at.py MARKER TARGET N MATCH -- <fastfeat arguments>")
+    sys.path[0] = os.getcwd()  # as under `python -m fastfeat`: not tests/, whose modules could shadow others
     hold(marker, target, int(nth), match)
     from fastfeat.cli import main
 
