@@ -23,6 +23,8 @@ from fastfeat import data, storage
 from fastfeat.cli import main
 from fastfeat.sources import ItemReader, list_items
 
+pytestmark = pytest.mark.slow  # moto's S3 server and subprocess extracts
+
 KW = dict(model="caffenet", weights="random:4", layers="relu7", batch_size=4, shard_size=4, progress=False)
 RUN_FILES = ["errors.parquet", "items-00000.arrow", "manifest.json", "summary.json"]
 
@@ -175,7 +177,6 @@ def test_npy_format_on_s3_reads_like_a_local_one(other_sources, s3_endpoint, tmp
 
 
 # -- kill and resume ----------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_sigkill_while_writing_to_s3_then_resume_equals_a_clean_run(corpus, s3_endpoint, tmp_path):
     src = corpus  # 18 images, 6 shards
     prefix = s3_endpoint.prefix()

@@ -307,6 +307,7 @@ def test_parquet_image_column(photos, tmp_path, layout):
 
 
 # -- several processes ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_processes_split_equals_single_run(dataset, tmp_path):
     base = [sys.executable, "-m", "fastfeat", "extract", dataset, "--model", "caffenet", "--weights", "random:4"]
     base += ["--layers", "relu7", "--batch-size", "2", "--shard-size", "2", "--no-progress"]
