@@ -52,7 +52,9 @@ def start_held(fastfeat_args: list[str], folder, target: str, nth: int, match: s
     while not os.path.exists(marker):
         if proc.poll() is not None:  # waiting for the marker, not for a time: no sleep decides anything
             log.seek(0)
-            raise AssertionError(f"{target} call {nth} matching {match!r} never came; the run said:\n{log.read()[-3000:]}")
+            raise AssertionError(
+                f"{target} call {nth} matching {match!r} never came; the run said:\n{log.read()[-3000:]}"
+            )
         time.sleep(0.01)
     return proc
 
