@@ -81,6 +81,7 @@ def _rows(batches):
     return torch.cat([b["row"] for b in batches]).numpy()
 
 
+@pytest.mark.slow
 def test_fixture_has_many_uneven_units(parquet_out, npy_out, monkeypatch):
     pq_units = FeatureDataset(parquet_out).shards.units
     assert len(pq_units) >= 10 and len({u.rows for u in pq_units}) > 1  # row groups of 4 and 2 rows
@@ -88,6 +89,7 @@ def test_fixture_has_many_uneven_units(parquet_out, npy_out, monkeypatch):
     assert len(FeatureDataset(npy_out).shards.units) > 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["parquet", "npy"])
 def test_load_equals_a_plain_read_of_the_manifest(fmt, parquet_out, npy_out):
     out = parquet_out if fmt == "parquet" else npy_out
@@ -100,6 +102,7 @@ def test_load_equals_a_plain_read_of_the_manifest(fmt, parquet_out, npy_out):
     assert x32.dtype == np.float32 and np.array_equal(x32, want_x.astype(np.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["parquet", "npy"])
 def test_batches_are_contiguous_tensors_with_the_stored_rows(fmt, parquet_out, npy_out, monkeypatch):
     monkeypatch.setattr(data, "ROW_GROUP_BYTES", SMALL_ROW_GROUP)
@@ -119,6 +122,7 @@ def test_batches_are_contiguous_tensors_with_the_stored_rows(fmt, parquet_out, n
     assert len(list(FeatureDataset(out, "relu7", batch_size=5, drop_last=True))) == 8
 
 
+@pytest.mark.slow
 def test_each_row_once_over_ranks_and_workers(parquet_out):
     """2 DataLoader workers × a simulated world size of 3: every row exactly once, with its own features."""
     _, _, x = load(parquet_out, "relu7")
@@ -136,6 +140,7 @@ def test_each_row_once_over_ranks_and_workers(parquet_out):
     assert all(len(r) for r in per_rank)  # 13 units over 6 consumers: every rank gets rows, not equally many
 
 
+@pytest.mark.slow
 def test_epochs_and_seeds_reorder_the_same_rows(parquet_out):
     ds = FeatureDataset(parquet_out, "relu7", batch_size=4, shuffle=True, seed=1, shuffle_buffer=8)
     epoch0 = _rows(list(ds))
@@ -151,6 +156,7 @@ def test_epochs_and_seeds_reorder_the_same_rows(parquet_out):
     assert not np.array_equal(np.sort(epoch0[:4]), epoch0[:4]) or not np.array_equal(np.sort(epoch1[:4]), epoch1[:4])
 
 
+@pytest.mark.slow
 def test_shuffle_windows_are_bounded(parquet_out):
     ds = FeatureDataset(parquet_out, "relu7", shuffle=True, shuffle_buffer=8)
     largest_unit = max(u.rows for u in ds.shards.units)
@@ -159,6 +165,7 @@ def test_shuffle_windows_are_bounded(parquet_out):
     assert sum(sizes) == ds.num_rows and max(sizes) < 8 + largest_unit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_resume_from_state_dict_yields_exactly_the_rest(parquet_out, shuffle):
     make = lambda: FeatureDataset(parquet_out, "relu7", batch_size=4, shuffle=shuffle, seed=3, shuffle_buffer=8)
@@ -177,6 +184,7 @@ def test_resume_from_state_dict_yields_exactly_the_rest(parquet_out, shuffle):
     assert _rows(list(resumed)).size == ds.num_rows  # the next epoch starts from the beginning again
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_dataset_or_world(parquet_out):
     ds = FeatureDataset(parquet_out, "relu7", batch_size=4, shuffle=True)
     it = iter(ds)
@@ -190,6 +198,7 @@ def test_resume_refuses_another_dataset_or_world(parquet_out):
         next(iter(other))
 
 
+@pytest.mark.slow
 def test_stateful_dataloader_resumes_mid_epoch(parquet_out):
     sdl = pytest.importorskip("torchdata.stateful_dataloader")
     make = lambda: sdl.StatefulDataLoader(
@@ -210,6 +219,7 @@ def test_stateful_dataloader_resumes_mid_epoch(parquet_out):
     assert sorted(full) == list(range(len(full)))
 
 
+@pytest.mark.slow
 def test_only_manifest_shards_are_read(tmp_path, parquet_out):
     """A partial shard of a killed run (temp file, or a file not yet listed) is never read."""
     import shutil
@@ -237,6 +247,7 @@ def test_class_index_is_stable_under_append(tmp_path, photos):
     assert [classes[c] for c in codes] == labels
 
 
+@pytest.mark.slow
 def test_bad_arguments(parquet_out, tmp_path):
     with pytest.raises(DataError, match="no layer relu6; it holds relu7"):
         FeatureDataset(parquet_out, "relu6")
@@ -250,6 +261,7 @@ def test_bad_arguments(parquet_out, tmp_path):
         load(parquet_out, "relu7", rows=[0, 10_000])
 
 
+@pytest.mark.slow
 def test_rows_subset(parquet_out):
     _, _, x = load(parquet_out, "relu7")
     rows = np.array([1, 2, 3, 17, 40, 41])
@@ -259,6 +271,7 @@ def test_rows_subset(parquet_out):
     assert np.array_equal(_rows(got), rows) and np.array_equal(torch.cat([b["relu7"] for b in got]).numpy(), x[rows])
 
 
+@pytest.mark.slow
 def test_hugging_face_datasets_reads_the_shards(parquet_out, tmp_path):
     datasets = pytest.importorskip("datasets")
     ids, labels, x = load(parquet_out, "relu7")

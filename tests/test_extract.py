@@ -35,6 +35,7 @@ def cli_run(dataset, tmp_path_factory):
     return str(out), json.loads(proc.stdout), proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_writes_shards_manifest_and_summary(cli_run, dataset):
     out, summary, stderr = cli_run
     n_images = sum(len(f) for _, _, f in os.walk(dataset))
@@ -53,6 +54,7 @@ def test_cli_writes_shards_manifest_and_summary(cli_run, dataset):
     assert len(pq.read_table(os.path.join(out, "errors.parquet"))) == 0
 
 
+@pytest.mark.slow
 def test_rows_ids_labels_sizes_and_metadata(cli_run, dataset):
     out, _, _ = cli_run
     t = read_features(out)
@@ -72,6 +74,7 @@ def test_rows_ids_labels_sizes_and_metadata(cli_run, dataset):
     assert meta["fastfeat_version"] == fastfeat.__version__ and len(meta["weights"]["sha256"]) == 64
 
 
+@pytest.mark.slow
 def test_features_match_independent_reference(cli_run, dataset):
     out, _, _ = cli_run
     t = read_features(out)
@@ -88,6 +91,7 @@ def test_features_match_independent_reference(cli_run, dataset):
             assert rel_err(got[row], want[row]) < END_TO_END_TOL, (layer, ids[row])
 
 
+@pytest.mark.slow
 def test_parquet_readable_by_duckdb_and_polars(cli_run):
     duckdb = pytest.importorskip("duckdb")
     pl = pytest.importorskip("polars")

@@ -49,6 +49,7 @@ def test_torch_backend_matches_reference(model_case, precision):
         assert err < TOLERANCES[precision], (spec.name, precision, name, err)
 
 
+@pytest.mark.slow
 def test_compile_backend_matches_torch_backend_on_vgg16(photos):
     """Inductor on VGG-16 (fp32, one photo): CPU compile with freezing: ~50 s cold, ~10 s with a warm Inductor cache, on 2 cores.
 
@@ -72,6 +73,7 @@ def test_compile_backend_matches_torch_backend_on_vgg16(photos):
         assert err < TOLERANCES["fp32"], (name, err)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("user_dir", [None, "mine"])
 def test_compile_backend_keeps_inductor_cache_in_fastfeat_cache(tmp_path, user_dir):
     """Inductor's compiled kernels go to <fastfeat cache>/inductor (not /tmp, emptied by reboots),

@@ -407,6 +407,7 @@ def test_triton_floor_is_checked_and_stated():
     assert hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit")
 
 
+@pytest.mark.slow
 def test_old_triton_is_refused_when_the_kernels_are_imported():
     """With an older Triton the kernels do not import, and the triton backend says why in one line."""
     code = (
@@ -421,6 +422,7 @@ def test_old_triton_is_refused_when_the_kernels_are_imported():
     assert "cannot be imported (triton 3.3.0 is older than 3.4" in proc.stdout
 
 
+@pytest.mark.slow
 def test_compiled_kernels_cache_their_tuning_and_do_not_specialise_the_buckets():
     """Outside the interpreter (where Triton ignores it): autotune results go to Triton's disk cache, and the
     bucket arguments, read only by the autotuner, do not multiply the compiled variants."""
@@ -505,6 +507,7 @@ def _run_hidden(args: list[str], tmp_path, timeout: int) -> subprocess.Completed
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_with_torch_triton_and_torchvision_only(tmp_path):
     """The device machine has torch, triton and torchvision (and what they require), no DALI, no pyarrow,
     perhaps no pytest, and fastfeat only as a checkout.  With every other package hidden and fastfeat's
@@ -528,6 +531,7 @@ def test_gpu_check_runs_with_torch_triton_and_torchvision_only(tmp_path):
     assert steps["forward"]["img_per_s"]["caffenet triton b1"] > 0
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_end_to_end(tmp_path):
     """Every step of the check, in the GPU run's order, on the CPU: the Triton interpreter, 1/8-width
     networks, batch 2 and 1, the pytest phase on three tests, the CPU decoder.  A crash in the script
@@ -568,6 +572,7 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     print(f"gpu_check --dry-run: {seconds:.0f} s (report: {report['seconds']} s)")
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_gpu_check_graphs_step_dry_run_without_out(tmp_path):
     """Issue 24's step on the CPU: triton (JIT) and torch, each without and with (emulated) graphs, host

@@ -51,6 +51,7 @@ def one_image(tmp_path_factory) -> str:
     return str(root)
 
 
+@pytest.mark.slow
 def test_cli_whole_pickled_model_is_one_plain_line(tmp_path, one_image):
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.AlexNet(num_classes=8)
@@ -64,6 +65,7 @@ def test_cli_whole_pickled_model_is_one_plain_line(tmp_path, one_image):
     assert not out.exists()  # nothing written for a bad argument
 
 
+@pytest.mark.slow
 def test_cli_random_bytes_is_not_a_pytorch_file(tmp_path, one_image):
     path = tmp_path / "garbage.pth"
     rng = random.Random(0)
@@ -236,6 +238,7 @@ print("done", file=sys.stderr)
 """
 
 
+@pytest.mark.slow
 def test_compile_backend_silences_only_the_no_cuda_runtime_warning(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "CUDA_HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", NO_CUDA_PROBE], capture_output=True, text=True, env=env, timeout=120)

@@ -12,16 +12,18 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hold_at import start_held
 
 import fastfeat
 from fastfeat import data, storage
 from fastfeat.cli import main
 from fastfeat.sources import ItemReader, list_items
+
+pytestmark = pytest.mark.slow  # moto's S3 server and subprocess extracts
 
 KW = dict(model="caffenet", weights="random:4", layers="relu7", batch_size=4, shard_size=4, progress=False)
 RUN_FILES = ["errors.parquet", "items-00000.arrow", "manifest.json", "summary.json"]
@@ -176,12 +178,13 @@ def test_npy_format_on_s3_reads_like_a_local_one(other_sources, s3_endpoint, tmp
 
 # -- kill and resume ----------------------------------------------------------------------------------------
 def test_sigkill_while_writing_to_s3_then_resume_equals_a_clean_run(corpus, s3_endpoint, tmp_path):
-    src = corpus  # 18 images, 6 shards: killed once the first is listed, so mid-run
+    src = corpus  # 18 images, 6 shards
     prefix = s3_endpoint.prefix()
     out = s3_endpoint.uri(prefix, "out")
     flags = ["--model", "caffenet", "--weights", "random:4", "--layers", "relu7", "--batch-size", "2"]
     flags += ["--shard-size", "3", "--no-progress"]
-    cmd = [sys.executable, "-m", "fastfeat", "extract", str(src), "--out", out, *flags]
+    args = ["extract", str(src), "--out", out, *flags]
+    cmd = [sys.executable, "-m", "fastfeat", *args]
     client = s3_endpoint.client()
 
     def finished() -> int:
@@ -191,15 +194,15 @@ def test_sigkill_while_writing_to_s3_then_resume_equals_a_clean_run(corpus, s3_e
             return 0
         return len(json.loads(body)["shards"])
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # AWS_* come from os.environ
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and finished() < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # Held (tests/hold_at.py) just before the second shard's upload: the first shard is listed, the
+    # second one is staged on this host, written in full but not uploaded; then killed.
+    proc = start_held(args, str(tmp_path), "fastfeat.storage:upload", 2, ".parquet")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_shards = -(-sum(len(fs) for _, _, fs in os.walk(src)) // 3)
-    assert 1 <= finished() < n_shards
+    assert finished() == 1 < n_shards
     staged = [f for f in os.listdir(_staging_dir(out)) if f".{proc.pid}@" in f]  # the killed run's partial shard
+    assert staged
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert not [f for f in os.listdir(_staging_dir(out)) if f in staged]  # removed, as a dead process's files

@@ -121,6 +121,7 @@ def damaged_jpegs(photos, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_recoverable_corruption_is_kept_with_a_record_and_never_printed_raw(damaged_jpegs, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fastfeat", "extract", str(damaged_jpegs), "--out", str(out), "--model", "alexnet",

@@ -334,6 +334,7 @@ json.dump(results, sys.stdout)
 """
 
 
+@pytest.mark.slow
 def test_triton_backend_under_the_interpreter():
     # Triton reads TRITON_INTERPRET when it is imported, so the run gets a fresh process.
     env = {**os.environ, "TRITON_INTERPRET": "1"}

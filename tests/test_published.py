@@ -14,12 +14,12 @@ import http.server
 import io
 import json
 import os
+import queue
 import re
 import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -53,13 +53,15 @@ TINY = ModelSpec(
 class FileServer:
     """Serves ``files[path] = (bytes, mode)`` over HTTP/1.0 and counts the GETs of each path.
 
-    mode: "ok" (whole file), "cut" (announces the whole length, sends half, closes), "slow" (whole file
-    in 8 KiB pieces, 40 ms apart)."""
+    mode: "ok" (whole file), "cut" (announces the whole length, sends half, closes), "held" (puts
+    ("GET", path) on ``events``, then sends the whole file once the test sets ``release``)."""
 
     def __init__(self):
         self.files: dict[str, tuple[bytes, str]] = {}
         self.gets: dict[str, int] = {}
         self.lock = threading.Lock()
+        self.events: queue.Queue = queue.Queue()
+        self.release = threading.Event()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -70,6 +72,9 @@ class FileServer:
                     self.send_error(404)
                     return
                 data, mode = server.files[self.path]
+                if mode == "held":
+                    server.events.put(("GET", self.path))
+                    server.release.wait(120)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(data)))
@@ -79,12 +84,7 @@ class FileServer:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                step = 8192 if mode == "slow" else len(data)
-                for i in range(0, len(data), step):
-                    self.wfile.write(data[i : i + step])
-                    if mode == "slow":
-                        self.wfile.flush()
-                        time.sleep(0.04)
+                self.wfile.write(data)
 
             def log_message(self, *args):
                 pass
@@ -250,36 +250,47 @@ def test_a_cached_file_that_does_not_check_out_is_reported_and_kept(env, server,
 
 # -- concurrency: two processes at once download once -------------------------------------------------
 FETCH_SCRIPT = """
-import json, os, sys, time
+import json, sys
 from fastfeat import published
 entry = published.PublishedWeights(**json.loads(sys.argv[1]))
 published.register_published(entry)
-while not os.path.exists(sys.argv[2]):  # start together
-    time.sleep(0.005)
 path, sha256 = published.fetch(entry)
 print(sha256)
 """
 
 
 def test_two_processes_downloading_at_once_make_one_good_file(env, server, monkeypatch, tiny_bytes, tmp_path):
+    """No sleeps: the server holds the first download until the second process says it waits for it."""
     entry = _entry(tiny_bytes)
-    server.files[f"/models/{entry.file}"] = (tiny_bytes, "slow")  # ~0.5 s: the second one must wait
-    go = tmp_path / "go"
+    server.files[f"/models/{entry.file}"] = (tiny_bytes, "held")
     spec = json.dumps(entry.__dict__)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", FETCH_SCRIPT, spec, str(go)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=os.environ.copy(),
-        )  # fmt: skip
-        for _ in range(2)
-    ]
-    time.sleep(0.3)
-    go.touch()
-    results = [p.communicate(timeout=60) for p in procs]
-    assert all(p.returncode == 0 for p in procs), results
+
+    def start() -> subprocess.Popen:
+        cmd = [sys.executable, "-c", FETCH_SCRIPT, spec]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+
+    first = start()
+    assert server.events.get(timeout=120) == ("GET", f"/models/{entry.file}")  # it holds the lock now
+    second = start()
+    second_err: list[str] = []
+
+    def read_second_stderr():  # each line onto the server's event queue, so one wait sees either
+        for line in second.stderr:
+            second_err.append(line)
+            server.events.put(("stderr", line))
+        server.events.put(("stderr", None))
+
+    threading.Thread(target=read_second_stderr, daemon=True).start()
+    while True:
+        kind, what = server.events.get(timeout=120)
+        if kind == "GET" or what is None or "waiting for another process downloading" in what:
+            break
+    server.release.set()
+    assert kind == "stderr" and what is not None, f"the second process did not wait for the first: {kind} {what}"
+    results = [first.communicate(timeout=60), (second.stdout.read(), "")]
+    second.wait(timeout=60)
+    results[1] = (results[1][0], "".join(second_err))
+    assert first.returncode == 0 and second.returncode == 0, results
     sha256 = hashlib.sha256(tiny_bytes).hexdigest()
     assert [out.strip() for out, _ in results] == [sha256, sha256]
     assert server.total_gets() == 1  # one download; the other process waited for it and used the file

@@ -29,6 +29,8 @@ from fastfeat.extractor import Extractor
 from fastfeat.output import remove_tmp_of, tmp_name, verify
 from fastfeat.testing import HoldShard
 
+pytestmark = pytest.mark.slow  # Ray
+
 ray = pytest.importorskip("ray")  # the dev install has it (fastfeat[ray]); a bare install skips this module
 
 RUN = dict(model="caffenet", weights="random:0", layers="relu6", batch_size=2, shard_size=3, progress=False)

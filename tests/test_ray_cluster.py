@@ -19,6 +19,8 @@ from fastfeat.testing import HoldShard
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Ray
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):

@@ -3,14 +3,12 @@
 import io
 import json
 import os
-import random
 import shutil
 import signal
 import struct
 import subprocess
 import sys
 import tarfile
-import time
 import zlib
 
 import numpy as np
@@ -18,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import column_matrix, jpeg_bytes, read_features
+from hold_at import start_held
 from PIL import Image
 from reference import rel_err
 
@@ -192,7 +191,20 @@ def _finished_shards(out) -> int:
         return 0
 
 
-def test_sigkill_at_random_points_then_resume_equals_clean_run(dataset, tmp_path):
+# Where each run is killed: the N-th matching call of a function, held there by tests/hold_at.py (no
+# sleeps: the test kills the run exactly there).  In turn: a shard half written (rows added, not closed),
+# a shard's file written and fsynced but not renamed, a shard renamed but the manifest not yet updated,
+# and the new manifest written to its temporary file but not renamed over the old one.
+KILL_POINTS = [
+    ("fastfeat.output:ShardTransaction.add", 5, ""),
+    ("os:replace", 4, "part-"),
+    ("fastfeat.output:OutputDir.commit_shards", 2, ""),
+    ("os:replace", 3, "manifest.json"),
+]
+
+
+@pytest.mark.slow
+def test_sigkill_at_chosen_points_then_resume_equals_clean_run(dataset, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(dataset) for f in fs)
@@ -200,25 +212,22 @@ def test_sigkill_at_random_points_then_resume_equals_clean_run(dataset, tmp_path
         for f in files:
             shutil.copy(f, src / f"{i}_{os.path.basename(os.path.dirname(f))}_{os.path.basename(f)}")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "fastfeat", "extract", str(src), "--out", str(out), "--model", "caffenet"]
-    cmd += ["--weights", "random:4", "--layers", "relu7", "--batch-size", "2", "--shard-size", "3"]
-    cmd += ["--precision", "fp32", "--no-progress"]
-    rng = random.Random(1234)
+    args = ["extract", str(src), "--out", str(out), "--model", "caffenet"]
+    args += ["--weights", "random:4", "--layers", "relu7", "--batch-size", "2", "--shard-size", "3"]
+    args += ["--precision", "fp32", "--no-progress"]
     n_shards = -(-len(os.listdir(src)) // 3)
     partial_states = []
-    # Kill at random points: once a random number of shards is finished, after a random extra delay
-    # (so the kill lands anywhere: mid-batch, mid-shard, during the manifest update).
-    for target in sorted(rng.sample(range(1, n_shards - 1), 4)):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while proc.poll() is None and _finished_shards(out) < target:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.4))
+    for target, nth, match in KILL_POINTS:  # each run resumes the one killed before it
+        proc = start_held(args, str(tmp_path), target, nth, match)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         partial_states.append(_finished_shards(out))
+    cmd = [sys.executable, "-m", "fastfeat", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
+    # every kill left the run unfinished, and every resumed run got further
     assert all(0 < n < n_shards for n in partial_states), partial_states
+    assert partial_states == sorted(set(partial_states)), partial_states
     clean = tmp_path / "clean"
     subprocess.run([*cmd[:6], str(clean), *cmd[7:]], check=True, capture_output=True, timeout=600)
     got, want = read_features(str(out)), read_features(str(clean))
@@ -298,6 +307,7 @@ def test_parquet_image_column(photos, tmp_path, layout):
 
 
 # -- several processes ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_processes_split_equals_single_run(dataset, tmp_path):
     base = [sys.executable, "-m", "fastfeat", "extract", dataset, "--model", "caffenet", "--weights", "random:4"]
     base += ["--layers", "relu7", "--batch-size", "2", "--shard-size", "2", "--no-progress"]

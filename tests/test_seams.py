@@ -144,6 +144,7 @@ def test_npy_run_resumes_after_a_lost_shard(parquet_and_npy_runs, dataset, tmp_p
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
 
 
+@pytest.mark.slow
 def test_extract_with_the_compile_backend_equals_torch(dataset, tmp_path):
     if (why := unavailable_reason("compile", torch.device("cpu"))) is not None:
         pytest.skip(why)
@@ -161,6 +162,7 @@ def test_extract_with_the_compile_backend_equals_torch(dataset, tmp_path):
     assert meta["backend"] == "compile"
 
 
+@pytest.mark.slow
 def test_every_backend_runs_every_requested_layer(tmp_path):
     """Each backend available here returns exactly the requested layers with the spec's shapes."""
     spec = get_model("caffenet")

@@ -30,6 +30,8 @@ from serve_helpers import ServerProcess, extract_rows, metric, rel_err, stopped_
 
 import fastfeat
 
+pytestmark = pytest.mark.slow  # a `fastfeat serve` subprocess
+
 TOKEN = "test-token-7f3a"
 MODEL, WEIGHTS, LAYERS = "alexnet", "random:5", ["relu6", "relu7"]
 # ||served - extracted|| / ||extracted|| per image when the batch company differs (oneDNN plans per

@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 from serve_helpers import ServerProcess, metric, stopped_cleanly
 
+pytestmark = pytest.mark.slow  # a `fastfeat serve` subprocess
+
 QUEUE = 17  # one 16-image request fills all but one slot
 WAIT_S = 60  # bound on every poll below
 

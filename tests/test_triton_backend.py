@@ -55,6 +55,7 @@ def photos_or_none(request):
         return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model,dtype",
     [(name, torch.float32) for name in list_models()]
@@ -105,6 +106,7 @@ def test_plan_fuses_but_never_hides_a_requested_layer():
     assert covered == spec.layer_names
 
 
+@pytest.mark.slow
 def test_cli_triton_backend_end_to_end(dataset, tmp_path):
     pytest.importorskip("nvidia.dali", reason="the GPU check machine has no DALI")
     env = {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else dict(os.environ)
@@ -128,6 +130,7 @@ def test_cli_triton_backend_end_to_end(dataset, tmp_path):
         assert rel_err(x, y) < 2e-3  # both stored as float16
 
 
+@pytest.mark.slow
 def test_triton_without_cuda_or_interpreter_is_a_clear_error(dataset, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the backend is available")

@@ -26,6 +26,8 @@ import pytest
 
 from fastfeat.kernels import aot
 
+pytestmark = pytest.mark.slow  # compiles the kernels in a subprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "compile_check.py")
 # The subprocess takes ~10 s on 2 CPU cores; this only stops a hung compiler from hanging CI.
