@@ -12,6 +12,13 @@ from .models import DEFAULT_LAYERS, MODELS
 from .published import PUBLISHED
 from .sinks import DEFAULT_FORMAT, format_names
 
+# Every --weights takes the same three kinds of value (fastfeat.weights.load_weights): one help text.
+WEIGHTS_HELP = (
+    "a .pth, .safetensors or .caffemodel file; a published name, downloaded once, checked and cached "
+    f"({', '.join(PUBLISHED)}: see `fastfeat weights list`); or random:SEED (meaningless features, "
+    "for trying the pipeline, tests and benchmarks)"
+)
+
 
 def _compact(names: list[str]) -> str:
     """conv1 conv2 conv3 -> conv1-3; pool1 pool2 pool5 -> pool1,2,5; conv1_1 ... conv5_3 -> conv1_1..conv5_3."""
@@ -63,9 +70,7 @@ def _add_extract(sub) -> None:
     p.add_argument(
         "--weights",
         required=True,
-        help="a .pth, .safetensors or .caffemodel file; a published name, downloaded once, checked and cached "
-        f"({', '.join(PUBLISHED)}: see `fastfeat weights list`); or random:SEED (meaningless features, "
-        "for trying the pipeline, tests and benchmarks)",
+        help=WEIGHTS_HELP,
     )
     p.add_argument(
         "--layers",
@@ -88,8 +93,10 @@ def _add_extract(sub) -> None:
     p.add_argument(
         "--dtype", choices=("float16", "float32"), default="float16", help="stored feature type (default %(default)s)"
     )
-    p.add_argument("--mean-file", default=None, help=".npy mean image or per-channel mean (caffe style)")
-    p.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse images above this many pixels")
+    p.add_argument("--mean-file", default=None, help=".npy mean image or per-channel mean (caffe style; default: none)")
+    p.add_argument(
+        "--max-pixels", type=int, default=100_000_000, help="refuse images above this many pixels (default %(default)s)"
+    )
     p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a different run found in --out")
     p.add_argument(
@@ -115,7 +122,9 @@ def _add_extract(sub) -> None:
         help="test-time views per image, reduced to one row: center (default), flip, center+flip, 5crop "
         "(centre + 4 corners) or 10crop (5crop and their mirrors); cropped from one decode and resize",
     )
-    p.add_argument("--augment-reduce", default="mean", help="how the views' features are combined: mean or max")
+    p.add_argument(
+        "--augment-reduce", default="mean", help="how the views' features are combined: mean (default) or max"
+    )
     p.add_argument(
         "--decode",
         default="fast",
@@ -123,10 +132,20 @@ def _add_extract(sub) -> None:
         "whole image, then crop), or dct (fast, and large JPEGs decoded at 1/2-1/8 scale on the CPU: about 2x "
         "less CPU per big photo, features change by 3-7%%)",
     )
-    p.add_argument("--image-column", default="image", help="image column of Parquet sources (binary or {bytes,path})")
-    p.add_argument("--num-shards", type=int, default=1, help="split the input into K parts (one per process)")
-    p.add_argument("--shard-index", type=int, default=0, help="the part this process extracts, 0..K-1")
-    p.add_argument("--devices", default=None, help="launch one worker per GPU: 0,1,... or auto (all parts share --out)")
+    p.add_argument(
+        "--image-column",
+        default="image",
+        help="image column of Parquet sources (binary or {bytes,path}; default image)",
+    )
+    p.add_argument(
+        "--num-shards", type=int, default=1, help="split the input into K parts (one per process; default 1)"
+    )
+    p.add_argument("--shard-index", type=int, default=0, help="the part this process extracts, 0..K-1 (default 0)")
+    p.add_argument(
+        "--devices",
+        default=None,
+        help="launch one worker per GPU: 0,1,... or auto (all parts share --out; default: none, this process)",
+    )
     p.add_argument(
         "--ray",
         nargs="?",
@@ -285,7 +304,7 @@ def _add_profile(sub) -> None:
     p.add_argument("--batch-size", default="1,64", help="comma-separated batch sizes (default 1,64)")
     p.add_argument("--repeat", default="10", help="timed runs per op; the table shows their median (default 10)")
     p.add_argument("--warmup", default="2", help="untimed runs per op (default 2; at least 1 where ops compile)")
-    p.add_argument("--weights", default="random:0", help="random:SEED (default random:0) or a weights file")
+    p.add_argument("--weights", default="random:0", help=WEIGHTS_HELP + " (default random:0)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as a JSON list")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the per-layer shares (needs matplotlib)")
 
@@ -321,26 +340,34 @@ def _add_serve(sub) -> None:
         "computes, coalescing concurrent requests into batches; a page at / (see README, Serving features).",
     )
     p.add_argument("--model", default="caffenet", help=f"one of {', '.join(MODELS)} (default caffenet)")
-    p.add_argument("--weights", required=True, help="a .pth, .safetensors or .caffemodel file, or random:SEED")
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("--layers", default="relu7", help="comma-separated layers computed for every image (default relu7)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 where supported")
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 where supported, else fp32"
+    )
     p.add_argument("--backend", default="torch", help=f"one of {', '.join(backend_names())} (default torch)")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float32", help="default response dtype")
+    p.add_argument(
+        "--dtype", choices=("float16", "float32"), default="float32", help="response dtype (default float32)"
+    )
     p.add_argument("--max-batch", type=int, default=64, help="images per forward pass at most (default 64)")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
     p.add_argument("--max-queue", type=int, default=None, help="images admitted at once before 429 (default 4 × max-batch)")  # fmt: skip
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body, MiB (default 32; 413 above)")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (422; default 100 M)")
-    p.add_argument("--mean-file", default=None, help=".npy mean image or per-channel mean (caffe style)")
+    p.add_argument("--mean-file", default=None, help=".npy mean image or per-channel mean (caffe style; default: none)")
     p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: all cores)")
-    p.add_argument("--index", default=None, metavar="DIR", help="an output directory of fastfeat extract to search")
+    p.add_argument(
+        "--index", default=None, metavar="DIR", help="an output directory of fastfeat extract to search (default: none)"
+    )
     p.add_argument("--index-layer", default=None, help="the layer searched (default: the deepest served one it holds)")
-    p.add_argument("--exact-below", type=int, default=None, help="exact search below this many rows, HNSW above")
+    p.add_argument(
+        "--exact-below", type=int, default=None, help="exact search below this many rows, HNSW above (default 10000)"
+    )
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (visible in ps: prefer --token-file)")  # fmt: skip
-    p.add_argument("--token-file", default=None, help="read the bearer token from this file")
+    p.add_argument("--token-file", default=None, help="read the bearer token from this file (default: no token)")
     p.add_argument("--access-log", action="store_true", help="log every request on stderr")
 
 
@@ -382,12 +409,21 @@ def _add_probe(sub) -> None:
     p.add_argument("--train-per-class", type=int, default=30, help="training rows per class (default 30)")
     p.add_argument("--test-per-class", type=int, default=None, help="test rows per class (default: all the others)")
     p.add_argument("--splits", type=int, default=5, help="random splits (default 5)")
-    p.add_argument("--classifier", default="logreg", help="logreg (multinomial) or svm (one-vs-rest linear)")
-    p.add_argument("--C", dest="c", default="auto", help="regularisation: auto (chosen on held-out rows) or a value")
+    p.add_argument("--classifier", default="logreg", help="logreg (multinomial; default) or svm (one-vs-rest linear)")
+    p.add_argument(
+        "--C",
+        dest="c",
+        default="auto",
+        help="regularisation on standardised rows: auto (default: chosen on held-out rows) or a value",
+    )
     p.add_argument("--l2-normalize", action="store_true", help="scale each feature vector to unit length first")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits (default 0)")
-    p.add_argument("--engine", default="auto", help="sklearn (in memory), torch (streamed, GPU if any) or auto")
-    p.add_argument("--device", default="auto", help="torch engine: auto, cpu or cuda[:N]")
+    p.add_argument(
+        "--engine",
+        default="auto",
+        help="sklearn (in memory), torch (streamed, GPU if any) or auto (default: sklearn when the rows fit in 2 GiB)",
+    )
+    p.add_argument("--device", default="auto", help="torch engine: auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
 
 
