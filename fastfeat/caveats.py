@@ -3,9 +3,7 @@ probe's report), worded once so every command says the same thing."""
 
 from __future__ import annotations
 
-RANDOM_WEIGHTS_NOTE = (
-    "features from random:SEED weights are meaningless: for trying the pipeline, tests and benchmarks only, not for use"
-)
+RANDOM_WEIGHTS_NOTE = "random:SEED weights: meaningless features, for tests and trying the pipeline only, not for use"
 
 
 def is_random_weights(weights: dict | str | None) -> bool:

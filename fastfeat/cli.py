@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -516,6 +517,9 @@ def _run_verify(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import summary
+
+    summary.mark_command_start()  # wall times count from the process's start (fastfeat.summary)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv:  # a bare `fastfeat`: the whole usage, not just "the following arguments are required"
@@ -523,20 +527,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     try:
-        if args.command == "extract":
-            return _run_extract(args, argv)
-        if args.command == "verify":
-            return _run_verify(args)
-        if args.command == "profile":
-            return _run_profile(args)
-        if args.command == "probe":
-            return _run_probe(args)
-        if args.command == "plot":
-            return _run_plot(args)
-        if args.command == "serve":
-            return _run_serve(args)
-        if args.command == "weights":
-            return _run_weights(args)
+        code = _dispatch(args, argv)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`fastfeat ... --json | head`): stop quietly, as Unix tools do. Python
+        # would report the pipe again while flushing stdout at exit: point stdout at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a shell reports for a Unix tool stopped by it
     except KeyboardInterrupt:
         print("fastfeat: interrupted; finished shards are kept, run the same command again to resume", file=sys.stderr)
         return 130
@@ -546,6 +545,23 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"fastfeat: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
+
+
+def _dispatch(args, argv: list[str]) -> int:
+    if args.command == "extract":
+        return _run_extract(args, argv)
+    if args.command == "verify":
+        return _run_verify(args)
+    if args.command == "profile":
+        return _run_profile(args)
+    if args.command == "probe":
+        return _run_probe(args)
+    if args.command == "plot":
+        return _run_plot(args)
+    if args.command == "serve":
+        return _run_serve(args)
+    if args.command == "weights":
+        return _run_weights(args)
     return 2
 
 

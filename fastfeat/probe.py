@@ -57,6 +57,8 @@ HELD_OUT_FRACTION = 0.2  # of each class's training rows, for choosing C
 CLASSIFIERS = ("logreg", "svm")
 ENGINES = ("auto", "sklearn", "torch")
 SKLEARN_MAX_ITER = 1000  # per fit; a fit that reaches it is rerun with 10x the limit, then reported
+LOGREG_TOL = 1e-6  # lbfgs gradient tolerance: at weak regularisation (C 1e3) the default 1e-4 stops far enough
+# from the optimum to flip test predictions against the torch engine
 IN_MEMORY_BYTES = 2 << 30  # engine auto: float32 feature rows up to this size go to scikit-learn
 
 
@@ -154,7 +156,7 @@ class SklearnEngine:
         xs = (x - mean.astype(np.float32)) / np.float32(scale)
         for max_iter in (SKLEARN_MAX_ITER, SKLEARN_MAX_ITER * 10):  # a fit at the limit is rerun, not kept
             if self.classifier == "logreg":
-                model = LogisticRegression(C=c, max_iter=max_iter, warm_start=warm is not None)
+                model = LogisticRegression(C=c, max_iter=max_iter, tol=LOGREG_TOL, warm_start=warm is not None)
                 if warm is not None:
                     model.coef_, model.intercept_ = warm[0].coef_.copy(), warm[0].intercept_.copy()
             else:
