@@ -21,6 +21,7 @@ def mark_command_start() -> None:
     global command_started_at
     command_started_at = process_started_at() or time.time()
 
+
 ERRORS_FILE = "errors.parquet"  # fastfeat.output.ERRORS
 
 # The runner's stage keys (summary.json's "stage_busy_s") in plain words.
