@@ -173,7 +173,8 @@ class SklearnEngine:
 
     def predict(self, model, rows: np.ndarray) -> np.ndarray:
         clf, mean, scale = model
-        return clf.predict((self._rows(rows) - mean) / scale)
+        with threads_for(len(rows) * self.x.shape[1]):
+            return clf.predict((self._rows(rows) - mean) / scale)
 
 
 def choose_engine(engine: str, n_rows: int, dim: int) -> str:
@@ -276,6 +277,7 @@ def run_probe(
         "accuracy": _mean_std(acc),
         "per_split": per_split,
         "not_converged_fits": eng.not_converged,
+        "fits_rerun_with_a_raised_limit": eng.refits,
         "warnings": ([not_converged_warning(eng.not_converged)] if eng.not_converged else []) + random_warning,
         "seconds": round(time.perf_counter() - started, 2),
     }

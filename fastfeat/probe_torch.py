@@ -46,6 +46,7 @@ class TorchEngine:
         self.dim = FeatureDataset(path, layer).shards.layer_dims[layer]
         self._cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         self.not_converged = 0
+        self.refits = 0  # fits continued past max_iter iterations
 
     def _batches(self, rows: np.ndarray):
         """(x float32 [B, dim], y [B]) on the device, over ``rows`` (every row once)."""
@@ -106,13 +107,14 @@ class TorchEngine:
             return torch.tensor(total + reg.item())
 
         state, max_eval = opt.state[opt._params[0]], opt.param_groups[0]["max_eval"]
-        for _ in range(1 + CONTINUATIONS):
+        for round_ in range(1 + CONTINUATIONS):
             iters, evals = state.get("n_iter", 0), state.get("func_evals", 0)
             opt.step(closure)
             # L-BFGS stops at max_iter iterations or max_eval evaluations without saying which, or why.
             stopped_at_limit = state["n_iter"] - iters >= self.max_iter or state["func_evals"] - evals >= max_eval
             if not stopped_at_limit:
                 break
+            self.refits += round_ == 0
         self.not_converged += stopped_at_limit
         return w.detach(), b.detach(), mean, scale
 
