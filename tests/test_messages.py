@@ -279,7 +279,10 @@ def test_run_summary_keeps_every_field_and_adds_startup(tmp_path):
     assert old_call["startup_s"] is None and old_call["images_per_s_with_startup"] is None
 
 
-def test_format_summary_is_a_short_readable_block(tmp_path):
+def test_format_summary_is_a_short_readable_block(tmp_path, monkeypatch):
+    import fastfeat.summary as summary_module
+
+    monkeypatch.setattr(summary_module, "command_started_at", None)  # a library call (main() in-process sets it)
     s = run_summary(_ex(tmp_path), _stats(), 1000, 0, True, None, startup_s=4.0)
     text = format_summary(s)
     lines = text.splitlines()
