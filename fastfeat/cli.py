@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .backends import backend_names
@@ -16,6 +17,13 @@ from .version import __version__
 MEAN_FILE_HELP = (
     "Caffe-style .npy mean in 0-255 pixel units, subtracted (no std): shape (3,), (3,S,S) or (S,S,3), "
     "S >= the crop; Caffe-style models only (caffenet), not alexnet/vgg16 (ImageNet mean/std)"
+)
+
+# Every --weights takes the same three kinds of value (fastfeat.weights.load_weights): one help text.
+WEIGHTS_HELP = (
+    "a .pth, .safetensors or .caffemodel file; a published name, downloaded once, checked and cached "
+    f"({', '.join(PUBLISHED)}: see `fastfeat weights list`); or random:SEED (meaningless features, "
+    "for trying the pipeline, tests and benchmarks)"
 )
 
 
@@ -69,9 +77,7 @@ def _add_extract(sub) -> None:
     p.add_argument(
         "--weights",
         required=True,
-        help="a .pth, .safetensors or .caffemodel file; a published name, downloaded once, checked and cached "
-        f"({', '.join(PUBLISHED)}: see `fastfeat weights list`); or random:SEED (meaningless features, "
-        "for trying the pipeline, tests and benchmarks)",
+        help=WEIGHTS_HELP,
     )
     p.add_argument(
         "--layers",
@@ -107,7 +113,9 @@ def _add_extract(sub) -> None:
         "--dtype", choices=("float16", "float32"), default="float16", help="stored feature type (default %(default)s)"
     )
     p.add_argument("--mean-file", default=None, help=MEAN_FILE_HELP)
-    p.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse images above this many pixels")
+    p.add_argument(
+        "--max-pixels", type=int, default=100_000_000, help="refuse images above this many pixels (default %(default)s)"
+    )
     p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a different run found in --out")
     p.add_argument(
@@ -133,7 +141,9 @@ def _add_extract(sub) -> None:
         help="test-time views per image, reduced to one row: center (default), flip, center+flip, 5crop "
         "(centre + 4 corners) or 10crop (5crop and their mirrors); cropped from one decode and resize",
     )
-    p.add_argument("--augment-reduce", default="mean", help="how the views' features are combined: mean or max")
+    p.add_argument(
+        "--augment-reduce", default="mean", help="how the views' features are combined: mean (default) or max"
+    )
     p.add_argument(
         "--decode",
         default="fast",
@@ -141,10 +151,20 @@ def _add_extract(sub) -> None:
         "whole image, then crop), or dct (fast, and large JPEGs decoded at 1/2-1/8 scale on the CPU: about 2x "
         "less CPU per big photo, features change by 3-7%%)",
     )
-    p.add_argument("--image-column", default="image", help="image column of Parquet sources (binary or {bytes,path})")
-    p.add_argument("--num-shards", type=int, default=1, help="split the input into K parts (one per process)")
-    p.add_argument("--shard-index", type=int, default=0, help="the part this process extracts, 0..K-1")
-    p.add_argument("--devices", default=None, help="launch one worker per GPU: 0,1,... or auto (all parts share --out)")
+    p.add_argument(
+        "--image-column",
+        default="image",
+        help="image column of Parquet sources (binary or {bytes,path}; default image)",
+    )
+    p.add_argument(
+        "--num-shards", type=int, default=1, help="split the input into K parts (one per process; default 1)"
+    )
+    p.add_argument("--shard-index", type=int, default=0, help="the part this process extracts, 0..K-1 (default 0)")
+    p.add_argument(
+        "--devices",
+        default=None,
+        help="launch one worker per GPU: 0,1,... or auto (all parts share --out; default: none, this process)",
+    )
     p.add_argument(
         "--ray",
         nargs="?",
@@ -317,7 +337,7 @@ def _add_profile(sub) -> None:
     p.add_argument("--batch-size", default="1,64", help="comma-separated batch sizes (default 1,64)")
     p.add_argument("--repeat", default="10", help="timed runs per op; the table shows their median (default 10)")
     p.add_argument("--warmup", default="2", help="untimed runs per op (default 2; at least 1 where ops compile)")
-    p.add_argument("--weights", default="random:0", help="random:SEED (default random:0) or a weights file")
+    p.add_argument("--weights", default="random:0", help=WEIGHTS_HELP + " (default random:0)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as a JSON list")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the per-layer shares (needs matplotlib)")
 
@@ -355,12 +375,14 @@ def _add_serve(sub) -> None:
         "computes, coalescing concurrent requests into batches; a page at / (see README, Serving features).",
     )
     p.add_argument("--model", default="caffenet", help=f"one of {', '.join(MODELS)} (default caffenet)")
-    p.add_argument("--weights", required=True, help="a .pth, .safetensors or .caffemodel file, or random:SEED")
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("--layers", default="relu7", help="comma-separated layers computed for every image (default relu7)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 where supported")
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 where supported, else fp32"
+    )
     p.add_argument("--backend", default="torch", help=f"one of {', '.join(backend_names())} (default torch)")
     p.add_argument(
         "--cuda-graphs",
@@ -374,7 +396,7 @@ def _add_serve(sub) -> None:
         help="--backend compile: default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs (the default "
         "on CUDA; on CPU the default is freezing)",
     )
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float32", help="default response dtype")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float32", help="response dtype (default float32)")
     p.add_argument("--max-batch", type=int, default=64, help="images per forward pass at most (default 64)")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
     p.add_argument("--max-queue", type=int, default=None, help="images admitted at once before 429 (default 4 × max-batch)")  # fmt: skip
@@ -382,11 +404,15 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (422; default 100 M)")
     p.add_argument("--mean-file", default=None, help=MEAN_FILE_HELP)
     p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: all cores)")
-    p.add_argument("--index", default=None, metavar="DIR", help="an output directory of fastfeat extract to search")
+    p.add_argument(
+        "--index", default=None, metavar="DIR", help="an output directory of fastfeat extract to search (default: none)"
+    )
     p.add_argument("--index-layer", default=None, help="the layer searched (default: the deepest served one it holds)")
-    p.add_argument("--exact-below", type=int, default=None, help="exact search below this many rows, HNSW above")
+    p.add_argument(
+        "--exact-below", type=int, default=None, help="exact search below this many rows, HNSW above (default 10000)"
+    )
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (visible in ps: prefer --token-file)")  # fmt: skip
-    p.add_argument("--token-file", default=None, help="read the bearer token from this file")
+    p.add_argument("--token-file", default=None, help="read the bearer token from this file (default: no token)")
     p.add_argument("--access-log", action="store_true", help="log every request on stderr")
     p.add_argument("--request-timeout", type=float, default=None, metavar="S",
                    help="answer 503 to a request still unanswered after S seconds (default 60)")  # fmt: skip
@@ -432,12 +458,21 @@ def _add_probe(sub) -> None:
     p.add_argument("--train-per-class", type=int, default=30, help="training rows per class (default 30)")
     p.add_argument("--test-per-class", type=int, default=None, help="test rows per class (default: all the others)")
     p.add_argument("--splits", type=int, default=5, help="random splits (default 5)")
-    p.add_argument("--classifier", default="logreg", help="logreg (multinomial) or svm (one-vs-rest linear)")
-    p.add_argument("--C", dest="c", default="auto", help="regularisation: auto (chosen on held-out rows) or a value")
+    p.add_argument("--classifier", default="logreg", help="logreg (multinomial; default) or svm (one-vs-rest linear)")
+    p.add_argument(
+        "--C",
+        dest="c",
+        default="auto",
+        help="regularisation on standardised rows: auto (default: chosen on held-out rows) or a value",
+    )
     p.add_argument("--l2-normalize", action="store_true", help="scale each feature vector to unit length first")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits (default 0)")
-    p.add_argument("--engine", default="auto", help="sklearn (in memory), torch (streamed, GPU if any) or auto")
-    p.add_argument("--device", default="auto", help="torch engine: auto, cpu or cuda[:N]")
+    p.add_argument(
+        "--engine",
+        default="auto",
+        help="sklearn (in memory), torch (streamed, GPU if any) or auto (default: sklearn when the rows fit in 2 GiB)",
+    )
+    p.add_argument("--device", default="auto", help="torch engine: auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
 
 
@@ -530,6 +565,9 @@ def _run_verify(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import summary
+
+    summary.mark_command_start()  # wall times count from the process's start (fastfeat.summary)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv:  # a bare `fastfeat`: the whole usage, not just "the following arguments are required"
@@ -537,20 +575,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     try:
-        if args.command == "extract":
-            return _run_extract(args, argv)
-        if args.command == "verify":
-            return _run_verify(args)
-        if args.command == "profile":
-            return _run_profile(args)
-        if args.command == "probe":
-            return _run_probe(args)
-        if args.command == "plot":
-            return _run_plot(args)
-        if args.command == "serve":
-            return _run_serve(args)
-        if args.command == "weights":
-            return _run_weights(args)
+        code = _dispatch(args, argv)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`fastfeat ... --json | head`): stop quietly, as Unix tools do. Python
+        # would report the pipe again while flushing stdout at exit: point stdout at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a shell reports for a Unix tool stopped by it
     except KeyboardInterrupt:
         print("fastfeat: interrupted; finished shards are kept, run the same command again to resume", file=sys.stderr)
         return 130
@@ -560,6 +593,23 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"fastfeat: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
+
+
+def _dispatch(args, argv: list[str]) -> int:
+    if args.command == "extract":
+        return _run_extract(args, argv)
+    if args.command == "verify":
+        return _run_verify(args)
+    if args.command == "profile":
+        return _run_profile(args)
+    if args.command == "probe":
+        return _run_probe(args)
+    if args.command == "plot":
+        return _run_plot(args)
+    if args.command == "serve":
+        return _run_serve(args)
+    if args.command == "weights":
+        return _run_weights(args)
     return 2
 
 

@@ -35,9 +35,15 @@ def check_output(out: str) -> None:
 
 
 def _pca(x: np.ndarray, k: int) -> np.ndarray:
+    return pca_with_variance(x, k)[0]
+
+
+def pca_with_variance(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """([n, k] coordinates on the first k principal axes, [k] share of the total variance of each)."""
     x = x - x.mean(0)
     u, s, _ = np.linalg.svd(x, full_matrices=False)  # the sample is small: an exact SVD is cheap
-    return u[:, :k] * s[:k]
+    variance = s.astype(np.float64) ** 2
+    return u[:, :k] * s[:k], variance[:k] / max(variance.sum(), np.finfo(np.float64).tiny)
 
 
 def embed(x: np.ndarray, method: str, seed: int) -> np.ndarray:
@@ -85,7 +91,12 @@ def plot_embedding(
     import pyarrow as pa
 
     codes = label_codes(pa.array(labels, pa.string()), classes)
-    xy = embed(x, method, seed)
+    axis_labels = None
+    if method == "pca":
+        xy, share = pca_with_variance(x, 2)
+        axis_labels = [f"PC{i + 1} ({share[i]:.1%} of variance)" for i in range(2)]
+    else:
+        xy = embed(x, method, seed)
 
     present, counts = np.unique(codes, return_counts=True)
     order = present[np.argsort(-counts, kind="stable")]  # largest class first in the legend
@@ -112,6 +123,9 @@ def plot_embedding(
     )
     ax.set_xticks([])
     ax.set_yticks([])
+    if axis_labels is not None:  # t-SNE's axes have no meaning to name; PCA's are the principal axes
+        ax.set_xlabel(axis_labels[0])
+        ax.set_ylabel(axis_labels[1])
     extra = len(order) - LEGEND_MAX
     ax.legend(
         loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False, markerscale=1.5,
@@ -121,7 +135,7 @@ def plot_embedding(
     fig.savefig(out, bbox_inches="tight")
     plt.close(fig)
     return {"out": out, "points": len(rows), "rows": shards.num_rows, "classes": int((present >= 0).sum()),
-            "method": method, "layer": layer}  # fmt: skip
+            "method": method, "layer": layer, "axis_labels": axis_labels}  # fmt: skip
 
 
-__all__ = ["METHODS", "PlotError", "check_output", "embed", "plot_embedding"]
+__all__ = ["METHODS", "PlotError", "check_output", "embed", "pca_with_variance", "plot_embedding"]

@@ -7,17 +7,19 @@ Protocol, per split s = 0 … splits−1, with a generator seeded from (seed, s)
    ``train_per_class`` are the training set, the next ``test_per_class`` (default: all the others)
    the test set, as the Caltech-101 papers do (30 training images per class, test on the rest);
 2. ``C auto``: a fifth of each class's training rows (at least one) is held out, a classifier is
-   fitted on the rest for each C of ``C_GRID`` / s², s² the mean squared norm of those rows, and the C
-   with the best mean per-class accuracy on the held-out rows wins (ties: the smaller C, the
-   stronger regularisation); then
+   fitted on the rest for each C of ``C_GRID``, and the C with the best mean per-class accuracy on
+   the held-out rows wins (ties: the smaller C, the stronger regularisation); then
 3. the classifier is fitted on the whole training set with that C and scored on the test set:
    mean per-class accuracy (the papers' measure: the mean over classes of each class's accuracy,
    so a large class does not dominate) and overall accuracy.
 
-Dividing the grid by s² makes it the same set of regularisation strengths whatever the features'
-scale: C multiplies a loss whose gradient grows with ‖x‖, so a fixed grid that suits unit-norm
-(``--l2-normalize``) features is 10⁶ times too weak for raw relu7 rows of norm ~10³ (random weights;
-trained CaffeNet's are ~10²), and the choice would stick to the grid's edge.
+Every fit standardises the rows it is given first (``fastfeat.probe_scaling``: centred on their
+mean, divided by one scalar so their mean squared norm is 1; the test rows get the same transform).
+So the grid is the same set of regularisation strengths whatever the features' scale (raw relu7
+rows have squared norms of ~10⁷ with random weights, unit ones with ``--l2-normalize``), and the
+solvers converge in a few hundred iterations where raw rows took thousands.  A fit that reaches its
+iteration limit is rerun with ten times the limit; one that still does is counted in
+``not_converged_fits`` and printed as a warning.
 
 The report is the mean ± sample standard deviation of both over the splits.  Unlabelled rows are
 not used; a class with fewer than ``train_per_class + 1`` rows is an error (every class needs a test
@@ -26,7 +28,7 @@ image).
 Classifiers, both linear and L2-regularised with C as scikit-learn defines it (C × the summed loss
 + ½‖w‖²): ``logreg``, multinomial logistic regression (scikit-learn's ``LogisticRegression``, bias
 not penalised); ``svm``, one-vs-rest squared-hinge SVM (``LinearSVC``, bias penalised as liblinear
-does).  ``--l2-normalize`` scales every feature vector to unit length first (Razavian et al.,
+does).  ``--l2-normalize`` scales every feature vector to unit length first (before standardising) (Razavian et al.,
 Chatfield et al.).
 
 Engines: ``sklearn`` holds the rows it needs in memory; ``torch`` (``fastfeat.probe_torch``)
@@ -46,12 +48,17 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .caveats import RANDOM_WEIGHTS_NOTE, is_random_weights
 from .data import DataError, Shards, class_index, label_codes, load
+from .probe_scaling import STANDARDIZE, l2_normalize_rows, scale_from, threads_for
 
 C_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)  # × 1 / mean squared norm of the rows (see above)
 HELD_OUT_FRACTION = 0.2  # of each class's training rows, for choosing C
 CLASSIFIERS = ("logreg", "svm")
 ENGINES = ("auto", "sklearn", "torch")
+SKLEARN_MAX_ITER = 1000  # per fit; a fit that reaches it is rerun with 10x the limit, then reported
+LOGREG_TOL = 1e-6  # lbfgs gradient tolerance: at weak regularisation (C 1e3) the default 1e-4 stops far enough
+# from the optimum to flip test predictions against the torch engine
 IN_MEMORY_BYTES = 2 << 30  # engine auto: float32 feature rows up to this size go to scikit-learn
 
 
@@ -107,12 +114,6 @@ def mean_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean([np.mean(y_pred[y_true == k] == k) for k in classes]))
 
 
-def l2_normalize_rows(x):
-    """Each row to unit L2 norm (an all-zero row stays zero); numpy or torch."""
-    norms = (x * x).sum(1, keepdims=True) ** 0.5
-    return x / (norms + (norms == 0))
-
-
 class SklearnEngine:
     """scikit-learn on the needed rows, loaded once as float32."""
 
@@ -128,6 +129,7 @@ class SklearnEngine:
         self.rows = np.unique(rows)  # self.x[i] is row self.rows[i]
         self.classifier = classifier
         self.not_converged = 0
+        self.refits = 0  # fits rerun with a raised iteration limit
 
     def mean_square_norm(self, rows: np.ndarray) -> float:
         x = self._rows(rows)
@@ -137,21 +139,42 @@ class SklearnEngine:
         return self.x[np.searchsorted(self.rows, rows)]
 
     def fit(self, rows: np.ndarray, y: np.ndarray, c: float, warm=None):
+        """(model, mean row, scale): the classifier fitted on the standardised ``rows`` (fastfeat.probe_scaling).
+
+        ``warm``, an earlier fit on the same rows, starts logistic regression from its weights."""
+        with threads_for(len(rows) * self.x.shape[1]):
+            return self._fit(rows, y, c, warm)
+
+    def _fit(self, rows: np.ndarray, y: np.ndarray, c: float, warm):
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
         from sklearn.svm import LinearSVC
 
-        model = (
-            LogisticRegression(C=c, max_iter=2000) if self.classifier == "logreg" else LinearSVC(C=c, max_iter=20000)
-        )
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            model.fit(self._rows(rows), y)
-        self.not_converged += any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        return model
+        x = self._rows(rows)
+        mean = x.mean(0, dtype=np.float64)
+        scale = scale_from(self.mean_square_norm(rows), float(mean @ mean))
+        xs = (x - mean.astype(np.float32)) / np.float32(scale)
+        for max_iter in (SKLEARN_MAX_ITER, SKLEARN_MAX_ITER * 10):  # a fit at the limit is rerun, not kept
+            if self.classifier == "logreg":
+                model = LogisticRegression(C=c, max_iter=max_iter, tol=LOGREG_TOL, warm_start=warm is not None)
+                if warm is not None:
+                    model.coef_, model.intercept_ = warm[0].coef_.copy(), warm[0].intercept_.copy()
+            else:
+                model = LinearSVC(C=c, max_iter=max_iter * 10)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                model.fit(xs, y)
+            stopped = any(issubclass(w.category, ConvergenceWarning) for w in caught)
+            if not stopped:
+                break
+            self.refits += max_iter == SKLEARN_MAX_ITER
+        self.not_converged += stopped
+        return model, mean.astype(np.float32), np.float32(scale)
 
     def predict(self, model, rows: np.ndarray) -> np.ndarray:
-        return model.predict(self._rows(rows))
+        clf, mean, scale = model
+        with threads_for(len(rows) * self.x.shape[1]):
+            return clf.predict((self._rows(rows) - mean) / scale)
 
 
 def choose_engine(engine: str, n_rows: int, dim: int) -> str:
@@ -207,15 +230,15 @@ def run_probe(
         eng = TorchEngine(path, layer, classifier, l2_normalize, len(classes), codes, device=device, **engine_options)
     per_split = []
     for s, (train, test) in enumerate(split_rows):
-        grid, scale = {}, None
+        grid = {}
         if fixed_c is None:
             fit_rows, val_rows = held_out(train, codes, seed, s)
-            warm, scale = None, eng.mean_square_norm(fit_rows)
-            for relative in C_GRID:  # ascending: each fit starts from the last (warm start, torch engine)
-                warm = eng.fit(fit_rows, codes[fit_rows], relative / scale, warm)
-                grid[relative] = mean_class_accuracy(codes[val_rows], eng.predict(warm, val_rows))
+            warm = None
+            for c_try in C_GRID:  # ascending: each fit starts from the last (warm start)
+                warm = eng.fit(fit_rows, codes[fit_rows], c_try, warm)
+                grid[c_try] = mean_class_accuracy(codes[val_rows], eng.predict(warm, val_rows))
             best = max(grid.values())
-            c_used = min(relative for relative, acc in grid.items() if acc == best) / scale
+            c_used = min(c_try for c_try, acc in grid.items() if acc == best)
         else:
             c_used = fixed_c
         model = eng.fit(train, codes[train], c_used)
@@ -224,12 +247,12 @@ def run_probe(
         row = {
             "split": s, "C": c_used, "mean_class_accuracy": mean_class_accuracy(truth, pred),
             "accuracy": float(np.mean(pred == truth)), "train": len(train), "test": len(test),
-            "held_out_accuracy": {str(k): v for k, v in grid.items()} or None,  # by C × s²
-            "mean_square_norm": scale,  # s² of the held-out fit rows: the grid's scale
+            "held_out_accuracy": {str(k): v for k, v in grid.items()} or None,  # by C
         }  # fmt: skip
         per_split.append(row)
         say(f"split {s + 1}/{splits}: C={c_used:g} mean per-class accuracy {row['mean_class_accuracy']:.2%}")
     metadata = shards.metadata
+    random_warning = [RANDOM_WEIGHTS_NOTE] if is_random_weights(metadata.get("weights")) else []
     mca = [r["mean_class_accuracy"] for r in per_split]
     acc = [r["accuracy"] for r in per_split]
     return {
@@ -243,6 +266,7 @@ def run_probe(
         "C": "auto" if fixed_c is None else fixed_c,
         "C_grid": list(C_GRID) if fixed_c is None else None,
         "l2_normalize": l2_normalize,
+        "standardize": STANDARDIZE,
         "train_per_class": train_per_class,
         "test_per_class": test_per_class,
         "splits": splits,
@@ -252,9 +276,18 @@ def run_probe(
         "mean_class_accuracy": _mean_std(mca),
         "accuracy": _mean_std(acc),
         "per_split": per_split,
-        "not_converged_fits": getattr(eng, "not_converged", 0),
+        "not_converged_fits": eng.not_converged,
+        "fits_rerun_with_a_raised_limit": eng.refits,
+        "warnings": ([not_converged_warning(eng.not_converged)] if eng.not_converged else []) + random_warning,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def not_converged_warning(fits: int) -> str:
+    return (
+        f"{fits} fit(s) stopped at the iteration limit (raised tenfold once) before converging: their accuracy "
+        "may be off; try --l2-normalize or a smaller --C"
+    )
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -280,8 +313,7 @@ def format_report(r: dict) -> str:
     lines.append(
         f"{'mean':>5}  {'':>8}  {m['mean']:>10.2%} ± {m['std']:.2%}  {a['mean']:>6.2%} ± {a['std']:.2%}".rstrip()
     )
-    if r["not_converged_fits"]:
-        lines.append(f"note: {r['not_converged_fits']} fit(s) stopped at the iteration limit before converging")
+    lines += [f"warning: {w}" for w in r.get("warnings", [])]
     return "\n".join(lines)
 
 
@@ -291,4 +323,4 @@ def write_json(report: dict, file: str) -> None:
         f.write("\n")
 
 
-__all__ = ["C_GRID", "ProbeError", "format_report", "make_splits", "run_probe", "write_json"]
+__all__ = ["C_GRID", "RANDOM_WEIGHTS_NOTE", "ProbeError", "format_report", "make_splits", "run_probe", "write_json"]

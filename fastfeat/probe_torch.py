@@ -7,6 +7,10 @@ solvers reach, which is why the two engines agree (tested within 1.5 points) whe
 optimiser would only approach it.  When the rows fit in ``cache_bytes`` they are read once and
 kept on the device instead of being streamed on every pass.
 
+Rows are standardised per fit as the sklearn engine does (``fastfeat.probe_scaling``); a fit that
+reaches ``max_iter`` L-BFGS iterations continues for up to ``CONTINUATIONS`` more rounds before it is
+counted as not converged.
+
 Objectives (n rows, scaled by 1/n, which does not move the optimum):
 * logreg: C · Σ cross-entropy(W x + b, y) + ½‖W‖²  (bias not penalised, as LogisticRegression);
 * svm:    C · Σ_k Σ_i max(0, 1 − y_ik (w_k·x_i + b_k))² + ½ Σ_k (‖w_k‖² + b_k²), y_ik = ±1
@@ -20,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from .data import FeatureDataset
-from .probe import l2_normalize_rows
+from .probe_scaling import ONE_THREAD_ELEMENTS, l2_normalize_rows, scale_from, threads_for
 from .runtime import resolve_device
 
 DEFAULT_CACHE_BYTES = 1 << 30
+CONTINUATIONS = 4  # extra rounds of max_iter iterations for a fit that has not converged
 STREAM_BATCH = 4096  # rows per streamed batch: 16 MB of float32 4096-d features
 
 
@@ -41,6 +46,7 @@ class TorchEngine:
         self.dim = FeatureDataset(path, layer).shards.layer_dims[layer]
         self._cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         self.not_converged = 0
+        self.refits = 0  # fits continued past max_iter iterations
 
     def _batches(self, rows: np.ndarray):
         """(x float32 [B, dim], y [B]) on the device, over ``rows`` (every row once)."""
@@ -70,11 +76,16 @@ class TorchEngine:
         return F.relu(1.0 - signs * logits).square().sum()
 
     def fit(self, rows: np.ndarray, y: np.ndarray, c: float, warm=None):
-        """(W [dim, K], b [K]) minimising the objective on ``rows`` (their labels come from the codes)."""
-        rows = np.sort(rows)
+        """(W [dim, K], b [K], mean row, scale) minimising the objective on the standardised ``rows``
+        (their labels come from the codes); ``warm``, an earlier fit on the same rows, is the start."""
+        with threads_for(len(rows) * self.dim if self.device.type == "cpu" else ONE_THREAD_ELEMENTS + 1):
+            return self._fit(np.sort(rows), c, warm)
+
+    def _fit(self, rows: np.ndarray, c: float, warm):
         n = len(rows)
+        mean, scale = self._standardizer(rows)
         if warm is not None:
-            w, b = (t.detach().clone().requires_grad_(True) for t in warm)
+            w, b = (t.detach().clone().requires_grad_(True) for t in warm[:2])
         else:
             w = torch.zeros(self.dim, self.n_classes, device=self.device, requires_grad=True)
             b = torch.zeros(self.n_classes, device=self.device, requires_grad=True)
@@ -88,30 +99,44 @@ class TorchEngine:
             opt.zero_grad()
             total = 0.0
             for x, yb in self._batches(rows):
-                loss = self._loss_sum(x @ w + b, yb) * (c / n)
+                loss = self._loss_sum(((x - mean) / scale) @ w + b, yb) * (c / n)
                 loss.backward()
                 total += loss.item()
             reg = (w.square().sum() + (b.square().sum() if penalised_bias else 0.0)) / (2 * n)
             reg.backward()
             return torch.tensor(total + reg.item())
 
-        opt.step(closure)
-        state = opt.state[opt._params[0]]
-        self.not_converged += state.get("n_iter", 0) >= self.max_iter
-        return w.detach(), b.detach()
+        state, max_eval = opt.state[opt._params[0]], opt.param_groups[0]["max_eval"]
+        for round_ in range(1 + CONTINUATIONS):
+            iters, evals = state.get("n_iter", 0), state.get("func_evals", 0)
+            opt.step(closure)
+            # L-BFGS stops at max_iter iterations or max_eval evaluations without saying which, or why.
+            stopped_at_limit = state["n_iter"] - iters >= self.max_iter or state["func_evals"] - evals >= max_eval
+            if not stopped_at_limit:
+                break
+            self.refits += round_ == 0
+        self.not_converged += stopped_at_limit
+        return w.detach(), b.detach(), mean, scale
 
     @torch.no_grad()
-    def mean_square_norm(self, rows: np.ndarray) -> float:
-        total = sum(float(x.double().square().sum()) for x, _ in self._batches(np.sort(rows)))
-        return total / max(len(rows), 1) or 1.0
+    def _standardizer(self, rows: np.ndarray) -> tuple[torch.Tensor, float]:
+        """(mean row, scale) of ``rows`` (sorted), in one pass."""
+        total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+        square = 0.0
+        for x, _ in self._batches(rows):
+            total += x.double().sum(0)
+            square += float(x.double().square().sum())
+        n = max(len(rows), 1)
+        mean = total / n
+        return mean.float(), scale_from(square / n, float(mean @ mean))
 
     @torch.no_grad()
     def predict(self, model, rows: np.ndarray) -> np.ndarray:
         """Predicted class of each of ``rows``, in the order given."""
-        w, b = model
+        w, b, mean, scale = model
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
-        preds = [(x @ w + b).argmax(1).cpu() for x, _ in self._batches(sorted_rows)]
+        preds = [(((x - mean) / scale) @ w + b).argmax(1).cpu() for x, _ in self._batches(sorted_rows)]
         out = np.empty(len(rows), np.int64)
         out[order] = torch.cat(preds).numpy() if preds else np.zeros(0, np.int64)
         return out

@@ -28,6 +28,7 @@ from .backends.compile_backend import recorded_mode
 from .backends.plan import Op
 from .graphs import GraphForward, resolve_cuda_graphs
 from .models import ModelSpec, get_model
+from .profile_noise import load_average, timing_quality
 from .profile_report import TYPE_ORDER, check_outputs, format_table, plot_profile, write_json
 from .runtime import PRECISIONS, device_name, git_sha, keep_freed_memory, resolve_device, resolve_precision
 from .version import __version__
@@ -217,8 +218,11 @@ def _by_type(layers: list[dict], total_ms: float) -> dict[str, dict]:
     return summary
 
 
-def _result(spec, backend, device, precision, batch, timed, repeat, warmup, weights) -> dict:
+def _result(spec, backend, device, precision, batch, timed, repeat, warmup, weights, load=None) -> dict:
     layers = [_layer_record(spec, op, times, shape, batch) for op, times, shape in timed]
+    # On a GPU the events time the device, which other CPU jobs do not slow: only the spread counts.
+    cores = torch.get_num_threads() if device.type == "cpu" else 10**6
+    quality = timing_quality({op.name: times for op, times, _ in timed}, load, cores)
     total_ms = sum(layer["ms_median"] for layer in layers)
     for layer in layers:
         layer["percent"] = 100.0 * layer["ms_median"] / total_ms if total_ms > 0 else 0.0
@@ -242,6 +246,7 @@ def _result(spec, backend, device, precision, batch, timed, repeat, warmup, weig
         "repeat": repeat,
         "warmup": warmup,
         "timer": "cuda_events" if device.type == "cuda" else "perf_counter",
+        "timing_quality": quality,  # fastfeat.profile_noise: load, spread between repeats, tick clustering
         "weights": weights,
         "torch_version": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -300,8 +305,9 @@ def profile(
         for batch in sizes:
             if log is not None:
                 log(f"profiling {spec.name} {name} batch {batch} on {dev} ({precision}, repeat {repeat})")
+            load = load_average()  # before timing: our own threads would count in it afterwards
             timed = time_plan(ops, net.prepare(images[batch]), repeat, op_warmup, dev, compile_fn=compile_fn)
-            result = _result(spec, name, dev, precision, batch, timed, repeat, op_warmup, weights)
+            result = _result(spec, name, dev, precision, batch, timed, repeat, op_warmup, weights, load)
             result["cuda_graphs"] = graphs[name]
             result["compile_mode"] = recorded_mode(name, dev.type, compile_mode)
             if graphs[name]:

@@ -81,8 +81,11 @@ def _model_table(results: list[dict]) -> str:
     cells_by_layer: list[dict[str, list[str]]] = []
     for r in results:
         cells: dict[str, list[str]] = {}
+        noisy = (r.get("timing_quality") or {}).get("noisy_ops", {})
         for op in r["layers"]:
             cells[op["covers"][0]] = _group_cells(op["ms_median"], r["batch_size"], op["percent"], op["gflops"])
+            if op["name"] in noisy:
+                cells[op["covers"][0]][0] += "~"
             for name in op["covers"][1:]:
                 cells[name] = ["(fused)", "", "", ""]
         cells_by_layer.append(cells)
@@ -97,7 +100,7 @@ def _model_table(results: list[dict]) -> str:
 
     fused = any(len(op["covers"]) > 1 for r in results for op in r["layers"])
     by_type = "by type (a fused op counts as the type of its first layer)" if fused else "by type"
-    rows.append([by_type] + [""] * (len(rows[1]) - 1))
+    rows.append(["by type"] + [""] * (len(rows[1]) - 1))  # the full heading replaces it after alignment
     for kind in TYPE_ORDER:
         kind_macs = sum(per_image_macs[layer.name] for layer in spec.layers if layer.kind == kind)
         row = [kind, "", "", _fmt_macs(kind_macs)]
@@ -106,10 +109,16 @@ def _model_table(results: list[dict]) -> str:
             row += _group_cells(entry["ms"], r["batch_size"], entry["percent"], entry["gflops"])
         rows.append(row)
     lines = _render(rows, left=3)
+    heading = len(spec.layers) + 3  # 2 header rows, the layers, the total: a long heading must not widen column 1
+    lines[heading] = by_type
     separator = "-" * max(len(line) for line in lines)
     n_layers = len(spec.layers)
     body = lines[:2] + [separator] + lines[2 : 2 + n_layers] + [separator] + lines[2 + n_layers :]
-    return "\n".join([header, *body])
+    warnings = []
+    for r in results:
+        for line in (r.get("timing_quality") or {}).get("warnings", []):
+            warnings.append(f"warning ({r['backend']} b={r['batch_size']}): {line}")
+    return "\n".join([header, *body, *warnings])
 
 
 def format_table(results: list[dict]) -> str:

@@ -8,7 +8,20 @@ import sys
 import time
 
 from . import storage
+from .caveats import random_weights_note
 from .version import __version__
+
+# When the command started (fastfeat.cli.main sets it from the process's start time), so that wall
+# time counts the interpreter's start and the imports; None in a library call, where the process
+# (a notebook, a test run) started long before the run and its age says nothing about the run.
+command_started_at: float | None = None
+
+
+def mark_command_start() -> None:
+    """Called first thing by the command line: the process's start (Linux /proc), else now."""
+    global command_started_at
+    command_started_at = process_started_at() or time.time()
+
 
 ERRORS_FILE = "errors.parquet"  # fastfeat.output.ERRORS
 
@@ -69,6 +82,7 @@ def run_summary(
     """
     wall = stats.wall_s
     total = wall + startup_s if startup_s is not None else None
+    since_start = None if command_started_at is None else time.time() - command_started_at
     return {
         "images": len(ex.items),
         "part": f"{ex.shard_index}/{ex.num_shards}",
@@ -81,8 +95,10 @@ def run_summary(
         "images_per_s": round(processed / wall, 2) if wall > 0 else None,
         "startup_s": round(startup_s, 3) if startup_s is not None else None,
         "images_per_s_with_startup": round(processed / total, 2) if total else None,
-        # From the process's start (imports included) to the first batch handed to its shard writer.
-        "time_to_first_batch_s": _since_process_start(getattr(stats, "first_batch_at", None)),
+        # From the command's process start (interpreter and imports included) to the first batch handed
+        # to its shard writer, and to this summary: the wall time a user waits. None in a library call.
+        "time_to_first_batch_s": _since_command_start(getattr(stats, "first_batch_at", None)),
+        "process_wall_s": round(since_start, 3) if since_start is not None else None,
         "stage_busy_s": {k: round(v, 3) for k, v in stats.busy.items()},
         "thread_wait_s": {k: round(v, 3) for k, v in stats.wait.items()},
         "complete": complete,
@@ -93,6 +109,7 @@ def run_summary(
         "device": str(ex.device),
         "precision": ex.precision,
         "batch_size": ex.batch_size,
+        "weights": (getattr(ex, "weights_id", None) or {}).get("source"),
         "fastfeat_version": __version__,
         "git_sha": git_sha,
     }
@@ -112,8 +129,8 @@ def process_started_at() -> float | None:
     return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _since_process_start(moment: float | None) -> float | None:
-    started = process_started_at()
+def _since_command_start(moment: float | None) -> float | None:
+    started = command_started_at
     return round(moment - started, 3) if moment is not None and started is not None else None
 
 
@@ -146,21 +163,23 @@ def format_summary(summary: dict) -> str:
         problems.append(f"{_plural(warnings, 'image')} kept with a warning")
     where = os.path.join(summary["out"], ERRORS_FILE)
     lines.append(("errors", f"{', '.join(problems)}; listed in {where}" if problems else "0"))
-    lines.append(("time", _rate(processed, summary["wall_s"])))
-    startup = summary.get("startup_s")
-    if startup is not None:
-        lines.append(
-            ("with start-up", f"{_rate(processed, summary['wall_s'] + startup)} ({startup:.2f} s to load the model "
-             "and build the decoder)")
-        )  # fmt: skip
+    # Each figure names what it covers: the pipeline alone, the start-up before it, and the time from
+    # the process's start, which includes both and the imports before them.
+    lines.append(("time", f"{_rate(processed, summary['wall_s'])} (the pipeline: read, decode, forward, write)"))
+    if (startup := summary.get("startup_s")) is not None:
+        lines.append(("start-up", f"{startup:.2f} s before the pipeline (model load, decoder build)"))
     if (first := summary.get("time_to_first_batch_s")) is not None:
-        lines.append(("first batch", f"{first:.2f} s after the command started (imports included)"))
+        lines.append(("first batch", f"{first:.2f} s after the process started (imports included)"))
+    if (whole := summary.get("process_wall_s")) is not None:
+        lines.append(("wall time", f"{_rate(processed, whole)} since the process started (all of the above)"))
     if (ray := summary.get("ray")) is not None:
         gpus = f" + {ray['gpus_per_worker']:g} GPU" if ray.get("gpus_per_worker") else ""
         retried = f", {_plural(ray['retried_shards'], 'shard')} retried" if ray.get("retried_shards") else ""
         lines.append(("ray", f"{_plural(ray['workers'], 'worker')} × {ray['cpus_per_worker']:g} CPU{gpus}{retried}"))
     if processed and (bottleneck := _bottleneck(summary)) is not None:
         lines.append(("bottleneck", bottleneck))
+    if (note := random_weights_note(summary.get("weights"))) is not None:
+        lines.append(("warning", note))
     out = summary["out"]
     if not summary.get("complete", True):
         out += " (this part is done; other parts still to run)"

@@ -27,7 +27,7 @@ class ServerProcess:
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
         )
         self.stderr: list[str] = []
-        lines: queue.Queue = queue.Queue()
+        self.lines = lines = queue.Queue()  # stdout lines; those after the listening line stay here
         threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
         threading.Thread(target=lambda: [self.stderr.append(x) for x in self.proc.stderr], daemon=True).start()
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -573,7 +573,6 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_gpu_check_graphs_step_dry_run_without_out(tmp_path):
     """Issue 24's step on the CPU: triton (JIT) and torch, each without and with (emulated) graphs, host
     time, the padded short batch against its unpadded rows; no --out: a temp dir, printed, and its JSON

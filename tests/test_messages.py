@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fastfeat.caveats import RANDOM_WEIGHTS_NOTE
 from fastfeat.cli import _layer_names_help, main
 from fastfeat.models import MODELS, get_model, parse_layers
 from fastfeat.summary import ProgressBar, format_summary, run_summary
@@ -281,7 +282,10 @@ def test_run_summary_keeps_every_field_and_adds_startup(tmp_path):
     assert old_call["startup_s"] is None and old_call["images_per_s_with_startup"] is None
 
 
-def test_format_summary_is_a_short_readable_block(tmp_path):
+def test_format_summary_is_a_short_readable_block(tmp_path, monkeypatch):
+    import fastfeat.summary as summary_module
+
+    monkeypatch.setattr(summary_module, "command_started_at", None)  # a library call (main() in-process sets it)
     s = run_summary(_ex(tmp_path), _stats(), 1000, 0, True, None, startup_s=4.0)
     text = format_summary(s)
     lines = text.splitlines()
@@ -291,11 +295,52 @@ def test_format_summary_is_a_short_readable_block(tmp_path):
     assert re.search(r"^images processed: +1,000$", text, re.M)
     assert re.search(r"^rows written: +1,000$", text, re.M)
     assert re.search(r"^errors: +0$", text, re.M)
-    assert re.search(r"^time: +10\.00 s, 100\.0 img/s$", text, re.M)
-    assert re.search(r"^with start-up: +14\.00 s, 71\.4 img/s \(4\.00 s ", text, re.M)
+    assert re.search(r"^time: +10\.00 s, 100\.0 img/s \(the pipeline: read, decode, forward, write\)$", text, re.M)
+    assert re.search(r"^start-up: +4\.00 s before the pipeline \(model load, decoder build\)$", text, re.M)
+    assert "wall time" not in text and "first batch" not in text  # a library call: no process figures
     assert re.search(r"^bottleneck: +the forward pass \(busy 92% of the time\)$", text, re.M)
     assert "errors.parquet" not in text
     assert "img/s" not in format_summary(run_summary(_ex(tmp_path), _stats(), 0, 1000, True, None))
+
+
+def test_summary_timings_add_up_from_the_process_start(tmp_path, monkeypatch):
+    """The issue's run said "with start-up: 2.53 s" and "first batch: 5.25 s after the command started"
+    in a 6.2 s command: now every figure names what it covers, and none exceeds the wall time counted
+    from the process's start (set by the command line: injected here)."""
+    import time
+
+    import fastfeat.summary as summary_module
+
+    now = time.time()
+    monkeypatch.setattr(summary_module, "command_started_at", now - 20.0)  # imports: 20 - 14 - ~0 s
+    stats = _stats()
+    stats.first_batch_at = now - 8.0
+    s = run_summary(_ex(tmp_path), stats, 1000, 0, True, None, startup_s=4.0)
+    whole = s["process_wall_s"]
+    assert 20.0 <= whole < 21.0
+    assert s["time_to_first_batch_s"] == pytest.approx(12.0, abs=0.01)
+    assert s["wall_s"] + s["startup_s"] <= whole and s["time_to_first_batch_s"] <= whole
+    text = format_summary(s)
+    figures = {
+        label: float(m.group(1))
+        for label in ("time", "start-up", "first batch", "wall time")
+        if (m := re.search(rf"^{label}: +([\d.]+) s", text, re.M))
+    }
+    assert set(figures) == {"time", "start-up", "first batch", "wall time"}, text
+    assert all(v <= figures["wall time"] for v in figures.values())
+    assert figures["time"] + figures["start-up"] <= figures["wall time"]
+    assert re.search(r"^wall time: +20\.\d\d s, \S+ img/s since the process started \(all of the above\)$", text, re.M)
+    assert re.search(r"^first batch: +12\.00 s after the process started \(imports included\)$", text, re.M)
+    assert all(len(line) <= 100 for line in text.splitlines()), text
+
+
+def test_random_weights_are_flagged_in_the_summary(tmp_path):
+    ex = _ex(tmp_path)
+    assert "warning" not in format_summary(run_summary(ex, _stats(), 1000, 0, True, None))
+    ex.weights_id = {"source": "random:0", "sha256": "0" * 64, "random": True}
+    text = format_summary(run_summary(ex, _stats(), 1000, 0, True, None))
+    assert re.search(rf"^warning: +{re.escape(RANDOM_WEIGHTS_NOTE)}$", text, re.M), text
+    assert len(next(line for line in text.splitlines() if line.startswith("warning:"))) <= 120
 
 
 def test_format_summary_points_to_errors_parquet(tmp_path):

@@ -45,12 +45,26 @@ def test_tsne_keeps_classes_apart(feats):
     assert same > 3 / 7, same  # chance is 1/7
 
 
+def _sampled_rows(n_rows: int, points: int, seed: int) -> np.ndarray:
+    """The rows plot_embedding samples (its documented draw)."""
+    return np.sort(np.random.default_rng(seed).choice(n_rows, points, replace=False))
+
+
 @pytest.mark.parametrize("method", ["tsne", "pca"])
 def test_plot_writes_a_png(feats, tmp_path, method):
     out = tmp_path / f"{method}.png"
     drawn = plot_embedding(feats, "relu7", str(out), method=method, max_points=40)
+    labels = drawn.pop("axis_labels")
     assert drawn == {"out": str(out), "points": 40, "rows": 7 * PER_CLASS, "classes": 7, "method": method,
                      "layer": "relu7"}  # fmt: skip
+    if method == "pca":  # PC1/PC2 with the share of variance each explains, as sklearn's PCA computes it
+        from sklearn.decomposition import PCA
+
+        _, _, x = load(feats, "relu7", dtype="float32", rows=_sampled_rows(7 * PER_CLASS, 40, seed=0))
+        ratio = PCA(2, svd_solver="full").fit(x.astype(np.float64)).explained_variance_ratio_
+        assert labels == [f"PC{i + 1} ({ratio[i]:.1%} of variance)" for i in range(2)]
+    else:
+        assert labels is None
     with Image.open(out) as im:
         assert im.format == "PNG" and im.width > 600 and im.height > 500
         colours = {c for _, c in im.convert("RGB").getcolors(1 << 20)}

@@ -15,7 +15,7 @@ from crop_classes import make_crop_classes
 
 import fastfeat
 from fastfeat.cli import main
-from fastfeat.probe import held_out, make_splits, mean_class_accuracy, run_probe
+from fastfeat.probe import RANDOM_WEIGHTS_NOTE, held_out, make_splits, mean_class_accuracy, run_probe
 
 PER_CLASS = 12
 TRAIN = 8
@@ -67,8 +67,36 @@ def test_probe_is_far_above_chance_with_c_chosen_on_held_out_rows(feats):
         assert s["train"] == 7 * TRAIN and s["test"] == 7 * (PER_CLASS - TRAIN)
         grid = s["held_out_accuracy"]
         best = min(float(c) for c, acc in grid.items() if acc == max(grid.values()))
-        assert len(grid) == 7 and s["C"] * s["mean_square_norm"] == pytest.approx(best)
-        assert s["mean_square_norm"] == pytest.approx(1.0, rel=1e-5)  # unit rows: the grid is C_GRID itself
+        assert len(grid) == 7 and s["C"] == best
+
+
+@pytest.mark.parametrize("classifier", ["logreg", "svm"])
+def test_defaults_converge_and_the_engines_agree_on_raw_features(feats, classifier):
+    """The issue's case: raw relu7 rows of random weights (mean squared norm ~1e7), C auto, no
+    --l2-normalize. Unstandardised, scikit-learn's lbfgs stopped at its limit and scored 4.5 points
+    under the torch engine; standardised inside the probe, both converge and agree on every split."""
+    from fastfeat.data import load
+
+    _, _, x = load(feats, "relu7", dtype="float32")
+    assert np.mean(np.einsum("ij,ij->i", x, x, dtype=np.float64)) > 1e5  # the raw scale the issue hit
+    args = dict(train_per_class=TRAIN, splits=3, classifier=classifier)
+    ref = run_probe(feats, "relu7", **args)
+    assert ref["engine"] == "sklearn" and ref["standardize"]
+    other = run_probe(feats, "relu7", engine="torch", device="cpu", **args)
+    for r in (ref, other):
+        assert r["not_converged_fits"] == 0 and r["warnings"] == [RANDOM_WEIGHTS_NOTE], r["warnings"]
+        assert r["mean_class_accuracy"]["mean"] > 3 * r["chance"]
+    for a, b in zip(ref["per_split"], other["per_split"], strict=True):
+        assert abs(a["mean_class_accuracy"] - b["mean_class_accuracy"]) * 100 <= AGREEMENT_POINTS, (a, b)
+
+
+def test_a_fit_at_its_iteration_limit_is_reported(feats, monkeypatch, capsys):
+    import fastfeat.probe as probe
+
+    monkeypatch.setattr(probe, "SKLEARN_MAX_ITER", 1)  # every logreg fit stops at the limit, twice
+    assert main(["probe", feats, "--train-per-class", str(TRAIN), "--splits", "1", "--C", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: 1 fit(s) stopped at the iteration limit" in out
 
 
 @pytest.mark.parametrize("classifier, c", [("logreg", 10.0), ("svm", 1.0)])

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -347,3 +348,62 @@ def test_triton_backend_under_the_interpreter():
     assert schema_errors(results) == []
     assert [(r["backend"], r["batch_size"]) for r in results] == [("triton", 1)]
     check_accounting(results[0])
+
+
+# -- a loaded machine (fastfeat.profile_noise), with injected timings and load ----------------------
+def test_quiet_timings_raise_no_warning():
+    from fastfeat.profile_noise import timing_quality
+
+    rng = np.random.default_rng(0)
+    ops = {f"op{i}": list(rng.uniform(0.9, 1.1, 10) * (0.01 + i * 1.37)) for i in range(12)}
+    q = timing_quality(ops, load=0.4, cores=2)
+    assert q == {"load_average": 0.4, "cores": 2, "loaded": False, "noisy_ops": {}, "tick_ms": None, "warnings": []}
+
+
+def test_a_loaded_machine_is_detected_three_ways():
+    """The issue's case: another job on both cores, small ops descheduled for whole 4 ms ticks."""
+    from fastfeat.profile_noise import timing_quality
+
+    rng = np.random.default_rng(1)
+    ops = {f"small{i}": list(4.0 * rng.integers(0, 3, 10) + rng.uniform(0.001, 0.01, 10)) for i in range(6)}
+    ops["conv"] = list(rng.uniform(40.0, 41.0, 10))  # large and steady: not flagged
+    q = timing_quality(ops, load=17.6, cores=2)
+    assert q["loaded"] and q["load_average"] == 17.6
+    assert q["tick_ms"] == 4.0
+    assert "conv" not in q["noisy_ops"] and set(q["noisy_ops"]) <= {f"small{i}" for i in range(6)}
+    assert len(q["noisy_ops"]) >= 4
+    text = "\n".join(q["warnings"])
+    assert "load average 17.6 on 2 cores" in text and "multiples of 4 ms" in text and "vary by more than 50%" in text
+
+
+def test_spread_alone_and_ticks_alone():
+    from fastfeat.profile_noise import spread, tick_ms, timing_quality
+
+    assert spread([1.0, 1.0, 1.0]) == 0.0 and spread([1.0, 2.0, 3.0, 4.0, 5.0]) > 0.5
+    assert tick_ms([10.0 * k + 0.1 for k in range(2, 12)]) == 10.0
+    assert tick_ms([4.0 * k + 0.05 for k in range(2, 12)]) == 4.0
+    assert tick_ms(list(np.linspace(8.3, 47.9, 30))) is None  # evenly spread: no tick
+    q = timing_quality({"a": [1.0, 5.0, 1.0, 9.0, 1.0], "b": [0.001, 0.02, 0.001]}, load=None, cores=2)
+    assert q["noisy_ops"] == {"a": 4.8} and not q["loaded"]  # b: below the timer floor, not judged
+
+
+def test_the_table_marks_noisy_ops_and_warns_within_120_characters(torch_results):
+    import copy
+
+    from fastfeat.profile_noise import timing_quality
+
+    result = copy.deepcopy(torch_results[-1])
+    first = result["layers"][0]["name"]
+    ops = {op["name"]: [1.0] * 5 for op in result["layers"]}
+    ops[first] = [0.1, 4.1, 8.1, 0.1, 4.1, 8.1, 4.1, 8.1, 4.1, 8.1]
+    result["timing_quality"] = timing_quality(ops, load=9.0, cores=2)
+    table = format_table([result])
+    lines = table.splitlines()
+    assert all(len(line) <= 120 for line in lines), max(lines, key=len)
+    row = next(line for line in lines if line.split()[:1] == [result["layers"][0]["covers"][0]])
+    assert "~" in row
+    warnings = [line for line in lines if line.startswith("warning")]
+    assert len(warnings) == 2 and "loaded: load average 9.0 on 2 cores" in warnings[0]
+    assert json.loads(json.dumps(result))["timing_quality"]["noisy_ops"] == {
+        first: result["timing_quality"]["noisy_ops"][first]
+    }

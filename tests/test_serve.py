@@ -29,6 +29,7 @@ from PIL import Image
 from serve_helpers import ServerProcess, extract_rows, metric, rel_err, stopped_cleanly
 
 import fastfeat
+from fastfeat.caveats import RANDOM_WEIGHTS_NOTE
 
 pytestmark = pytest.mark.slow  # a `fastfeat serve` subprocess
 
@@ -102,7 +103,12 @@ def test_model_metadata_is_a_shards_metadata(client, extracted):
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     shard_meta = json.loads(pq.read_schema(os.path.join(out, manifest["shards"][0]["file"])).metadata[b"fastfeat"])
     r = client.get("/v1/model")
-    assert r.status_code == 200 and r.json() == shard_meta
+    assert r.status_code == 200 and r.json() == {**shard_meta, "warning": RANDOM_WEIGHTS_NOTE}  # random:SEED
+
+
+def test_random_weights_are_flagged_at_start_up(server):
+    """One line after the listening line (and /v1/model's "warning", above): these features are not for use."""
+    assert server.lines.get(timeout=30).strip() == f"fastfeat serve: warning: {RANDOM_WEIGHTS_NOTE}"
 
 
 def test_same_batch_as_extract_is_bit_identical(client, dataset, extracted):

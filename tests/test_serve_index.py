@@ -138,3 +138,19 @@ def test_thumbnail_items_come_from_the_source(outputs, tmp_path):
         json.dump(manifest, f)
     other = load_index(moved, _served(moved), None, exact_below=1000)
     assert not other.thumbnails_available() and other.item(first) is None and other.describe()["thumbnails"] is False
+
+
+def test_an_index_of_augmented_features_is_refused(outputs, tmp_path):
+    """An index made with --augment 10crop holds means over 10 views; the server answers with centre
+    crops: refused with the reason and the fix (one line, exit 2 from the command line)."""
+    outs, _ = outputs
+    augmented = str(tmp_path / "tencrop")
+    shutil.copytree(outs["npy"], augmented)
+    manifest_file = os.path.join(augmented, "manifest.json")
+    manifest = json.load(open(manifest_file))
+    manifest["config"]["metadata"]["augment"] = {"views": "10crop", "crops": ["center"] * 10, "reduce": "mean"}
+    with open(manifest_file, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(ConfigError, match=r"extracted with --augment 10crop; the server computes centre-crop .* again"):
+        load_index(augmented, _served(outs["npy"]), None, exact_below=1000)
+    assert load_index(outs["npy"], _served(outs["npy"]), None, exact_below=1000)  # centre crops: accepted

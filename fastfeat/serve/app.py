@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..caveats import random_weights_note
 from ..models import parse_layers
 from ..version import __version__
 from .batching import Batcher, BatcherDead, Job, JobResult
@@ -291,7 +292,8 @@ def create_app(cfg: ServeConfig, engine: Engine, batcher: Batcher, metrics: Metr
 
     @app.get("/v1/model", dependencies=protected, summary="How the features are made: a shard's metadata")
     async def model():
-        return engine.metadata
+        note = random_weights_note(engine.metadata.get("weights"))
+        return engine.metadata if note is None else {**engine.metadata, "warning": note}
 
     @app.get("/v1/index", dependencies=protected, summary="The --index directory: rows, layer, search kind")
     async def index_info():

@@ -53,6 +53,14 @@ def check_compatible(path: str, stored: dict, served: dict, layer: str) -> None:
     for key in _PREPROCESSING_KEYS:
         if pre_s.get(key) != pre_v.get(key):
             raise ConfigError(f"--index {path}: preprocessing {key} {pre_s.get(key)} differs from the server's {pre_v.get(key)}")  # fmt: skip
+    views = (stored.get("augment") or {}).get("views", "center")
+    if views != (served.get("augment") or {}).get("views", "center"):
+        # Refused, not warned: a query's centre-crop features against rows averaged over other views
+        # rank neighbours differently, and nothing in a response would show it.
+        raise ConfigError(
+            f"--index {path} was extracted with --augment {views}; the server computes centre-crop features "
+            "(--augment center): extract the index again without --augment"
+        )
     if layer not in stored.get("layers", {}):
         raise ConfigError(f"--index {path} holds layers {','.join(stored.get('layers', {}))}, not {layer}")
 

@@ -7,6 +7,7 @@ import sys
 import time
 from contextlib import redirect_stderr
 
+from ..caveats import random_weights_note
 from ..errors import ConfigError
 from .config import ServeConfig, check_serve_config, is_loopback
 
@@ -66,6 +67,8 @@ def serve(cfg: ServeConfig) -> None:
     print(f"fastfeat serve: listening on {url} ({what}; batches of up to {cfg.max_batch} within "
           f"{cfg.max_delay_ms:g} ms{where}; ready in {time.perf_counter() - t0:.1f} s, warm-up {warm_s:.1f} s)",
           flush=True)  # fmt: skip
+    if (note := random_weights_note(cfg.weights)) is not None:
+        print(f"fastfeat serve: warning: {note}", flush=True)
     # The decoder captures file descriptor 2 while it decodes (to attribute its native warnings to an
     # image): the server's own logging must bypass it, as extract's progress bar does.
     with redirect_stderr(console()):
