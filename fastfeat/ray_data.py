@@ -11,8 +11,8 @@ For pipelines that already live in Ray Data::
         fn_constructor_kwargs={"weights": "caffenet-imagenet", "layers": "relu7"},
         batch_format="pyarrow",
         batch_size=64,
-        concurrency=4,          # actors, each loading the model once
-        num_gpus=1,             # per actor; leave out for CPU actors (then set num_cpus)
+        compute=ray.data.ActorPoolStrategy(size=2),  # actors, each loading the model once
+        num_cpus=1,             # per actor (size x num_cpus must fit the cluster); GPU actors: num_gpus=1
     )
     feats.write_parquet("s3://bucket/features/")
 
