@@ -103,8 +103,8 @@ def test_readme_has_no_hand_copied_synopsis():
 def _ray_data_snippet() -> str:
     text = (ROOT / "docs" / "ray.md").read_text()
     marker = "<!-- tests/test_docs.py runs this block"
-    block = text[text.index(marker) :]
-    return block[block.index("```python\n") + len("```python\n") : block.index("\n```", 10)]
+    start = text.index("```python\n", text.index(marker)) + len("```python\n")
+    return text[start : text.index("\n```", start)]
 
 
 @pytest.mark.slow
