@@ -136,6 +136,6 @@ def test_ray_data_snippet_runs(tmp_path, photos):
         print("snippet ok")
     """)
     done = subprocess.run(
-        [sys.executable, "-c", prelude + code + check], capture_output=True, text=True, timeout=600, cwd=tmp_path
+        [sys.executable, "-c", prelude + code + check], capture_output=True, text=True, timeout=420, cwd=tmp_path
     )
     assert done.returncode == 0 and "snippet ok" in done.stdout, done.stderr[-3000:]
