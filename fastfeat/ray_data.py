@@ -11,9 +11,9 @@ For pipelines that already live in Ray Data::
         fn_constructor_kwargs={"weights": "caffenet-imagenet", "layers": "relu7"},
         batch_format="pyarrow",
         batch_size=64,
-        concurrency=4,          # actors, each loading the model once
-        num_gpus=1,             # per actor; leave out for CPU actors (then set num_cpus)
-    )
+        compute=ray.data.ActorPoolStrategy(size=1),  # actors, each loading the model once
+        num_cpus=1,             # per actor; GPU actors: num_gpus=1
+    )  # size x num_cpus below the cluster's CPUs: Ray Data's read and write tasks need some too
     feats.write_parquet("s3://bucket/features/")
 
 Each output row is its input row (without the image bytes unless ``keep_image``), one column per

@@ -257,7 +257,7 @@ def test_feature_mapper_in_a_ray_data_pipeline(dataset, corrupt_dataset, clean, 
     feats = ds.map_batches(
         FeatureMapper,
         fn_constructor_kwargs={"weights": "random:0", "layers": "relu6", "batch_size": 2},
-        batch_format="pyarrow", batch_size=2, concurrency=1, num_cpus=1,
+        batch_format="pyarrow", batch_size=2, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
     )  # fmt: skip
     got = pa.concat_tables(ray.get(feats.to_arrow_refs())).sort_by("id")
     assert got.column_names == ["id", "relu6", "error"]  # the bytes are dropped
