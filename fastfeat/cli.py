@@ -8,6 +8,7 @@ import sys
 
 from . import __version__
 from .backends import backend_names
+from .faults import DEFAULT_READ_RETRIES
 from .models import DEFAULT_LAYERS, MODELS
 from .published import PUBLISHED
 from .sinks import DEFAULT_FORMAT, format_names
@@ -129,6 +130,15 @@ def _add_extract(sub) -> None:
         "whole image, then crop), or dct (fast, and large JPEGs decoded at 1/2-1/8 scale on the CPU: about 2x "
         "less CPU per big photo, features change by 3-7%%)",
     )
+    p.add_argument(
+        "--read-retries",
+        type=int,
+        default=DEFAULT_READ_RETRIES,
+        metavar="N",
+        help="retry a read that fails transiently (HTTP 5xx/429, timeout, connection reset, EIO, ESTALE) up to N "
+        "times with exponential backoff (default %(default)s: about 1-1.5 minutes); a read still failing, or failing "
+        "for a reason that is not the image's (permission denied), stops the run without committing its shard",
+    )
     p.add_argument("--image-column", default="image", help="image column of Parquet sources (binary or {bytes,path})")
     p.add_argument("--num-shards", type=int, default=1, help="split the input into K parts (one per process)")
     p.add_argument("--shard-index", type=int, default=0, help="the part this process extracts, 0..K-1")
@@ -191,12 +201,13 @@ def _run_extract(args, argv: list[str]) -> int:
         check_single_writer(args.out, 2, "--devices")  # one part per GPU, each writing the manifest
 
         return launch_per_device(args.devices, argv)
-    from .errors import ExtractFailed
+    from .errors import ExtractFailed, ReadStopped
     from .extractor import Extractor, format_summary
 
     extractor = Extractor(
         source, args.out, **options, mean_file=args.mean_file, overwrite=args.overwrite,
         progress=not args.no_progress, image_column=args.image_column, append=args.append, strict=args.strict,
+        read_retries=args.read_retries,
     )  # fmt: skip
     try:
         if args.ray is not None:
@@ -209,6 +220,9 @@ def _run_extract(args, argv: list[str]) -> int:
                 return 1
         else:
             summary = extractor.run()
+    except ReadStopped as stopped:  # a storage fault, not bad input: exit 1, the same command resumes
+        print(f"fastfeat: error: {stopped}", file=sys.stderr)
+        return 1
     except ExtractFailed as failed:
         print(format_summary(failed.summary), file=sys.stderr)
         if args.json:

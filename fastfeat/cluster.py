@@ -96,6 +96,7 @@ class WorkerConfig:
     augment: str
     augment_reduce: str
     decode: str  # --decode: part of every shard's metadata
+    read_retries: int  # --read-retries (fastfeat.faults): not in the run config, it changes no row
     mean_file: str | None
     mean_image: np.ndarray | None
     weights_id: dict
@@ -107,7 +108,7 @@ def worker_config(ex) -> WorkerConfig:
         out=ex.out, run_config=ex.output.config, model=ex.spec.name, layers=ex.layers, batch_size=ex.batch_size,
         device=ex.device.type, precision=ex.precision, backend=ex.backend_name, dtype=ex.dtype, format=ex.format,
         max_pixels=ex.max_pixels, num_threads=ex.num_threads, image_column=ex.image_column, strict=ex.strict,
-        augment=ex.augment, augment_reduce=ex.augment_reduce, decode=ex.decode_mode, mean_file=mean_file, mean_image=ex.mean_image,
+        augment=ex.augment, augment_reduce=ex.augment_reduce, decode=ex.decode_mode, read_retries=ex.read_retries, mean_file=mean_file, mean_image=ex.mean_image,
         weights_id=ex.weights_id,
     )  # fmt: skip
 
@@ -168,7 +169,10 @@ class ShardWorker:
         )
         self.forward = Forward(net, config.layers, config.dtype, len(views), config.augment_reduce)
         self.read = partial(
-            read_image, max_pixels=config.max_pixels, reader=ItemReader(config.image_column), pre=spec.preprocess
+            read_image,
+            max_pixels=config.max_pixels,
+            reader=ItemReader(config.image_column, config.read_retries),
+            pre=spec.preprocess,
         )
         shapes = spec.shapes()
         dims = {n: math.prod(shapes[n]) for n in config.layers}

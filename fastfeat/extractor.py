@@ -24,6 +24,7 @@ from .backends import make_backend, unavailable_reason
 from .checksum import file_sha256
 from .decode import DEFAULT_DECODE, DEFAULT_MAX_PIXELS, Decoder, console, load_mean, read_image
 from .errors import ConfigError, ExtractFailed
+from .faults import DEFAULT_READ_RETRIES
 from .forward import Forward
 from .output import SUMMARY, OutputDir, ShardTransaction, plan_items, shard_tasks
 from .published import WEIGHTS_CHOICES
@@ -60,7 +61,7 @@ class Extractor:
         overwrite: bool = False, progress: bool = True, image_column: str = "image", num_shards: int = 1,
         shard_index: int = 0, format: str = DEFAULT_FORMAT, append: bool = False, strict: bool = False,
         max_error_rate: float | None = None, augment: str = DEFAULT_AUGMENT, augment_reduce: str = "mean",
-        decode: str = DEFAULT_DECODE,
+        decode: str = DEFAULT_DECODE, read_retries: int = DEFAULT_READ_RETRIES,
     ):  # fmt: skip
         self.started = time.perf_counter()
         self.spec, self.layers = check_arguments(
@@ -70,6 +71,10 @@ class Extractor:
             augment=augment, augment_reduce=augment_reduce, decode=decode, mean_file=mean_file,
         )  # fmt: skip
         self.decode_mode = decode  # before run_metadata, which records it
+        if not isinstance(read_retries, int) or read_retries < 0:
+            raise ConfigError(f"--read-retries must be a whole number, at least 0, got {read_retries!r}")
+        # Not in the run config: retries change no row, so a resume with another count is the same run.
+        self.read_retries = read_retries
         storage.check_single_writer(out, num_shards)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -106,6 +111,10 @@ class Extractor:
             if t[0] % self.num_shards == self.shard_index
         ]
 
+    def reader(self) -> ItemReader:
+        """The read stage's reader: transient failures retried ``read_retries`` times (fastfeat.faults)."""
+        return ItemReader(self.image_column, retries=self.read_retries)
+
     def up_to_date(self) -> bool:
         return self.new_generation is None and all(s.index in self.output.shards for s in self.shards())
 
@@ -126,7 +135,7 @@ class Extractor:
             bar = ProgressBar(total) if self.progress and total else None
             runner = Runner(
                 self.items, self.batch_size,
-                read=partial(read_image, max_pixels=self.max_pixels, reader=ItemReader(self.image_column), pre=pre),
+                read=partial(read_image, max_pixels=self.max_pixels, reader=self.reader(), pre=pre),
                 decode=decoder.decode, forward=Forward(net, self.layers, self.dtype, len(self.views), self.augment_reduce),
                 open_shard=lambda s: ShardTransaction(self.output, self.sink, s.index, s.first, s.end),
                 progress=bar.update if bar is not None else None, strict=self.strict,
