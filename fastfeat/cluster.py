@@ -9,6 +9,13 @@ the same temp-then-rename :class:`fastfeat.output.ShardTransaction`; but its ``c
 :class:`ShardRecord` back.  The driver alone merges records into ``manifest.json``, so no lock has to
 hold across hosts, and the output is a single-process run's: same shards, same bytes, one manifest.
 
+Shared output: ``--out`` must be storage every node shares (a network file system, an object store).  An
+actor checks, before it loads anything, that it sees the driver's manifest there with the same
+configuration and item lists (:func:`check_shared_output`); the driver checks that the files of every shard
+a worker returns are in OUT/ as it sees them, before it commits the shard.  Either failing stops the run in
+one line: a node-local path that happens to exist on every node would otherwise collect shards on the
+workers' disks while the driver records files it cannot see.
+
 Faults: an actor (or its node) that dies mid-shard fails that task with ``RayActorError``; the driver
 puts the shard back in the queue for the next free actor and starts a new actor in the dead one's place
 (wherever Ray finds room), which takes work once it answers.  The dead writer's temp files carry its
@@ -48,6 +55,7 @@ MAX_SHARD_ATTEMPTS = 4
 POLL_S = 0.5  # progress refresh of the driver's bar
 DEFAULT_CPU_WORKER_CPUS = 4  # CPU workers: enough threads per model to be efficient, several per node
 MAX_GPU_WORKER_CPUS = 8  # GPU workers: decode threads next to each GPU, at most this many by default
+SHARED_OUT = "--out must be storage every node shares"
 # Test hook (see tests/test_ray.py): a folder; a worker about to write a batch of the shard whose index
 # is in <folder>/hold claims <folder>/held (once: created exclusively, with its pid, host and node) and
 # waits there, mid-shard with its temp file open, until "hold" is removed.  A test kills it meanwhile.
@@ -79,8 +87,9 @@ def check_ray_options(workers: int | None, cpus_per_worker: float | None) -> Non
 class WorkerConfig:
     """What a worker needs to build the same pipeline as the driver's run (weights travel separately)."""
 
-    out: str
+    out: str  # absolute for a local path: a worker's current folder is not the driver's
     run_config: dict  # the manifest's config: the worker's OutputDir must find the same run in OUT/
+    generations: tuple[str, ...]  # ids_labels_sha256 of each generation in the driver's manifest (the same OUT/)
     model: str
     layers: list[str]
     batch_size: int
@@ -104,8 +113,10 @@ class WorkerConfig:
 
 def worker_config(ex) -> WorkerConfig:
     mean_file = ex.metadata["preprocessing"]["mean_file"]
+    out = ex.output.path if ex.output.remote else os.path.abspath(ex.output.path)
+    generations = tuple(g["ids_labels_sha256"] for g in ex.output.generations)
     return WorkerConfig(
-        out=ex.out, run_config=ex.output.config, model=ex.spec.name, layers=ex.layers, batch_size=ex.batch_size,
+        out=out, run_config=ex.output.config, generations=generations, model=ex.spec.name, layers=ex.layers, batch_size=ex.batch_size,
         device=ex.device.type, precision=ex.precision, backend=ex.backend_name, dtype=ex.dtype, format=ex.format,
         max_pixels=ex.max_pixels, num_threads=ex.num_threads, image_column=ex.image_column, strict=ex.strict,
         augment=ex.augment, augment_reduce=ex.augment_reduce, decode=ex.decode_mode, read_retries=ex.read_retries, mean_file=mean_file, mean_image=ex.mean_image,
@@ -131,13 +142,14 @@ class ShardWorker:
         from .extractor import _raise_pillow_limit, features_metadata
         from .forward import Forward
         from .models import get_model
-        from .output import OutputDir, describe_diff, host_tag
+        from .output import describe_diff, host_tag
         from .runtime import PRECISIONS, keep_freed_memory, make_current
         from .sinks import get_sink
         from .sinks.base import Layout
         from .sources import ItemReader
 
         self.config, self.pid, self.host = config, os.getpid(), host_tag()
+        self.out = check_shared_output(config, socket.gethostname())  # first: before anything is loaded
         self.node_id = ray.get_runtime_context().get_node_id()
         # Size every pool to the CPUs Ray granted: two workers on one node must not oversubscribe it.
         granted = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
@@ -177,7 +189,6 @@ class ShardWorker:
         shapes = spec.shapes()
         dims = {n: math.prod(shapes[n]) for n in config.layers}
         self.sink = get_sink(config.format)(Layout(dims, config.dtype, metadata))
-        self.out = OutputDir(config.out, config.run_config)  # refuses an OUT/ that holds another run
         self.done = 0  # images of the current shard written so far (progress)
 
     def ready(self) -> tuple[str, int, str, int]:
@@ -215,6 +226,42 @@ class ShardWorker:
         )  # fmt: skip
         stats = runner.run([ShardTask(shard.index, 0, len(items))])
         return records[0], stats
+
+
+def check_shared_output(config: WorkerConfig, host: str):
+    """The worker's OutputDir, once it is known to be the driver's: the same run (configuration) with the
+    same item lists in its manifest.  Otherwise RayRunError, one line: the worker sees another folder."""
+    from . import storage
+    from .output import OutputDir, OutputError
+
+    where = storage.display(config.out)
+    try:
+        out = OutputDir(config.out, config.run_config)  # reads the manifest; writes nothing
+    except (OutputError, OSError) as exc:
+        raise RayRunError(f"{SHARED_OUT}: the Ray worker on {host} finds another run in {where} ({exc})") from None
+    seen = tuple(g["ids_labels_sha256"] for g in out.generations)
+    if seen != config.generations:
+        what = "no fastfeat run" if not seen else "the same run with other items"
+        raise RayRunError(
+            f"{SHARED_OUT}: the Ray worker on {host} finds {what} in {where}, where the driver created this run's "
+            "manifest (a folder local to each node?)"
+        )
+    return out
+
+
+def _visible(out, record) -> bool:
+    """Whether every file of a shard a worker wrote is in OUT/ as the driver sees it, with its size."""
+    from . import storage
+
+    for f in record.files():
+        location = storage.join(out.path, f["file"])
+        try:
+            size = storage.info(location).size if out.remote else os.path.getsize(location)
+        except OSError:
+            return False
+        if size != f["bytes"]:
+            return False
+    return True
 
 
 def pack_items(items: list) -> tuple:
@@ -417,7 +464,10 @@ class _Dispatch:
             host, pid, _node, _threads = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             if exc.actor_init_failed:  # the constructor raised: it would on every worker, stop the run
-                raise RayRunError(f"a Ray worker could not start: {_last_line(str(exc))}") from None
+                line = _last_line(str(exc))
+                if SHARED_OUT in line:  # check_shared_output's line, as it is
+                    raise RayRunError(line[line.index(SHARED_OUT) :]) from None
+                raise RayRunError(f"a Ray worker could not start: {line}") from None
             return  # died before it took any work (its node went away)
         self.writers.add((host, pid))
         self.free.append(actor)
@@ -456,6 +506,14 @@ class _Dispatch:
         self.arrived = []
         if not new:  # a shard done twice is the same bytes: committed once
             return
+        for record, _stats, _shard in new.values():
+            if not _visible(self.ex.output, record):  # never list a file the driver (and readers) cannot see
+                from . import storage
+
+                raise RayRunError(
+                    f"{SHARED_OUT}: a Ray worker wrote output shard {record.index} ({record.file}), which the "
+                    f"driver does not find in {storage.display(self.ex.output.path)} (a folder local to each node?)"
+                )
         self.ex.output.commit_shards([r for r, _, _ in new.values()])
         for _record, stats, shard in new.values():
             self.committed_images += shard.end - shard.first

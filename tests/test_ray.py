@@ -7,8 +7,10 @@ about to write a batch of the named shard records its pid in ``held`` and waits,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +23,9 @@ import pyarrow.compute as pc
 import pytest
 from helpers import column_matrix, read_features
 
-from fastfeat import storage
+from fastfeat import cluster, storage
 from fastfeat.cli import main
-from fastfeat.cluster import TEST_HOLD_ENV, run_on_ray
+from fastfeat.cluster import TEST_HOLD_ENV, RayRunError, run_on_ray
 from fastfeat.extractor import Extractor
 from fastfeat.output import remove_tmp_of, tmp_name, verify
 
@@ -129,6 +131,59 @@ def test_ray_run_equals_single_process_run(dataset, clean, hold_dir, tmp_path):
     # Up to date: a second run starts nothing and says so.
     again = run_on_ray(Extractor(dataset, str(out), **RUN), workers=2, cpus_per_worker=1)
     assert again["up_to_date"] and again["rows"] == summary["rows_written"]
+
+
+def _workers_see(monkeypatch, folder) -> None:
+    """The workers' view of --out is ``folder`` (a path local to their node), the driver's the real one."""
+    real = cluster.worker_config
+    monkeypatch.setattr(cluster, "worker_config", lambda ex: dataclasses.replace(real(ex), out=str(folder)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exists", [True, False], ids=["empty-folder", "no-folder"])
+def test_a_worker_that_does_not_see_the_drivers_output_stops_the_run_in_one_line(
+    dataset, hold_dir, tmp_path, monkeypatch, exists
+):  # fmt: skip
+    out, node_local = tmp_path / "out", tmp_path / "node-local"
+    if exists:
+        node_local.mkdir()
+    _workers_see(monkeypatch, node_local)
+    with pytest.raises(RayRunError) as exc:
+        run_on_ray(Extractor(dataset, str(out), **RUN), workers=2, cpus_per_worker=1)
+    message = str(exc.value)
+    assert message.startswith("--out must be storage every node shares: the Ray worker on ") and "\n" not in message
+    assert f"finds no fastfeat run in {node_local}" in message
+    assert (os.listdir(node_local) == []) if exists else not node_local.exists()  # the worker wrote nothing
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"] == [] and not [f for f in os.listdir(out) if f.startswith("part-")]
+
+
+@pytest.mark.slow
+def test_a_worker_writing_where_the_driver_cannot_see_is_never_committed(
+    dataset, clean, hold_dir, tmp_path, monkeypatch
+):  # fmt: skip
+    """A stale node-local copy of OUT/ (the same manifest) passes the worker's check; the driver then does not
+    find the shard files the worker returns, and stops before it lists any."""
+    out, node_local = tmp_path / "out", tmp_path / "node-local"
+    begin = Extractor.begin
+
+    def begin_then_copy(self):
+        todo = begin(self)
+        shutil.copytree(out, node_local)
+        return todo
+
+    monkeypatch.setattr(Extractor, "begin", begin_then_copy)
+    _workers_see(monkeypatch, node_local)
+    with pytest.raises(RayRunError) as exc:
+        run_on_ray(Extractor(dataset, str(out), **RUN), workers=1, cpus_per_worker=1)
+    message = str(exc.value)
+    assert message.startswith("--out must be storage every node shares: a Ray worker wrote output shard ")
+    assert f"driver does not find in {out}" in message and "\n" not in message
+    assert json.loads((out / "manifest.json").read_text())["shards"] == []
+    assert not [f for f in os.listdir(out) if f.startswith("part-")]
+    monkeypatch.undo()  # storage every node shares: the same command finishes the run
+    run_on_ray(Extractor(dataset, str(out), **RUN), workers=1, cpus_per_worker=1)
+    assert_same_output(out, clean)
 
 
 def test_worker_killed_while_writing_a_shard(dataset, clean, hold_dir, tmp_path):

@@ -22,6 +22,7 @@ import fastfeat
 from fastfeat import faults, sources, storage
 from fastfeat.cli import main
 from fastfeat.errors import ReadStopped
+from fastfeat.extractor import Extractor
 from fastfeat.faults import Backoff, ImageUnreadable, ReadFault, image_cause, is_transient
 from fastfeat.sources import Item, ItemReader
 
@@ -240,7 +241,7 @@ def s3_small(s3_endpoint, small) -> str:
 def _s3_extract(source: str, out: str, **kw) -> dict:
     """Listed with the store healthy, then run: the faults configured by ``kw["faults"]`` hit the reads."""
     configure = kw.pop("faults")
-    ex = fastfeat.Extractor(source, out, **{**KW, **kw})
+    ex = Extractor(source, out, **{**KW, **kw})
     configure()
     return ex.run()
 
@@ -326,7 +327,7 @@ def test_s3_key_that_always_fails_stops_the_run_and_commits_no_shard_holding_it(
     last = sources.list_items(small)[9]  # shard 2 (items 8, 9)
     key = s3_small.removeprefix("s3://") + "/" + last.id
     with s3_endpoint.faults() as proxy:
-        ex = fastfeat.Extractor(s3_small, out, **KW, read_retries=1)
+        ex = Extractor(s3_small, out, **KW, read_retries=1)
         proxy.configure(always_fail={key})
         with pytest.raises(ReadStopped) as exc:
             ex.run()
