@@ -319,11 +319,12 @@ class OutputDir:
                 "id": pa.array([e["id"] for e, _ in records], pa.string()),
                 "stage": pa.array([e["stage"] for e, _ in records], pa.string()),
                 "message": pa.array([e["message"] for e, _ in records], pa.string()),
-                # The image's own reason (fastfeat.faults.CAUSES): missing, not_image, corrupt, too_large, unsafe;
-                # null for a record of an older fastfeat.  Nothing else is ever recorded (a storage fault stops the run).
-                "cause": pa.array([e.get("cause") for e, _ in records], pa.string()),
                 # False: the image has no row (skipped); True: it has one, the record says what was wrong.
                 "kept": pa.array([kept for _, kept in records], pa.bool_()),
+                # The image's own reason (fastfeat.faults.CAUSES): missing, not_image, corrupt, too_large, unsafe;
+                # null for a record of an older fastfeat.  Nothing else is ever recorded (a storage fault stops
+                # the run).  The last column: readers of the older table by position still read it.
+                "cause": pa.array([e.get("cause") for e, _ in records], pa.string()),
             }
         )
         if self.remote:
