@@ -191,6 +191,10 @@ def _run_extract(args, argv: list[str]) -> int:
         augment=args.augment, augment_reduce=args.augment_reduce, decode=args.decode,
     )  # fmt: skip
     source = _extract_source(args.source, args.sample)
+    if args.read_retries < 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--read-retries must be at least 0, got {args.read_retries}")
     # Before torch and DALI are imported: a bad flag is reported at once.
     check_arguments(**options, mean_file=args.mean_file)
     _check_ray_args(args)

@@ -26,6 +26,7 @@ from helpers import column_matrix, read_features
 from fastfeat import cluster, storage
 from fastfeat.cli import main
 from fastfeat.cluster import TEST_HOLD_ENV, RayRunError, run_on_ray
+from fastfeat.errors import ReadStopped
 from fastfeat.extractor import Extractor
 from fastfeat.output import remove_tmp_of, tmp_name, verify
 
@@ -333,6 +334,32 @@ def test_source_and_output_on_s3_equal_a_local_run(dataset, clean, hold_dir, s3_
     assert sorted(os.path.basename(k) for k in keys) == sorted(
         [r["file"] for r in ref["shards"]] + ["errors.parquet", "items-00000.arrow", "manifest.json", "summary.json"]
     )  # no temp object, no unlisted shard
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_read_an_image_stops_the_run_without_committing_its_shard(
+    dataset, hold_dir, s3_endpoint, tmp_path
+):  # fmt: skip
+    """A key the store never serves: the worker's runner stops (ReadStopped, carried whole from the worker to
+    the driver), its shard is not committed, no image is recorded as failed; the rerun finishes."""
+    s3 = s3_endpoint
+    prefix = s3.prefix()
+    s3.upload_tree(dataset, prefix + "/src")
+    out = tmp_path / "out"
+    ex = Extractor(s3.uri(prefix, "src"), str(out), **RUN, read_retries=0)
+    last = ex.items[len(ex.items) - 1]
+    with s3.faults() as proxy:
+        proxy.configure(always_fail={f"{s3.bucket}/{prefix}/src/{last.id}"})
+        with pytest.raises(ReadStopped) as exc:
+            run_on_ray(ex, workers=1, cpus_per_worker=1)
+    last_shard = (len(ex.items) - 1) // RUN["shard_size"]
+    assert str(exc.value).startswith(f"stopped: 1 image of output shard {last_shard} ") and exc.value.images == 1
+    assert repr(last.id) in str(exc.value) and "(1 attempt)" in str(exc.value)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert last_shard not in [r["index"] for r in manifest["shards"]]
+    assert all(not r["errors"] for r in manifest["shards"]) and not (out / f"part-{last_shard:05d}.parquet").exists()
+    summary = run_on_ray(Extractor(s3.uri(prefix, "src"), str(out), **RUN), workers=1, cpus_per_worker=1)
+    assert summary["complete"] and verify(str(out)) == []
 
 
 def test_temp_files_of_other_hosts_are_left_to_their_owner(tmp_path):

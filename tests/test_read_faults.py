@@ -194,6 +194,17 @@ def test_a_local_fault_that_persists_stops_the_run_in_one_line_and_a_rerun_finis
     _assert_equals_clean(out, clean)
 
 
+def test_negative_read_retries_is_a_one_line_error_that_writes_nothing(small, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["extract", small, "--out", str(out), "--weights", "random:4", "--read-retries", "-1"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "fastfeat: error: --read-retries must be at least 0, got -1\n"
+    assert not out.exists()
+    with pytest.raises(ValueError, match="--read-retries must be a whole number, at least 0, got -1"):
+        fastfeat.extract(small, str(out), **KW, read_retries=-1)
+    assert not out.exists()
+
+
 def test_error_records_carry_their_cause(corrupt_dataset, tmp_path):
     out = str(tmp_path / "out")
     fastfeat.extract(corrupt_dataset, out, **KW)
