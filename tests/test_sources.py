@@ -368,7 +368,12 @@ def test_tar_read_errors_name_the_shard_and_member(tmp_path):
     assert repr(good.path) in message and "'k1'" in message
     os.remove(shard)
     _, _, (_, message, cause) = read_image(good, 10**9)
-    assert cause == "missing" and message.startswith("No such file or directory: ") and repr(good.path) in message and "'k1'" in message
+    assert (
+        cause == "missing"
+        and message.startswith("No such file or directory: ")
+        and repr(good.path) in message
+        and "'k1'" in message
+    )
 
 
 def test_parquet_read_errors_name_the_file_and_row(tmp_path):
