@@ -8,6 +8,7 @@ import os
 import sys
 
 from .backends import backend_names
+from .faults import DEFAULT_READ_RETRIES
 from .models import DEFAULT_LAYERS, MODELS
 from .published import PUBLISHED
 from .sinks import DEFAULT_FORMAT, format_names
@@ -152,6 +153,15 @@ def _add_extract(sub) -> None:
         "less CPU per big photo, features change by 3-7%%)",
     )
     p.add_argument(
+        "--read-retries",
+        type=int,
+        default=DEFAULT_READ_RETRIES,
+        metavar="N",
+        help="retry a read that fails transiently (HTTP 5xx/429, timeout, connection reset, EIO, ESTALE) up to N "
+        "times with exponential backoff (default %(default)s: about 1-1.5 minutes); a read still failing, or failing "
+        "for a reason that is not the image's (permission denied), stops the run without committing its shard",
+    )
+    p.add_argument(
         "--image-column",
         default="image",
         help="image column of Parquet sources (binary or {bytes,path}; default image)",
@@ -214,6 +224,10 @@ def _run_extract(args, argv: list[str]) -> int:
         compile_mode=args.compile_mode,
     )  # fmt: skip
     source = _extract_source(args.source, args.sample)
+    if args.read_retries < 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--read-retries must be at least 0, got {args.read_retries}")
     # Before torch and DALI are imported: a bad flag is reported at once.
     check_arguments(**options, mean_file=args.mean_file)
     _check_ray_args(args)
@@ -224,12 +238,13 @@ def _run_extract(args, argv: list[str]) -> int:
         check_single_writer(args.out, 2, "--devices")  # one part per GPU, each writing the manifest
 
         return launch_per_device(args.devices, argv)
-    from .errors import ExtractFailed
+    from .errors import ExtractFailed, ReadStopped
     from .extractor import Extractor, format_summary
 
     extractor = Extractor(
         source, args.out, **options, mean_file=args.mean_file, overwrite=args.overwrite,
         progress=not args.no_progress, image_column=args.image_column, append=args.append, strict=args.strict,
+        read_retries=args.read_retries,
     )  # fmt: skip
     try:
         if args.ray is not None:
@@ -242,6 +257,9 @@ def _run_extract(args, argv: list[str]) -> int:
                 return 1
         else:
             summary = extractor.run()
+    except ReadStopped as stopped:  # a storage fault, not bad input: exit 1, the same command resumes
+        print(f"fastfeat: error: {stopped}", file=sys.stderr)
+        return 1
     except ExtractFailed as failed:
         print(format_summary(failed.summary), file=sys.stderr)
         if args.json:
@@ -396,7 +414,9 @@ def _add_serve(sub) -> None:
         help="--backend compile: default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs (the default "
         "on CUDA; on CPU the default is freezing)",
     )
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float32", help="response dtype (default float32)")
+    p.add_argument(
+        "--dtype", choices=("float16", "float32"), default="float32", help="response dtype (default float32)"
+    )
     p.add_argument("--max-batch", type=int, default=64, help="images per forward pass at most (default 64)")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
     p.add_argument("--max-queue", type=int, default=None, help="images admitted at once before 429 (default 4 × max-batch)")  # fmt: skip

@@ -17,6 +17,13 @@ its workers, alive or not).  A shard done twice (a worker that died after its re
 once, and its two writes were byte-identical.  A driver that dies leaves the manifest listing the
 shards it committed; the same command resumes from there, like any interrupted run.
 
+Shared output: ``--out`` must be storage every node shares (a network file system, an object store).  An
+actor checks, before it loads anything, that it sees the driver's manifest there with the same
+configuration and item lists (:func:`fastfeat.ray_worker.check_shared_output`); the driver checks that the
+files of every shard a worker returns are in OUT/ as it sees them, before it commits the shard.  Either
+failing stops the run in one line: a node-local path that happens to exist on every node would otherwise
+collect shards on the workers' disks while the driver records files it cannot see.
+
 Ray is imported lazily, only with ``--ray``: a plain install runs everything else without it.
 """
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections import deque
 from contextlib import redirect_stderr
@@ -31,11 +39,19 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
-from .ray_worker import ShardWorker, WorkerConfig, pack_items, unpack_items
+from .ray_worker import (
+    SHARED_OUT,
+    RayRunError,
+    ShardWorker,
+    WorkerConfig,
+    check_shared_output,
+    pack_items,
+    unpack_items,
+)
 
 __all__ = [  # the worker's names too: importable from here as before the split
     "RayRunError", "ShardWorker", "WorkerConfig", "check_ray_options", "import_ray", "pack_items", "plan_workers",
-    "run_on_ray", "unpack_items", "worker_config",
+    "run_on_ray", "unpack_items", "worker_config", "SHARED_OUT", "check_shared_output",
 ]  # fmt: skip
 
 if TYPE_CHECKING:  # the runner imports torch: not needed to check the --ray options
@@ -49,11 +65,6 @@ MAX_SHARD_ATTEMPTS = 4
 POLL_S = 0.5  # progress refresh of the driver's bar
 DEFAULT_CPU_WORKER_CPUS = 4  # CPU workers: enough threads per model to be efficient, several per node
 MAX_GPU_WORKER_CPUS = 8  # GPU workers: decode threads next to each GPU, at most this many by default
-
-
-class RayRunError(RuntimeError):
-    """The run could not go on on Ray (workers died, a worker refused to start): one line, exit code 1;
-    the finished shards are kept and the same command resumes."""
 
 
 def import_ray():
@@ -74,9 +85,11 @@ def check_ray_options(workers: int | None, cpus_per_worker: float | None) -> Non
 
 def worker_config(ex) -> WorkerConfig:
     """What every worker of the driver's run ``ex`` (an Extractor) builds its stages and sink from."""
+    out = ex.output.path if ex.output.remote else os.path.abspath(ex.output.path)
+    generations = tuple(g["ids_labels_sha256"] for g in ex.output.generations)
     return WorkerConfig(
-        out=ex.out, run_config=ex.output.config, stage=ex.stage_options, format=ex.format,
-        image_column=ex.image_column, strict=ex.strict,
+        out=out, run_config=ex.output.config, generations=generations, stage=ex.stage_options, format=ex.format,
+        image_column=ex.image_column, strict=ex.strict, read_retries=ex.read_retries,
     )  # fmt: skip
 
 
@@ -245,7 +258,10 @@ class _Dispatch:
             host, pid, _node, _threads = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             if exc.actor_init_failed:  # the constructor raised: it would on every worker, stop the run
-                raise RayRunError(f"a Ray worker could not start: {_last_line(str(exc))}") from None
+                line = _last_line(str(exc))
+                if SHARED_OUT in line:  # check_shared_output's line, as it is
+                    raise RayRunError(line[line.index(SHARED_OUT) :]) from None
+                raise RayRunError(f"a Ray worker could not start: {line}") from None
             return  # died before it took any work (its node went away)
         self.writers.add((host, pid))
         self.free.append(actor)
@@ -284,6 +300,14 @@ class _Dispatch:
         self.arrived = []
         if not new:  # a shard done twice is the same bytes: committed once
             return
+        for record, _stats, _shard in new.values():
+            if not _visible(self.ex.output, record):  # never list a file the driver (and readers) cannot see
+                from . import storage
+
+                raise RayRunError(
+                    f"{SHARED_OUT}: a Ray worker wrote output shard {record.index} ({record.file}), which the "
+                    f"driver does not find in {storage.display(self.ex.output.path)} (a folder local to each node?)"
+                )
         self.ex.output.commit_shards([r for r, _, _ in new.values()])
         for _record, stats, shard in new.values():
             self.committed_images += shard.end - shard.first
@@ -402,3 +426,18 @@ def _wait_gone(ray, actors: list, timeout: float = 10.0) -> None:
             except Exception:
                 break
             time.sleep(0.05)
+
+
+def _visible(out, record) -> bool:
+    """Whether every file of a shard a worker wrote is in OUT/ as the driver sees it, with its size."""
+    from . import storage
+
+    for f in record.files():
+        location = storage.join(out.path, f["file"])
+        try:
+            size = storage.info(location).size if out.remote else os.path.getsize(location)
+        except OSError:
+            return False
+        if size != f["bytes"]:
+            return False
+    return True

@@ -19,6 +19,7 @@ from .backends import unavailable_reason
 from .checksum import file_sha256
 from .console import console
 from .errors import ConfigError, ExtractFailed
+from .faults import DEFAULT_READ_RETRIES
 from .graphs import resolve_cuda_graphs
 from .header import DEFAULT_MAX_PIXELS
 from .models import DEFAULT_DECODE
@@ -50,6 +51,7 @@ class Extractor:
         shard_index: int = 0, format: str = DEFAULT_FORMAT, append: bool = False, strict: bool = False,
         max_error_rate: float | None = None, augment: str = DEFAULT_AUGMENT, augment_reduce: str = "mean",
         decode: str = DEFAULT_DECODE, cuda_graphs: str = "auto", compile_mode: str | None = None,
+        read_retries: int = DEFAULT_READ_RETRIES,
     ):  # fmt: skip
         self.started = time.perf_counter()
         self.spec, self.layers = check_arguments(
@@ -59,7 +61,11 @@ class Extractor:
             augment=augment, augment_reduce=augment_reduce, decode=decode, mean_file=mean_file,
             cuda_graphs=cuda_graphs, compile_mode=compile_mode,
         )  # fmt: skip
-        self.decode_mode = decode
+        self.decode_mode = decode  # before run_metadata, which records it
+        if not isinstance(read_retries, int) or read_retries < 0:
+            raise ConfigError(f"--read-retries must be a whole number, at least 0, got {read_retries!r}")
+        # Not in the run config: retries change no row, so a resume with another count is the same run.
+        self.read_retries = read_retries
         storage.check_single_writer(out, num_shards)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -101,6 +107,10 @@ class Extractor:
             if t[0] % self.num_shards == self.shard_index
         ]
 
+    def reader(self) -> ItemReader:
+        """The read stage's reader: transient failures retried ``read_retries`` times (fastfeat.faults)."""
+        return ItemReader(self.image_column, retries=self.read_retries)
+
     def up_to_date(self) -> bool:
         return self.new_generation is None and all(s.index in self.output.shards for s in self.shards())
 
@@ -108,7 +118,7 @@ class Extractor:
         if self.up_to_date():  # nothing to load or build; the last real run's summary is kept
             summary = _read_json(storage.join(self.output.path, SUMMARY))
             return {**summary, "up_to_date": True, "rows": self.output.rows()}
-        stages = build_stages(self.stage_options, self.weights.tensors, ItemReader(self.image_column))
+        stages = build_stages(self.stage_options, self.weights.tensors, self.reader())
         todo, done_items, total = self.begin()
         # Python's stderr (and the bar) bypass fd 2, where the decoder's native warnings are captured.
         with redirect_stderr(console()):

@@ -9,6 +9,7 @@ import warnings
 
 import numpy as np
 
+from .faults import CORRUPT, NOT_IMAGE, TOO_LARGE, Problem, ReadFault, image_cause
 from .models import Preprocess
 from .sources.items import Item
 from .sources.reader import ItemReader
@@ -41,20 +42,27 @@ def geometry(pre: Preprocess, width: int, height: int) -> tuple[int, int, int, i
 
 def read_image(
     item: Item, max_pixels: int, reader: ItemReader | None = None, pre: Preprocess | None = None
-) -> tuple[np.ndarray | None, tuple[int, int], tuple[str, str] | None]:
-    """Bytes and upright (width, height) of one image, or an error (stage, message).
+) -> tuple[np.ndarray | None, tuple[int, int], Problem | None]:
+    """Bytes and upright (width, height) of one image, or a Problem (stage, message, cause) of its own.
 
     Refused from the header alone, before any decoding: more than ``max_pixels`` pixels, or
     (given the preprocessing ``pre``) an aspect ratio so extreme that the resized image would be.
+    A read that failed for a reason that is not the image's (the reader retried transient ones) raises
+    :class:`~fastfeat.faults.ReadFault`: it is never a Problem.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
         data = (reader or ItemReader()).read(item)
+    except ReadFault:
+        raise
     except OSError as exc:
-        return None, (0, 0), ("read", exc.strerror or str(exc))
+        cause = image_cause(exc)
+        if cause is None:  # a reader that does not classify (a caller's own): not the image's, not recorded
+            raise ReadFault(exc.strerror or str(exc), 1) from exc
+        return None, (0, 0), Problem("read", exc.strerror or str(exc), cause)
     if not data:
-        return None, (0, 0), ("read", "empty file")
+        return None, (0, 0), Problem("read", "empty file", NOT_IMAGE)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -65,16 +73,24 @@ def read_image(
                 if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
                     width, height = height, width
     except Image.DecompressionBombError:
-        return None, (0, 0), ("header", f"image too large: over --max-pixels {max_pixels} (decompression bomb?)")
+        return (
+            None,
+            (0, 0),
+            Problem("header", f"image too large: over --max-pixels {max_pixels} (decompression bomb?)", TOO_LARGE),
+        )
     except UnidentifiedImageError:
-        return None, (0, 0), ("header", "not a recognised image format")
+        return None, (0, 0), Problem("header", "not a recognised image format", NOT_IMAGE)
     except (OSError, SyntaxError, ValueError) as exc:
-        return None, (0, 0), ("header", f"unreadable image header: {exc}")
+        return None, (0, 0), Problem("header", f"unreadable image header: {exc}", CORRUPT)
     if width * height > max_pixels:
-        return None, (width, height), ("header", f"image too large: {width}x{height} over --max-pixels {max_pixels}")
+        return (
+            None,
+            (width, height),
+            Problem("header", f"image too large: {width}x{height} over --max-pixels {max_pixels}", TOO_LARGE),
+        )
     if pre is not None:
         rh, rw, _, _ = geometry(pre, width, height)
         if rh * rw > max_pixels:
             message = f"aspect ratio too extreme: {width}x{height} resizes to {rw}x{rh}, over --max-pixels {max_pixels}"
-            return None, (width, height), ("header", message)
+            return None, (width, height), Problem("header", message, TOO_LARGE)
     return np.frombuffer(data, dtype=np.uint8), (width, height), None

@@ -19,16 +19,26 @@ if TYPE_CHECKING:
     from .stages import StageOptions
 
 
+SHARED_OUT = "--out must be storage every node shares"
+
+
+class RayRunError(RuntimeError):
+    """The run could not go on on Ray (workers died, a worker refused to start, a worker does not see the
+    driver's output): one line, exit code 1; the finished shards are kept and the same command resumes."""
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """What a worker needs to build the same stages and sink as the driver's run (weights travel separately)."""
 
-    out: str
+    out: str  # absolute for a local path: a worker's current folder is not the driver's
     run_config: dict  # the manifest's config: the worker's OutputDir must find the same run in OUT/
+    generations: tuple[str, ...]  # ids_labels_sha256 of each generation in the driver's manifest (the same OUT/)
     stage: StageOptions  # the driver's, mean image included (no path has to exist on the worker's host)
     format: str
     image_column: str
     strict: bool
+    read_retries: int  # --read-retries (fastfeat.faults): not in the run config, it changes no row
 
 
 class LocalShardWorker:
@@ -46,13 +56,14 @@ class LocalShardWorker:
 
         import torch
 
-        from .output import OutputDir, describe_diff
+        from .output import describe_diff
         from .sinks import get_sink
         from .sinks.base import Layout
         from .sources import ItemReader
         from .stages import build_stages
 
         self.config, self.on_batch = config, on_batch
+        self.out = check_shared_output(config, socket.gethostname())  # first: before anything is loaded
         self.threads = config.stage.num_threads or threads
         torch.set_num_threads(self.threads)  # two workers on one node must not oversubscribe it
         # "cuda": Ray's CUDA_VISIBLE_DEVICES leaves the granted GPU only, whichever the driver named.
@@ -65,9 +76,8 @@ class LocalShardWorker:
                 f"worker on {socket.gethostname()} differs from the driver "
                 f"({describe_diff(config.run_config['metadata'], metadata)}); run the driver on a node like the workers"
             )
-        self.stages = build_stages(options, tensors, ItemReader(config.image_column))
+        self.stages = build_stages(options, tensors, ItemReader(config.image_column, retries=config.read_retries))
         self.sink = get_sink(config.format)(Layout(options.dims(), options.dtype, metadata))
-        self.out = OutputDir(config.out, config.run_config)  # refuses an OUT/ that holds another run
         self.done = 0  # images of the current shard written so far (progress)
 
     def progress(self) -> int:
@@ -135,3 +145,24 @@ def unpack_items(columns: tuple) -> list:
     from .sources import Item
 
     return [Item(*fields) for fields in zip(*columns, strict=True)] if columns else []
+
+
+def check_shared_output(config: WorkerConfig, host: str):
+    """The worker's OutputDir, once it is known to be the driver's: the same run (configuration) with the
+    same item lists in its manifest.  Otherwise RayRunError, one line: the worker sees another folder."""
+    from . import storage
+    from .output import OutputDir, OutputError
+
+    where = storage.display(config.out)
+    try:
+        out = OutputDir(config.out, config.run_config)  # reads the manifest; writes nothing
+    except (OutputError, OSError) as exc:
+        raise RayRunError(f"{SHARED_OUT}: the Ray worker on {host} finds another run in {where} ({exc})") from None
+    seen = tuple(g["ids_labels_sha256"] for g in out.generations)
+    if seen != config.generations:
+        what = "no fastfeat run" if not seen else "the same run with other items"
+        raise RayRunError(
+            f"{SHARED_OUT}: the Ray worker on {host} finds {what} in {where}, where the driver created this run's "
+            "manifest (a folder local to each node?)"
+        )
+    return out

@@ -4,13 +4,19 @@ It knows no model and no file format.  It is handed four callables and drives th
 linked by bounded queues, so that the decode of batch i+1 overlaps the forward pass of batch i and
 the write of batch i-1, and memory stays bounded whatever the dataset size:
 
-    read (thread)  : read(item) -> (bytes, (width, height), error)          -> q_read
+    read (thread)  : read(item) -> (bytes, (width, height), Problem | None) -> q_read
     decode (thread): decode(bytes list, sizes) -> (NHWC images, {bad j: message}, {warned j: message})
     forward (main) : forward(images, good positions, busy) -> {layer: [rows, dim] array}
     write (thread) : open_shard(shard) -> add(Rows) / add_errors / add_warnings / close / abort
 
 A warned image (recoverable corruption) keeps its row and gets a record; with ``strict`` it is
 skipped like a bad one.
+
+A read that fails for a reason that is not the image's (``read`` raises fastfeat.faults.ReadFault, after
+its own retries) is never recorded: the read stage finishes that batch (the reader then tries each image
+once) and reads no further, the shards before it are written and committed, and the write stage aborts
+the shard that holds it and raises :class:`~fastfeat.errors.ReadStopped`, naming the cause and the number
+of images affected.  A rerun picks them up.
 
 Batches never span shards and a shard always holds the same items, so the batch composition,
 and hence every feature value, is the same on every run, resumed or not.
@@ -27,6 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .errors import ReadStopped
+from .faults import CORRUPT, Problem, ReadFault
 from .sinks.base import Rows
 from .sources.items import Item
 
@@ -52,8 +60,9 @@ class Batch:
     items: list[Item]
     encoded: list[np.ndarray | None] = field(default_factory=list)
     sizes: list[tuple[int, int]] = field(default_factory=list)
-    errors: dict[int, tuple[str, str]] = field(default_factory=dict)  # position -> (stage, message)
-    warnings: dict[int, tuple[str, str]] = field(default_factory=dict)  # kept despite: position -> (stage, message)
+    errors: dict[int, Problem] = field(default_factory=dict)  # position -> (stage, message, cause)
+    warnings: dict[int, Problem] = field(default_factory=dict)  # kept despite: position -> (stage, message, cause)
+    faults: dict[int, ReadFault] = field(default_factory=dict)  # not the images' fault: the shard is not committed
     images: torch.Tensor | None = None
     features: dict[str, np.ndarray] | None = None
     good: list[int] = field(default_factory=list)
@@ -110,8 +119,19 @@ class Flow:
         return t
 
 
-def _records(items: list[Item], problems: dict[int, tuple[str, str]]) -> list[dict]:
-    return [{"id": items[p].id, "stage": s, "message": m} for p, (s, m) in sorted(problems.items())]
+def _records(items: list[Item], problems: dict[int, Problem]) -> list[dict]:
+    return [{"id": items[p].id, "stage": s, "message": m, "cause": c} for p, (s, m, c) in sorted(problems.items())]
+
+
+def _stop_message(batch: Batch) -> str:
+    """One line: why the run stopped, how many images, which shard is not committed."""
+    first = min(batch.faults)
+    n = len(batch.faults)
+    return (
+        f"stopped: {n} image{'s' if n > 1 else ''} of output shard {batch.shard.index} could not be read for a "
+        f"reason that is not the image's ({batch.faults[first]}; first: {batch.items[first].id!r}); the shard is not "
+        "committed and no image was recorded as failed; finished shards are kept: run the same command again to resume"
+    )
 
 
 @dataclass
@@ -125,7 +145,7 @@ class RunStats:
     first_batch_at: float | None = None  # time.time() when the first batch reached its shard writer
 
 
-ReadFn = Callable[[Item], tuple[np.ndarray | None, tuple[int, int], tuple[str, str] | None]]
+ReadFn = Callable[[Item], tuple[np.ndarray | None, tuple[int, int], Problem | None]]  # may raise ReadFault
 DecodeFn = Callable[
     [list[np.ndarray], list[tuple[int, int]]], tuple[torch.Tensor | None, dict[int, str], dict[int, str]]
 ]
@@ -160,7 +180,11 @@ class Runner:
         for batch in self._batches(shards):
             t0 = time.perf_counter()
             for pos, item in enumerate(batch.items):
-                data, size, err = self.read(item)
+                try:
+                    data, size, err = self.read(item)
+                except ReadFault as exc:  # not the image's: never a record (see the module docstring)
+                    data, size, err = None, (0, 0), None
+                    batch.faults[pos] = exc
                 batch.encoded.append(data)
                 batch.sizes.append(size)
                 if err:
@@ -168,18 +192,25 @@ class Runner:
             flow.busy["read"] += time.perf_counter() - t0
             if not flow.put(q_out, batch, "read"):
                 return
+            if batch.faults:  # the write stage stops the run at this batch: read no further
+                break
         flow.put(q_out, _END, "read")
 
     def _decode_stage(self, flow: Flow, q_in: queue.Queue, q_out: queue.Queue) -> None:
         while (batch := flow.get(q_in, "decode")) is not _END:
+            if batch.faults:  # never written: nothing to decode
+                batch.encoded = []
+                if not flow.put(q_out, batch, "decode"):
+                    return
+                continue
             t0 = time.perf_counter()
             readable = [i for i in range(len(batch.items)) if i not in batch.errors]
             # Unreadable files keep their slot as a zero image: the batch shape stays that of a clean run.
             images, bad, warned = self.decode([batch.encoded[i] for i in readable], [batch.sizes[i] for i in readable])
             for j, msg in bad.items():
-                batch.errors[readable[j]] = ("decode", msg)
+                batch.errors[readable[j]] = Problem("decode", msg, CORRUPT)
             for j, msg in warned.items():
-                (batch.errors if self.strict else batch.warnings)[readable[j]] = ("decode", msg)
+                (batch.errors if self.strict else batch.warnings)[readable[j]] = Problem("decode", msg, CORRUPT)
             batch.good = [i for i in range(len(batch.items)) if i not in batch.errors]
             if images is not None:
                 views = len(images) // len(readable)  # rows per image: >1 under test-time augmentation
@@ -196,6 +227,8 @@ class Runner:
         shard = None
         try:
             while (batch := flow.get(q_in, "write")) is not _END:
+                if batch.faults:  # the finally below aborts the shard: it is never committed
+                    raise ReadStopped(_stop_message(batch), len(batch.faults))
                 t0 = time.perf_counter()
                 if shard is None:
                     shard = self.open_shard(batch.shard)

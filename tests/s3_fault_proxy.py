@@ -8,6 +8,7 @@ and the proxy forwards every request to the real server, except those it is told
 - ``fail_first``: the first N requests of each key (the URL path; a multipart upload's parts count for
   their object's key);
 - :meth:`down` / :meth:`up`: every request while the store is "down";
+- ``always_fail``: every request for these keys (``bucket/key``), forever (a key the store never serves);
 - :meth:`hold`: the first request matching a predicate is held, before it reaches the server, until the
   test releases it (forwarded) or drops it (connection reset).  ``Hold.reached`` is set once the request is
   held, so a test can act at that exact point (kill the client) without sleeping.
@@ -90,6 +91,7 @@ class S3FaultProxy:
         self.stall_s = 2.0
         self.hold_timeout_s = 300.0
         self.max_failures: int | None = None
+        self.always_fail: frozenset[str] = frozenset()
         self._down = False
         self._holds: list[Hold] = []
         self._per_key: Counter[str] = Counter()
@@ -140,6 +142,7 @@ class S3FaultProxy:
         stall_s: float | None = None,
         max_failures: int | None = None,
         seed: int | None = None,
+        always_fail: set[str] | None = None,
     ) -> None:
         if failure is not None and failure not in FAILURES:
             raise ValueError(f"failure must be one of {FAILURES}, got {failure!r}")
@@ -159,11 +162,14 @@ class S3FaultProxy:
                 self.max_failures = max_failures
             if seed is not None:
                 self._rng = random.Random(seed)
+            if always_fail is not None:
+                self.always_fail = frozenset(always_fail)
 
     def reset(self) -> None:
         """No faults, no holds (held requests are dropped): a plain forwarding proxy again."""
         with self._lock:
             self.fail_share, self.fail_first, self.failure, self.max_failures = 0.0, 0, "503", None
+            self.always_fail = frozenset()
             self._down = False
             self._per_key.clear()
             holds, self._holds = self._holds, []
@@ -200,7 +206,9 @@ class S3FaultProxy:
                     return "hold", h
             self._per_key[req.key] += 1
             fail = self._down or self._per_key[req.key] <= self.fail_first or draw < self.fail_share
-            if fail and (self.max_failures is None or self.failures < self.max_failures):
+            if req.key in self.always_fail or (
+                fail and (self.max_failures is None or self.failures < self.max_failures)
+            ):
                 self.failures += 1
                 self.log.append((req.method, req.path, self.failure))
                 return self.failure, None

@@ -8,8 +8,10 @@ fastfeat.testing.HoldShard): the worker about to write a batch of the named shar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,9 +24,10 @@ import pyarrow.compute as pc
 import pytest
 from helpers import column_matrix, read_features, torch_threads
 
-from fastfeat import storage
+from fastfeat import cluster, storage
 from fastfeat.cli import main
-from fastfeat.cluster import run_on_ray
+from fastfeat.cluster import RayRunError, run_on_ray
+from fastfeat.errors import ReadStopped
 from fastfeat.extractor import Extractor
 from fastfeat.output import remove_tmp_of, tmp_name, verify
 from fastfeat.testing import HoldShard
@@ -144,6 +147,60 @@ def test_ray_run_equals_single_process_run(dataset, clean, hold_dir, tmp_path):
     # Up to date: a second run starts nothing and says so.
     again = run_on_ray(Extractor(dataset, str(out), **RUN), workers=2, cpus_per_worker=1)
     assert again["up_to_date"] and again["rows"] == summary["rows_written"]
+
+
+def _workers_see(monkeypatch, folder) -> None:
+    """The workers' view of --out is ``folder`` (a path local to their node), the driver's the real one."""
+    real = cluster.worker_config
+    monkeypatch.setattr(cluster, "worker_config", lambda ex: dataclasses.replace(real(ex), out=str(folder)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exists", [True, False], ids=["empty-folder", "no-folder"])
+def test_a_worker_that_does_not_see_the_drivers_output_stops_the_run_in_one_line(
+    dataset, hold_dir, tmp_path, monkeypatch, exists
+):  # fmt: skip
+    out, node_local = tmp_path / "out", tmp_path / "node-local"
+    if exists:
+        node_local.mkdir()
+    _workers_see(monkeypatch, node_local)
+    with pytest.raises(RayRunError) as exc:
+        run_on_ray(Extractor(dataset, str(out), **RUN), workers=2, cpus_per_worker=1)
+    message = str(exc.value)
+    assert message.startswith("--out must be storage every node shares: the Ray worker on ") and "\n" not in message
+    assert f"finds no fastfeat run in {node_local}" in message
+    assert (os.listdir(node_local) == []) if exists else not node_local.exists()  # the worker wrote nothing
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"] == [] and not [f for f in os.listdir(out) if f.startswith("part-")]
+
+
+@pytest.mark.slow
+def test_a_worker_writing_where_the_driver_cannot_see_is_never_committed(
+    dataset, clean, hold_dir, tmp_path, monkeypatch
+):  # fmt: skip
+    """A stale node-local copy of OUT/ (the same manifest) passes the worker's check; the driver then does not
+    find the shard files the worker returns, and stops before it lists any."""
+    out, node_local = tmp_path / "out", tmp_path / "node-local"
+    begin = Extractor.begin
+
+    def begin_then_copy(self):
+        todo = begin(self)
+        shutil.copytree(out, node_local)
+        return todo
+
+    monkeypatch.setattr(Extractor, "begin", begin_then_copy)
+    _workers_see(monkeypatch, node_local)
+    with pytest.raises(RayRunError) as exc:
+        run_on_ray(Extractor(dataset, str(out), **RUN), workers=1, cpus_per_worker=1)
+    message = str(exc.value)
+    assert message.startswith("--out must be storage every node shares: a Ray worker wrote output shard ")
+    assert f"driver does not find in {out}" in message and "\n" not in message
+    assert json.loads((out / "manifest.json").read_text())["shards"] == []
+    assert not [f for f in os.listdir(out) if f.startswith("part-")]
+    monkeypatch.undo()  # storage every node shares: the same command finishes the run
+    summary = run_on_ray(Extractor(dataset, str(out), **RUN), workers=1, cpus_per_worker=1)
+    assert summary["complete"] and verify(str(out)) == []
+    assert summary["rows_written"] == json.loads((clean / "summary.json").read_text())["rows_written"]
 
 
 def test_worker_killed_while_writing_a_shard(dataset, clean, hold_dir, tmp_path):
@@ -295,6 +352,32 @@ def test_source_and_output_on_s3_equal_a_local_run(dataset, clean, hold_dir, s3_
     assert sorted(os.path.basename(k) for k in keys) == sorted(
         [r["file"] for r in ref["shards"]] + ["errors.parquet", "items-00000.arrow", "manifest.json", "summary.json"]
     )  # no temp object, no unlisted shard
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_read_an_image_stops_the_run_without_committing_its_shard(
+    dataset, hold_dir, s3_endpoint, tmp_path
+):  # fmt: skip
+    """A key the store never serves: the worker's runner stops (ReadStopped, carried whole from the worker to
+    the driver), its shard is not committed, no image is recorded as failed; the rerun finishes."""
+    s3 = s3_endpoint
+    prefix = s3.prefix()
+    s3.upload_tree(dataset, prefix + "/src")
+    out = tmp_path / "out"
+    ex = Extractor(s3.uri(prefix, "src"), str(out), **RUN, read_retries=0)
+    last = ex.items[len(ex.items) - 1]
+    with s3.faults() as proxy:
+        proxy.configure(always_fail={f"{s3.bucket}/{prefix}/src/{last.id}"})
+        with pytest.raises(ReadStopped) as exc:
+            run_on_ray(ex, workers=1, cpus_per_worker=1)
+    last_shard = (len(ex.items) - 1) // RUN["shard_size"]
+    assert str(exc.value).startswith(f"stopped: 1 image of output shard {last_shard} ") and exc.value.images == 1
+    assert repr(last.id) in str(exc.value) and "(1 attempt)" in str(exc.value)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert last_shard not in [r["index"] for r in manifest["shards"]]
+    assert all(not r["errors"] for r in manifest["shards"]) and not (out / f"part-{last_shard:05d}.parquet").exists()
+    summary = run_on_ray(Extractor(s3.uri(prefix, "src"), str(out), **RUN), workers=1, cpus_per_worker=1)
+    assert summary["complete"] and verify(str(out)) == []
 
 
 def test_temp_files_of_other_hosts_are_left_to_their_owner(tmp_path):

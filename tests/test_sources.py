@@ -13,6 +13,7 @@ import pytest
 
 from fastfeat import sources
 from fastfeat.decode import read_image
+from fastfeat.faults import ReadFault
 from fastfeat.sources import Item, ItemList, ItemReader, Skipped, SourceError, format_skipped, list_items
 
 
@@ -312,30 +313,35 @@ def test_missing_file_error_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError) as exc:
         ItemReader().read(Item("img.jpg", path, None))
     assert path in exc.value.strerror and path in str(exc.value) and exc.value.errno == 2
-    _, _, (stage, message) = read_image(Item("img.jpg", path, None), 10**9)
-    assert stage == "read" and message == f"No such file or directory: {path!r}"
+    _, _, (stage, message, cause) = read_image(Item("img.jpg", path, None), 10**9)
+    assert stage == "read" and message == f"No such file or directory: {path!r}" and cause == "missing"
 
 
-def test_permission_denied_error_names_the_path(tmp_path, monkeypatch):
+def test_permission_denied_is_not_the_images_fault_and_names_the_path(tmp_path, monkeypatch):
+    """Not a bad image (the setup's: a rerun once it is fixed picks the image up): ReadFault, never a
+    record, and not retried (it would not pass)."""
     _touch(tmp_path, "locked.jpg")
     path = str(tmp_path / "locked.jpg")
+    calls = []
 
     def denied(file, *args, **kw):
+        calls.append(file)
         raise PermissionError(13, "Permission denied", file)
 
     monkeypatch.setattr(sources.reader, "open", denied, raising=False)
-    _, _, (stage, message) = read_image(Item("locked.jpg", path, None), 10**9)
-    assert stage == "read" and message == f"Permission denied: {path!r}"
+    with pytest.raises(ReadFault) as exc:
+        read_image(Item("locked.jpg", path, None), 10**9)
+    assert str(exc.value) == f"Permission denied: {path!r} (1 attempt)" and len(calls) == 1
 
 
 def test_directory_and_too_large_errors_name_the_path(tmp_path, monkeypatch):
     _touch(tmp_path, "big.jpg", data=b"x" * 100)
     (tmp_path / "dir.jpg").mkdir()
-    _, _, (_, message) = read_image(Item("dir.jpg", str(tmp_path / "dir.jpg"), None), 10**9)
-    assert message == f"Is a directory: {str(tmp_path / 'dir.jpg')!r}"
+    _, _, (_, message, cause) = read_image(Item("dir.jpg", str(tmp_path / "dir.jpg"), None), 10**9)
+    assert message == f"Is a directory: {str(tmp_path / 'dir.jpg')!r}" and cause == "not_image"
     monkeypatch.setattr(sources.reader, "MAX_FILE_BYTES", 50)
-    _, _, (_, message) = read_image(Item("big.jpg", str(tmp_path / "big.jpg"), None), 10**9)
-    assert message == f"file too large: 100 bytes (limit 50): {str(tmp_path / 'big.jpg')!r}"
+    _, _, (_, message, cause) = read_image(Item("big.jpg", str(tmp_path / "big.jpg"), None), 10**9)
+    assert message == f"file too large: 100 bytes (limit 50): {str(tmp_path / 'big.jpg')!r}" and cause == "too_large"
 
 
 def _tar(path, members: dict[str, bytes]) -> None:
@@ -357,12 +363,17 @@ def test_tar_read_errors_name_the_shard_and_member(tmp_path):
     assert ItemReader().read(good) == b"a" * 2000
     with open(shard, "r+b") as f:  # cut the shard inside the member's data
         f.truncate(good.offset + 10)
-    _, _, (stage, message) = read_image(good, 10**9)
-    assert stage == "read" and message.startswith("truncated tar member: 10 of 2000 bytes")
+    _, _, (stage, message, cause) = read_image(good, 10**9)
+    assert stage == "read" and message.startswith("truncated tar member: 10 of 2000 bytes") and cause == "corrupt"
     assert repr(good.path) in message and "'k1'" in message
     os.remove(shard)
-    _, _, (_, message) = read_image(good, 10**9)
-    assert message.startswith("No such file or directory: ") and repr(good.path) in message and "'k1'" in message
+    _, _, (_, message, cause) = read_image(good, 10**9)
+    assert (
+        cause == "missing"
+        and message.startswith("No such file or directory: ")
+        and repr(good.path) in message
+        and "'k1'" in message
+    )
 
 
 def test_parquet_read_errors_name_the_file_and_row(tmp_path):
@@ -372,15 +383,15 @@ def test_parquet_read_errors_name_the_file_and_row(tmp_path):
     assert _pairs(items) == [("d.parquet:0", "1"), ("d.parquet:1", "2")] and items[1].offset == 1
     reader = ItemReader()
     assert reader.read(items[0]) == b"abc"
-    _, _, (_, message) = read_image(items[1], 10**9, reader=reader)
-    assert message == f"empty image bytes: {path!r} row 1"
+    _, _, (_, message, cause) = read_image(items[1], 10**9, reader=reader)
+    assert message == f"empty image bytes: {path!r} row 1" and cause == "not_image"
     with open(path, "r+b") as f:  # a damaged file: pyarrow's own error, as an OSError naming file and row
         f.truncate(20)
-    _, _, (stage, message) = read_image(items[0], 10**9, reader=ItemReader())
-    assert stage == "read" and message.endswith(f"{path!r} row 0")
+    _, _, (stage, message, cause) = read_image(items[0], 10**9, reader=ItemReader())
+    assert stage == "read" and message.endswith(f"{path!r} row 0") and cause == "corrupt"
     os.remove(path)
-    _, _, (_, message) = read_image(items[0], 10**9, reader=ItemReader())
-    assert message.endswith(f"{path!r} row 0")
+    _, _, (_, message, cause) = read_image(items[0], 10**9, reader=ItemReader())
+    assert message.endswith(f"{path!r} row 0") and cause == "missing"
 
 
 @pytest.mark.parametrize("every", [3, 10_000])

@@ -5,7 +5,7 @@ Layout of an output directory (``--format parquet``; see the sinks for the other
     OUT/part-00000.parquet   rows of items [0, S), S = --shard-size
     OUT/part-00001.parquet   rows of items [S, 2S) ...
     OUT/manifest.json        the run's configuration and every finished shard
-    OUT/errors.parquet       id, stage, message of every image that was skipped
+    OUT/errors.parquet       id, stage, message, kept, cause of every image skipped (or kept with a warning)
     OUT/summary.json         throughput and per-stage time of the last invocation
 
 Shard k always covers the same slice of the input, whatever failed before, so a

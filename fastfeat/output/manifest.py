@@ -56,7 +56,7 @@ class ShardRecord:
     end_item: int
     sha256: str
     bytes: int = 0  # file size: a truncated file is not taken as finished on resume
-    errors: list[dict] = field(default_factory=list)  # skipped items: id, stage, message
+    errors: list[dict] = field(default_factory=list)  # skipped items: id, stage, message, cause (since 22.1)
     # Items kept despite a problem (recoverable corruption): id, stage, message.
     warnings: list[dict] = field(default_factory=list)
     # The shard's other files, for formats with several (npy): [{"file", "sha256", "bytes"}].
@@ -321,6 +321,10 @@ class OutputDir:
                 "message": pa.array([e["message"] for e, _ in records], pa.string()),
                 # False: the image has no row (skipped); True: it has one, the record says what was wrong.
                 "kept": pa.array([kept for _, kept in records], pa.bool_()),
+                # The image's own reason (fastfeat.faults.CAUSES): missing, not_image, corrupt, too_large, unsafe;
+                # null for a record of an older fastfeat.  Nothing else is ever recorded (a storage fault stops
+                # the run).  The last column: readers of the older table by position still read it.
+                "cause": pa.array([e.get("cause") for e, _ in records], pa.string()),
             }
         )
         if self.remote:

@@ -387,10 +387,14 @@ def create_app(cfg: ServeConfig, engine: Engine, batcher: Batcher, metrics: Metr
 def _thumbnail_jpeg(item, image_column: str, size: int, max_pixels: int) -> bytes:
     from PIL import Image, ImageOps
 
+    from ..faults import ReadFault
     from ..header import read_image
     from ..sources.reader import ItemReader
 
-    data, _, err = read_image(item, max_pixels, ItemReader(image_column))  # the same header limits first
+    try:
+        data, _, err = read_image(item, max_pixels, ItemReader(image_column, retries=2))  # the same header limits first
+    except ReadFault as exc:  # the storage's fault, not the image's: worth trying again later
+        raise ApiError(503, "storage_unavailable", f"{item.id}: cannot read the image now: {exc}") from None
     if err:
         raise ApiError(422, "bad_image", f"{item.id}: {err[1]}")
     buf = io.BytesIO()

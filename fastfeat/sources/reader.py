@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import os
+import random
+from collections.abc import Callable
 
 from .. import storage
+from ..faults import (
+    CORRUPT,
+    DEFAULT_BACKOFF,
+    DEFAULT_READ_RETRIES,
+    MISSING,
+    NOT_IMAGE,
+    TOO_LARGE,
+    UNSAFE,
+    Backoff,
+    ImageUnreadable,
+    ReadFault,
+    is_transient,
+    with_retries,
+)
 from .items import Item
 
 # Encoded files above this are refused unread: no JPEG/PNG a CNN should see is this large.
@@ -23,23 +39,59 @@ class ItemReader:
     """Reads an item's encoded bytes; keeps the current Parquet row group (items come in order).
 
     Every failure is an OSError whose ``strerror`` names what was read: the file, the tar shard
-    and member, or the Parquet file and row."""
+    and member, or the Parquet file and row.  A failure of the image's own (fastfeat.faults: not found,
+    not an image, corrupt, too large) is raised at once, with its ``cause`` when it is an
+    :class:`~fastfeat.faults.ImageUnreadable`; a transient one (a store briefly down, a timeout, EIO) is
+    retried up to ``retries`` times with ``backoff`` (``sleep`` waits; default ``fastfeat.faults.sleep``);
+    what still fails, or fails for another reason (permission denied), raises
+    :class:`~fastfeat.faults.ReadFault`.  Once a read has failed so, the next ones get a single try each
+    until one succeeds: a store that is down costs one backoff, not one per image."""
 
-    def __init__(self, image_column: str = "image"):
-        self.image_column = image_column
+    def __init__(
+        self, image_column: str = "image", retries: int = DEFAULT_READ_RETRIES, backoff: Backoff = DEFAULT_BACKOFF,
+        sleep: Callable[[float], None] | None = None, rng: random.Random | None = None,
+    ):  # fmt: skip
+        if retries < 0:
+            raise ValueError(f"retries must be at least 0, got {retries}")
+        self.image_column, self.retries, self.backoff, self.sleep = image_column, retries, backoff, sleep
+        self._rng = rng or random.Random()
+        self._failing = False  # the last read raised ReadFault: no retries until a read succeeds
         self._files: dict[str, object] = {}
         self._group: tuple[str, int, int, list] | None = None  # (path, first row, end row, values)
         self._remote_tar: tuple[str, object] | None = None  # (URI, open file) of the current remote tar shard
 
     def read(self, item: Item) -> bytes:
+        """The item's bytes; raises ImageUnreadable (or FileNotFoundError...) or ReadFault (see the class)."""
+        retries = 0 if self._failing else self.retries
+        try:
+            data = with_retries(lambda: self._read_once(item), retries, self.backoff, self._rng, self.sleep)
+        except ReadFault:
+            self._failing = True
+            raise
+        self._failing = False
+        return data
+
+    def _forget(self) -> None:
+        """Drop open handles and cached row groups: a retry after a failure opens everything again."""
+        self._files, self._group, self._remote_tar = {}, None, None
+
+    def _read_once(self, item: Item) -> bytes:
+        try:
+            return self._read(item)
+        except OSError as exc:
+            if not isinstance(exc, ImageUnreadable):
+                self._forget()
+            raise
+
+    def _read(self, item: Item) -> bytes:
         if item.error:
-            raise OSError(item.error)
+            raise ImageUnreadable(item.error, UNSAFE)
         if "://" in item.path and storage.is_remote(item.path):
             return self._read_remote(item)
         if item.size is not None:  # tar member
             what = f"{item.path!r} (tar member {item.id!r} at byte {item.offset})"
             if item.size > MAX_FILE_BYTES:
-                raise OSError(f"file too large: {item.size} bytes (limit {MAX_FILE_BYTES}): {what}")
+                raise ImageUnreadable(f"file too large: {item.size} bytes (limit {MAX_FILE_BYTES}): {what}", TOO_LARGE)
             try:
                 with open(item.path, "rb") as f:
                     f.seek(item.offset)
@@ -47,7 +99,7 @@ class ItemReader:
             except OSError as exc:
                 raise _with_path(exc, what) from None
             if len(data) != item.size:
-                raise OSError(f"truncated tar member: {len(data)} of {item.size} bytes: {what}")
+                raise ImageUnreadable(f"truncated tar member: {len(data)} of {item.size} bytes: {what}", CORRUPT)
             return data
         if item.offset is not None:  # Parquet row
             return self._parquet_bytes(item.path, item.offset)
@@ -59,7 +111,7 @@ class ItemReader:
         except OSError as exc:
             raise _with_path(exc, what) from None
         if data is None:
-            raise OSError(f"file too large: {size} bytes (limit {MAX_FILE_BYTES}): {what}")
+            raise ImageUnreadable(f"file too large: {size} bytes (limit {MAX_FILE_BYTES}): {what}", TOO_LARGE)
         return data
 
     def _read_remote(self, item: Item) -> bytes:
@@ -67,23 +119,26 @@ class ItemReader:
         where = repr(storage.display(item.path))
         if item.offset is not None and item.size is None:  # Parquet row
             return self._parquet_bytes(item.path, item.offset)
+        what = where
         try:
             if item.size is not None:
                 what = f"{where} (tar member {item.id!r} at byte {item.offset})"
                 if item.size > MAX_FILE_BYTES:
-                    raise OSError(f"file too large: {item.size} bytes (limit {MAX_FILE_BYTES})")
+                    raise ImageUnreadable(f"file too large: {item.size} bytes (limit {MAX_FILE_BYTES})", TOO_LARGE)
                 if self._remote_tar is None or self._remote_tar[0] != item.path:
                     self._remote_tar = (item.path, storage.open_input_file(item.path))
                 data = self._remote_tar[1].read_at(item.size, item.offset)
                 if len(data) != item.size:
-                    raise OSError(f"truncated tar member: {len(data)} of {item.size} bytes")
+                    raise ImageUnreadable(f"truncated tar member: {len(data)} of {item.size} bytes", CORRUPT)
                 return data
-            what = where
             data = storage.read_bytes(item.path, limit=MAX_FILE_BYTES)
         except OSError as exc:
-            raise OSError(f"{storage.describe(exc)}: {what}") from None
+            if isinstance(exc, ImageUnreadable):
+                raise ImageUnreadable(f"{exc}: {what}", exc.cause) from None
+            reason = storage.describe(exc)
+            raise (OSError(exc.errno, f"{reason}: {what}") if exc.errno else OSError(f"{reason}: {what}")) from None
         if len(data) > MAX_FILE_BYTES:
-            raise OSError(f"file too large: over {MAX_FILE_BYTES} bytes (the limit): {what}")
+            raise ImageUnreadable(f"file too large: over {MAX_FILE_BYTES} bytes (the limit): {what}", TOO_LARGE)
         return data
 
     def _parquet_bytes(self, path: str, row: int) -> bytes:
@@ -107,16 +162,19 @@ class ItemReader:
                         break
                     start += n
             except OSError as exc:
+                if exc.errno is None and not is_transient(exc) and not storage.is_remote(path):
+                    # pyarrow's OSError for a damaged local file ("Couldn't deserialize thrift"): its content
+                    raise ImageUnreadable(f"{type(exc).__name__}: {exc}: {what}", CORRUPT) from None
                 raise _with_path(exc, what) from None
             except Exception as exc:  # pyarrow's own errors (ArrowInvalid, ...) for a damaged file
-                raise OSError(f"{type(exc).__name__}: {exc}: {what}") from None
+                raise ImageUnreadable(f"{type(exc).__name__}: {exc}: {what}", CORRUPT) from None
             if g is None:
-                raise OSError(f"no such row (the file has {start} rows): {what}")
+                raise ImageUnreadable(f"no such row (the file has {start} rows): {what}", MISSING)
         value = g[3][row - g[1]]
         if isinstance(value, dict):
             value = value.get("bytes")
         if not value:
-            raise OSError(f"empty image bytes: {what}")
+            raise ImageUnreadable(f"empty image bytes: {what}", NOT_IMAGE)
         if len(value) > MAX_FILE_BYTES:
-            raise OSError(f"image too large: {len(value)} bytes (limit {MAX_FILE_BYTES}): {what}")
+            raise ImageUnreadable(f"image too large: {len(value)} bytes (limit {MAX_FILE_BYTES}): {what}", TOO_LARGE)
         return value
