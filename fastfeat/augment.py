@@ -100,7 +100,7 @@ def augmented_mean(mean_file: str, pre, views: tuple[View, ...]) -> np.ndarray:
     mean, shape (3,), is the same for every view and is returned as it is)."""
     from .decode import load_mean  # decode imports this module
 
-    full = load_mean(mean_file, pre.resize, pre.resize)
+    full = load_mean(mean_file, pre.resize, pre.resize, pre.channel_order)
     if full.shape == (3,):
         return full
     if pre.style != "caffe":

@@ -80,7 +80,7 @@ class Extractor:
         self.weights_source, self.weights_id, self.weights = weights, *weights_identity(self.spec, weights)
         pre = self.spec.preprocess
         self.views, self.augment, self.augment_reduce = get_views(augment), augment, augment_reduce
-        self.mean_image = load_mean(mean_file, pre.crop, pre.resize) if mean_file else None
+        self.mean_image = load_mean(mean_file, pre.crop, pre.resize, pre.channel_order) if mean_file else None
         if mean_file and augment != DEFAULT_AUGMENT:  # a mean image is cropped (and mirrored) with each view
             self.mean_image = augmented_mean(mean_file, pre, self.views)
         self.out, self.backend_name, self.format = out, backend, format

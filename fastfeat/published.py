@@ -132,7 +132,7 @@ register_published(
 
 # What --weights takes, for messages.
 WEIGHTS_CHOICES = (
-    f"--weights takes a .pth, .safetensors or .caffemodel file, a published name ({', '.join(PUBLISHED)}), "
+    f"--weights takes a .pth, .safetensors, .caffemodel or MatConvNet .mat file (OverFeat: its net_weight_0/1), a published name ({', '.join(PUBLISHED)}), "
     "or random:SEED"
 )
 

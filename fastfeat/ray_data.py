@@ -77,7 +77,7 @@ class FeatureMapper:
         tensors = load_weights(self.spec, weights).tensors  # a file, a published name (cached) or random:SEED
         pre = self.spec.preprocess
         views = get_views(augment)
-        mean = load_mean(mean_file, pre.crop, pre.resize) if mean_file else None
+        mean = load_mean(mean_file, pre.crop, pre.resize, pre.channel_order) if mean_file else None
         if mean_file and len(views) > 1:
             from .augment import augmented_mean
 

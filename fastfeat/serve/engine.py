@@ -46,7 +46,9 @@ class Engine:
         self.weights_id, weights = weights_identity(self.spec, cfg.weights)
         weights = weights or load_weights(self.spec, cfg.weights)
         pre = self.spec.preprocess
-        self.mean_image = mean_image = load_mean(cfg.mean_file, pre.crop, pre.resize) if cfg.mean_file else None
+        self.mean_image = mean_image = (
+            load_mean(cfg.mean_file, pre.crop, pre.resize, pre.channel_order) if cfg.mean_file else None
+        )
         # What a shard made with these settings carries, by extract's own function (it reads these
         # attributes): a served image is one centre view, as extract's default.
         self.backend_name, self.dtype = cfg.backend, cfg.dtype
