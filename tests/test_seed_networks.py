@@ -12,6 +12,7 @@ pads, pools and LRN) where the full networks would take hundreds of MB per file.
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -311,3 +312,32 @@ def test_compile_backend_matches_torch(name):
     if (why := unavailable_reason("compile", torch.device("cpu"))) is not None:
         pytest.skip(why)
     _compare("compile", name)
+
+
+# -- published names --------------------------------------------------------------------------------------
+def test_published_names_are_listed_with_their_source_but_never_downloaded_unchecked(tmp_path, monkeypatch, capsys):
+    from fastfeat.cli import main
+    from fastfeat.published import PUBLISHED, DownloadError
+
+    monkeypatch.setenv("FASTFEAT_CACHE", str(tmp_path))
+    names = {n: e for n, e in PUBLISHED.items() if e.model in SEED_NETWORKS}
+    assert {e.model for e in names.values()} == set(SEED_NETWORKS)
+    assert (
+        names["cnn-s-caffe"].url
+        == "http://www.robots.ox.ac.uk/~vgg/software/deep_eval/releases/bvlc/VGG_CNN_S.caffemodel"
+    )
+    assert names["cnn-m-2048-matconvnet"].url == "http://www.vlfeat.org/matconvnet/models/imagenet-vgg-m-2048.mat"
+    assert main(["weights", "list"]) == 0
+    text = capsys.readouterr().out
+    for name, entry in names.items():
+        assert entry.checksum_kind == "none" and entry.size is None  # none is published in any source read
+        assert re.search(rf"^{name} +{entry.model} +size \? +listed only", text, re.M), name
+        assert entry.url in text
+    with pytest.raises(
+        DownloadError, match=r"cnn-f-caffe: no checksum or size is published.*download http://www\.robots"
+    ):
+        load_weights(get_model("cnn-f"), "cnn-f-caffe")
+    assert main(["weights", "download", "overfeat-fast-imagenet"]) == 2
+    err = capsys.readouterr().err
+    assert "overfeat-weights.tgz" in err and "\n" not in err.strip()
+    assert not list(tmp_path.rglob("*"))  # nothing cached, nothing half-written
