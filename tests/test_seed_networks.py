@@ -345,3 +345,37 @@ def test_published_names_are_listed_with_their_source_but_never_downloaded_unche
     err = capsys.readouterr().err
     assert "overfeat-weights.tgz" in err and "\n" not in err.strip()
     assert not list(tmp_path.rglob("*"))  # nothing cached, nothing half-written
+
+
+def test_extract_with_each_mean_file_format_gives_the_same_features(tmp_path, capsys):
+    """`--mean-file` as VGG_mean.binaryproto (BGR CHW BlobProto), a MatConvNet .mat (RGB averageImage) and
+    the .npy it equals (BGR HWC): one mean image, the same features end to end."""
+    import scipy.io
+    from helpers import column_matrix, read_features
+
+    from fastfeat.cli import main
+
+    chw = np.random.default_rng(3).uniform(90, 130, (3, 224, 224)).astype(np.float32)  # BGR
+    files = {
+        "binaryproto": tmp_path / "VGG_mean.binaryproto",
+        "mat": tmp_path / "imagenet-vgg-f.mat",
+        "npy": tmp_path / "mean.npy",
+    }
+    files["binaryproto"].write_bytes(write_blobproto(chw[None]))
+    scipy.io.savemat(files["mat"], {"meta": {"normalization": {"averageImage": chw.transpose(1, 2, 0)[..., ::-1]}}})
+    np.save(files["npy"], chw.transpose(1, 2, 0))
+    feats = {}
+    for kind, path in files.items():
+        out = tmp_path / f"out-{kind}"
+        args = ["extract", "--sample", "--model", "cnn-f", "--weights", "random:0", "--mean-file", str(path)]
+        assert main([*args, "--layers", "pool5,relu7", "--dtype", "float32", "--out", str(out), "--no-progress"]) == 0
+        table = read_features(str(out))
+        feats[kind] = {layer: column_matrix(table, layer) for layer in ("pool5", "relu7")}
+        assert (
+            table.column("id").to_pylist() == read_features(str(tmp_path / "out-binaryproto")).column("id").to_pylist()
+        )
+    capsys.readouterr()
+    for kind in ("binaryproto", "mat"):
+        for layer in ("pool5", "relu7"):
+            assert feats[kind][layer].shape[0] == 5 and np.isfinite(feats[kind][layer]).all()
+            assert np.array_equal(feats[kind][layer], feats["npy"][layer]), (kind, layer)
