@@ -226,10 +226,26 @@ class RefCNNS(_CaffeStyleNet):
         return self._fc_head(out, out["pool5"])
 
 
-class RefOverFeatFast(_CaffeStyleNet):
+def overfeat_threshold(x: torch.Tensor) -> torch.Tensor:
+    """run.lua's nonlinearity, nn.Threshold(0, 1e-6): x where x > 0, else 1e-6 (fastfeat runs a ReLU: the
+    fidelity tests measure that departure)."""
+    return torch.where(x > 0, x, torch.full_like(x, 1e-6))
+
+
+class _OverFeatNet(_CaffeStyleNet):
+    def _fc_head(self, out: dict, x: torch.Tensor) -> dict:
+        out["fc6"] = self.fc6(x.flatten(1))
+        out["relu6"] = overfeat_threshold(out["fc6"])
+        out["fc7"] = self.fc7(out["relu6"])
+        out["relu7"] = overfeat_threshold(out["fc7"])
+        out["fc8"] = self.fc8(out["relu7"])
+        return out
+
+
+class RefOverFeatFast(_OverFeatNet):
     """jhjin/overfeat-torch run.lua, network 'small': valid convs with SpatialZeroPadding(1) before conv3-5,
-    2×2/2 max-pools, the fully connected layers as 6×6 and 1×1 convolutions (here: Linear on the flatten).
-    Its Threshold(0, 1e-6) is a ReLU here (see fastfeat/models.py)."""
+    2×2/2 max-pools, the fully connected layers as 6×6 and 1×1 convolutions (here: Linear on the flatten),
+    Threshold(0, 1e-6) after every conv and fc but the last."""
 
     def __init__(self):
         super().__init__()
@@ -244,14 +260,14 @@ class RefOverFeatFast(_CaffeStyleNet):
 
     def forward(self, x):
         out = {}
-        out["pool1"] = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)
-        out["pool2"] = F.max_pool2d(F.relu(self.conv2(out["pool1"])), 2, 2)
-        h = F.relu(self.conv4(F.relu(self.conv3(out["pool2"]))))
-        out["pool5"] = F.max_pool2d(F.relu(self.conv5(h)), 2, 2)
+        out["pool1"] = F.max_pool2d(overfeat_threshold(self.conv1(x)), 2, 2)
+        out["pool2"] = F.max_pool2d(overfeat_threshold(self.conv2(out["pool1"])), 2, 2)
+        h = overfeat_threshold(self.conv4(overfeat_threshold(self.conv3(out["pool2"]))))
+        out["pool5"] = F.max_pool2d(overfeat_threshold(self.conv5(h)), 2, 2)
         return self._fc_head(out, out["pool5"])
 
 
-class RefOverFeatAccurate(_CaffeStyleNet):
+class RefOverFeatAccurate(_OverFeatNet):
     """jhjin/overfeat-torch run.lua, network 'big': conv1 7×7/2, 3×3/3 pool, conv2 7×7, 2×2/2 pool, conv3-6 with
     padding 1, 3×3/3 pool, the fully connected layers as 5×5 and 1×1 convolutions."""
 
@@ -269,10 +285,10 @@ class RefOverFeatAccurate(_CaffeStyleNet):
 
     def forward(self, x):
         out = {}
-        out["pool1"] = F.max_pool2d(F.relu(self.conv1(x)), 3, 3)
-        out["pool2"] = F.max_pool2d(F.relu(self.conv2(out["pool1"])), 2, 2)
-        h = F.relu(self.conv5(F.relu(self.conv4(F.relu(self.conv3(out["pool2"]))))))
-        out["pool6"] = F.max_pool2d(F.relu(self.conv6(h)), 3, 3)
+        out["pool1"] = F.max_pool2d(overfeat_threshold(self.conv1(x)), 3, 3)
+        out["pool2"] = F.max_pool2d(overfeat_threshold(self.conv2(out["pool1"])), 2, 2)
+        h = overfeat_threshold(self.conv5(overfeat_threshold(self.conv4(overfeat_threshold(self.conv3(out["pool2"]))))))
+        out["pool6"] = F.max_pool2d(overfeat_threshold(self.conv6(h)), 3, 3)
         return self._fc_head(out, out["pool6"])
 
 
