@@ -428,10 +428,10 @@ CNN_S = register_model(
 # conv3+), Torch7 max-pools (floor mode; every pooled size here divides exactly), the fully connected
 # layers as convolutions over the whole 6×6 / 5×5 map (= a linear layer on the C×H×W flatten).
 # Departures, both documented in docs/networks.md: run.lua's nonlinearity is nn.Threshold(0, 1e-6) (1e-6,
-# not 0, below zero); here it is a ReLU
-# (tests/reference.py keeps the threshold: 3e-6 relative difference measured through fc8, random weights, real photos).  Its input is RGB in 0..255, shorter side scaled to 231 (221),
-# centre crop, then floor()ed, then (x - 118.380948) / 61.896913 on every channel; here the crop is
-# torchvision's (offset rounded, not floored) and the pixels are not floored.
+# not 0, below zero); here it is a ReLU (tests/reference.py keeps the threshold: 3e-6 relative difference
+# through fc8, measured with random weights on real photos).  run.lua's input is RGB in 0..255, shorter side
+# scaled to 231 (221), centre crop, then floor()ed, then (x - 118.380948) / 61.896913 on every channel; here
+# the crop is torchvision's (offset rounded, not floored) and the pixels are not floored.
 # Layer names: conv1…, then fc6, fc7, fc8 for the fully connected layers of both nets (so relu6/relu7 and
 # the DeCAF aliases mean "first/second fully connected" here too); accurate's sixth conv is conv6 and its
 # ReLU relu_conv6 (relu6 is the fully connected one), its last pool pool6.
