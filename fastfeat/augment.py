@@ -99,7 +99,7 @@ def augment_metadata(augment: str, reduce: str) -> dict:
 def augmented_mean(mean_file: str, pre, views: tuple[View, ...]) -> np.ndarray:
     """``--mean-file`` under augmentation: one mean crop per view, [views, crop, crop, 3] (a per-channel
     mean, shape (3,), is the same for every view and is returned as it is)."""
-    full = load_mean(mean_file, pre.resize, pre.resize)
+    full = load_mean(mean_file, pre.resize, pre.resize, pre.channel_order)
     if full.shape == (3,):
         return full
     if pre.style != "caffe":

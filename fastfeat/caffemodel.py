@@ -128,6 +128,26 @@ def read_caffemodel(data: bytes) -> dict[str, np.ndarray]:
     return params
 
 
+def read_blobproto(data: bytes) -> np.ndarray:
+    """One serialised ``caffe.BlobProto`` (a ``.binaryproto`` mean file such as ``VGG_mean.binaryproto``)
+    as an array of its own shape (legacy num×channels×height×width, or ``shape``)."""
+    blob = _blob(memoryview(data))
+    if blob.size == 0:
+        raise CaffeModelError("no values found: not a caffe BlobProto")
+    return blob
+
+
+def write_blobproto(array: np.ndarray) -> bytes:
+    """A legacy 4-D BlobProto (num, channels, height, width), as Caffe's compute_image_mean writes one."""
+    a = np.asarray(array, np.float32)
+    dims = [1] * (4 - a.ndim) + list(a.shape)
+    out = bytearray()
+    for f, d in zip((1, 2, 3, 4), dims, strict=True):
+        out += _key(f, _VARINT) + _encode_varint(d)
+    out += _len_field(5, a.astype("<f4").tobytes())
+    return bytes(out)
+
+
 # -- writer (used by tests and by users converting back) ---------------------------------------
 def _key(field: int, wire: int) -> bytes:
     return _encode_varint((field << 3) | wire)

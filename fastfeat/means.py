@@ -10,6 +10,7 @@ mean and std, and a Caffe mean has no defined place in that.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -23,18 +24,38 @@ class PreprocessError(ValueError):
     pass
 
 
-def load_mean(mean_file: str, crop: int, resize: int) -> np.ndarray:
-    """A .npy mean as an HWC float32 array of shape (crop, crop, 3) or (3,) in the model's channel order.
+def load_mean(mean_file: str, crop: int, resize: int, channel_order: str = "BGR") -> np.ndarray:
+    """A mean as an HWC float32 array of shape (crop, crop, 3) or (3,) in the model's channel order.
 
-    Accepts Caffe's CHW mean image (3×256×256 as ``ilsvrc_2012_mean.npy``; centre-cropped
-    to the crop like the image), an HWC image, or a per-channel vector of 3.
+    ``.npy``: Caffe's CHW mean image (3×256×256 as ``ilsvrc_2012_mean.npy``), an HWC image or a
+    per-channel vector of 3, already in the model's channel order.  ``.binaryproto``: a Caffe BlobProto
+    (``VGG_mean.binaryproto``, ``imagenet_mean.binaryproto``), BGR as Caffe writes it.  ``.mat``: the
+    ``averageImage`` of a MatConvNet model file (fastfeat.matconvnet), RGB.  The last two are turned into
+    ``channel_order``.  An image is centre-cropped to the crop like the image.
     """
     if not os.path.isfile(mean_file):
         raise PreprocessError(f"mean file not found: {mean_file}")
+    ext = os.path.splitext(mean_file)[1].lower()
     try:
-        mean = np.load(mean_file, allow_pickle=False).astype(np.float32)
-    except Exception as exc:  # numpy raises several types for a non-.npy file
-        raise PreprocessError(f"cannot read mean file {mean_file}: {exc}") from None
+        if ext == ".binaryproto":
+            from .caffemodel import read_blobproto
+
+            with open(mean_file, "rb") as f:
+                mean = read_blobproto(f.read()).astype(np.float32)
+            mean = mean.reshape(mean.shape[-3:]) if mean.ndim >= 3 and math.prod(mean.shape[:-3]) == 1 else mean
+            mean = mean if channel_order == "BGR" else mean[::-1]  # Caffe's blobs are BGR, CHW
+        elif ext == ".mat":
+            from .matconvnet import read_matconvnet_mean
+
+            mean = read_matconvnet_mean(mean_file)  # RGB, HWC or (3,)
+            mean = mean if channel_order == "RGB" else mean[..., ::-1]
+        else:
+            mean = np.load(mean_file, allow_pickle=False).astype(np.float32)
+    except PreprocessError:
+        raise
+    except Exception as exc:  # numpy/scipy/our readers raise several types for a bad file
+        raise PreprocessError(f"cannot read mean file {mean_file}: {str(exc).splitlines()[0]}") from None
+    mean = np.ascontiguousarray(mean, dtype=np.float32)
     given = mean.shape  # reported as saved, before a channels-first image is transposed
     if mean.shape == (3,):
         return mean

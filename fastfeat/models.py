@@ -277,6 +277,244 @@ VGG16 = register_model(
     )
 )
 
+# ----------------------------------------------------------------------------------------------
+# Chatfield et al. 2014, "Return of the Devil in the Details" (BMVC): CNN-F, CNN-M, CNN-M-2048, CNN-S.
+# Layer order, strides, pads, LRN and pooling from the released BVLC deploy prototxts (ksimonyan gists
+# a32c9063ec8e1118221a VGG_CNN_F, f194575702fae63b2829 VGG_CNN_M, fd8800eeb36e276cd6f9 VGG_CNN_S; read here
+# as copied in weihancug/SSGF-for-HRRS-scene-classification model_protext/VGG_{F,M,S}/*.prototxt):
+# conv → ReLU → LRN → pool (LRN before the pool, unlike CaffeNet), Caffe pooling (ceil mode), input
+# 224×224.  The same nets in MatConvNet (vlfeat/matconvnet utils/import-ref-models.sh: imagenet-vgg-f/m/s/
+# m-2048.mat, converted from the deep_eval release by utils/import-caffe.py, which writes LRN as
+# [local_size, k, alpha/local_size, beta] and pads Caffe's ceil-mode pools on the bottom/right).
+# Preprocessing (gist readme): shorter side rescaled to 256, the centre 224×224 crop, BGR, minus the released
+# mean BGR image VGG_mean.binaryproto (pass it as --mean-file).  That image's per-channel values are not
+# published in any source read here: without --mean-file the default is the ILSVRC-2012 mean pixel the same
+# authors publish for VGG-16 (ksimonyan gist 211839e770f7b538e2d8: BGR 103.939, 116.779, 123.68).
+VGG_CNN_LRN = {"size": 5, "alpha": 5e-4, "beta": 0.75, "k": 2.0}  # local_size 5, alpha 0.0005, beta 0.75, k 2
+VGG_CNN_PREPROCESS = Preprocess(
+    style="torchvision", resize=256, crop=224, channel_order="BGR", mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0)
+)
+
+
+def _vgg_cnn_head(fc7: int) -> tuple[Layer, ...]:
+    return (
+        Linear("fc6", key="fc6", out=4096),
+        ReLU("relu6"),
+        Linear("fc7", key="fc7", out=fc7),
+        ReLU("relu7"),
+        Linear("fc8", key="fc8", out=1000),
+    )
+
+
+CNN_F = register_model(
+    ModelSpec(
+        name="cnn-f",
+        input_size=224,
+        description="Chatfield et al. 2014 CNN-F (VGG_CNN_F / imagenet-vgg-f.mat): 64-256-256-256-256, conv1 11×11/4",
+        layers=(
+            Conv("conv1", key="conv1", out=64, kernel=11, stride=4),
+            ReLU("relu1"),
+            LRN("norm1", **VGG_CNN_LRN),
+            MaxPool("pool1", kernel=3, stride=2, ceil=True),
+            Conv("conv2", key="conv2", out=256, kernel=5, pad=2),
+            ReLU("relu2"),
+            LRN("norm2", **VGG_CNN_LRN),
+            MaxPool("pool2", kernel=3, stride=2, ceil=True),
+            Conv("conv3", key="conv3", out=256, kernel=3, pad=1),
+            ReLU("relu3"),
+            Conv("conv4", key="conv4", out=256, kernel=3, pad=1),
+            ReLU("relu4"),
+            Conv("conv5", key="conv5", out=256, kernel=3, pad=1),
+            ReLU("relu5"),
+            MaxPool("pool5", kernel=3, stride=2, ceil=True),
+            *_vgg_cnn_head(4096),
+        ),
+        preprocess=VGG_CNN_PREPROCESS,
+        # Hand formula, per image, OH·OW·Cout·K²·Cin: conv1 54²·64·121·3 = 67,744,512; conv2 27²·256·25·64
+        # = 298,598,400; conv3-5 3 × 13²·256·9·256 = 299,040,768; fc 9216·4096 + 4096² + 4096·1000 = 58,621,952.
+        expected_macs=724_005_632,
+        expected_shapes={"conv1": (64, 54, 54), "pool1": (64, 27, 27), "pool2": (256, 13, 13), "pool5": (256, 6, 6)},
+    )
+)
+
+
+def _cnn_m_layers(fc7: int) -> tuple[Layer, ...]:
+    return (
+        Conv("conv1", key="conv1", out=96, kernel=7, stride=2),
+        ReLU("relu1"),
+        LRN("norm1", **VGG_CNN_LRN),
+        MaxPool("pool1", kernel=3, stride=2, ceil=True),
+        Conv("conv2", key="conv2", out=256, kernel=5, stride=2, pad=1),
+        ReLU("relu2"),
+        LRN("norm2", **VGG_CNN_LRN),
+        MaxPool("pool2", kernel=3, stride=2, ceil=True),
+        Conv("conv3", key="conv3", out=512, kernel=3, pad=1),
+        ReLU("relu3"),
+        Conv("conv4", key="conv4", out=512, kernel=3, pad=1),
+        ReLU("relu4"),
+        Conv("conv5", key="conv5", out=512, kernel=3, pad=1),
+        ReLU("relu5"),
+        MaxPool("pool5", kernel=3, stride=2, ceil=True),
+        *_vgg_cnn_head(fc7),
+    )
+
+
+# Hand formula: conv1 109²·96·49·3 = 167,664,672; conv2 26²·256·25·96 = 415,334,400; conv3 13²·512·9·256
+# = 199,360,512; conv4, conv5 2 × 13²·512·9·512 = 797,442,048; fc6 18432·4096 = 75,497,472.
+_CNN_M_CONV_MACS = 167_664_672 + 415_334_400 + 199_360_512 + 797_442_048
+_CNN_M_SHAPES = {"conv1": (96, 109, 109), "pool1": (96, 54, 54), "conv2": (256, 26, 26), "pool5": (512, 6, 6)}
+
+CNN_M = register_model(
+    ModelSpec(
+        name="cnn-m",
+        input_size=224,
+        description="Chatfield et al. 2014 CNN-M (VGG_CNN_M / imagenet-vgg-m.mat): 96-256-512-512-512, conv1 7×7/2",
+        layers=_cnn_m_layers(4096),
+        preprocess=VGG_CNN_PREPROCESS,
+        expected_macs=_CNN_M_CONV_MACS + 18432 * 4096 + 4096 * 4096 + 4096 * 1000,  # 1,676,172,320
+        expected_shapes=_CNN_M_SHAPES,
+    )
+)
+
+# CNN-M with a 2048-d fc7 (the paper's section 4.4 low-dimensional variants; vlfeat/matconvnet
+# import-ref-models.sh CNN_M_2048 -> imagenet-vgg-m-2048.mat; BVLC gist VGG_CNN_M_2048).
+CNN_M_2048 = register_model(
+    ModelSpec(
+        name="cnn-m-2048",
+        input_size=224,
+        description="Chatfield et al. 2014 CNN-M 2048 (imagenet-vgg-m-2048.mat): CNN-M with a 2048-d fc7",
+        layers=_cnn_m_layers(2048),
+        preprocess=VGG_CNN_PREPROCESS,
+        expected_macs=_CNN_M_CONV_MACS + 18432 * 4096 + 4096 * 2048 + 2048 * 1000,  # 1,665,735,712
+        expected_shapes={**_CNN_M_SHAPES, "fc7": (2048,)},
+    )
+)
+
+CNN_S = register_model(
+    ModelSpec(
+        name="cnn-s",
+        input_size=224,
+        description="Chatfield et al. 2014 CNN-S (VGG_CNN_S / imagenet-vgg-s.mat): 96-256-512-512-512, ×3 pools",
+        layers=(
+            Conv("conv1", key="conv1", out=96, kernel=7, stride=2),
+            ReLU("relu1"),
+            LRN("norm1", **VGG_CNN_LRN),
+            MaxPool("pool1", kernel=3, stride=3, ceil=True),
+            Conv("conv2", key="conv2", out=256, kernel=5),  # no pad, stride 1, and no LRN after it
+            ReLU("relu2"),
+            MaxPool("pool2", kernel=2, stride=2, ceil=True),
+            Conv("conv3", key="conv3", out=512, kernel=3, pad=1),
+            ReLU("relu3"),
+            Conv("conv4", key="conv4", out=512, kernel=3, pad=1),
+            ReLU("relu4"),
+            Conv("conv5", key="conv5", out=512, kernel=3, pad=1),
+            ReLU("relu5"),
+            MaxPool("pool5", kernel=3, stride=3, ceil=True),
+            *_vgg_cnn_head(4096),
+        ),
+        preprocess=VGG_CNN_PREPROCESS,
+        # Hand formula: conv1 109²·96·49·3 = 167,664,672; conv2 33²·256·25·96 = 669,081,600; conv3
+        # 17²·512·9·256 = 340,918,272; conv4, conv5 2 × 17²·512·9·512 = 1,363,673,088; fc 58,621,952 + 16,875,520.
+        expected_macs=2_637_708_320,
+        expected_shapes={"pool1": (96, 37, 37), "conv2": (256, 33, 33), "pool2": (256, 17, 17), "pool5": (512, 6, 6)},
+    )
+)
+
+# ----------------------------------------------------------------------------------------------
+# OverFeat (Sermanet et al. 2014), the networks of the released binary (sermanet/OverFeat README.md:
+# "small" = fast, net_weight_0, 231×231 windows; "large" = accurate, net_weight_1, 221×221).  The layer
+# table, the weights file layout and the preprocessing are those of jhjin/overfeat-torch run.lua, a Torch7
+# port that reads the released files: valid convolutions (pads as SpatialZeroPadding(1,1,1,1) before
+# conv3+), Torch7 max-pools (floor mode; every pooled size here divides exactly), the fully connected
+# layers as convolutions over the whole 6×6 / 5×5 map (= a linear layer on the C×H×W flatten).
+# Departures, both documented in docs/networks.md: run.lua's nonlinearity is nn.Threshold(0, 1e-6) (1e-6,
+# not 0, below zero); here it is a ReLU (tests/reference.py keeps the threshold: 3e-6 relative difference
+# through fc8, measured with random weights on real photos).  run.lua's input is RGB in 0..255, shorter side
+# scaled to 231 (221), centre crop, then floor()ed, then (x - 118.380948) / 61.896913 on every channel; here
+# the crop is torchvision's (offset rounded, not floored) and the pixels are not floored.
+# Layer names: conv1…, then fc6, fc7, fc8 for the fully connected layers of both nets (so relu6/relu7 and
+# the DeCAF aliases mean "first/second fully connected" here too); accurate's sixth conv is conv6 and its
+# ReLU relu_conv6 (relu6 is the fully connected one), its last pool pool6.
+OVERFEAT_MEAN, OVERFEAT_STD = 118.380948, 61.896913
+
+
+def _overfeat_preprocess(size: int) -> Preprocess:
+    return Preprocess(
+        style="torchvision", resize=size, crop=size, channel_order="RGB",
+        mean=(OVERFEAT_MEAN,) * 3, std=(OVERFEAT_STD,) * 3,
+    )  # fmt: skip
+
+
+OVERFEAT_FAST = register_model(
+    ModelSpec(
+        name="overfeat-fast",
+        input_size=231,
+        description="OverFeat fast (small) network, net_weight_0: 96-256-512-1024-1024, fc 3072-4096-1000",
+        layers=(
+            Conv("conv1", key="conv1", out=96, kernel=11, stride=4),
+            ReLU("relu1"),
+            MaxPool("pool1", kernel=2, stride=2),
+            Conv("conv2", key="conv2", out=256, kernel=5),
+            ReLU("relu2"),
+            MaxPool("pool2", kernel=2, stride=2),
+            Conv("conv3", key="conv3", out=512, kernel=3, pad=1),
+            ReLU("relu3"),
+            Conv("conv4", key="conv4", out=1024, kernel=3, pad=1),
+            ReLU("relu4"),
+            Conv("conv5", key="conv5", out=1024, kernel=3, pad=1),
+            ReLU("relu5"),
+            MaxPool("pool5", kernel=2, stride=2),
+            Linear("fc6", key="fc6", out=3072),
+            ReLU("relu6"),
+            Linear("fc7", key="fc7", out=4096),
+            ReLU("relu7"),
+            Linear("fc8", key="fc8", out=1000),
+        ),
+        preprocess=_overfeat_preprocess(231),
+        # Hand formula: conv1 56²·96·121·3 = 109,283,328; conv2 24²·256·25·96 = 353,894,400; conv3 12²·512·9·256
+        # = 169,869,312; conv4 12²·1024·9·512 = 679,477,248; conv5 12²·1024·9·1024 = 1,358,954,496; fc 36864·3072
+        # + 3072·4096 + 4096·1000 = 129,925,120.
+        expected_macs=2_801_403_904,
+        expected_shapes={"conv1": (96, 56, 56), "pool2": (256, 12, 12), "pool5": (1024, 6, 6), "fc6": (3072,)},
+    )
+)
+
+OVERFEAT_ACCURATE = register_model(
+    ModelSpec(
+        name="overfeat-accurate",
+        input_size=221,
+        description="OverFeat accurate (large) network, net_weight_1: 96-256-512-512-1024-1024, fc 4096-4096-1000",
+        layers=(
+            Conv("conv1", key="conv1", out=96, kernel=7, stride=2),
+            ReLU("relu1"),
+            MaxPool("pool1", kernel=3, stride=3),
+            Conv("conv2", key="conv2", out=256, kernel=7),
+            ReLU("relu2"),
+            MaxPool("pool2", kernel=2, stride=2),
+            Conv("conv3", key="conv3", out=512, kernel=3, pad=1),
+            ReLU("relu3"),
+            Conv("conv4", key="conv4", out=512, kernel=3, pad=1),
+            ReLU("relu4"),
+            Conv("conv5", key="conv5", out=1024, kernel=3, pad=1),
+            ReLU("relu5"),
+            Conv("conv6", key="conv6", out=1024, kernel=3, pad=1),
+            ReLU("relu_conv6"),
+            MaxPool("pool6", kernel=3, stride=3),
+            Linear("fc6", key="fc6", out=4096),
+            ReLU("relu6"),
+            Linear("fc7", key="fc7", out=4096),
+            ReLU("relu7"),
+            Linear("fc8", key="fc8", out=1000),
+        ),
+        preprocess=_overfeat_preprocess(221),
+        # Hand formula: conv1 108²·96·49·3 = 164,602,368; conv2 30²·256·49·96 = 1,083,801,600; conv3
+        # 15²·512·9·256 = 265,420,800; conv4 15²·512·9·512 = 530,841,600; conv5 15²·1024·9·512 = 1,061,683,200;
+        # conv6 15²·1024·9·1024 = 2,123,366,400; fc 25600·4096 + 4096² + 4096·1000 = 125,730,816.
+        expected_macs=5_355_446_784,
+        expected_shapes={"conv1": (96, 108, 108), "pool1": (96, 36, 36), "pool2": (256, 15, 15), "pool6": (1024, 5, 5)},
+    )
+)
+
 DEFAULT_LAYERS = ("relu6", "relu7")
 # DeCAF6 and DeCAF7 (Donahue et al. 2014) are the rectified fc6/fc7 outputs; accepted case-insensitively.
 LAYER_ALIASES = {"decaf6": "relu6", "decaf7": "relu7"}

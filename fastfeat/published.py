@@ -5,7 +5,11 @@ checksum its publisher gives, of the kind the publisher gives:
 
 * torchvision names its files ``<name>-<first 8 hex digits of the sha256>.pth`` and ``torch.hub``
   checks that prefix: ``sha256-prefix``;
-* BVLC's model zoo readme gives the full ``sha1`` of each ``.caffemodel``.
+* BVLC's model zoo readme gives the full ``sha1`` of each ``.caffemodel``;
+* the seed papers' other networks (CNN-F/M/S, OverFeat) are published with neither a checksum nor a size:
+  ``none``.  Those names are listed with their URL and where it is published, but never downloaded: a file
+  that cannot be checked is not cached under a published name (``fetch`` says what to download by hand and
+  to pass as ``--weights FILE``).
 
 A download goes to ``<cache>/weights/<file>.<pid>.part``, is checked (size, then that checksum) and
 only then renamed to ``<cache>/weights/<file>``; a partial, truncated or corrupt download never
@@ -53,10 +57,10 @@ class PublishedWeights:
     model: str  # the fastfeat model these weights are for
     url: str  # where the publisher serves the file
     file: str  # its published file name, also its name in the cache
-    checksum_kind: str  # "sha256" (full), "sha256-prefix" (the leading hex digits) or "sha1" (full)
-    checksum: str  # lower-case hex, as published
+    checksum_kind: str  # "sha256" (full), "sha256-prefix" (the leading hex digits), "sha1" (full) or "none"
+    checksum: str  # lower-case hex, as published ("" for none)
     size: int | None  # exact bytes, where published; checked exactly
-    size_mib: float  # published size in MiB (torchvision: 3 decimals); checked within SIZE_SLACK_MIB if no size
+    size_mib: float | None  # published size in MiB (torchvision: 3 decimals); checked within SIZE_SLACK_MIB if no size
     published_in: str  # where the URL, checksum and size are published
 
     def expected_bytes(self) -> tuple[int, int]:
@@ -66,13 +70,20 @@ class PublishedWeights:
         return math.floor((self.size_mib - SIZE_SLACK_MIB) * MIB), math.ceil((self.size_mib + SIZE_SLACK_MIB) * MIB)
 
     def describe_checksum(self) -> str:
+        if not self.verifiable:
+            return "no checksum or size published"
         return f"{self.checksum_kind.replace('-', ' ')} {self.checksum}"
+
+    @property
+    def verifiable(self) -> bool:
+        """A download can be checked (and so is made); False for names listed with their URL only."""
+        return self.checksum_kind != "none"
 
 
 # torchvision's published sizes are MiB rounded to 3 decimals (its "_file_size"): a good file is within
 # 0.0005 MiB of it; the slack also covers truncation instead of rounding.  The checksum decides anyway.
 SIZE_SLACK_MIB = 0.01
-CHECKSUM_KINDS = ("sha256", "sha256-prefix", "sha1")
+CHECKSUM_KINDS = ("sha256", "sha256-prefix", "sha1", "none")
 
 PUBLISHED: dict[str, PublishedWeights] = {}
 
@@ -82,6 +93,8 @@ def register_published(entry: PublishedWeights) -> PublishedWeights:
         raise ValueError(f"published weights {entry.name!r} are registered twice")
     if entry.checksum_kind not in CHECKSUM_KINDS:
         raise ValueError(f"{entry.name}: unknown checksum kind {entry.checksum_kind!r}")
+    if (entry.checksum_kind == "none") != (not entry.checksum and entry.size is None and entry.size_mib is None):
+        raise ValueError(f"{entry.name}: checksum kind none goes with no checksum and no size, and only with them")
     PUBLISHED[entry.name] = entry
     return entry
 
@@ -130,9 +143,57 @@ register_published(
 )
 
 
+# -- the seed papers' other networks: URLs as published, no checksum or size published anywhere read ----------
+# Chatfield et al. 2014 (BMVC), Caffe release: the ksimonyan model-zoo gists (readme fields caffemodel_url,
+# mean_file_proto, licence "non-commercial use only"; gists a32c9063ec8e1118221a CNN_F, f194575702fae63b2829
+# CNN_M, fd8800eeb36e276cd6f9 CNN_S, read as copied in weihancug/SSGF-for-HRRS-scene-classification
+# model_protext/VGG_{F,M,S}/readme.md).  The mean image for all three: VGG_MEAN_URL (pass it as --mean-file).
+VGG_DEEP_EVAL = "http://www.robots.ox.ac.uk/~vgg/software/deep_eval/releases/bvlc"
+VGG_MEAN_URL = f"{VGG_DEEP_EVAL}/VGG_mean.binaryproto"
+for _net, _gist in (("F", "a32c9063ec8e1118221a"), ("M", "f194575702fae63b2829"), ("S", "fd8800eeb36e276cd6f9")):
+    register_published(
+        PublishedWeights(
+            name=f"cnn-{_net.lower()}-caffe",
+            model=f"cnn-{_net.lower()}",
+            url=f"{VGG_DEEP_EVAL}/VGG_CNN_{_net}.caffemodel",
+            file=f"VGG_CNN_{_net}.caffemodel",
+            checksum_kind="none", checksum="", size=None, size_mib=None,
+            published_in=f"BVLC model zoo gist ksimonyan/{_gist} readme (caffemodel_url; mean {VGG_MEAN_URL}); "
+            "licence: non-commercial use only; no checksum or size published",
+        )
+    )  # fmt: skip
+# MatConvNet's conversions (vlfeat/matconvnet doc/site/docs/pretrained.md lists models/imagenet-vgg-*.mat under
+# http://www.vlfeat.org/matconvnet/; utils/import-ref-models.sh makes them from the deep_eval release).
+for _model, _file in (("cnn-f", "f"), ("cnn-m", "m"), ("cnn-s", "s"), ("cnn-m-2048", "m-2048")):
+    register_published(
+        PublishedWeights(
+            name=f"{_model}-matconvnet",
+            model=_model,
+            url=f"http://www.vlfeat.org/matconvnet/models/imagenet-vgg-{_file}.mat",
+            file=f"imagenet-vgg-{_file}.mat",
+            checksum_kind="none", checksum="", size=None, size_mib=None,
+            published_in="vlfeat/matconvnet doc/site/docs/pretrained.md (its mean image is in the file: pass the "
+            "same file as --mean-file); no checksum or size published",
+        )
+    )  # fmt: skip
+# OverFeat: one archive holding both networks' raw files (sermanet/OverFeat download_weights.py).
+for _model, _file in (("overfeat-fast", "net_weight_0"), ("overfeat-accurate", "net_weight_1")):
+    register_published(
+        PublishedWeights(
+            name=f"{_model}-imagenet",
+            model=_model,
+            url="http://cilvr.cs.nyu.edu/lib/exe/fetch.php?media=overfeat:overfeat-weights.tgz",
+            file=_file,
+            checksum_kind="none", checksum="", size=None, size_mib=None,
+            published_in=f"sermanet/OverFeat download_weights.py (overfeat-weights.tgz: extract {_file} from it); "
+            "licence: sermanet/OverFeat LICENSE; no checksum or size published",
+        )
+    )  # fmt: skip
+
+
 # What --weights takes, for messages.
 WEIGHTS_CHOICES = (
-    f"--weights takes a .pth, .safetensors or .caffemodel file, a published name ({', '.join(PUBLISHED)}), "
+    f"--weights takes a .pth, .safetensors, .caffemodel or MatConvNet .mat file (OverFeat: its net_weight_0/1), a published name ({', '.join(PUBLISHED)}), "
     "or random:SEED"
 )
 
@@ -257,6 +318,11 @@ def _stderr(line: str) -> None:
 
 def fetch(entry: PublishedWeights, log=_stderr) -> tuple[str, str]:
     """(path of the checked cached file, its sha256): downloaded first when it is not cached yet."""
+    if not entry.verifiable:
+        raise DownloadError(
+            f"{entry.name}: no checksum or size is published, so fastfeat does not download or cache it; "
+            f"download {entry.url} by hand ({entry.published_in.split(' (')[0]}) and pass --weights FILE"
+        )
     path = cached_path(entry)
     if os.path.isfile(path):
         return path, _verified_cached(entry, path)
@@ -379,7 +445,7 @@ def describe(entry: PublishedWeights) -> dict:
         "model": entry.model,
         "file": entry.file,
         "size_bytes": entry.size,
-        "size_mib": round(entry.size_mib, 3),
+        "size_mib": round(entry.size_mib, 3) if entry.size_mib is not None else None,
         "checksum_kind": entry.checksum_kind,
         "checksum": entry.checksum,
         "url": entry.url,
@@ -394,11 +460,17 @@ def format_list(rows: list[dict]) -> str:
     """The table of ``fastfeat weights list``."""
     lines = []
     for r in rows:
+        if r["checksum_kind"] == "none":
+            lines.append(
+                f"{r['name']:<18} {r['model']:<9} {'size ?':>10}  listed only: download by hand, pass --weights FILE"
+            )
+            lines.append(f"{'':<18} no checksum or size published  from {r['url']}")
+            continue
         where = f"cached: {r['path']}" if r["cached"] else f"not cached (downloaded on first use to {r['path']})"
         size = f"{r['size_mib']:.1f} MiB"
-        lines.append(f"{r['name']:<18} {r['model']:<9} {size:>10}  {where}")
-        lines.append(f"{'':<18} {r['checksum_kind']} {r['checksum']}  from {r['url']}")
+        lines.append(f"{r['name']:<26} {r['model']:<17} {size:>10}  {where}")
+        lines.append(f"{'':<26} {r['checksum_kind']} {r['checksum']}  from {r['url']}")
         if r["download_url"] != r["url"]:
-            lines.append(f"{'':<18} mirror: {r['download_url']}")
+            lines.append(f"{'':<26} mirror: {r['download_url']}")
     lines.append(f"cache: {os.path.join(cache_dir(), 'weights')} (${CACHE_ENV}); mirror: ${MIRROR_ENV}")
     return "\n".join(lines)

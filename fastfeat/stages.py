@@ -78,7 +78,7 @@ def mean_for(mean_file: str | None, pre, augment: str) -> np.ndarray | None:
         return None
     if augment != DEFAULT_AUGMENT:
         return augmented_mean(mean_file, pre, get_views(augment))
-    return load_mean(mean_file, pre.crop, pre.resize)
+    return load_mean(mean_file, pre.crop, pre.resize, pre.channel_order)
 
 
 class BytesReader:

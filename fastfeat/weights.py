@@ -2,7 +2,8 @@
 
 Weights come from ``.pth`` (torchvision-style state dict, loaded with
 ``torch.load(weights_only=True)``), ``.safetensors``, BVLC ``.caffemodel`` (see
-fastfeat.caffemodel), a published name such as ``caffenet-imagenet`` (downloaded once,
+fastfeat.caffemodel), MatConvNet ``.mat`` (fastfeat.matconvnet), OverFeat's raw float32
+``net_weight_0``/``net_weight_1`` for the OverFeat models (fastfeat.overfeat), a published name such as ``caffenet-imagenet`` (downloaded once,
 checked and cached by fastfeat.published, then read by the same readers), or
 ``random:SEED`` for tests and benchmarks, which is labelled as such in every output's metadata.
 """
@@ -21,7 +22,9 @@ import torch
 
 from .caffemodel import CaffeModelError, read_caffemodel
 from .checksum import file_sha256
+from .matconvnet import MatConvNetError, read_matconvnet
 from .models import ModelSpec
+from .overfeat import RAW_FLOAT32_MODELS, OverFeatError, read_overfeat
 from .published import WEIGHTS_CHOICES
 from .published import resolve as resolve_published
 
@@ -101,8 +104,16 @@ def _explain_torch_load_error(path: str, exc: BaseException) -> str:
     return f"it is not a PyTorch weights file (nor, by its name, .safetensors or .caffemodel); {SAVE_A_STATE_DICT}"
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+TORCH_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
+NAMED_EXTENSIONS = (*TORCH_EXTENSIONS, ".safetensors", ".caffemodel", ".mat")
+
+
+def _read_state_dict(path: str, spec: ModelSpec) -> dict[str, torch.Tensor]:
     ext = os.path.splitext(path)[1].lower()
+    if ext == ".mat":  # MatConvNet (fastfeat.matconvnet)
+        return {k: torch.from_numpy(v) for k, v in read_matconvnet(path, spec).items()}
+    if spec.name in RAW_FLOAT32_MODELS and ext not in NAMED_EXTENSIONS:  # OverFeat's net_weight_0/1
+        return {k: torch.from_numpy(v) for k, v in read_overfeat(path, spec).items()}
     if ext == ".safetensors":
         from safetensors.torch import load_file
 
@@ -169,9 +180,11 @@ def load_weights(spec: ModelSpec, source: str) -> Weights:
     if not os.path.isfile(source):
         raise WeightsError(f"weights file not found: {source} ({WEIGHTS_CHOICES})")
     try:
-        state = _read_state_dict(source)
+        state = _read_state_dict(source, spec)
     except WeightsError:
         raise
+    except (MatConvNetError, OverFeatError) as exc:  # already one line naming the file
+        raise WeightsError(str(exc)) from None
     except (CaffeModelError, Exception) as exc:  # torch/safetensors raise many types for a bad file
         text = _ANSI.sub("", str(exc)).strip()
         msg = text.splitlines()[0] if text else type(exc).__name__
