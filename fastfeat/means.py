@@ -72,9 +72,10 @@ def load_mean(mean_file: str, crop: int, resize: int, channel_order: str = "BGR"
 
 def check_mean_file(mean_file: str | None, preprocess, model: str) -> None:
     """ConfigError when ``model``'s preprocessing (a fastfeat.models.Preprocess) cannot take a mean file:
-    only a Caffe-style model subtracts a mean and divides by nothing."""
-    if mean_file and preprocess.style != "caffe":
+    only a Caffe-style model (CaffeNet, CNN-F/M/S: 0-255 pixels, a mean subtracted, no std) can take one;
+    a model that divides by a std (torchvision's, OverFeat) has its normalisation fixed."""
+    if mean_file and any(s != 1.0 for s in preprocess.std):
         raise ConfigError(
-            f"--mean-file is a Caffe-style mean (0-255 pixels, no std), but model {model!r} normalises with the "
-            "ImageNet mean and std (torchvision style): drop --mean-file, or use a Caffe-style model (caffenet)"
+            f"--mean-file is a Caffe-style mean (0-255 pixels, no std), but model {model!r} normalises with a "
+            "mean and std of its own: drop --mean-file, or use a Caffe-style model (caffenet, cnn-f, cnn-m, cnn-s)"
         )
