@@ -474,7 +474,12 @@ def _add_probe(sub) -> None:
         "training rows) and report mean per-class accuracy ± std over the splits (see README).",
     )
     p.add_argument("dir", help="an output directory of fastfeat extract (labelled: a folder of class folders)")
-    p.add_argument("--layer", default="relu7", help="the feature layer (default relu7: DeCAF7)")
+    p.add_argument(
+        "--layer",
+        default="relu7",
+        help="the feature layer (default relu7: DeCAF7), or several, comma-separated and shallow first "
+        "(pool5,fc6,relu6,fc7,relu7): one probe per layer, one table and JSON row per layer",
+    )
     p.add_argument("--train-per-class", type=int, default=30, help="training rows per class (default 30)")
     p.add_argument("--test-per-class", type=int, default=None, help="test rows per class (default: all the others)")
     p.add_argument("--splits", type=int, default=5, help="random splits (default 5)")
@@ -494,6 +499,12 @@ def _add_probe(sub) -> None:
     )
     p.add_argument("--device", default="auto", help="torch engine: auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    p.add_argument(
+        "--chart",
+        default=None,
+        metavar="FILE",
+        help="also draw accuracy against layer (the --layer order) with ± std error bars: .png, .pdf or .svg",
+    )
 
 
 def _run_probe(args) -> int:
@@ -503,6 +514,8 @@ def _run_probe(args) -> int:
 
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise ProbeError(f"folder of --json does not exist: {os.path.dirname(os.path.abspath(args.json))}")
+    if "," in args.layer or args.chart:
+        return _run_probe_depth(args)
     report = run_probe(
         args.dir, args.layer, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
         splits=args.splits, classifier=args.classifier, c=args.c, l2_normalize=args.l2_normalize, seed=args.seed,
@@ -511,6 +524,24 @@ def _run_probe(args) -> int:
     print(format_report(report))
     if args.json:
         write_json(report, args.json)
+    return 0
+
+
+def _run_probe_depth(args) -> int:
+    from .probe_depth import check_chart, draw_chart, format_depth, parse_layers, run_depth, write_json
+
+    layers = parse_layers(args.layer)
+    check_chart(args.chart)
+    report = run_depth(
+        args.dir, layers, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+        splits=args.splits, classifier=args.classifier, c=args.c, l2_normalize=args.l2_normalize, seed=args.seed,
+        engine=args.engine, device=args.device, log=lambda line: print(line, file=sys.stderr),
+    )  # fmt: skip
+    print(format_depth(report))
+    if args.json:
+        write_json(report, args.json)
+    if args.chart:
+        draw_chart(report, args.chart)
     return 0
 
 
