@@ -142,12 +142,19 @@ def _reference_map(out: str) -> float:
     return float(np.mean(aps))
 
 
-def test_eval_retrieval_end_to_end_on_a_holidays_style_set(tmp_path, photos, capsys):
+@pytest.fixture(scope="module")
+def holidays(tmp_path_factory, photos):
+    root = tmp_path_factory.mktemp("holidays")
+    _holidays_set(str(root / "jpg"), photos)
+    out = str(root / "out")
+    fastfeat.extract(str(root / "jpg"), out, model="caffenet", weights="random:0", layers=["relu7"], progress=False)  # fmt: skip
+    return str(root / "jpg"), out
+
+
+def test_eval_retrieval_end_to_end_on_a_holidays_style_set(holidays, photos, tmp_path, capsys):
     import fastfeat.data  # noqa: F401
 
-    _holidays_set(str(tmp_path / "holidays"), photos)
-    out = str(tmp_path / "out")
-    fastfeat.extract(str(tmp_path / "holidays"), out, model="caffenet", weights="random:0", layers=["relu7"], progress=False)  # fmt: skip
+    _, out = holidays
     report_file = str(tmp_path / "r.json")
     assert main(["eval", "retrieval", out, "--dataset", "holidays", "--json", report_file]) == 0
     printed = capsys.readouterr().out
@@ -160,3 +167,68 @@ def test_eval_retrieval_end_to_end_on_a_holidays_style_set(tmp_path, photos, cap
     assert main(["eval", "retrieval", out, "--dataset", "holidays", "--whiten"]) == 2  # no --pca-from
     assert "--pca-from" in capsys.readouterr().err
     assert main(["eval", "retrieval", out, "--dataset", "oxford5k"]) == 2  # needs --gt
+
+
+def test_oxford_style_ground_truth_with_cropped_queries(holidays, tmp_path, capsys):
+    """Oxford's gt files for the same set (query = each group's first image, positives its group, one
+    member junk); crop-queries writes the boxes, their extract is passed as --queries."""
+    images, out = holidays
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    names = sorted(os.path.splitext(n)[0] for n in os.listdir(images))
+    groups = sorted({n[:4] for n in names})
+    for g in groups:
+        members = [n for n in names if n[:4] == g]
+        (gt / f"g{g}_1_query.txt").write_text(f"oxc1_{g}00 10 5 150.5 90\n")
+        (gt / f"g{g}_1_good.txt").write_text("\n".join(members[:2]) + "\n")
+        (gt / f"g{g}_1_ok.txt").write_text(members[2] + "\n")
+        (gt / f"g{g}_1_junk.txt").write_text(members[3] + "\n")
+    crops = str(tmp_path / "crops")
+    assert main(["eval", "crop-queries", "--dataset", "oxford5k", "--gt", str(gt), "--images", images, "--out", crops]) == 0  # fmt: skip
+    with Image.open(os.path.join(crops, f"{groups[0]}00.png")) as crop:
+        assert crop.size == (141, 85)  # x 10..151 (150.5 rounded outwards), y 5..90
+    qfeats = str(tmp_path / "qfeats")
+    fastfeat.extract(crops, qfeats, model="caffenet", weights="random:0", layers=["relu7"], progress=False)
+    capsys.readouterr()
+    full = evaluate(out, "oxford5k", gt=str(gt))
+    cropped = evaluate(out, "oxford5k", gt=str(gt), queries=qfeats)
+    assert full["queries"] == cropped["queries"] == len(groups) and 0 < cropped["mAP"] <= 1
+    # the full-image query is in the database and in its good list: ranked first, so AP counts it
+    ids, _, x = fastfeat.data.load(out, "relu7", dtype="float32")
+    assert all(ap > 0 for ap in full["ap"])
+    # the same check as Holidays, by the independent AP: cropped queries, junk skipped
+    _, _, qx = fastfeat.data.load(qfeats, "relu7", dtype="float32")
+    q_ids = fastfeat.data.load(qfeats, "relu7")[0]
+    stems = [os.path.splitext(os.path.basename(i))[0] for i in ids]
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    aps = []
+    for qid, q in zip(q_ids, qx, strict=True):
+        g = os.path.splitext(os.path.basename(qid))[0][:4]
+        order = np.argsort(-(xn @ (q / np.linalg.norm(q))), kind="stable")
+        members = [n for n in names if n[:4] == g]
+        aps.append(oxford_ap([stems[i] for i in order], members[:3], members[3:]))
+    assert cropped["mAP"] == pytest.approx(np.mean(aps), abs=1e-6)
+
+
+def test_revisited_and_ukbench_end_to_end(holidays, tmp_path):
+    images, out = holidays
+    names = sorted(os.path.splitext(n)[0] for n in os.listdir(images))
+    queries = [n for n in names if n.endswith("00")]
+    imlist = [n for n in names if not n.endswith("00")]
+    gnd = [{"bbx": [0, 0, 50, 50], "easy": [imlist.index(q[:4] + "01")], "hard": [imlist.index(q[:4] + "02")],
+            "junk": [imlist.index(q[:4] + "03")]} for q in queries]  # fmt: skip
+    pkl = tmp_path / "gnd_rtest.pkl"
+    pkl.write_bytes(pickle.dumps({"imlist": imlist, "qimlist": queries, "gnd": gnd}, protocol=4))
+    report = evaluate(out, "roxford5k", gt=str(pkl))
+    assert report["database"] == len(imlist) and set(report["protocols"]) == {"easy", "medium", "hard"}
+    for setup in report["protocols"].values():
+        assert 0 < setup["mAP"] <= 1 and set(setup["mP@k"]) == {"1", "5", "10"}
+    # UKBench naming over the same 4-image groups: N-S between 1 (itself first) and 4
+    ukb = tmp_path / "ukb"
+    ukb.mkdir()
+    for i, n in enumerate(names):
+        os.link(os.path.join(images, n + ".jpg"), ukb / f"ukbench{i:05d}.jpg")
+    ukb_out = str(tmp_path / "ukb_out")
+    fastfeat.extract(str(ukb), ukb_out, model="caffenet", weights="random:0", layers=["relu7"], progress=False)
+    ns = evaluate(ukb_out, "ukbench")["ns_score"]
+    assert 1.0 <= ns <= 4.0
