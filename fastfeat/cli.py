@@ -474,7 +474,12 @@ def _add_probe(sub) -> None:
         "training rows) and report mean per-class accuracy ± std over the splits (see README).",
     )
     p.add_argument("dir", help="an output directory of fastfeat extract (labelled: a folder of class folders)")
-    p.add_argument("--layer", default="relu7", help="the feature layer (default relu7: DeCAF7)")
+    p.add_argument(
+        "--layer",
+        default="relu7",
+        help="the feature layer (default relu7: DeCAF7), or several, comma-separated and shallow first "
+        "(pool5,fc6,relu6,fc7,relu7): one probe per layer, one table and JSON row per layer",
+    )
     p.add_argument("--train-per-class", type=int, default=30, help="training rows per class (default 30)")
     p.add_argument("--test-per-class", type=int, default=None, help="test rows per class (default: all the others)")
     p.add_argument("--splits", type=int, default=5, help="random splits (default 5)")
@@ -494,6 +499,12 @@ def _add_probe(sub) -> None:
     )
     p.add_argument("--device", default="auto", help="torch engine: auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    p.add_argument(
+        "--chart",
+        default=None,
+        metavar="FILE",
+        help="also draw accuracy against layer (the --layer order) with ± std error bars: .png, .pdf or .svg",
+    )
 
 
 def _run_probe(args) -> int:
@@ -503,6 +514,8 @@ def _run_probe(args) -> int:
 
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise ProbeError(f"folder of --json does not exist: {os.path.dirname(os.path.abspath(args.json))}")
+    if "," in args.layer or args.chart:
+        return _run_probe_depth(args)
     report = run_probe(
         args.dir, args.layer, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
         splits=args.splits, classifier=args.classifier, c=args.c, l2_normalize=args.l2_normalize, seed=args.seed,
@@ -511,6 +524,24 @@ def _run_probe(args) -> int:
     print(format_report(report))
     if args.json:
         write_json(report, args.json)
+    return 0
+
+
+def _run_probe_depth(args) -> int:
+    from .probe_depth import check_chart, draw_chart, format_depth, parse_layers, run_depth, write_json
+
+    layers = parse_layers(args.layer)
+    check_chart(args.chart)
+    report = run_depth(
+        args.dir, layers, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+        splits=args.splits, classifier=args.classifier, c=args.c, l2_normalize=args.l2_normalize, seed=args.seed,
+        engine=args.engine, device=args.device, log=lambda line: print(line, file=sys.stderr),
+    )  # fmt: skip
+    print(format_depth(report))
+    if args.json:
+        write_json(report, args.json)
+    if args.chart:
+        draw_chart(report, args.chart)
     return 0
 
 
@@ -539,6 +570,70 @@ def _run_plot(args) -> int:
     return 0
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="benchmark scores of an output: image-retrieval mAP (Holidays, Oxford, Paris, revisited, UKBench)",
+        description="Evaluate the features of an output directory on a published benchmark (see docs/evaluation.md).",
+    )
+    esub = p.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
+    r = esub.add_parser(
+        "retrieval",
+        help="rank the database by cosine similarity to each query and print mAP (N-S score for UKBench)",
+        description="Rank the database rows of DIR by cosine similarity to each query (exact, faiss IndexFlatIP) "
+        "and score the rankings with the benchmark's ground truth: mAP with junk ignored (holidays, oxford5k, "
+        "paris6k), Easy/Medium/Hard mAP and mP@1,5,10 (roxford5k, rparis6k: revisitop's compute_map), N-S "
+        "score (ukbench). Images are matched by file name.",
+    )
+    r.add_argument("dir", help="an output directory of fastfeat extract holding the dataset's images")
+    r.add_argument("--dataset", required=True, help="holidays, oxford5k, paris6k, roxford5k, rparis6k or ukbench")
+    r.add_argument("--gt", default=None, help="ground truth: the gt_files folder (oxford5k, paris6k), gnd_*.pkl or "
+                   "its JSON form (roxford5k, rparis6k); holidays and ukbench take it from the file names")  # fmt: skip
+    r.add_argument("--layer", default=None, help="the feature layer (default: the output's only layer)")
+    r.add_argument("--queries", default=None, metavar="QDIR", help="an extract of the cropped queries (see "
+                   "`fastfeat eval crop-queries`); default: the full query images' rows in DIR")  # fmt: skip
+    r.add_argument("--l2", action="store_true", help="scale each row to unit length first (Razavian et al.)")
+    r.add_argument(
+        "--pca", type=int, default=None, metavar="N", help="project on N principal axes learned on --pca-from"
+    )
+    r.add_argument("--pca-from", default=None, metavar="DIR2", help="the output the PCA/whitening is learned on")
+    r.add_argument(
+        "--whiten", action="store_true", help="divide each principal component by its std (needs --pca-from)"
+    )
+    r.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    c = esub.add_parser(
+        "crop-queries",
+        help="write the query crops of Oxford/Paris (or revisited) ground truth as PNG files, for --queries",
+        description="Crop each query image to its ground-truth box and write OUT/<query>.png (lossless); extract "
+        "OUT with the database's options and pass it to `eval retrieval --queries`.",
+    )
+    c.add_argument("--dataset", required=True, help="oxford5k, paris6k, roxford5k or rparis6k")
+    c.add_argument("--gt", required=True, help="the ground truth, as for eval retrieval")
+    c.add_argument("--images", required=True, help="the folder of the dataset's images (<name>.jpg)")
+    c.add_argument("--out", required=True, help="the folder to write the crops into")
+
+
+def _run_eval(args) -> int:
+    from .retrieval import RetrievalError, crop_queries, evaluate, format_report
+
+    if args.eval_command == "crop-queries":
+        written = crop_queries(args.dataset, args.gt, args.images, args.out)
+        print(f"{args.out}: {len(written)} query crops written")
+        return 0
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise RetrievalError(f"folder of --json does not exist: {os.path.dirname(os.path.abspath(args.json))}")
+    report = evaluate(
+        args.dir, args.dataset, gt=args.gt, layer=args.layer, queries=args.queries, l2=args.l2, pca=args.pca,
+        pca_from=args.pca_from, whiten=args.whiten,
+    )  # fmt: skip
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line on stderr and exit code 2 (not the usage block)."""
 
@@ -554,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(sub)
     _add_verify(sub)
     _add_probe(sub)
+    _add_eval(sub)
     _add_plot(sub)
     _add_serve(sub)
     _add_weights(sub)
@@ -624,6 +720,8 @@ def _dispatch(args, argv: list[str]) -> int:
         return _run_profile(args)
     if args.command == "probe":
         return _run_probe(args)
+    if args.command == "eval":
+        return _run_eval(args)
     if args.command == "plot":
         return _run_plot(args)
     if args.command == "serve":
