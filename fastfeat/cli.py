@@ -50,6 +50,9 @@ def _compact(names: list[str]) -> str:
     return " ".join(parts)
 
 
+MODEL_HELP = f"one of {', '.join(MODELS)} (default caffenet), or torchvision:NAME / timm:NAME (docs/models.md)"
+
+
 def _layer_names_help() -> str:
     """Every registered model's layer names, compactly (for --layers)."""
     return "; ".join(f"{name}: {_compact(spec.layer_names)}" for name, spec in MODELS.items())
@@ -74,7 +77,7 @@ def _add_extract(sub) -> None:
         help="extract the few freely licensed photos shipped with fastfeat (fastfeat.samples) instead of SRC",
     )
     p.add_argument("--out", required=True, help="output directory for the shards, manifest.json, errors.parquet")
-    p.add_argument("--model", default="caffenet", help=f"one of {', '.join(MODELS)} (default caffenet)")
+    p.add_argument("--model", default="caffenet", help=MODEL_HELP)
     p.add_argument(
         "--weights",
         required=True,
@@ -82,9 +85,16 @@ def _add_extract(sub) -> None:
     )
     p.add_argument(
         "--layers",
-        default=",".join(DEFAULT_LAYERS),
-        help="comma-separated layer names (default relu6,relu7); DeCAF6 = relu6, DeCAF7 = relu7 "
+        default=None,
+        help=f"comma-separated layer names (default {','.join(DEFAULT_LAYERS)}; for torchvision:/timm: models its "
+        "pooled feature, see `fastfeat models show NAME`); DeCAF6 = relu6, DeCAF7 = relu7 "
         f"(aliases decaf6, decaf7). Layers: {_layer_names_help()}",
+    )
+    p.add_argument(
+        "--pool",
+        default=None,
+        help="torchvision:/timm: models only: avg (default), max, cls (a ViT's class token) or none (the whole map, "
+        "flattened) for each tapped layer (docs/models.md)",
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default %(default)s)")
     p.add_argument(
@@ -221,7 +231,7 @@ def _run_extract(args, argv: list[str]) -> int:
         dtype=args.dtype, max_pixels=args.max_pixels, num_threads=args.threads, num_shards=args.num_shards,
         shard_index=args.shard_index, format=args.format, max_error_rate=args.max_error_rate,
         augment=args.augment, augment_reduce=args.augment_reduce, decode=args.decode, cuda_graphs=args.cuda_graphs,
-        compile_mode=args.compile_mode,
+        compile_mode=args.compile_mode, pool=args.pool,
     )  # fmt: skip
     source = _extract_source(args.source, args.sample)
     if args.read_retries < 0:
@@ -334,7 +344,7 @@ def _add_profile(sub) -> None:
         help="time every layer of the forward pass (DeCAF Figure 3)",
         description="Time each op of the forward pass on random images; print a per-layer table.",
     )
-    p.add_argument("--model", default="caffenet", help=f"one of {', '.join(MODELS)} (default caffenet)")
+    p.add_argument("--model", default="caffenet", help=MODEL_HELP)
     p.add_argument(
         "--backend", default="torch", help=f"{', '.join(backend_names())} or all, comma-separated (default torch)"
     )
@@ -392,7 +402,7 @@ def _add_serve(sub) -> None:
         description="Answer POST /v1/features (and /v1/neighbors with --index) with the features extract "
         "computes, coalescing concurrent requests into batches; a page at / (see README, Serving features).",
     )
-    p.add_argument("--model", default="caffenet", help=f"one of {', '.join(MODELS)} (default caffenet)")
+    p.add_argument("--model", default="caffenet", help=MODEL_HELP)
     p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("--layers", default="relu7", help="comma-separated layers computed for every image (default relu7)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

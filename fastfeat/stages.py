@@ -199,4 +199,6 @@ def features_metadata(
         "layers": {n: list(shapes[n]) for n in layers},
         "layer_order": "C,H,W (conv layers flattened in C×H×W order)",
         "versions": library_versions(),
+        # A torchvision/timm model: its library, architecture, --pool and where its preprocessing came from.
+        **({"model_config": spec.config()} if getattr(spec, "is_zoo", False) else {}),
     }
