@@ -567,7 +567,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot(sub)
     _add_serve(sub)
     _add_weights(sub)
+    _add_models(sub)
     return parser
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser(
+        "models",
+        help="the built-in networks, and every tap of a network (torchvision:NAME, timm:NAME too) with its shape",
+        description="List the networks --model takes, or show one network's taps (--layers names) with each "
+        "one's per-image shape and size in bytes per image (docs/models.md).",
+    )
+    msub = p.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
+    msub.add_parser("list", help="the built-in networks, and how to name any torchvision or timm model")
+    sp = msub.add_parser("show", help="every tap of NAME with its output shape and bytes per image")
+    sp.add_argument("name", help="a built-in network, torchvision:NAME or timm:NAME")
+    sp.add_argument(
+        "--pool", default=None, help="torchvision:/timm: models: the shapes under this --pool (default avg)"
+    )
+    sp.add_argument("--dtype", default="float16", help="bytes per image as stored in this dtype (default float16)")
+    sp.add_argument("--json", action="store_true", help="print the taps as JSON")
+
+
+def _run_models(args) -> int:
+    from .errors import ConfigError
+    from .model_listing import format_show, list_lines, show_rows
+
+    if args.models_command == "list":
+        print("\n".join(list_lines()))
+        return 0
+    if args.dtype not in ("float16", "float32"):
+        raise ConfigError(f"unknown --dtype {args.dtype!r}; choose float16 or float32")
+    try:
+        rows = show_rows(args.name, args.pool, args.dtype)
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(str(exc).strip("'\"")) from None
+    print(json.dumps(rows, indent=1) if args.json else format_show(args.name, rows, args.pool, args.dtype))
+    return 0
 
 
 def _add_verify(sub) -> None:
@@ -640,6 +676,8 @@ def _dispatch(args, argv: list[str]) -> int:
         return _run_serve(args)
     if args.command == "weights":
         return _run_weights(args)
+    if args.command == "models":
+        return _run_models(args)
     return 2
 
 
