@@ -101,8 +101,9 @@ def photo_dir(tmp_path_factory, photos):
 @pytest.mark.parametrize("name", ["torchvision:resnet18", *TIMM_MODELS])
 def test_end_to_end_equals_library_preprocessing(name, photo_dir, tmp_path):
     _needs(name)
-    import fastfeat
     from PIL import Image
+
+    import fastfeat
 
     spec = get_model(name)
     final, pooled = ("logits", "pre_logits") if spec.library == "timm" else ("fc", "flatten")
