@@ -405,6 +405,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--model", default="caffenet", help=MODEL_HELP)
     p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("--layers", default="relu7", help="comma-separated layers computed for every image (default relu7)")
+    p.add_argument("--pool", default=None, help="torchvision:/timm: models: avg (default), max, cls or none (docs/models.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
@@ -463,7 +464,7 @@ def _run_serve(args) -> int:
     cfg = ServeConfig(
         model=args.model, weights=args.weights, layers=args.layers, host=args.host, port=args.port,
         device=args.device, precision=args.precision, backend=args.backend, cuda_graphs=args.cuda_graphs,
-        compile_mode=args.compile_mode, dtype=args.dtype,
+        compile_mode=args.compile_mode, dtype=args.dtype, pool=args.pool,
         max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
         max_body_mb=args.max_body_mb, max_pixels=args.max_pixels, mean_file=args.mean_file, threads=args.threads,
         index=args.index, index_layer=args.index_layer,

@@ -199,3 +199,62 @@ def test_models_cli_list_and_show():
     run = subprocess.run([sys.executable, "-m", "fastfeat", "models", "show", "torchvision:nope"],
                          capture_output=True, text=True, env=env)  # fmt: skip
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_resume_with_a_torchvision_model_equals_clean_run(photo_dir, tmp_path):
+    import fastfeat
+
+    kw = dict(model="torchvision:resnet18", weights="random:5", layers="layer3,flatten", batch_size=2, shard_size=2,
+              progress=False, pool="max")  # fmt: skip
+    full = tmp_path / "full"
+    fastfeat.extract(photo_dir, str(full), **kw)
+    part = tmp_path / "part"
+    fastfeat.extract(photo_dir, str(part), **kw)
+    # A crash during shard 2: the manifest lists shards 0 and 1 only, later files are gone.
+    manifest = json.load(open(part / "manifest.json"))
+    manifest["shards"], manifest["complete"] = manifest["shards"][:2], False
+    (part / "manifest.json").write_text(json.dumps(manifest))
+    for f in os.listdir(part):
+        if f.startswith("part-") and f not in ("part-00000.parquet", "part-00001.parquet"):
+            os.unlink(part / f)
+    summary = fastfeat.extract(photo_dir, str(part), **kw)
+    assert summary["skipped_already_done"] == 4 and summary["complete"]
+    assert read_features(str(part)).equals(read_features(str(full)))
+    # Another --pool is another run: refused, not mixed in.
+    with pytest.raises(ValueError, match="different run .*pool: max → avg"):
+        fastfeat.extract(photo_dir, str(part), **{**kw, "pool": "avg"})
+
+
+@pytest.mark.slow
+def test_serve_a_torchvision_model_equals_extract(photos, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    import fastfeat
+    from fastfeat.serve.app import create_app
+    from fastfeat.serve.batching import Batcher
+    from fastfeat.serve.config import ServeConfig, check_serve_config
+    from fastfeat.serve.engine import Engine
+    from fastfeat.serve.metrics import Metrics
+
+    photo = next(p for p in photos if p.endswith(".jpg"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(open(photo, "rb").read())
+    run = dict(model="torchvision:resnet18", weights="random:4", layers="layer4", precision="fp32")
+    fastfeat.extract(str(src), str(tmp_path / "out"), batch_size=1, dtype="float32", progress=False, **run)
+    want = column_matrix(read_features(str(tmp_path / "out")), "layer4")[0].astype(np.float32)
+
+    cfg = ServeConfig(**run, device="cpu", max_batch=2)
+    engine = Engine(cfg, check_serve_config(cfg))
+    batcher = Batcher(engine.decode, engine.forward, cfg.max_batch, cfg.max_delay_ms / 1000, cfg.queue_limit)
+    metrics = Metrics(cfg.max_batch, lambda: batcher.waiting, lambda: batcher.admitted)
+    with TestClient(create_app(cfg, engine, batcher, metrics, None)) as client:
+        r = client.post("/v1/features", content=(src / "a.jpg").read_bytes(), params={"id": "a.jpg"},
+                        headers={"Content-Type": "image/jpeg"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        got = np.asarray(r.json()["images"][0]["features"]["layer4"], np.float32)
+        assert got.shape == (512,)
+        assert _rel(got, want) < 1e-5
+        assert client.get("/v1/model").json()["model_config"]["pool"] == "avg"

@@ -41,6 +41,7 @@ class ServeConfig:
     backend: str = "torch"
     cuda_graphs: str = "auto"  # auto, on or off (fastfeat.graphs)
     compile_mode: str | None = None  # torch.compile's mode for the compile backend (None: its default)
+    pool: str | None = None  # --pool of a torchvision:/timm: model (fastfeat.zoo; None: avg)
     dtype: str = "float32"  # the responses' default (``?dtype=`` overrides per request)
     max_batch: int = 64
     max_delay_ms: float = 5.0
@@ -68,8 +69,10 @@ class ServeConfig:
 def check_serve_config(cfg: ServeConfig) -> list[str]:
     """The served layers in forward order; ConfigError (one line) for anything wrong."""
     try:
-        spec = get_model(cfg.model)
-        layers = parse_layers(spec, cfg.layers)
+        spec = get_model(cfg.model, cfg.pool)
+        # A torchvision/timm model has no relu7: the default there is its own pooled feature.
+        zoo_default = getattr(spec, "is_zoo", False) and cfg.layers == "relu7"
+        layers = parse_layers(spec, None if zoo_default else cfg.layers)
     except (ValueError, KeyError) as exc:
         raise ConfigError(str(exc).strip("'\"")) from None
     check_mean_file(cfg.mean_file, spec.preprocess, spec.name)
