@@ -405,7 +405,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--model", default="caffenet", help=MODEL_HELP)
     p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("--layers", default="relu7", help="comma-separated layers computed for every image (default relu7)")
-    p.add_argument("--pool", default=None, help="torchvision:/timm: models: avg (default), max, cls or none (docs/models.md)")
+    p.add_argument(
+        "--pool", default=None, help="torchvision:/timm: models: avg (default), max, cls or none (docs/models.md)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
