@@ -276,6 +276,8 @@ def profile(
     ``compile_mode``: torch.compile's mode for the compile backend (its default otherwise).
     """
     spec = get_model(model)
+    if getattr(spec, "is_zoo", False):  # its forward is the library's module, not a list of fastfeat's ops
+        raise ValueError(f"fastfeat profile times fastfeat's own networks only, not {model} (docs/models.md)")
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     sizes = parse_batch_sizes(batch_sizes)
