@@ -258,3 +258,30 @@ def test_serve_a_torchvision_model_equals_extract(photos, tmp_path):
         assert got.shape == (512,)
         assert _rel(got, want) < 1e-5
         assert client.get("/v1/model").json()["model_config"]["pool"] == "avg"
+
+
+def test_torchvision_published_weights_go_through_the_verified_cache(tmp_path, monkeypatch):
+    from fastfeat.published import DownloadError, fetch, lookup
+
+    entry = lookup("ResNet18_Weights.IMAGENET1K_V1")
+    assert entry.model == "torchvision:resnet18" and entry.file == "resnet18-f37072fd.pth"
+    assert (entry.checksum_kind, entry.checksum) == ("sha256-prefix", "f37072fd")
+    mirror, cache = tmp_path / "mirror", tmp_path / "cache"
+    mirror.mkdir()
+    monkeypatch.setenv("FASTFEAT_CACHE", str(cache))
+    monkeypatch.setenv("FASTFEAT_WEIGHTS_MIRROR", mirror.as_uri())
+    with pytest.raises(DownloadError, match="cannot download ResNet18_Weights.IMAGENET1K_V1") as offline:
+        fetch(entry, log=lambda line: None)
+    assert "\n" not in str(offline.value)
+    # A file of the published name whose sha256 does not start with the name's prefix is never cached.
+    _, module = _module(get_model("torchvision:resnet18"))
+    torch.save(module.state_dict(), mirror / entry.file)
+    with pytest.raises(DownloadError, match="sha256|bytes"):
+        fetch(entry, log=lambda line: None)
+    assert not (cache / "weights" / entry.file).exists()
+    with pytest.raises(ConfigError, match="not torchvision:resnet34"):
+        from fastfeat.published import check_model
+
+        check_model(entry, "torchvision:resnet34")
+    with pytest.raises(ValueError, match="unknown torchvision weights"):
+        lookup("ResNet18_Weights.NOPE")
