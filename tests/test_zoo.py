@@ -285,3 +285,24 @@ def test_torchvision_published_weights_go_through_the_verified_cache(tmp_path, m
         check_model(entry, "torchvision:resnet34")
     with pytest.raises(ValueError, match="unknown torchvision weights"):
         lookup("ResNet18_Weights.NOPE")
+
+
+@pytest.mark.slow
+def test_ray_run_with_a_torchvision_model_equals_single_process_run(photo_dir, tmp_path):
+    ray = pytest.importorskip("ray")
+    from helpers import torch_threads
+
+    from fastfeat.cluster import run_on_ray
+    from fastfeat.extractor import Extractor
+
+    run = dict(model="torchvision:resnet18", weights="random:6", layers="layer2,flatten", batch_size=2,
+               shard_size=3, progress=False, precision="fp32")  # fmt: skip
+    with torch_threads(1):  # the worker's count (cpus_per_worker=1)
+        Extractor(photo_dir, str(tmp_path / "single"), **run).run()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_on_ray(Extractor(photo_dir, str(tmp_path / "ray"), **run), workers=1, cpus_per_worker=1)
+    finally:
+        ray.shutdown()
+    assert summary["complete"]
+    assert read_features(str(tmp_path / "ray")).equals(read_features(str(tmp_path / "single")))
