@@ -374,6 +374,12 @@ def _run_profile(args) -> int:
     from .profile import check_outputs, format_table, plot_profile, profile, write_json
 
     check_outputs(args.json, args.plot)  # fail before minutes of profiling, not after
+    from .zoo import is_zoo_name
+
+    if args.plot and is_zoo_name(args.model):
+        from .errors import ConfigError
+
+        raise ConfigError("--plot draws fastfeat's own networks' layers only; use --json for a library model")
     results = profile(
         model=args.model,
         backends=args.backend,
@@ -387,7 +393,12 @@ def _run_profile(args) -> int:
         cuda_graphs=args.cuda_graphs,
         compile_mode=args.compile_mode,
     )
-    print(format_table(results))
+    if results and "modules" in results[0]:  # a torchvision/timm model: per module (fastfeat.profile_modules)
+        from .profile_modules import format_module_table
+
+        print(format_module_table(results))
+    else:
+        print(format_table(results))
     if args.json:
         write_json(results, args.json)
     if args.plot:

@@ -276,8 +276,6 @@ def profile(
     ``compile_mode``: torch.compile's mode for the compile backend (its default otherwise).
     """
     spec = get_model(model)
-    if getattr(spec, "is_zoo", False):  # its forward is the library's module, not a list of fastfeat's ops
-        raise ValueError(f"fastfeat profile times fastfeat's own networks only, not {model} (docs/models.md)")
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     sizes = parse_batch_sizes(batch_sizes)
@@ -287,6 +285,13 @@ def profile(
     if compile_mode is not None:
         check_compile_mode(compile_mode, "compile" if "compile" in names else names[0])
     tensors = load_weights(spec, weights).tensors
+    if getattr(spec, "is_zoo", False):  # a library's module: a per-module table (fastfeat.profile_modules)
+        if names != ["torch"] or cuda_graphs == "on" or compile_mode is not None:
+            raise ValueError(f"profile of {model} times its modules on --backend torch only, without CUDA graphs")
+        from .profile_modules import profile_modules
+
+        keep_freed_memory()
+        return profile_modules(spec, tensors, dev, precision, sizes, repeat, warmup, weights, log)
     # The same heap behaviour as `fastfeat extract`: without it every CPU op page-faults its output in.
     keep_freed_memory()
 

@@ -306,3 +306,17 @@ def test_ray_run_with_a_torchvision_model_equals_single_process_run(photo_dir, t
         ray.shutdown()
     assert summary["complete"]
     assert read_features(str(tmp_path / "ray")).equals(read_features(str(tmp_path / "single")))
+
+
+def test_profile_times_each_module_of_a_library_model():
+    from fastfeat.profile import profile
+
+    (result,) = profile(model="torchvision:resnet18", batch_sizes="1", repeat=2, warmup=0, precision="fp32",
+                        device="cpu", weights="random:0")  # fmt: skip
+    rows = {r["name"]: r for r in result["modules"]}
+    assert list(rows)[:5] == ["conv1", "bn1", "relu", "maxpool", "layer1.0"] and "(between modules)" in rows
+    assert rows["layer4.1"]["shape"] == [512, 7, 7] and rows["fc"]["shape"] == [1000]
+    assert all(r["ms_median"] > 0 for n, r in rows.items() if n != "(between modules)")
+    assert abs(sum(r["percent"] for r in rows.values()) - 100) < 1
+    with pytest.raises(ValueError, match="--backend torch only"):
+        profile(model="torchvision:resnet18", backends="compile", batch_sizes="1", repeat=1, device="cpu")
