@@ -45,12 +45,12 @@ from make_corpus import make_corpus, make_large_corpus  # noqa: E402
 from results import append, device_name, git_sha, percentiles  # noqa: E402
 
 import fastfeat  # noqa: E402
-from fastfeat.backends import make_backend  # noqa: E402
 from fastfeat.decode import (
     Decoder,  # noqa: E402
     read_image,  # noqa: E402
 )
-from fastfeat.models import get_model  # noqa: E402
+from fastfeat.model_lookup import make_model_backend  # noqa: E402
+from fastfeat.model_lookup import resolve_model as get_model  # noqa: E402
 from fastfeat.runtime import default_precision  # noqa: E402
 from fastfeat.sources import list_items  # noqa: E402
 from fastfeat.weights import load_weights  # noqa: E402
@@ -165,7 +165,7 @@ def model_only(weights, batch_size, precision, iters=8, backend="torch") -> floa
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     net = _NETS.get((backend, precision))
     if net is None:  # built (and compiled) once: the rate is the steady state's
-        net = _NETS[backend, precision] = make_backend(backend, spec, weights, torch.device("cpu"), dtype)
+        net = _NETS[backend, precision] = make_model_backend(backend, spec, weights, torch.device("cpu"), dtype)
     x = torch.randn(batch_size, spec.input_size, spec.input_size, 3, generator=torch.Generator().manual_seed(0))
     for _ in range(2):
         net.forward_intermediates(net.prepare(x), LAYERS)

@@ -24,9 +24,9 @@ def list_lines() -> list[str]:
 
 def show_rows(name: str, pool: str | None, dtype: str) -> list[dict]:
     """One row per tap: name, shape (under --pool; a zoo model's unpooled map too), bytes per image."""
-    from .models import get_model
+    from .model_lookup import resolve_model
 
-    spec = get_model(name, pool)
+    spec = resolve_model(name, pool)
     size = 2 if dtype == "float16" else 4
     rows = []
     raw = getattr(spec, "raw_shapes", None) or spec.shapes()
@@ -41,9 +41,9 @@ def show_rows(name: str, pool: str | None, dtype: str) -> list[dict]:
 
 
 def format_show(name: str, rows: list[dict], pool: str | None, dtype: str) -> str:
-    from .models import get_model
+    from .model_lookup import resolve_model
 
-    spec = get_model(name, pool)
+    spec = resolve_model(name, pool)
     head = [f"{spec.name}: {len(rows)} taps; shapes under --pool {getattr(spec, 'pool', 'none')}, bytes per image "
             f"as --dtype {dtype}"]  # fmt: skip
     if getattr(spec, "is_zoo", False):

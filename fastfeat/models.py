@@ -524,14 +524,8 @@ DEFAULT_LAYERS = ("relu6", "relu7")
 LAYER_ALIASES = {"decaf6": "relu6", "decaf7": "relu7"}
 
 
-def get_model(name: str, pool: str | None = None) -> ModelSpec:
-    """A built-in spec, or for ``torchvision:NAME`` / ``timm:NAME`` a fastfeat.zoo.ZooSpec (``pool``: --pool)."""
-    from .zoo import is_zoo_name, zoo_spec
-
-    if is_zoo_name(name):
-        return zoo_spec(name, pool)
-    if pool is not None:
-        raise ValueError(f"--pool applies to torchvision:NAME and timm:NAME models, not {name!r}")
+def get_model(name: str) -> ModelSpec:
+    """A built-in spec (fastfeat.model_lookup.resolve_model also takes torchvision:NAME / timm:NAME)."""
     try:
         return MODELS[name]
     except KeyError:

@@ -207,7 +207,8 @@ def lookup(source: str | None) -> PublishedWeights | None:
         return PUBLISHED[source]
     from .zoo_weights import is_torchvision_weights_name, torchvision_entry
 
-    return torchvision_entry(source) if is_torchvision_weights_name(source) else None
+    fields = torchvision_entry(source) if is_torchvision_weights_name(source) else None
+    return PublishedWeights(**fields) if fields is not None else None
 
 
 def check_model(entry: PublishedWeights, model: str) -> None:

@@ -70,7 +70,3 @@ class ZooNet(Backend):
             kwargs = {"mode": self.compile_mode} if self.compile_mode else {}
             run = torch.compile(run, dynamic=False, **kwargs)
         return run
-
-
-def make_zoo_backend(name: str, spec, tensors, device, dtype, compile_mode: str | None = None) -> ZooNet:
-    return ZooNet(spec, tensors, device, dtype, backend=name, compile_mode=compile_mode)

@@ -1,5 +1,5 @@
 """torchvision's published weights by their own names (``--weights ResNet50_Weights.IMAGENET1K_V2``) as
-entries of fastfeat.published, so they go through the same verified cache: torchvision names every file
+entries of fastfeat.published (which builds its PublishedWeights from the fields returned here), so they go through the same verified cache: torchvision names every file
 ``<name>-<first hex digits of its sha256>.pth`` (torch.hub checks that prefix; so does fastfeat) and
 publishes its size in MiB (``meta["_file_size"]``); ``$FASTFEAT_WEIGHTS_MIRROR`` replaces the origin.
 
@@ -12,8 +12,6 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from .published import PublishedWeights
-
 _TORCHVISION_NAME = re.compile(r"^[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+$")
 _HASHED_FILE = re.compile(r"-([0-9a-f]{8,})\.pth$")
 
@@ -23,8 +21,8 @@ def is_torchvision_weights_name(source: str | None) -> bool:
 
 
 @lru_cache(maxsize=64)
-def torchvision_entry(source: str) -> PublishedWeights | None:
-    """The entry for ``ResNet50_Weights.IMAGENET1K_V2`` (any torchvision weights enum member), or None when
+def torchvision_entry(source: str) -> dict | None:
+    """The PublishedWeights fields for ``ResNet50_Weights.IMAGENET1K_V2`` (any torchvision weights enum member), or None when
     ``source`` is not one; ValueError (one line) for a name torchvision does not know or a file without a
     hash in its name."""
     if not is_torchvision_weights_name(source):
@@ -41,7 +39,7 @@ def torchvision_entry(source: str) -> PublishedWeights | None:
     size_mib = weights.meta.get("_file_size")
     if digest is None or size_mib is None:
         raise ValueError(f"torchvision weights {source}: {file} carries no sha256 prefix or size to check")
-    return PublishedWeights(
+    return dict(
         name=source,
         model=f"torchvision:{archs[0]}" if archs else "torchvision:?",
         url=weights.url,

@@ -16,7 +16,7 @@ import torch
 from helpers import column_matrix, read_features
 
 from fastfeat.errors import ConfigError
-from fastfeat.models import get_model
+from fastfeat.model_lookup import resolve_model as get_model
 
 TIMM_MODELS = ("timm:vit_tiny_patch16_224", "timm:convnext_atto")
 # DALI's resize (antialiased linear / cubic) against torchvision's/timm's PIL transforms, per image
@@ -55,7 +55,7 @@ def _library_reference(spec, module, x):
 @pytest.mark.parametrize("name", ["torchvision:resnet18", *TIMM_MODELS])
 def test_network_part_equals_library_forward(name):
     _needs(name)
-    from fastfeat.backends import make_backend
+    from fastfeat.model_lookup import make_model_backend as make_backend
 
     spec = get_model(name)
     weights, module = _module(spec)
@@ -142,7 +142,7 @@ def test_models_show_lists_taps_with_shapes():
     none = {r["name"]: r for r in show_rows("torchvision:resnet18", "none", "float32")}
     assert none["layer3"]["shape"] == [256, 14, 14] and none["layer3"]["bytes_per_image"] == 256 * 14 * 14 * 4
     # The shapes listed are what the forward pass returns.
-    from fastfeat.backends import make_backend
+    from fastfeat.model_lookup import make_model_backend as make_backend
 
     spec = get_model("torchvision:resnet18", "none")
     weights, _ = _module(spec)

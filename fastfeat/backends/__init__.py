@@ -45,10 +45,6 @@ def make_backend(
     why = cls.unavailable(device)
     if why is not None:
         raise ConfigError(f"backend {name!r} is not available: {why}")
-    if getattr(spec, "is_zoo", False):  # a torchvision/timm model runs its own module (fastfeat.zoo_net)
-        from ..zoo_net import make_zoo_backend
-
-        return make_zoo_backend(name, spec, tensors, device, dtype, compile_mode=compile_mode)
     if compile_mode is None:
         return cls(spec, tensors, device, dtype)
     if not getattr(cls, "takes_compile_mode", False):

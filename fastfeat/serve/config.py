@@ -16,7 +16,8 @@ from ..backends import backend_names
 from ..errors import ConfigError
 from ..graphs import check_cuda_graphs
 from ..means import check_mean_file
-from ..models import get_model, parse_layers
+from ..model_lookup import resolve_model
+from ..models import parse_layers
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DEFAULT_MAX_BODY_MB = 32.0  # a few dozen phone photos per request; raise it for bigger multi-image posts
@@ -69,7 +70,7 @@ class ServeConfig:
 def check_serve_config(cfg: ServeConfig) -> list[str]:
     """The served layers in forward order; ConfigError (one line) for anything wrong."""
     try:
-        spec = get_model(cfg.model, cfg.pool)
+        spec = resolve_model(cfg.model, cfg.pool)
         # A torchvision/timm model has no relu7: the default there is its own pooled feature.
         zoo_default = getattr(spec, "is_zoo", False) and cfg.layers == "relu7"
         layers = parse_layers(spec, None if zoo_default else cfg.layers)
