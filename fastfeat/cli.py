@@ -315,7 +315,11 @@ def _add_weights(sub) -> None:
     lp = wsub.add_parser("list", help="names, model, size, checksum, source URL, and whether each is cached (where)")
     lp.add_argument("--json", action="store_true", help="print the list as JSON")
     dp = wsub.add_parser("download", help="download and check published weights now (e.g. before going offline)")
-    dp.add_argument("names", nargs="+", help=f"one or more of {', '.join(PUBLISHED)}")
+    dp.add_argument(
+        "names",
+        nargs="+",
+        help=f"one or more of {', '.join(PUBLISHED)}, or torchvision weights names (ResNet50_Weights.IMAGENET1K_V2)",
+    )
 
 
 def _run_weights(args) -> int:
