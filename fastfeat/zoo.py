@@ -230,7 +230,3 @@ def zoo_spec(name: str, pool: str | None = None) -> ZooSpec:
         state_shapes={k: tuple(v.shape) for k, v in module.state_dict().items()}, module_kinds=tuple(kinds),
         description=f"{library} {arch}",
     )  # fmt: skip
-
-
-def tap_bytes(shape: tuple[int, ...], dtype: str = "float16") -> int:
-    return math.prod(shape) * (2 if dtype == "float16" else 4)
