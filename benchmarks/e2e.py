@@ -14,8 +14,13 @@ Compared, on the same JPEG corpora (benchmarks/make_corpus.py: ImageNet-like, an
                same ops, Inductor-fused, weights pre-packed), the best CPU engine fastfeat has to beat.
 
     python benchmarks/e2e.py --count 512 --large-count 192 --repeats 3
+    python benchmarks/e2e.py --model resnet50        # torchvision:resnet50, its pooled feature (flatten)
 
-Writes benchmarks/results/e2e_<device>.json and appends to benchmarks/results/results.csv.
+``--model resnet50``: fastfeat runs ``--model torchvision:resnet50 --layers flatten`` (preprocessing from
+ResNet50_Weights.DEFAULT.transforms(): resize 232, crop 224); the textbook pipeline is that transforms()
+object in the DataLoader and torchvision's resnet50 eager up to ``flatten``.
+
+Writes benchmarks/results/e2e_<device>.json (``e2e_<device>_resnet50.json`` for ResNet-50) and appends to benchmarks/results/results.csv.
 Never run two benchmarks at once on a 2-core machine.
 """
 
@@ -40,17 +45,19 @@ from make_corpus import make_corpus, make_large_corpus  # noqa: E402
 from results import append, device_name, git_sha, percentiles  # noqa: E402
 
 import fastfeat  # noqa: E402
-from fastfeat.backends import make_backend  # noqa: E402
 from fastfeat.decode import (
     Decoder,  # noqa: E402
     read_image,  # noqa: E402
 )
-from fastfeat.models import get_model  # noqa: E402
+from fastfeat.model_lookup import make_model_backend  # noqa: E402
+from fastfeat.model_lookup import resolve_model as get_model  # noqa: E402
 from fastfeat.runtime import default_precision  # noqa: E402
 from fastfeat.sources import list_items  # noqa: E402
 from fastfeat.weights import load_weights  # noqa: E402
 
 MODEL, WEIGHTS, LAYERS = "alexnet", "random:0", ["relu6", "relu7"]
+# --model: (fastfeat's model name, the layers both pipelines compute)
+BENCH_MODELS = {"alexnet": ("alexnet", ["relu6", "relu7"]), "resnet50": ("torchvision:resnet50", ["flatten"])}
 
 
 class _PILDataset(torch.utils.data.Dataset):
@@ -58,6 +65,11 @@ class _PILDataset(torch.utils.data.Dataset):
         from torchvision import transforms
 
         self.paths = paths
+        if MODEL == "torchvision:resnet50":  # the library's own preprocessing of the architecture
+            from torchvision.models import ResNet50_Weights
+
+            self.tf = ResNet50_Weights.DEFAULT.transforms()
+            return
         self.tf = transforms.Compose(
             [
                 transforms.Resize(256),
@@ -77,7 +89,26 @@ class _PILDataset(torch.utils.data.Dataset):
             return self.tf(im.convert("RGB"))
 
 
+def textbook_resnet50(paths, state, batch_size, workers) -> float:
+    from torchvision.models import resnet50
+
+    net = resnet50(weights=None)
+    net.load_state_dict(state)
+    net.eval()
+    body = torch.nn.Sequential(*list(net.children())[:-1])  # up to avgpool, then flatten
+    loader = torch.utils.data.DataLoader(_PILDataset(paths), batch_size=batch_size, num_workers=workers)
+    t0 = time.perf_counter()
+    n = 0
+    with torch.no_grad():
+        for x in loader:
+            _ = torch.flatten(body(x), 1).numpy()
+            n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
 def textbook(paths, state, batch_size, workers) -> float:
+    if MODEL == "torchvision:resnet50":
+        return textbook_resnet50(paths, state, batch_size, workers)
     from torchvision.models import alexnet
 
     net = alexnet(weights=None)
@@ -134,7 +165,7 @@ def model_only(weights, batch_size, precision, iters=8, backend="torch") -> floa
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     net = _NETS.get((backend, precision))
     if net is None:  # built (and compiled) once: the rate is the steady state's
-        net = _NETS[backend, precision] = make_backend(backend, spec, weights, torch.device("cpu"), dtype)
+        net = _NETS[backend, precision] = make_model_backend(backend, spec, weights, torch.device("cpu"), dtype)
     x = torch.randn(batch_size, spec.input_size, spec.input_size, 3, generator=torch.Generator().manual_seed(0))
     for _ in range(2):
         net.forward_intermediates(net.prepare(x), LAYERS)
@@ -154,7 +185,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", choices=tuple(BENCH_MODELS), default="alexnet")
     args = ap.parse_args()
+    global MODEL, LAYERS
+    MODEL, LAYERS = BENCH_MODELS[args.model]
 
     made = []
     corpora = {}
@@ -175,7 +209,7 @@ def main() -> None:
         ),
     }
     result = {
-        "benchmark": f"end-to-end img/s, {MODEL} relu6+relu7, batch {args.batch_size}",
+        "benchmark": f"end-to-end img/s, {MODEL} {'+'.join(LAYERS)}, batch {args.batch_size}",
         "device": device_name("cpu"),
         "machine": {
             "cpus": os.cpu_count(),
@@ -254,7 +288,8 @@ def main() -> None:
     result["load_after"] = os.getloadavg()[0]
     print(json.dumps(result, indent=1))
     tag = "cuda" if torch.cuda.is_available() else "cpu"
-    with open(os.path.join(os.path.dirname(__file__), "results", f"e2e_{tag}.json"), "w") as f:
+    suffix = "" if args.model == "alexnet" else f"_{args.model}"
+    with open(os.path.join(os.path.dirname(__file__), "results", f"e2e_{tag}{suffix}.json"), "w") as f:
         json.dump(result, f, indent=1)
     append(rows)
     for folder in made:

@@ -10,7 +10,8 @@ from .backends import backend_names
 from .errors import ConfigError
 from .graphs import check_cuda_graphs
 from .means import check_mean_file
-from .models import DECODE_MODES, DEFAULT_DECODE, ModelSpec, get_model, parse_layers
+from .model_lookup import resolve_model
+from .models import DECODE_MODES, DEFAULT_DECODE, ModelSpec, parse_layers
 from .published import WEIGHTS_CHOICES, check_model, download_url
 from .published import lookup as lookup_published
 from .sinks import format_names
@@ -55,13 +56,16 @@ def check_arguments(
     mean_file: str | None = None,
     cuda_graphs: str = "auto",
     compile_mode: str | None = None,
+    pool: str | None = None,
 ) -> tuple[ModelSpec, list[str]]:
     """The model spec and the requested layers in forward order; ConfigError for anything wrong."""
     try:
-        spec = get_model(model)
+        spec = resolve_model(model, pool)
         names = parse_layers(spec, layers)
     except (ValueError, KeyError) as exc:
         raise ConfigError(str(exc).strip("'\"")) from None
+    if getattr(spec, "is_zoo", False) and backend == "triton":
+        raise ConfigError(spec.triton_refusal())
     check_mean_file(mean_file, spec.preprocess, spec.name)
     for flag, value in (("batch-size", batch_size), ("shard-size", shard_size), ("threads", num_threads),
                         ("max-pixels", max_pixels)):  # fmt: skip

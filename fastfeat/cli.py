@@ -50,6 +50,9 @@ def _compact(names: list[str]) -> str:
     return " ".join(parts)
 
 
+MODEL_HELP = f"one of {', '.join(MODELS)} (default caffenet), or torchvision:NAME / timm:NAME (docs/models.md)"
+
+
 def _layer_names_help() -> str:
     """Every registered model's layer names, compactly (for --layers)."""
     return "; ".join(f"{name}: {_compact(spec.layer_names)}" for name, spec in MODELS.items())
@@ -74,7 +77,7 @@ def _add_extract(sub) -> None:
         help="extract the few freely licensed photos shipped with fastfeat (fastfeat.samples) instead of SRC",
     )
     p.add_argument("--out", required=True, help="output directory for the shards, manifest.json, errors.parquet")
-    p.add_argument("--model", default="caffenet", help=f"one of {', '.join(MODELS)} (default caffenet)")
+    p.add_argument("--model", default="caffenet", help=MODEL_HELP)
     p.add_argument(
         "--weights",
         required=True,
@@ -82,9 +85,16 @@ def _add_extract(sub) -> None:
     )
     p.add_argument(
         "--layers",
-        default=",".join(DEFAULT_LAYERS),
-        help="comma-separated layer names (default relu6,relu7); DeCAF6 = relu6, DeCAF7 = relu7 "
+        default=None,
+        help=f"comma-separated layer names (default {','.join(DEFAULT_LAYERS)}; for torchvision:/timm: models its "
+        "pooled feature, see `fastfeat models show NAME`); DeCAF6 = relu6, DeCAF7 = relu7 "
         f"(aliases decaf6, decaf7). Layers: {_layer_names_help()}",
+    )
+    p.add_argument(
+        "--pool",
+        default=None,
+        help="torchvision:/timm: models only: avg (default), max, cls (a ViT's class token) or none (the whole map, "
+        "flattened) for each tapped layer (docs/models.md)",
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default %(default)s)")
     p.add_argument(
@@ -221,7 +231,7 @@ def _run_extract(args, argv: list[str]) -> int:
         dtype=args.dtype, max_pixels=args.max_pixels, num_threads=args.threads, num_shards=args.num_shards,
         shard_index=args.shard_index, format=args.format, max_error_rate=args.max_error_rate,
         augment=args.augment, augment_reduce=args.augment_reduce, decode=args.decode, cuda_graphs=args.cuda_graphs,
-        compile_mode=args.compile_mode,
+        compile_mode=args.compile_mode, pool=args.pool,
     )  # fmt: skip
     source = _extract_source(args.source, args.sample)
     if args.read_retries < 0:
@@ -305,7 +315,11 @@ def _add_weights(sub) -> None:
     lp = wsub.add_parser("list", help="names, model, size, checksum, source URL, and whether each is cached (where)")
     lp.add_argument("--json", action="store_true", help="print the list as JSON")
     dp = wsub.add_parser("download", help="download and check published weights now (e.g. before going offline)")
-    dp.add_argument("names", nargs="+", help=f"one or more of {', '.join(PUBLISHED)}")
+    dp.add_argument(
+        "names",
+        nargs="+",
+        help=f"one or more of {', '.join(PUBLISHED)}, or torchvision weights names (ResNet50_Weights.IMAGENET1K_V2)",
+    )
 
 
 def _run_weights(args) -> int:
@@ -334,7 +348,7 @@ def _add_profile(sub) -> None:
         help="time every layer of the forward pass (DeCAF Figure 3)",
         description="Time each op of the forward pass on random images; print a per-layer table.",
     )
-    p.add_argument("--model", default="caffenet", help=f"one of {', '.join(MODELS)} (default caffenet)")
+    p.add_argument("--model", default="caffenet", help=MODEL_HELP)
     p.add_argument(
         "--backend", default="torch", help=f"{', '.join(backend_names())} or all, comma-separated (default torch)"
     )
@@ -364,6 +378,12 @@ def _run_profile(args) -> int:
     from .profile import check_outputs, format_table, plot_profile, profile, write_json
 
     check_outputs(args.json, args.plot)  # fail before minutes of profiling, not after
+    from .zoo import is_zoo_name
+
+    if args.plot and is_zoo_name(args.model):
+        from .errors import ConfigError
+
+        raise ConfigError("--plot draws fastfeat's own networks' layers only; use --json for a library model")
     results = profile(
         model=args.model,
         backends=args.backend,
@@ -377,7 +397,12 @@ def _run_profile(args) -> int:
         cuda_graphs=args.cuda_graphs,
         compile_mode=args.compile_mode,
     )
-    print(format_table(results))
+    if results and "modules" in results[0]:  # a torchvision/timm model: per module (fastfeat.profile_modules)
+        from .profile_modules import format_module_table
+
+        print(format_module_table(results))
+    else:
+        print(format_table(results))
     if args.json:
         write_json(results, args.json)
     if args.plot:
@@ -392,9 +417,12 @@ def _add_serve(sub) -> None:
         description="Answer POST /v1/features (and /v1/neighbors with --index) with the features extract "
         "computes, coalescing concurrent requests into batches; a page at / (see README, Serving features).",
     )
-    p.add_argument("--model", default="caffenet", help=f"one of {', '.join(MODELS)} (default caffenet)")
+    p.add_argument("--model", default="caffenet", help=MODEL_HELP)
     p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("--layers", default="relu7", help="comma-separated layers computed for every image (default relu7)")
+    p.add_argument(
+        "--pool", default=None, help="torchvision:/timm: models: avg (default), max, cls or none (docs/models.md)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
@@ -453,7 +481,7 @@ def _run_serve(args) -> int:
     cfg = ServeConfig(
         model=args.model, weights=args.weights, layers=args.layers, host=args.host, port=args.port,
         device=args.device, precision=args.precision, backend=args.backend, cuda_graphs=args.cuda_graphs,
-        compile_mode=args.compile_mode, dtype=args.dtype,
+        compile_mode=args.compile_mode, dtype=args.dtype, pool=args.pool,
         max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
         max_body_mb=args.max_body_mb, max_pixels=args.max_pixels, mean_file=args.mean_file, threads=args.threads,
         index=args.index, index_layer=args.index_layer,
@@ -653,7 +681,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot(sub)
     _add_serve(sub)
     _add_weights(sub)
+    _add_models(sub)
     return parser
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser(
+        "models",
+        help="the built-in networks, and every tap of a network (torchvision:NAME, timm:NAME too) with its shape",
+        description="List the networks --model takes, or show one network's taps (--layers names) with each "
+        "one's per-image shape and size in bytes per image (docs/models.md).",
+    )
+    msub = p.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
+    msub.add_parser("list", help="the built-in networks, and how to name any torchvision or timm model")
+    sp = msub.add_parser("show", help="every tap of NAME with its output shape and bytes per image")
+    sp.add_argument("name", help="a built-in network, torchvision:NAME or timm:NAME")
+    sp.add_argument(
+        "--pool", default=None, help="torchvision:/timm: models: the shapes under this --pool (default avg)"
+    )
+    sp.add_argument("--dtype", default="float16", help="bytes per image as stored in this dtype (default float16)")
+    sp.add_argument("--json", action="store_true", help="print the taps as JSON")
+
+
+def _run_models(args) -> int:
+    from .errors import ConfigError
+    from .model_listing import format_show, list_lines, show_rows
+
+    if args.models_command == "list":
+        print("\n".join(list_lines()))
+        return 0
+    if args.dtype not in ("float16", "float32"):
+        raise ConfigError(f"unknown --dtype {args.dtype!r}; choose float16 or float32")
+    try:
+        rows = show_rows(args.name, args.pool, args.dtype)
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(str(exc).strip("'\"")) from None
+    print(json.dumps(rows, indent=1) if args.json else format_show(args.name, rows, args.pool, args.dtype))
+    return 0
 
 
 def _add_verify(sub) -> None:
@@ -728,6 +792,8 @@ def _dispatch(args, argv: list[str]) -> int:
         return _run_serve(args)
     if args.command == "weights":
         return _run_weights(args)
+    if args.command == "models":
+        return _run_models(args)
     return 2
 
 

@@ -197,6 +197,10 @@ class Decoder:
             # Per-sample geometry computed on the host from the header (see ``geometry``), so that
             # output sizes and crop offsets follow Caffe's / torchvision's integer arithmetic exactly.
             order = types.BGR if pre.channel_order == "BGR" else types.RGB
+            # A torchvision/timm model's own resampling (its config's interpolation; fastfeat.zoo).
+            interp = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}[
+                getattr(pre, "interpolation", "linear")
+            ]
             if raw:
                 images = encoded.gpu() if on_gpu else encoded
             else:
@@ -209,7 +213,7 @@ class Decoder:
                 end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
                 images = fn.resize(
                     images, size=[float(pre.crop)] * 2, roi_start=start, roi_end=end, roi_relative=False,
-                    antialias=pre.style != "caffe",
+                    antialias=pre.style != "caffe", interp_type=interp,
                 )  # fmt: skip
                 (view,) = self.views
                 crop = fn.crop_mirror_normalize(
@@ -219,7 +223,7 @@ class Decoder:
             size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
             pos_y = fn.external_source(name="pos_y", dtype=types.FLOAT, ndim=0)
             pos_x = fn.external_source(name="pos_x", dtype=types.FLOAT, ndim=0)
-            images = fn.resize(images, size=size, antialias=pre.style != "caffe")
+            images = fn.resize(images, size=size, antialias=pre.style != "caffe", interp_type=interp)
             # Every view is cropped from the same resized image: one decode and one resize per image.
             # A corner's relative position is 0 or 1 (DALI's anchor round(pos * (size - crop)) is then exact).
             crops = [

@@ -51,7 +51,7 @@ class Extractor:
         shard_index: int = 0, format: str = DEFAULT_FORMAT, append: bool = False, strict: bool = False,
         max_error_rate: float | None = None, augment: str = DEFAULT_AUGMENT, augment_reduce: str = "mean",
         decode: str = DEFAULT_DECODE, cuda_graphs: str = "auto", compile_mode: str | None = None,
-        read_retries: int = DEFAULT_READ_RETRIES,
+        read_retries: int = DEFAULT_READ_RETRIES, pool: str | None = None,
     ):  # fmt: skip
         self.started = time.perf_counter()
         self.spec, self.layers = check_arguments(
@@ -59,7 +59,7 @@ class Extractor:
             precision=precision, device=device, backend=backend, format=format, max_pixels=max_pixels,
             num_threads=num_threads, num_shards=num_shards, shard_index=shard_index, max_error_rate=max_error_rate,
             augment=augment, augment_reduce=augment_reduce, decode=decode, mean_file=mean_file,
-            cuda_graphs=cuda_graphs, compile_mode=compile_mode,
+            cuda_graphs=cuda_graphs, compile_mode=compile_mode, pool=pool,
         )  # fmt: skip
         self.decode_mode = decode  # before run_metadata, which records it
         if not isinstance(read_retries, int) or read_retries < 0:

@@ -35,9 +35,10 @@ class Preprocess:
     channel_order: str  # "BGR" or "RGB"
     mean: tuple[float, float, float]  # in 0..255 pixel units, in channel_order
     std: tuple[float, float, float]  # in 0..255 pixel units
+    interpolation: str = "linear"  # the resize's: linear, cubic or nearest (timm/torchvision model configs)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "style": self.style,
             "resize": self.resize,
             "crop": self.crop,
@@ -45,6 +46,9 @@ class Preprocess:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.interpolation != "linear":  # recorded where it is not the default: older metadata stays equal
+            out["interpolation"] = self.interpolation
+        return out
 
 
 @dataclass(frozen=True)
@@ -521,16 +525,21 @@ LAYER_ALIASES = {"decaf6": "relu6", "decaf7": "relu7"}
 
 
 def get_model(name: str) -> ModelSpec:
+    """A built-in spec (fastfeat.model_lookup.resolve_model also takes torchvision:NAME / timm:NAME)."""
     try:
         return MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}") from None
+        raise ValueError(
+            f"unknown model {name!r}; choose from {', '.join(MODELS)}, torchvision:NAME or timm:NAME"
+        ) from None
 
 
 def parse_layers(spec: ModelSpec, layers: str | list[str] | tuple[str, ...] | None) -> list[str]:
     """Validate requested layer names; returns them in forward order, deduplicated.
 
     The aliases decaf6/decaf7 (any case) name relu6/relu7 of every model that has them."""
+    if getattr(spec, "is_zoo", False):  # a torchvision/timm model's own tap names (fastfeat.zoo)
+        return spec.parse_layers(layers)
     if layers is None:
         names = list(DEFAULT_LAYERS)
     elif isinstance(layers, str):

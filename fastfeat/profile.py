@@ -27,7 +27,8 @@ from .backends import backend_names, make_backend, unavailable_reason
 from .backends.compile_backend import recorded_mode
 from .backends.plan import Op
 from .graphs import GraphForward, resolve_cuda_graphs
-from .models import ModelSpec, get_model
+from .model_lookup import resolve_model
+from .models import ModelSpec
 from .profile_noise import load_average, timing_quality
 from .profile_report import TYPE_ORDER, check_outputs, format_table, plot_profile, write_json
 from .runtime import PRECISIONS, device_name, git_sha, keep_freed_memory, resolve_device, resolve_precision
@@ -275,7 +276,7 @@ def profile(
     ``graph_forward_ms``, the whole forward pass replayed as one CUDA graph (CUDA events, median).
     ``compile_mode``: torch.compile's mode for the compile backend (its default otherwise).
     """
-    spec = get_model(model)
+    spec = resolve_model(model)
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     sizes = parse_batch_sizes(batch_sizes)
@@ -285,6 +286,13 @@ def profile(
     if compile_mode is not None:
         check_compile_mode(compile_mode, "compile" if "compile" in names else names[0])
     tensors = load_weights(spec, weights).tensors
+    if getattr(spec, "is_zoo", False):  # a library's module: a per-module table (fastfeat.profile_modules)
+        if names != ["torch"] or cuda_graphs == "on" or compile_mode is not None:
+            raise ValueError(f"profile of {model} times its modules on --backend torch only, without CUDA graphs")
+        from .profile_modules import profile_modules
+
+        keep_freed_memory()
+        return profile_modules(spec, tensors, dev, precision, sizes, repeat, warmup, weights, log)
     # The same heap behaviour as `fastfeat extract`: without it every CPU op page-faults its output in.
     keep_freed_memory()
 

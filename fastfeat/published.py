@@ -199,11 +199,24 @@ WEIGHTS_CHOICES = (
 
 
 def lookup(source: str | None) -> PublishedWeights | None:
-    """The registered entry named ``source``, or None (a file path or ``random:SEED``)."""
-    return PUBLISHED.get(source) if source else None
+    """The registered entry named ``source`` (or a torchvision weights name, fastfeat.zoo_weights), or None
+    (a file path or ``random:SEED``)."""
+    if not source:
+        return None
+    if source in PUBLISHED:
+        return PUBLISHED[source]
+    from .zoo_weights import is_torchvision_weights_name, torchvision_entry
+
+    fields = torchvision_entry(source) if is_torchvision_weights_name(source) else None
+    return PublishedWeights(**fields) if fields is not None else None
 
 
 def check_model(entry: PublishedWeights, model: str) -> None:
+    if entry.model.startswith("torchvision:") and model.startswith("torchvision:"):
+        import torchvision.models as tvm  # the same weights enum serves e.g. resnet50 under several names
+
+        if tvm.get_model_weights(model.split(":", 1)[1]) is type(tvm.get_weight(entry.name)):
+            return
     if entry.model != model:
         raise ConfigError(
             f"--weights {entry.name} are {entry.model} weights, not {model}: add --model {entry.model} "

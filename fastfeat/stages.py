@@ -130,15 +130,15 @@ def build_stages(
     float32 and casts per request as extract casts its rows).  ``pad_short_batches``: run a short batch
     padded to ``batch_size`` (see fastfeat.forward.Forward); the server, whose batches are short by design,
     pads its own way."""
-    from .backends import make_backend
     from .decode import Decoder
     from .forward import Forward
+    from .model_lookup import make_model_backend
     from .runtime import PRECISIONS, keep_freed_memory, make_current
 
     raise_pillow_limit(options.max_pixels)
     keep_freed_memory()
     make_current(options.device)  # cuda:N: weights, the decoder and any device-less CUDA call go to N
-    net = make_backend(
+    net = make_model_backend(
         options.backend, options.spec, tensors, options.device, PRECISIONS[options.precision],
         compile_mode=options.compile_mode,
     )  # fmt: skip
@@ -199,4 +199,6 @@ def features_metadata(
         "layers": {n: list(shapes[n]) for n in layers},
         "layer_order": "C,H,W (conv layers flattened in C×H×W order)",
         "versions": library_versions(),
+        # A torchvision/timm model: its library, architecture, --pool and where its preprocessing came from.
+        **({"model_config": spec.config()} if getattr(spec, "is_zoo", False) else {}),
     }

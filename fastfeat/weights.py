@@ -50,6 +50,8 @@ def random_weights(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
     The scale keeps activations O(1) through every layer so that random-weight
     features are realistic inputs for benchmarks and precision tests.
     """
+    if getattr(spec, "is_zoo", False):  # a torchvision/timm model: the library's own initialisation
+        return spec.random_state(seed)
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for key, shape in spec.param_shapes().items():
@@ -157,7 +159,9 @@ def validate_state_dict(spec: ModelSpec, state: dict[str, torch.Tensor], origin:
                 raise WeightsError(
                     f"{origin}: key {key!r} has shape {tuple(t.shape)}, model {spec.name!r} expects {shape}"
                 )
-        out[key] = t.detach().to(torch.float32).contiguous()
+        # Integer buffers (BatchNorm's num_batches_tracked) keep their dtype.
+        floating = t.is_floating_point()
+        out[key] = t.detach().to(torch.float32 if floating else t.dtype).contiguous()
     return out
 
 

@@ -16,7 +16,8 @@ from ..backends import backend_names
 from ..errors import ConfigError
 from ..graphs import check_cuda_graphs
 from ..means import check_mean_file
-from ..models import get_model, parse_layers
+from ..model_lookup import resolve_model
+from ..models import parse_layers
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DEFAULT_MAX_BODY_MB = 32.0  # a few dozen phone photos per request; raise it for bigger multi-image posts
@@ -41,6 +42,7 @@ class ServeConfig:
     backend: str = "torch"
     cuda_graphs: str = "auto"  # auto, on or off (fastfeat.graphs)
     compile_mode: str | None = None  # torch.compile's mode for the compile backend (None: its default)
+    pool: str | None = None  # --pool of a torchvision:/timm: model (fastfeat.zoo; None: avg)
     dtype: str = "float32"  # the responses' default (``?dtype=`` overrides per request)
     max_batch: int = 64
     max_delay_ms: float = 5.0
@@ -68,8 +70,10 @@ class ServeConfig:
 def check_serve_config(cfg: ServeConfig) -> list[str]:
     """The served layers in forward order; ConfigError (one line) for anything wrong."""
     try:
-        spec = get_model(cfg.model)
-        layers = parse_layers(spec, cfg.layers)
+        spec = resolve_model(cfg.model, cfg.pool)
+        # A torchvision/timm model has no relu7: the default there is its own pooled feature.
+        zoo_default = getattr(spec, "is_zoo", False) and cfg.layers == "relu7"
+        layers = parse_layers(spec, None if zoo_default else cfg.layers)
     except (ValueError, KeyError) as exc:
         raise ConfigError(str(exc).strip("'\"")) from None
     check_mean_file(cfg.mean_file, spec.preprocess, spec.name)

@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..extractor import weights_identity
 from ..graphs import resolve_cuda_graphs
 from ..header import DEFAULT_MAX_PIXELS
-from ..models import get_model
+from ..model_lookup import resolve_model
 from ..runtime import resolve_device, resolve_precision
 from ..stages import StageOptions, build_stages, mean_for
 from ..weights import load_weights
@@ -25,7 +25,7 @@ class Engine:
     """Loads the model once; ``check`` runs in request handlers, ``decode``/``forward`` in the batcher's threads."""
 
     def __init__(self, cfg: ServeConfig, layers: list[str]):
-        self.spec, self.layers = get_model(cfg.model), layers
+        self.spec, self.layers = resolve_model(cfg.model, cfg.pool), layers
         self.max_pixels = cfg.max_pixels or DEFAULT_MAX_PIXELS
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
