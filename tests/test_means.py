@@ -61,9 +61,7 @@ def test_help_names_the_accepted_shapes(capsys):
 @pytest.mark.parametrize("model", ["alexnet", "vgg16"])
 def test_mean_file_with_a_mean_std_model_is_refused(model, tmp_path):
     mean_file = _save(tmp_path, [104, 117, 123])
-    with pytest.raises(
-        ConfigError, match=r"--mean-file is a Caffe-style mean .* normalises with a mean and std of its own"
-    ):
+    with pytest.raises(ConfigError, match=r"--mean-file is a Caffe-style mean .* normalises with a mean and std of its own"):
         check_mean_file(mean_file, get_model(model).preprocess, model)
     check_mean_file(mean_file, get_model("caffenet").preprocess, "caffenet")  # accepted
     check_mean_file(None, get_model(model).preprocess, model)  # no mean file: nothing to refuse
