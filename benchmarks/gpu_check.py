@@ -34,6 +34,11 @@ one batch size, say) and writes the JSON after it, so a run cut short keeps ever
               disk (AlexNet relu6+relu7; triton with CUDA graphs, then torch) with the stage breakdown,
               and relu7 of GPU-decoded against CPU-decoded images (256); on its own it fits one call:
               ``--steps e2e --budget-s 420``.  The dry run: 24 images, the tiny AlexNet, CPU decoders;
+6c. paths     the other GPU paths, each once, as the user runs them (subprocesses, each capped): fastfeat
+              serve at saturation against extract on the same images (benchmarks/serve_load.py, one
+              repeat), fastfeat probe --engine torch on the device, extract --ray with one GPU actor
+              (where Ray is installed), extract --augment 10crop; rc, seconds and img/s of each, the
+              output's tail when one fails.  Dry run: CPU, 40 images, no Ray (minutes to start here);
 7. compile    torch.compile (Inductor, max-autotune): whole forward img/s, then per-layer times; last,
               because it autotunes every conv and GEMM per batch size.
 
@@ -80,13 +85,13 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 from checkout import make_importable  # noqa: E402
 
-STEPS = ("tests", "agreement", "layers", "forward", "roofline", "graphs", "native", "decode", "e2e", "compile")
+STEPS = ("tests", "agreement", "layers", "forward", "roofline", "graphs", "native", "decode", "e2e", "paths", "compile")
 # Steps a dry run leaves out unless --steps names them: they need a GPU.
 GPU_ONLY_STEPS = ("native",)
 # Steps a dry run runs only when --steps names them: graphs interprets the whole tiny network a dozen
 # times (minutes on the 2-core box; tests/test_gpu_readiness.py runs it on its own); e2e spawns the corpus
 # writers and a whole extract (its own test too).
-DRY_OPT_IN_STEPS = ("graphs", "e2e")
+DRY_OPT_IN_STEPS = ("graphs", "e2e", "paths")
 # The prebuilt native library and benchmark (CMakeLists.txt copies the library next to fastfeat.kernels;
 # the benchmark stays in the build directory, beside its own copy of the library).
 NATIVE_LIB = os.path.join(ROOT, "kernels", "libfastfeat_kernels.so")
@@ -1058,6 +1063,121 @@ def _relu7_difference(spec, tensors, pre, dev, encoded, sizes, cfg: Settings) ->
     return result
 
 
+# -- step 6c: the other GPU paths ---------------------------------------------------------------------------
+PATH_UNITS = (
+    ("extract", 120),
+    ("augment 10crop", 150),
+    ("probe torch", 120),
+    ("ray 1 gpu actor", 240),
+    ("serve vs extract", 240),
+)  # fmt: skip  (unit, cap in seconds)
+
+
+def _fastfeat_cli(*args: str) -> list[str]:
+    """``fastfeat ARGS`` from this checkout (the device machine has no installed fastfeat)."""
+    boot = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from checkout import make_importable; make_importable(); "
+        "from fastfeat.cli import main; sys.exit(main(sys.argv[2:]))"
+    )
+    return [sys.executable, "-c", boot, BENCH, *args]
+
+
+def paths_step(rec: dict, cfg: Settings, budget: Budget, report: Report, work_dir: str | None) -> None:
+    import shutil
+
+    from make_corpus import make_corpus
+
+    root = tempfile.mkdtemp(prefix="gpu_check-paths-", dir=work_dir)
+    corpus = os.path.join(root, "corpus")
+    count = 40 if cfg.dry_run else 2000
+    rec["corpus"] = make_corpus(corpus, count)  # 10 class folders: probe has labels
+    batch = "4" if cfg.dry_run else "256"
+    common = ["--model", "alexnet", "--weights", "random:0", "--layers", "relu7", "--batch-size", batch,
+              "--device", cfg.device, "--no-progress", "--json"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    rec["units"] = {}
+
+    def run(unit: str, cmd: list[str], cap: float) -> dict | None:
+        if out_of_budget(rec, budget, unit):
+            return None
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, min(cap, budget.left())),
+                                  cwd=root, env=env)  # fmt: skip
+            result = {"rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+            out = proc.stdout
+            if proc.returncode != 0:
+                result["tail"] = (proc.stdout[-1500:] + proc.stderr[-2500:]).strip()
+        except subprocess.TimeoutExpired:
+            result, out = {"rc": None, "timed_out": True, "seconds": round(time.perf_counter() - t0, 1)}, ""
+        try:
+            parsed = json.loads(out[out.index("{") :]) if "{" in out else None
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            keep = ("images", "rows_written", "errors", "wall_s", "images_per_s", "stage_busy_s", "accuracy",
+                    "mean_accuracy", "engine", "device")  # fmt: skip
+            result["summary"] = {k: parsed[k] for k in keep if k in parsed}
+        rec["units"][unit] = result
+        print(f"paths {unit}: {result}", flush=True)
+        report.save()
+        return result
+
+    caps = dict(PATH_UNITS)
+    base = os.path.join(root, "out-base")
+    run("extract", _fastfeat_cli("extract", corpus, "--out", base, *common), caps["extract"])
+    run("augment 10crop", _fastfeat_cli("extract", corpus, "--out", os.path.join(root, "out-10crop"), *common,
+                                        "--augment", "10crop"), caps["augment 10crop"])  # fmt: skip
+    # 2: the held-out fifth for choosing C takes one row per class (with 1 the fit set is empty, and the
+    # torch engine fails on it: torch.cat of no batches)
+    per_class = "2" if cfg.dry_run else "30"
+    probe_json = os.path.join(root, "probe.json")
+    probe = [
+        "probe",
+        base,
+        "--engine",
+        "torch",
+        "--device",
+        cfg.device,
+        "--splits",
+        "2",
+        "--train-per-class",
+        per_class,
+    ]
+    probed = run("probe torch", _fastfeat_cli(*probe, "--json", probe_json), caps["probe torch"])
+    if probed and probed["rc"] == 0 and os.path.isfile(probe_json):
+        with open(probe_json) as f:
+            got = json.load(f)
+        probed["summary"] = {k: got.get(k) for k in ("engine", "device", "mean", "classes", "rows") if k in got}
+        report.save()
+    if cfg.dry_run:
+        rec["units"]["ray 1 gpu actor"] = (
+            "skipped: dry run (Ray's start-up takes minutes on a 2-core box; tests/test_ray.py)"
+        )
+    elif importlib.util.find_spec("ray") is None:
+        rec["units"]["ray 1 gpu actor"] = "skipped: ray is not installed here"
+    else:
+        run("ray 1 gpu actor", _fastfeat_cli("extract", corpus, "--out", os.path.join(root, "out-ray"), *common,
+                                             "--ray", "--ray-workers", "1"), caps["ray 1 gpu actor"])  # fmt: skip
+    serve_json = os.path.join(root, "serve_load.json")
+    serve = in_checkout(os.path.join(BENCH, "serve_load.py"))
+    serve += ["--count", "64" if cfg.dry_run else "2048", "--repeats", "1", "--half-seconds", "3" if cfg.dry_run else "10",
+              "--json", serve_json]  # fmt: skip
+    if run("serve vs extract", serve, caps["serve vs extract"]) and os.path.isfile(serve_json):
+        with open(serve_json) as f:
+            got = json.load(f)
+        rec["units"]["serve vs extract"]["summary"] = {
+            k: got.get(k) for k in ("extract_img_per_s", "serve_saturation_img_per_s", "serve_over_extract_p50",
+                                    "saturation_latency_ms")
+        }  # fmt: skip
+        report.save()
+    failed = [u for u, r in rec["units"].items() if isinstance(r, dict) and r.get("rc") != 0]
+    if failed:
+        rec.update(status="failed", failed_units=failed)
+    if work_dir is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # -- the plan, and the run ---------------------------------------------------------------------------------
 def plan(cfg: Settings, names: dict) -> dict:
     """What would run, after importing everything the steps import (so an import error shows here)."""
@@ -1091,6 +1211,7 @@ def plan(cfg: Settings, names: dict) -> dict:
         "native": ["startup aot", "startup jit", "kernels", "forward", "bench"],
         "decode": [f"cpu, mixed hw_decoder_load={load}" for load in DECODE_LOADS],
         "compile": [f"{m} compile b{b}" for b in cfg.batch_sizes for m in cfg.models],
+        "paths": [u for u, _ in PATH_UNITS],
         "e2e": [f"corpus {cfg.e2e_images}"]
         + [f"decode {d}" for d, _ in E2E_DECODERS]
         + [f"forward {b}" for b in E2E_BACKENDS]
@@ -1164,6 +1285,7 @@ def main(argv=None) -> int:
         "graphs": lambda rec: graphs_step(rec, cfg, budget, report, names, weights),
         "native": lambda rec: native_step(rec, cfg, budget, report),
         "decode": lambda rec: decode(rec, cfg, budget, report),
+        "paths": lambda rec: paths_step(rec, cfg, budget, report, args.e2e_dir),
         "e2e": lambda rec: e2e_step(rec, cfg, budget, report, names, args.e2e_dir),
         "compile": lambda rec: compile_step(rec, cfg, budget, report, names, weights),
     }

@@ -10,7 +10,7 @@ from .backends import backend_names
 from .errors import ConfigError
 from .graphs import check_cuda_graphs
 from .means import check_mean_file
-from .models import DECODE_MODES, DECODERS, DEFAULT_DECODE, ModelSpec, get_model, parse_layers
+from .models import DECODE_MODES, DECODERS, DEFAULT_DECODE, ModelSpec, default_decoder, get_model, parse_layers
 from .published import WEIGHTS_CHOICES, check_model, download_url
 from .published import lookup as lookup_published
 from .sinks import format_names
@@ -55,7 +55,7 @@ def check_arguments(
     mean_file: str | None = None,
     cuda_graphs: str = "auto",
     compile_mode: str | None = None,
-    decoder: str = "dali",
+    decoder: str | None = None,
 ) -> tuple[ModelSpec, list[str]]:
     """The model spec and the requested layers in forward order; ConfigError for anything wrong."""
     try:
@@ -96,8 +96,10 @@ def check_arguments(
     return spec, names
 
 
-def check_decoder(decoder: str, decode: str = DEFAULT_DECODE) -> None:
-    """--decoder is one of DECODERS; the torchvision decoder has no DCT-scaled decoding (--decode dct)."""
+def check_decoder(decoder: str | None, decode: str = DEFAULT_DECODE) -> None:
+    """--decoder is one of DECODERS (None: the default, DALI where it is installed); the torchvision decoder
+    has no DCT-scaled decoding (--decode dct)."""
+    decoder = decoder or default_decoder()
     if decoder not in DECODERS:
         raise ConfigError(f"unknown --decoder {decoder!r}; choose from {', '.join(DECODERS)}")
     if decoder == "torchvision" and decode == "dct":

@@ -2,6 +2,7 @@
 one grey level, the same error records, and a run configuration that tells the two apart."""
 
 import io
+import json
 import os
 
 import numpy as np
@@ -169,3 +170,10 @@ def test_decoder_argument_checks(corrupt_dataset, tmp_path, capsys):
     assert _extract(corrupt_dataset, tmp_path / "b", "--decoder", "torchvision", "--decode", "dct") == 2
     assert "--decode dct is DALI's" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # No --decoder: DALI where it imports (here), and the metadata says so.
+    from fastfeat.models import default_decoder
+
+    assert _extract(corrupt_dataset, tmp_path / "c") == 0
+    meta = pq.read_schema(next((tmp_path / "c").glob("part-*.parquet"))).metadata
+    decoder = json.loads(next(v for k, v in meta.items() if b"fastfeat" in k))["preprocessing"]["decoder"]
+    assert decoder.startswith("nvidia-dali" if default_decoder() == "dali" else "torchvision")
