@@ -27,6 +27,18 @@ one batch size, say) and writes the JSON after it, so a run cut short keeps ever
               never in a dry run (the library needs a GPU);
 6. decode     DALI: decode img/s and pixels against the CPU decoder, mixed decoder at hw_decoder_load
               0 (fastfeat's), 0.65 (DALI's default) and 1; only where DALI is installed;
+6b. e2e       the whole pipeline (issue 26): a deterministic ImageNet-like corpus (make_corpus.py, --e2e-images,
+              20,000; written by 16 processes, part k seeded k), then decode-only img/s per decoder
+              (torchvision's decode_jpeg/nvJPEG; DALI at hw_decoder_load 0, 0.65, 1.0 where it imports),
+              forward-only img/s (AlexNet to relu7, each backend), ``fastfeat extract`` to Parquet on local
+              disk (AlexNet relu6+relu7; triton with CUDA graphs, then torch) with the stage breakdown,
+              and relu7 of GPU-decoded against CPU-decoded images (256); on its own it fits one call:
+              ``--steps e2e --budget-s 420``.  The dry run: 24 images, the tiny AlexNet, CPU decoders;
+6c. paths     the other GPU paths, each once, as the user runs them (subprocesses, each capped): fastfeat
+              serve at saturation against extract on the same images (benchmarks/serve_load.py, one
+              repeat), fastfeat probe --engine torch on the device, extract --ray with one GPU actor
+              (where Ray is installed), extract --augment 10crop; rc, seconds and img/s of each, the
+              output's tail when one fails.  Dry run: CPU, 40 images, no Ray (minutes to start here);
 7. compile    torch.compile (Inductor, max-autotune): whole forward img/s, then per-layer times; last,
               because it autotunes every conv and GEMM per batch size.
 
@@ -73,12 +85,13 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 from checkout import make_importable  # noqa: E402
 
-STEPS = ("tests", "agreement", "layers", "forward", "roofline", "graphs", "native", "decode", "compile")
+STEPS = ("tests", "agreement", "layers", "forward", "roofline", "graphs", "native", "decode", "e2e", "paths", "compile")
 # Steps a dry run leaves out unless --steps names them: they need a GPU.
 GPU_ONLY_STEPS = ("native",)
 # Steps a dry run runs only when --steps names them: graphs interprets the whole tiny network a dozen
-# times (minutes on the 2-core box; tests/test_gpu_readiness.py runs it on its own).
-DRY_OPT_IN_STEPS = ("graphs",)
+# times (minutes on the 2-core box; tests/test_gpu_readiness.py runs it on its own); e2e spawns the corpus
+# writers and a whole extract (its own test too).
+DRY_OPT_IN_STEPS = ("graphs", "e2e", "paths")
 # The prebuilt native library and benchmark (CMakeLists.txt copies the library next to fastfeat.kernels;
 # the benchmark stays in the build directory, beside its own copy of the library).
 NATIVE_LIB = os.path.join(ROOT, "kernels", "libfastfeat_kernels.so")
@@ -148,6 +161,7 @@ class Settings:
     agreement_batch: int
     decode_images: int
     with_compile: bool
+    e2e_images: int = 20_000
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -161,6 +175,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="directory for gpu_check.json (default $OUT, and benchmarks/results)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny networks and budget")
     ap.add_argument("--with-compile", action="store_true", help="dry run: run the compile step too (~40 s more)")
+    ap.add_argument("--e2e-images", type=int, default=None, help="the e2e step's corpus size (20000; dry 24)")
+    ap.add_argument("--e2e-dir", default=None, help="where the e2e step writes its corpus and outputs (a temp dir)")
     ap.add_argument("--plan", action="store_true", help="print what would run, import what it needs, run nothing")
     return ap.parse_args(argv)
 
@@ -203,6 +219,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         agreement_batch=2 if dry else 64,  # 64: the layers step reuses the bf16 tuning of this batch bucket
         decode_images=8 if dry else 512,
         with_compile=args.with_compile or not dry,
+        e2e_images=args.e2e_images if args.e2e_images is not None else (24 if dry else 20_000),
     )
 
 
@@ -802,6 +819,365 @@ def decode(rec: dict, cfg: Settings, budget: Budget, report: Report) -> None:
         report.save()
 
 
+# -- step 6b: e2e ------------------------------------------------------------------------------------------
+# (decoder, hw_decoder_load): torchvision first (it needs nothing but torchvision), DALI where it imports.
+E2E_DECODERS = (("torchvision", 0.0), ("dali", 0.0), ("dali", 0.65), ("dali", 1.0))
+E2E_BACKENDS = ("triton", "torch")  # triton: CUDA graphs on (the best path); torch: the baseline
+E2E_BATCH = 256
+E2E_LAYERS = ["relu6", "relu7"]
+E2E_RELU7_IMAGES = 256
+
+
+def _dali_imports() -> bool:
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def _corpus_part(args: tuple[str, int, int]) -> dict:
+    from make_corpus import make_corpus
+
+    out, count, seed = args
+    return make_corpus(out, count, seed=seed)
+
+
+def make_e2e_corpus(root: str, count: int, parts: int) -> dict:
+    """``count`` ImageNet-like JPEGs under root/part-k (make_corpus, seed k): the same files for the same
+    (count, parts) on any machine with the same source photos; in ``parts`` processes."""
+    import multiprocessing
+
+    from make_corpus import source_photos
+
+    per = [count // parts + (k < count % parts) for k in range(parts)]
+    jobs = [(os.path.join(root, f"part-{k:02d}"), n, k) for k, n in enumerate(per) if n]
+    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+        stats = pool.map(_corpus_part, jobs)
+    return {"images": count, "parts": len(jobs), "source_photos": [os.path.basename(p) for p in source_photos()],
+            "mean_kb": round(sum(s["mean_kb"] * s["count"] for s in stats) / count, 1)}  # fmt: skip
+
+
+def _read_corpus(root: str, limit: int | None = None) -> tuple[list, list]:
+    """(encoded bytes, upright sizes) of the corpus's files in sorted order, read once into memory."""
+    from fastfeat.header import read_image
+    from fastfeat.sources import Item
+
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".jpg"))[:limit]
+    encoded, sizes = [], []
+    for p in paths:
+        data, size, problem = read_image(Item(p, p, None), 10**9)
+        if problem is not None:
+            raise RuntimeError(f"e2e corpus: {p}: {problem}")
+        encoded.append(data)
+        sizes.append(size)
+    return encoded, sizes
+
+
+def _dry_e2e_model() -> str:
+    """The dry run's tiny AlexNet with its preprocessing scaled to its input (crop 99, resize 113), so that
+    the decoders' output feeds it as a real AlexNet's feeds the real one."""
+    from fastfeat.models import MODELS as REGISTRY
+    from fastfeat.models import get_model, register_model
+
+    name = "alexnet-e2e-dry"
+    if name not in REGISTRY:
+        spec = get_model(register_dry_models(("alexnet",))["alexnet"])
+        crop = spec.input_size
+        pre = dataclasses.replace(spec.preprocess, crop=crop, resize=round(crop * 256 / 224))
+        register_model(dataclasses.replace(spec, name=name, preprocess=pre))
+    return name
+
+
+def _make_decoder(name: str, pre, batch: int, device, load: float = 0.0):
+    from fastfeat.stages import decoder_class
+
+    kw = {"hw_decoder_load": load} if name == "dali" else {}
+    return decoder_class(name)(pre, batch, device, **kw)
+
+
+def _decode_all(decoder, encoded, sizes, batch: int, keep: bool = False):
+    """img/s of decoding every image (bytes in memory) in batches; the rows (on the host) when ``keep``."""
+    import torch
+
+    decoder.decode(encoded[:batch], sizes[:batch])  # warm-up: nvJPEG/DALI allocate on first use
+    rows, t0 = [], time.perf_counter()
+    for i in range(0, len(encoded), batch):
+        out, bad, _ = decoder.decode(encoded[i : i + batch], sizes[i : i + batch])
+        if bad:
+            raise RuntimeError(f"decode failed on corpus JPEGs: {bad}")
+        if keep:
+            rows.append(out.float().cpu())
+    if decoder.device.type == "cuda":
+        torch.cuda.synchronize(decoder.device)
+    ips = len(encoded) / (time.perf_counter() - t0)
+    return ips, (torch.cat(rows) if keep else None)
+
+
+def e2e_step(rec: dict, cfg: Settings, budget: Budget, report: Report, names: dict, work_dir: str | None) -> None:
+    import shutil
+
+    import torch
+
+    from fastfeat.models import get_model
+    from fastfeat.weights import load_weights
+
+    model = "alexnet" if not cfg.dry_run else _dry_e2e_model()
+    spec = get_model(model)
+    pre, dev = spec.preprocess, torch.device(cfg.device)
+    batch = E2E_BATCH if not cfg.dry_run else 4
+    decoders = [(d, load) for d, load in E2E_DECODERS if d == "torchvision" or _dali_imports()]
+    if cfg.device != "cuda":  # DALI's CPU decoder has no hw_decoder_load
+        decoders = [(d, load) for d, load in decoders if load == 0.0]
+    backends = E2E_BACKENDS if not cfg.dry_run else ("torch",)  # the interpreter would take minutes per batch
+    root = work_dir or tempfile.mkdtemp(prefix="gpu_check-e2e-")
+    corpus = os.path.join(root, "corpus")
+    rec["settings"] = {"model": model, "layers": E2E_LAYERS, "batch": batch, "dir": root,
+                       "decoders": [f"{d} {load}" for d, load in decoders], "backends": list(backends),
+                       "host_cpus": os.cpu_count()}  # fmt: skip
+    t0 = time.perf_counter()
+    if os.path.isdir(corpus):
+        rec["corpus"] = {"reused": corpus}
+    else:
+        rec["corpus"] = make_e2e_corpus(corpus, cfg.e2e_images, parts=min(16, os.cpu_count() or 1))
+    rec["corpus"]["seconds"] = round(time.perf_counter() - t0, 1)
+    report.save()
+    encoded, sizes = _read_corpus(corpus)
+    rec["decode_only"] = {}
+    for name, load in decoders:
+        key = f"{name} {dev.type}" + (f" hw_decoder_load={load}" if name == "dali" and dev.type == "cuda" else "")
+        if out_of_budget(rec, budget, f"decode {key}"):
+            continue
+        ips, _ = _decode_all(_make_decoder(name, pre, batch, dev, load), encoded, sizes, batch)
+        rec["decode_only"][key] = {"img_per_s": round(ips, 1)}
+        print(f"e2e decode-only {key}: {ips:.0f} img/s", flush=True)
+        report.save()
+    tensors = load_weights(spec, "random:0").tensors
+    precision = cfg.precision
+    rec["forward_only"] = {}
+    for backend in backends:
+        if out_of_budget(rec, budget, f"forward {backend}"):
+            continue
+        rec["forward_only"][backend] = _forward_only(spec, tensors, backend, dev, precision, batch, cfg)
+        print(f"e2e forward-only {backend}: {rec['forward_only'][backend]}", flush=True)
+        report.save()
+    rec["extract"] = {}
+    if importlib.util.find_spec("pyarrow") is None:
+        rec["extract"] = "skipped: pyarrow is not installed here (the Parquet sink needs it)"
+        backends = ()
+    else:
+        from fastfeat.extractor import Extractor
+    decoder_for_extract = "dali" if _dali_imports() and dev.type == "cuda" else "torchvision"
+    for backend in backends:
+        key = f"{backend} {decoder_for_extract}"
+        if out_of_budget(rec, budget, f"extract {key}"):
+            continue
+        out = os.path.join(root, f"out-{backend}")
+        shutil.rmtree(out, ignore_errors=True)
+        ex = Extractor(corpus, out, model=model, weights="random:0", layers=E2E_LAYERS, batch_size=batch,
+                       precision=precision, device=cfg.device, backend=backend, shard_size=10_000, progress=False,
+                       decoder=decoder_for_extract, cuda_graphs="auto")  # fmt: skip
+        summary = ex.run()
+        ceiling = rec["decode_only"].get(f"{decoder_for_extract} {dev.type}") or rec["decode_only"].get(
+            f"{decoder_for_extract} {dev.type} hw_decoder_load=0.0"
+        )
+        rec["extract"][key] = {
+            k: summary.get(k)
+            for k in ("images", "rows_written", "errors", "wall_s", "images_per_s", "startup_s", "stage_busy_s",
+                      "thread_wait_s")
+        }  # fmt: skip
+        rec["extract"][key]["cuda_graphs"] = ex.cuda_graphs
+        if ceiling and summary.get("images_per_s"):
+            rec["extract"][key]["share_of_decode_ceiling"] = round(summary["images_per_s"] / ceiling["img_per_s"], 3)
+        print(f"e2e extract {key}: {rec['extract'][key]}", flush=True)
+        report.save()
+    if not out_of_budget(rec, budget, "relu7 gpu vs cpu decode"):
+        rec["relu7_decode_difference"] = _relu7_difference(spec, tensors, pre, dev, encoded, sizes, cfg)
+        print(f"e2e relu7: {rec['relu7_decode_difference']}", flush=True)
+        report.save()
+    if work_dir is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _forward_only(spec, tensors, backend: str, dev, precision: str, batch: int, cfg: Settings) -> dict:
+    """img/s of the forward stage alone (fastfeat.forward.Forward: to the device, forward, rows back to the
+    host; CUDA graphs as extract resolves them) on one random batch."""
+    import torch
+
+    from fastfeat.backends import make_backend
+    from fastfeat.forward import Forward
+    from fastfeat.graphs import resolve_cuda_graphs
+    from fastfeat.runtime import PRECISIONS
+
+    graphs = resolve_cuda_graphs("auto", dev, backend)
+    net = make_backend(backend, spec, tensors, dev, PRECISIONS[precision])
+    fwd = Forward(net, E2E_LAYERS, "float16", 1, "mean", pad_rows=batch, graph_rows=batch if graphs else None)
+    import collections
+
+    x = torch.randn(batch, spec.preprocess.crop, spec.preprocess.crop, 3, device=dev)
+    good, busy = list(range(batch)), collections.defaultdict(float)  # the host->device->host stage, as extract
+    for _ in range(cfg.warmup):
+        fwd(x, good, busy)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    for _ in range(cfg.iters):
+        fwd(x, good, busy)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return {"img_per_s": round(batch * cfg.iters / (time.perf_counter() - t0), 1), "cuda_graphs": graphs}
+
+
+def _relu7_difference(spec, tensors, pre, dev, encoded, sizes, cfg: Settings) -> dict:
+    """relu7 (torch backend, fp32) of the same images decoded on the device and on the CPU, relative per
+    image: p50 and max, for each device decoder against DALI's CPU path (torchvision's where DALI is
+    missing).  The dry run compares the two CPU decoders (torchvision vs DALI) where DALI imports."""
+    import torch
+
+    from fastfeat.backends import make_backend
+
+    n = min(E2E_RELU7_IMAGES if not cfg.dry_run else 8, len(encoded))
+    enc, siz = encoded[:n], sizes[:n]
+    cpu = torch.device("cpu")
+    reference_name = "dali" if _dali_imports() else "torchvision"
+    _, reference = _decode_all(_make_decoder(reference_name, pre, 64, cpu), enc, siz, 64, keep=True)
+    net = make_backend("torch", spec, tensors, dev, torch.float32)
+
+    def relu7(images):
+        rows = []
+        for i in range(0, len(images), 64):
+            x = net.prepare(images[i : i + 64].to(dev))
+            rows.append(net.forward_intermediates(x, ["relu7"])["relu7"].flatten(1).float().cpu().clone())
+        return torch.cat(rows)
+
+    ref = relu7(reference)
+    result = {"images": n, "reference": f"{reference_name} cpu"}
+    candidates = ["torchvision"] + (["dali"] if _dali_imports() else [])
+    for name in candidates:
+        device = dev if dev.type == "cuda" else cpu
+        if device.type == "cpu" and name == reference_name:
+            continue  # the dry run: only the other CPU decoder is a comparison
+        _, images = _decode_all(_make_decoder(name, pre, 64, device), enc, siz, 64, keep=True)
+        pixel = (images - reference).abs() * torch.tensor(pre.std)
+        rel = (relu7(images) - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-12)
+        result[f"{name} {device.type}"] = {
+            "relu7_rel_p50": rel.median().item(), "relu7_rel_max": rel.max().item(),
+            "pixel_levels_max": pixel.max().item(), "pixel_levels_mean": pixel.mean().item(),
+        }  # fmt: skip
+    return result
+
+
+# -- step 6c: the other GPU paths ---------------------------------------------------------------------------
+PATH_UNITS = (
+    ("extract", 120),
+    ("augment 10crop", 150),
+    ("probe torch", 120),
+    ("ray 1 gpu actor", 240),
+    ("serve vs extract", 240),
+)  # fmt: skip  (unit, cap in seconds)
+
+
+def _fastfeat_cli(*args: str) -> list[str]:
+    """``fastfeat ARGS`` from this checkout (the device machine has no installed fastfeat)."""
+    boot = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from checkout import make_importable; make_importable(); "
+        "from fastfeat.cli import main; sys.exit(main(sys.argv[2:]))"
+    )
+    return [sys.executable, "-c", boot, BENCH, *args]
+
+
+def paths_step(rec: dict, cfg: Settings, budget: Budget, report: Report, work_dir: str | None) -> None:
+    import shutil
+
+    from make_corpus import make_corpus
+
+    root = tempfile.mkdtemp(prefix="gpu_check-paths-", dir=work_dir)
+    corpus = os.path.join(root, "corpus")
+    count = 40 if cfg.dry_run else 2000
+    rec["corpus"] = make_corpus(corpus, count)  # 10 class folders: probe has labels
+    batch = "4" if cfg.dry_run else "256"
+    common = ["--model", "alexnet", "--weights", "random:0", "--layers", "relu7", "--batch-size", batch,
+              "--device", cfg.device, "--no-progress", "--json"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    rec["units"] = {}
+
+    def run(unit: str, cmd: list[str], cap: float) -> dict | None:
+        if out_of_budget(rec, budget, unit):
+            return None
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, min(cap, budget.left())),
+                                  cwd=root, env=env)  # fmt: skip
+            result = {"rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+            out = proc.stdout
+            if proc.returncode != 0:
+                result["tail"] = (proc.stdout[-1500:] + proc.stderr[-2500:]).strip()
+        except subprocess.TimeoutExpired:
+            result, out = {"rc": None, "timed_out": True, "seconds": round(time.perf_counter() - t0, 1)}, ""
+        try:
+            parsed = json.loads(out[out.index("{") :]) if "{" in out else None
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            keep = ("images", "rows_written", "errors", "wall_s", "images_per_s", "stage_busy_s", "accuracy",
+                    "mean_accuracy", "engine", "device")  # fmt: skip
+            result["summary"] = {k: parsed[k] for k in keep if k in parsed}
+        rec["units"][unit] = result
+        print(f"paths {unit}: {result}", flush=True)
+        report.save()
+        return result
+
+    caps = dict(PATH_UNITS)
+    base = os.path.join(root, "out-base")
+    run("extract", _fastfeat_cli("extract", corpus, "--out", base, *common), caps["extract"])
+    run("augment 10crop", _fastfeat_cli("extract", corpus, "--out", os.path.join(root, "out-10crop"), *common,
+                                        "--augment", "10crop"), caps["augment 10crop"])  # fmt: skip
+    # 2: the held-out fifth for choosing C takes one row per class (with 1 the fit set is empty, and the
+    # torch engine fails on it: torch.cat of no batches)
+    per_class = "2" if cfg.dry_run else "30"
+    probe_json = os.path.join(root, "probe.json")
+    probe = [
+        "probe",
+        base,
+        "--engine",
+        "torch",
+        "--device",
+        cfg.device,
+        "--splits",
+        "2",
+        "--train-per-class",
+        per_class,
+    ]
+    probed = run("probe torch", _fastfeat_cli(*probe, "--json", probe_json), caps["probe torch"])
+    if probed and probed["rc"] == 0 and os.path.isfile(probe_json):
+        with open(probe_json) as f:
+            got = json.load(f)
+        probed["summary"] = {k: got.get(k) for k in ("engine", "device", "mean", "classes", "rows") if k in got}
+        report.save()
+    if cfg.dry_run:
+        rec["units"]["ray 1 gpu actor"] = (
+            "skipped: dry run (Ray's start-up takes minutes on a 2-core box; tests/test_ray.py)"
+        )
+    elif importlib.util.find_spec("ray") is None:
+        rec["units"]["ray 1 gpu actor"] = "skipped: ray is not installed here"
+    else:
+        run("ray 1 gpu actor", _fastfeat_cli("extract", corpus, "--out", os.path.join(root, "out-ray"), *common,
+                                             "--ray", "--ray-workers", "1"), caps["ray 1 gpu actor"])  # fmt: skip
+    serve_json = os.path.join(root, "serve_load.json")
+    serve = in_checkout(os.path.join(BENCH, "serve_load.py"))
+    serve += ["--count", "64" if cfg.dry_run else "2048", "--repeats", "1", "--half-seconds", "3" if cfg.dry_run else "10",
+              "--json", serve_json]  # fmt: skip
+    if run("serve vs extract", serve, caps["serve vs extract"]) and os.path.isfile(serve_json):
+        with open(serve_json) as f:
+            got = json.load(f)
+        rec["units"]["serve vs extract"]["summary"] = {
+            k: got.get(k) for k in ("extract_img_per_s", "serve_saturation_img_per_s", "serve_over_extract_p50",
+                                    "saturation_latency_ms")
+        }  # fmt: skip
+        report.save()
+    failed = [u for u, r in rec["units"].items() if isinstance(r, dict) and r.get("rc") != 0]
+    if failed:
+        rec.update(status="failed", failed_units=failed)
+    if work_dir is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # -- the plan, and the run ---------------------------------------------------------------------------------
 def plan(cfg: Settings, names: dict) -> dict:
     """What would run, after importing everything the steps import (so an import error shows here)."""
@@ -835,6 +1211,12 @@ def plan(cfg: Settings, names: dict) -> dict:
         "native": ["startup aot", "startup jit", "kernels", "forward", "bench"],
         "decode": [f"cpu, mixed hw_decoder_load={load}" for load in DECODE_LOADS],
         "compile": [f"{m} compile b{b}" for b in cfg.batch_sizes for m in cfg.models],
+        "paths": [u for u, _ in PATH_UNITS],
+        "e2e": [f"corpus {cfg.e2e_images}"]
+        + [f"decode {d}" for d, _ in E2E_DECODERS]
+        + [f"forward {b}" for b in E2E_BACKENDS]
+        + [f"extract {b}" for b in E2E_BACKENDS]
+        + ["relu7 gpu vs cpu decode"],
     }
     return {
         "settings": dataclasses.asdict(cfg),
@@ -903,6 +1285,8 @@ def main(argv=None) -> int:
         "graphs": lambda rec: graphs_step(rec, cfg, budget, report, names, weights),
         "native": lambda rec: native_step(rec, cfg, budget, report),
         "decode": lambda rec: decode(rec, cfg, budget, report),
+        "paths": lambda rec: paths_step(rec, cfg, budget, report, args.e2e_dir),
+        "e2e": lambda rec: e2e_step(rec, cfg, budget, report, names, args.e2e_dir),
         "compile": lambda rec: compile_step(rec, cfg, budget, report, names, weights),
     }
     for step in cfg.steps:

@@ -26,8 +26,14 @@ from PIL import Image
 
 
 def source_photos() -> list[str]:
-    import skimage
-    import sklearn
+    """The package photos; where scikit-image / scikit-learn are not installed (the GPU machine), the
+    five photos fastfeat ships (fastfeat/samples): a different corpus, recorded by the caller."""
+    try:
+        import skimage
+        import sklearn
+    except ImportError:
+        samples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fastfeat", "samples")
+        return sorted(os.path.join(samples, n) for n in os.listdir(samples) if n.endswith(".jpg"))
 
     sk = os.path.join(os.path.dirname(skimage.__file__), "data")
     sl = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")

@@ -11,7 +11,7 @@ from .errors import ConfigError
 from .graphs import check_cuda_graphs
 from .means import check_mean_file
 from .model_lookup import resolve_model
-from .models import DECODE_MODES, DEFAULT_DECODE, ModelSpec, parse_layers
+from .models import DECODE_MODES, DECODERS, DEFAULT_DECODE, ModelSpec, default_decoder, parse_layers
 from .published import WEIGHTS_CHOICES, check_model, download_url
 from .published import lookup as lookup_published
 from .sinks import format_names
@@ -57,6 +57,7 @@ def check_arguments(
     cuda_graphs: str = "auto",
     compile_mode: str | None = None,
     pool: str | None = None,
+    decoder: str | None = None,
 ) -> tuple[ModelSpec, list[str]]:
     """The model spec and the requested layers in forward order; ConfigError for anything wrong."""
     try:
@@ -90,9 +91,22 @@ def check_arguments(
     check_augment(augment, augment_reduce)
     if decode not in DECODE_MODES:
         raise ConfigError(f"unknown --decode {decode!r}; choose from {', '.join(DECODE_MODES)}")
+    check_decoder(decoder, decode)
     if weights is None:
         raise ConfigError(f"--weights is required: {WEIGHTS_CHOICES.removeprefix('--weights takes ')}")
     if (entry := lookup_published(weights)) is not None:  # before any download: the model, the mirror URL
         check_model(entry, spec.name)
         download_url(entry)
     return spec, names
+
+
+def check_decoder(decoder: str | None, decode: str = DEFAULT_DECODE) -> None:
+    """--decoder is one of DECODERS (None: the default, DALI where it is installed); the torchvision decoder
+    has no DCT-scaled decoding (--decode dct)."""
+    decoder = decoder or default_decoder()
+    if decoder not in DECODERS:
+        raise ConfigError(f"unknown --decoder {decoder!r}; choose from {', '.join(DECODERS)}")
+    if decoder == "torchvision" and decode == "dct":
+        raise ConfigError(
+            "--decode dct is DALI's (libjpeg-turbo scaled decoding): use --decoder dali, or --decode fast"
+        )

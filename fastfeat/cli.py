@@ -163,6 +163,13 @@ def _add_extract(sub) -> None:
         "less CPU per big photo, features change by 3-7%%)",
     )
     p.add_argument(
+        "--decoder",
+        default=None,
+        help="dali (NVIDIA DALI; the default where it is installed) or torchvision (torchvision.io.decode_jpeg, "
+        "nvJPEG on CUDA, with the resize and crop in torch; the default without DALI); same geometry, pixels "
+        "within one grey level (docs/decoders.md)",
+    )
+    p.add_argument(
         "--read-retries",
         type=int,
         default=DEFAULT_READ_RETRIES,
@@ -231,7 +238,7 @@ def _run_extract(args, argv: list[str]) -> int:
         dtype=args.dtype, max_pixels=args.max_pixels, num_threads=args.threads, num_shards=args.num_shards,
         shard_index=args.shard_index, format=args.format, max_error_rate=args.max_error_rate,
         augment=args.augment, augment_reduce=args.augment_reduce, decode=args.decode, cuda_graphs=args.cuda_graphs,
-        compile_mode=args.compile_mode, pool=args.pool,
+        compile_mode=args.compile_mode, pool=args.pool, decoder=args.decoder,
     )  # fmt: skip
     source = _extract_source(args.source, args.sample)
     if args.read_retries < 0:

@@ -22,7 +22,7 @@ from .errors import ConfigError, ExtractFailed
 from .faults import DEFAULT_READ_RETRIES
 from .graphs import resolve_cuda_graphs
 from .header import DEFAULT_MAX_PIXELS
-from .models import DEFAULT_DECODE
+from .models import DEFAULT_DECODE, default_decoder
 from .output import SUMMARY, OutputDir, ShardTransaction, plan_items, shard_tasks
 from .published import WEIGHTS_CHOICES
 from .published import lookup as lookup_published
@@ -51,15 +51,16 @@ class Extractor:
         shard_index: int = 0, format: str = DEFAULT_FORMAT, append: bool = False, strict: bool = False,
         max_error_rate: float | None = None, augment: str = DEFAULT_AUGMENT, augment_reduce: str = "mean",
         decode: str = DEFAULT_DECODE, cuda_graphs: str = "auto", compile_mode: str | None = None,
-        read_retries: int = DEFAULT_READ_RETRIES, pool: str | None = None,
+        read_retries: int = DEFAULT_READ_RETRIES, pool: str | None = None, decoder: str | None = None,
     ):  # fmt: skip
         self.started = time.perf_counter()
+        decoder = decoder or default_decoder()  # resolved here: the run config records the decoder that ran
         self.spec, self.layers = check_arguments(
             model=model, layers=layers, weights=weights, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
             precision=precision, device=device, backend=backend, format=format, max_pixels=max_pixels,
             num_threads=num_threads, num_shards=num_shards, shard_index=shard_index, max_error_rate=max_error_rate,
             augment=augment, augment_reduce=augment_reduce, decode=decode, mean_file=mean_file,
-            cuda_graphs=cuda_graphs, compile_mode=compile_mode, pool=pool,
+            cuda_graphs=cuda_graphs, compile_mode=compile_mode, pool=pool, decoder=decoder,
         )  # fmt: skip
         self.decode_mode = decode  # before run_metadata, which records it
         if not isinstance(read_retries, int) or read_retries < 0:
@@ -88,7 +89,7 @@ class Extractor:
             self.spec, self.layers, self.device, self.precision, backend=backend, dtype=dtype, batch_size=batch_size,
             num_threads=num_threads, max_pixels=max_pixels, augment=augment, augment_reduce=augment_reduce,
             decode=decode, cuda_graphs=self.cuda_graphs, compile_mode=compile_mode, mean_file=mean_file,
-            mean_image=self.mean_image, weights_id=self.weights_id,
+            mean_image=self.mean_image, weights_id=self.weights_id, decoder=decoder,
         )  # fmt: skip
         self.metadata = self.stage_options.metadata()
         self.sink = get_sink(format)(Layout(self.stage_options.dims(), dtype, self.metadata))

@@ -23,6 +23,20 @@ from .layers import LRN, Conv, Layer, Linear, MaxPool, ReLU, Shape
 # Here, not in fastfeat.decode, so that argument checking does not import DALI or torch.
 DECODE_MODES = ("fast", "exact", "dct")
 DEFAULT_DECODE = "fast"
+# Which library decodes and resizes (--decoder): DALI (fastfeat.decode) or torchvision's decode_jpeg with
+# torch's resize (fastfeat.decode_torchvision).  The default is DALI wherever it is installed.
+DECODERS = ("dali", "torchvision")
+
+
+def default_decoder() -> str:
+    """dali where the nvidia.dali package is installed, else torchvision (found, not imported: cheap)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        found = False
+    return "dali" if found else "torchvision"
 
 
 @dataclass(frozen=True)

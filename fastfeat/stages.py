@@ -21,7 +21,7 @@ import numpy as np
 from .augment import DEFAULT_AUGMENT, augment_metadata, augmented_mean, get_views
 from .header import DEFAULT_MAX_PIXELS, read_image
 from .means import load_mean
-from .models import DEFAULT_DECODE
+from .models import DEFAULT_DECODE, default_decoder
 from .version import __version__
 
 
@@ -41,6 +41,7 @@ class StageOptions:
     augment: str = DEFAULT_AUGMENT
     augment_reduce: str = "mean"
     decode: str = DEFAULT_DECODE
+    decoder: str = field(default_factory=default_decoder)  # --decoder, resolved (fastfeat.models.DECODERS)
     cuda_graphs: bool = False  # --cuda-graphs, resolved (fastfeat.graphs.resolve_cuda_graphs)
     compile_mode: str | None = None  # --compile-mode as given (None: the compile backend's default)
     mean_file: str | None = None  # as given: recorded in the metadata
@@ -63,7 +64,7 @@ class StageOptions:
             **features_metadata(
                 self.spec, self.weights_id, self.mean_file, self.mean_image, self.device, self.precision,
                 self.backend, self.dtype, self.layers, decode=self.decode, cuda_graphs=self.cuda_graphs,
-                compile_mode=self.compile_mode,
+                compile_mode=self.compile_mode, decoder=self.decoder,
             ),
             # The run config holds the metadata: a resume with other views or reduction is refused.
             "augment": augment_metadata(self.augment, self.augment_reduce),
@@ -130,7 +131,6 @@ def build_stages(
     float32 and casts per request as extract casts its rows).  ``pad_short_batches``: run a short batch
     padded to ``batch_size`` (see fastfeat.forward.Forward); the server, whose batches are short by design,
     pads its own way."""
-    from .decode import Decoder
     from .forward import Forward
     from .model_lookup import make_model_backend
     from .runtime import PRECISIONS, keep_freed_memory, make_current
@@ -143,7 +143,7 @@ def build_stages(
         compile_mode=options.compile_mode,
     )  # fmt: skip
     views = options.views
-    decoder = Decoder(
+    decoder = decoder_class(options.decoder)(
         options.spec.preprocess, options.batch_size, options.device, options.num_threads, options.mean_image, views,
         mode=options.decode,
     )  # fmt: skip
@@ -153,6 +153,26 @@ def build_stages(
         graph_rows=options.batch_size * len(views) if options.cuda_graphs else None,
     )  # fmt: skip
     return Stages(options, net, decoder, forward, reader)
+
+
+def decoder_class(name: str):
+    """The decoder class of a --decoder name (imported on use: DALI and torchvision are heavy)."""
+    if name == "dali":
+        from .decode import Decoder
+
+        return Decoder
+    if name == "torchvision":
+        from .decode_torchvision import TorchvisionDecoder
+
+        return TorchvisionDecoder
+    raise ValueError(f"unknown decoder {name!r}")
+
+
+def decoder_description(name: str, device) -> str:
+    """What the metadata says decoded the images (so a resume with the other decoder is refused by name)."""
+    if name == "torchvision":
+        return "torchvision decode_jpeg " + ("(nvJPEG)" if device.type == "cuda" else "cpu (libjpeg-turbo)")
+    return "nvidia-dali " + ("mixed (nvJPEG)" if device.type == "cuda" else "cpu")
 
 
 def raise_pillow_limit(max_pixels: int) -> None:
@@ -169,7 +189,7 @@ def _sha256_array(a: np.ndarray) -> str:
 def features_metadata(
     spec, weights_id: dict, mean_file: str | None, mean_image: np.ndarray | None, device, precision: str,
     backend: str, dtype: str, layers: list[str], decode: str = DEFAULT_DECODE, cuda_graphs: bool = False,
-    compile_mode: str | None = None,
+    compile_mode: str | None = None, decoder: str = "dali",
 ) -> dict:  # fmt: skip
     """How features were made: a shard's metadata, and what ``fastfeat serve`` answers on GET /v1/model
     (one function, so a served feature and a stored one are described alike and can be compared)."""
@@ -185,7 +205,7 @@ def features_metadata(
             **spec.preprocess.to_dict(),
             "mean_file": os.path.abspath(mean_file) if mean_file else None,
             "mean_sha256": _sha256_array(mean_image) if mean_image is not None else None,
-            "decoder": "nvidia-dali " + ("mixed (nvJPEG)" if device.type == "cuda" else "cpu"),
+            "decoder": decoder_description(decoder, device),
             "decode": decode,  # fast / exact / dct: how much work the decoder skipped (fastfeat.decode)
         },
         "precision": precision,

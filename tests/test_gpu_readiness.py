@@ -573,6 +573,47 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_check_e2e_step_dry_run(tmp_path):
+    """Issue 26's step on the CPU: a 24-image corpus in parallel writers, decode-only per CPU decoder,
+    forward-only (torch), a whole extract to Parquet with its stage breakdown, relu7 of the torchvision
+    decoder against DALI's (both CPU here)."""
+    out = tmp_path / "out"
+    args = ["--dry-run", "--steps", "e2e", "--out", str(out), "--e2e-dir", str(tmp_path / "e2e")]
+    proc = subprocess.run([sys.executable, GPU_CHECK, *args], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    step = json.loads((out / "gpu_check.json").read_text())["steps"]["e2e"]
+    assert step["status"] == "done" and step["corpus"]["images"] == 24
+    assert step["decode_only"]["torchvision cpu"]["img_per_s"] > 0
+    assert step["forward_only"]["torch"]["img_per_s"] > 0
+    (run,) = step["extract"].values()
+    assert run["rows_written"] == 24 and run["errors"] == 0 and run["stage_busy_s"]["decode"] > 0
+    assert len(list((tmp_path / "e2e" / "out-torch").glob("part-*.parquet"))) == 1
+    relu7 = step["relu7_decode_difference"]
+    if "dali cpu" == relu7["reference"]:
+        assert relu7["torchvision cpu"]["relu7_rel_p50"] < 0.01 and relu7["torchvision cpu"]["pixel_levels_max"] <= 1.01
+
+
+@pytest.mark.slow
+def test_gpu_check_paths_step_dry_run(tmp_path):
+    """Issue 26's other paths on the CPU, each once: extract, --augment 10crop, probe --engine torch, serve
+    at saturation against extract (Ray is left to tests/test_ray.py in a dry run)."""
+    out = tmp_path / "out"
+    args = ["--dry-run", "--steps", "paths", "--out", str(out), "--budget-s", "400"]
+    proc = subprocess.run([sys.executable, GPU_CHECK, *args], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    step = json.loads((out / "gpu_check.json").read_text())["steps"]["paths"]
+    assert step["status"] == "done", step
+    units = step["units"]
+    assert units["extract"]["summary"]["rows_written"] == 40
+    assert units["augment 10crop"]["summary"]["rows_written"] == 40
+    assert units["probe torch"]["rc"] == 0 and units["serve vs extract"]["rc"] == 0
+    assert units["serve vs extract"]["summary"]["serve_saturation_img_per_s"]["p50"] > 0
+    assert units["ray 1 gpu actor"].startswith("skipped")
+
+
+@pytest.mark.slow
 def test_gpu_check_graphs_step_dry_run_without_out(tmp_path):
     """Issue 24's step on the CPU: triton (JIT) and torch, each without and with (emulated) graphs, host
     time, the padded short batch against its unpadded rows; no --out: a temp dir, printed, and its JSON
