@@ -216,8 +216,7 @@ def test_a_finished_output_is_recognised_before_the_model_is_loaded(finished, tm
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built for a finished output")
 
-    monkeypatch.setattr(fastfeat.extractor, "make_backend", no_model)
-    monkeypatch.setattr(fastfeat.extractor, "Decoder", no_model)
+    monkeypatch.setattr(fastfeat.extractor, "build_stages", no_model)  # backend and decoder are built there
     s = fastfeat.extract(dataset, str(out), shard_size=4, **KW)
     assert s["up_to_date"] and s["rows"] == json.loads(summary_before)["rows_written"]
     assert (out / "summary.json").read_text() == summary_before  # the real run's figures are kept
