@@ -42,11 +42,8 @@ def check_arguments(
     mean_file: str | None = None,
 ) -> tuple[ModelSpec, list[str]]:
     """The model spec and the requested layers in forward order; ConfigError for anything wrong."""
-    try:
-        spec = get_model(model)
-        names = parse_layers(spec, layers)
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(str(exc).strip("'\"")) from None
+    spec = get_model(model)  # ConfigError for an unknown model or layer
+    names = parse_layers(spec, layers)
     check_mean_file(mean_file, spec.preprocess, spec.name)
     for flag, value in (("batch-size", batch_size), ("shard-size", shard_size), ("threads", num_threads),
                         ("max-pixels", max_pixels)):  # fmt: skip

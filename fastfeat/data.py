@@ -57,6 +57,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import storage
+from .errors import FastfeatError
 from .output.layout import MANIFEST
 from .sinks.npy import HEADER_BYTES
 from .sinks.parquet import ROW_GROUP_BYTES
@@ -65,7 +66,7 @@ FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 DEFAULT_SHUFFLE_BUFFER = 8192  # rows: 64 MB of relu7 float16, a few row groups of 4096-d features
 
 
-class DataError(ValueError):
+class DataError(FastfeatError):
     """An output directory that cannot be read as asked (missing manifest, unknown layer...)."""
 
 

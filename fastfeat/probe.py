@@ -47,6 +47,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .data import DataError, Shards, class_index, label_codes, load
+from .errors import FastfeatError
 
 C_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)  # × 1 / mean squared norm of the rows (see above)
 HELD_OUT_FRACTION = 0.2  # of each class's training rows, for choosing C
@@ -55,7 +56,7 @@ ENGINES = ("auto", "sklearn", "torch")
 IN_MEMORY_BYTES = 2 << 30  # engine auto: float32 feature rows up to this size go to scikit-learn
 
 
-class ProbeError(ValueError):
+class ProbeError(FastfeatError):
     """A bad argument or a data set the protocol cannot run on: one line, exit code 2."""
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from ..layers import LRN, Conv, Linear, MaxPool, ReLU
 from ..models import ModelSpec
 from .base import Backend, register_backend
@@ -135,7 +136,7 @@ class TritonNet(Backend):
             elif isinstance(layer, LRN):
                 run = self._norm(layer)
             else:
-                raise ValueError(f"the triton backend has no kernel for layer kind {layer.kind!r} ({layer.name})")
+                raise ConfigError(f"the triton backend has no kernel for layer kind {layer.kind!r} ({layer.name})")
             names_covered = tuple(c.name for c in covers)
             ops.append(Op(fused_name(names_covered), layer.kind, names_covered, run))
             i += len(covers)

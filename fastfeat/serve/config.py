@@ -64,11 +64,8 @@ class ServeConfig:
 
 def check_serve_config(cfg: ServeConfig) -> list[str]:
     """The served layers in forward order; ConfigError (one line) for anything wrong."""
-    try:
-        spec = get_model(cfg.model)
-        layers = parse_layers(spec, cfg.layers)
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(str(exc).strip("'\"")) from None
+    spec = get_model(cfg.model)  # ConfigError for an unknown model or layer
+    layers = parse_layers(spec, cfg.layers)
     check_mean_file(cfg.mean_file, spec.preprocess, spec.name)
     if cfg.weights is None:
         raise ConfigError("--weights is required: a .pth/.safetensors/.caffemodel file, or random:SEED")
@@ -109,7 +106,7 @@ def check_serve_config(cfg: ServeConfig) -> list[str]:
         if cfg.index_layer is not None:
             try:
                 (name,) = parse_layers(spec, cfg.index_layer)
-            except ValueError as exc:
+            except ConfigError as exc:
                 raise ConfigError(f"--index-layer: {exc}") from None
             if name not in layers:
                 raise ConfigError(f"--index-layer {name} is not one of the served --layers {','.join(layers)}")

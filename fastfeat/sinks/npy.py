@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .base import Layout, Rows, ShardWriter, Sink, register_sink
+from .base import Layout, Rows, ShardFileError, ShardWriter, Sink, register_sink
 from .parquet import row_arrays, row_fields
 
 MAGIC = b"\x93NUMPY\x01\x00"  # format version 1.0: header length fits in a uint16
@@ -38,7 +38,7 @@ def read_npy_shape(path: str) -> tuple[np.dtype, tuple[int, ...]]:
     with open(path, "rb") as f:
         head = f.read(HEADER_BYTES)
     if not head.startswith(MAGIC):
-        raise ValueError(f"{os.path.basename(path)}: not a .npy file of format 1.0")
+        raise ShardFileError(f"{os.path.basename(path)}: not a .npy file of format 1.0")
     header = ast.literal_eval(head[len(MAGIC) + 2 :].decode("latin1").strip())
     return np.dtype(header["descr"]), tuple(header["shape"])
 
@@ -105,7 +105,7 @@ class NpySink(Sink):
             dtype, shape = read_npy_shape(paths[name])
             expected = os.path.getsize(paths[name]) - HEADER_BYTES
             if len(shape) != 2 or shape[0] != len(ids) or shape[0] * shape[1] * dtype.itemsize != expected:
-                raise ValueError(f"{name}: shape {shape} ({dtype}) does not match {len(ids)} ids and the file size")
+                raise ShardFileError(f"{name}: shape {shape} ({dtype}) does not match {len(ids)} ids and the file size")
         return len(ids), ids
 
 
