@@ -50,7 +50,8 @@ def _delete(path: list):
 CORRUPTIONS = {
     "missing top key": (_delete(["shards"]), "the manifest has no 'shards'"),
     "missing shard key": (_delete(["shards", 0, "sha256"]), "shard record 0 has no 'sha256'"),
-    "missing config key": (_delete(["config", "shard_size"]), "the run's config has no 'shard_size'"),
+    "bad config value": (_set(["config", "shard_size"], 0), "the run's config has shard_size 0, expected at least 1"),
+    "bad layer shape": (_set(["config", "metadata", "layers", "relu7"], [-1]), "layer 'relu7' of the run's metadata"),
     "unknown top key": (_set(["colour"], "red"), "the manifest has an unknown key 'colour'"),
     "unknown shard key": (_set(["shards", 1, "owner"], "me"), "shard record 1 has an unknown key 'owner'"),
     "wrong type": (_set(["shards", 0, "rows"], "4"), "'rows' of shard 0 is a string ('4'), expected a non-negative"),

@@ -7,8 +7,9 @@ a ``KeyError`` traceback or make a reader open ``../somewhere``.  A small explic
 than pydantic: pydantic comes only with the serve extra, and core fastfeat must not need it.
 
 What is checked is what readers use.  ``config`` is the run's configuration, open-ended and compared
-whole by its hash, so only the keys readers take from it are checked (``format``, ``shard_size``,
-``metadata.layers``, ``metadata.dtype``); every other level is closed: an unknown key is an error.
+whole by its hash, so only the types of the keys readers take from it are checked, where present
+(``format``, ``shard_size``, ``metadata.layers``, ``metadata.dtype``); every other level is closed: a
+missing or unknown key is an error.
 """
 
 from __future__ import annotations
@@ -92,16 +93,19 @@ def validate_manifest(manifest: object, where: str = "manifest.json") -> dict:
 
 
 def _config(config: dict, fail) -> None:
+    """The keys readers take from the run's config, where present (readers have defaults for absent ones;
+    the config's completeness is the writer's business, checked by its hash)."""
     what = "the run's config"
-    _typed(config, "format", str, what, fail)
-    if _count(config, "shard_size", what, fail) < 1:
+    if "format" in config:
+        _typed(config, "format", str, what, fail)
+    if "shard_size" in config and _count(config, "shard_size", what, fail) < 1:
         fail(f"{what} has shard_size {config['shard_size']}, expected at least 1")
-    metadata = _typed(config, "metadata", dict, what, fail)
-    layers = _typed(metadata, "layers", dict, "the run's metadata", fail)
+    metadata = _typed(config, "metadata", dict, what, fail) if "metadata" in config else {}
+    layers = _typed(metadata, "layers", dict, "the run's metadata", fail) if "layers" in metadata else {}
     for name, shape in layers.items():
         if not (isinstance(shape, list) and shape and all(_is_count(n) and n > 0 for n in shape)):
             fail(f"layer {name!r} of the run's metadata has shape {shape!r}, expected a list of positive integers")
-    if _typed(metadata, "dtype", str, "the run's metadata", fail) not in OUTPUT_DTYPES:
+    if "dtype" in metadata and _typed(metadata, "dtype", str, "the run's metadata", fail) not in OUTPUT_DTYPES:
         fail(f"the run's metadata has dtype {metadata['dtype']!r}, expected one of {', '.join(OUTPUT_DTYPES)}")
 
 

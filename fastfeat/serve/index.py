@@ -38,9 +38,12 @@ def read_manifest(path: str) -> dict:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--index {path}: cannot read its manifest.json ({exc})") from None
     try:
-        return validate_manifest(manifest, "manifest.json")
+        validate_manifest(manifest, "manifest.json")
     except ManifestError as exc:
         raise ConfigError(f"--index {path}: {exc}") from None
+    if "layers" not in manifest["config"].get("metadata", {}):
+        raise ConfigError(f"--index {path}: its manifest.json records no layers (config.metadata.layers)")
+    return manifest
 
 
 def check_compatible(path: str, stored: dict, served: dict, layer: str) -> None:
