@@ -51,10 +51,13 @@ class _NpyShardWriter(ShardWriter):
         self.rows = 0
         self._row_columns: list[list[pa.Array]] = []
         self._files = {}
-        for layer, file in layer_names.items():
-            f = open(paths[file], "wb")
-            f.write(npy_header(self.dtype, 0, layout.layer_dims[layer]))
-            self._files[layer] = f
+        try:
+            for layer, file in layer_names.items():
+                self._files[layer] = f = open(paths[file], "wb")
+                f.write(npy_header(self.dtype, 0, layout.layer_dims[layer]))
+        except BaseException:  # no writer is returned, so no abort() comes: close what was opened
+            self.abort()
+            raise
 
     def add(self, rows: Rows) -> None:
         for layer, f in self._files.items():
@@ -66,7 +69,7 @@ class _NpyShardWriter(ShardWriter):
         self.rows += len(rows)
 
     def close(self) -> int:
-        for layer, f in self._files.items():
+        for layer, f in self._files.items():  # a failure here leaves the rest to abort() (closing twice is fine)
             f.seek(0)
             f.write(npy_header(self.dtype, self.rows, self.layout.layer_dims[layer]))
             f.close()
