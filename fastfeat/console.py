@@ -39,8 +39,8 @@ def captured_native_stderr():
     line written to fd 2 meanwhile (by any thread) is passed on to the real stderr (``console()``).
     """
     out: list[str] = []
-    stream = console()  # opened before fd 2 is redirected: it must be the real stderr
     with _native_stderr_lock, tempfile.TemporaryFile() as tmp:
+        stream = console()  # first opened (if it is) under the lock, before fd 2 is redirected: the real stderr
         sys.stderr.flush()
         saved = os.dup(2)
         os.dup2(tmp.fileno(), 2)
