@@ -142,3 +142,15 @@ def test_overwrite_replaces_a_manifest_it_cannot_read(finished, dataset, tmp_pat
 def test_a_manifest_that_is_not_an_object(not_a_manifest):
     with pytest.raises(ManifestError, match=r"^m\.json: holds .*, not an object"):
         validate_manifest(not_a_manifest, "m.json")
+
+
+def test_shards_the_writer_holds_are_not_checked_again(finished):
+    """A writer re-reads the manifest at every commit and takes only the shards it does not hold yet."""
+    manifest = json.loads((finished / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = "not one"
+    assert validate_manifest(manifest, held={manifest["shards"][0]["index"]}) is manifest
+    with pytest.raises(ManifestError, match="'sha256' of shard 0 is not a sha256"):
+        validate_manifest(manifest, held={manifest["shards"][1]["index"]})
+    manifest["shards"][1]["index"] = manifest["shards"][0]["index"]
+    with pytest.raises(ManifestError, match="shard 0 is listed twice"):  # held or not
+        validate_manifest(manifest, held={0})

@@ -128,10 +128,11 @@ class OutputDir:
         return self._checked(manifest, storage.display(storage.join(self.path, MANIFEST)))
 
     def _checked(self, manifest: object, where: str) -> dict:
-        """``manifest`` once validated (fastfeat.output.schema).  One that fails the check is refused in one
-        line; under --overwrite it is a foreign run's, replaced like any other (its files go by name)."""
+        """``manifest`` once validated (fastfeat.output.schema; the shards this process holds are not taken
+        from it again, so not checked again).  One that fails the check is refused in one line; under
+        --overwrite it is a foreign run's, replaced like any other (its files go by name)."""
         try:
-            return validate_manifest(manifest, where)
+            return validate_manifest(manifest, where, held=self.shards)
         except ManifestError as exc:
             if self.overwrite:
                 return {"config_hash": None}  # matches no configuration: cleared by --overwrite

@@ -15,6 +15,7 @@ missing or unknown key is an error.
 from __future__ import annotations
 
 import re
+from collections.abc import Container
 
 from .layout import FORMAT, ITEMS_RE, OutputError
 
@@ -37,9 +38,13 @@ class ManifestError(OutputError):
     """manifest.json is not one this fastfeat wrote and can read: one line, exit code 2."""
 
 
-def validate_manifest(manifest: object, where: str = "manifest.json") -> dict:
+def validate_manifest(manifest: object, where: str = "manifest.json", held: Container[int] = ()) -> dict:
     """``manifest`` (parsed JSON) if it is a whole manifest of format fastfeat/1; ManifestError naming the
-    first problem otherwise.  ``where`` (the file's path) starts the message."""
+    first problem otherwise.  ``where`` (the file's path) starts the message.
+
+    ``held``: indices of shards the caller holds already (checked when it took them) and will not take
+    from this manifest: their records are not checked again (a writer re-reads the manifest at every
+    commit; checking 1,000 shards' records each time would cost more than parsing them)."""
 
     def fail(problem: str):
         raise ManifestError(f"{where}: {problem}; not a manifest this fastfeat can read (damaged or edited by hand?)")
@@ -74,6 +79,8 @@ def validate_manifest(manifest: object, where: str = "manifest.json") -> dict:
         if index in seen:
             fail(f"shard {index} is listed twice")
         seen.add(index)
+        if index in held:
+            continue
         what = f"shard {index}"
         for key in ("rows", "first_item", "end_item"):
             _count(shard, key, what, fail)
@@ -121,6 +128,8 @@ def _shard_file(entry: dict, index: int, what: str, fail) -> None:
 
 
 def _record(record: object, what: str, fail) -> None:
+    if type(record) is dict and len(record) == 3 and all(type(record.get(k)) is str for k in _RECORD_REQUIRED):
+        return  # the usual record, checked fast: there are as many as images that failed
     if not isinstance(record, dict):
         fail(f"{what} is {_kind(record)}, not an object")
     for key in sorted(_RECORD_REQUIRED):
