@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import FastfeatError
+
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
 
 
-class CaffeModelError(ValueError):
+class CaffeModelError(FastfeatError):
     pass
 
 

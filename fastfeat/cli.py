@@ -8,6 +8,7 @@ import os
 import sys
 
 from .backends import backend_names
+from .errors import FastfeatError
 from .faults import DEFAULT_READ_RETRIES
 from .models import DEFAULT_LAYERS, MODELS
 from .published import PUBLISHED
@@ -774,12 +775,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastfeat: interrupted; finished shards are kept, run the same command again to resume", file=sys.stderr)
         return 130
-    except ValueError as exc:  # every user-facing error class derives from ValueError
+    except FastfeatError as exc:  # what the user can fix: one line, no traceback
         print(f"fastfeat: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except OSError as exc:  # the machine's (disk full, permission denied): one line, the run can be redone
         print(f"fastfeat: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
+    except Exception:  # anything else is a bug in fastfeat, even a ValueError (pyarrow's, numpy's)
+        report_bug(argv)
+        return 1
+    return 2
 
 
 def _dispatch(args, argv: list[str]) -> int:
@@ -802,6 +807,21 @@ def _dispatch(args, argv: list[str]) -> int:
     if args.command == "models":
         return _run_models(args)
     return 2
+
+
+def report_bug(argv: list[str]) -> None:
+    """The traceback of the exception being handled, and a line saying that it is fastfeat's bug."""
+    import platform
+    import shlex
+    import traceback
+
+    traceback.print_exc()
+    print(
+        f"fastfeat: internal error: this is a bug in fastfeat {__version__}, not a problem with your input or flags; "
+        "please report it to the fastfeat developers with the traceback above, the command line "
+        f"(fastfeat {shlex.join(argv)}) and the versions (Python {platform.python_version()}, {platform.platform()})",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,17 @@ import threading
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _native_stderr_lock = threading.Lock()  # one capture at a time: fd 2 is process-wide
+# What the image decoders print themselves, by its form: libjpeg(-turbo)'s warnings (jerror.h, JWRN_*),
+# libpng's, libtiff's ("TIFFReadDirectory: Warning, ..."), and nvImageCodec's log lines, "[WARNING]
+# [jpeg_parser] ..." (its colour codes removed first).  fd 2 is the whole process's: a line of another
+# form was written meanwhile by another thread (a library's log, a warning of the forward pass) and is
+# passed on to the real stderr, never blamed on the image being decoded.
+DECODER_LINE = re.compile(
+    r"^(?:Corrupt JPEG data\b|Premature end of JPEG file|Invalid SOS parameters for sequential JPEG"
+    r"|Inconsistent progression sequence|Unknown Adobe color transform|Application transferred too (?:few|many)"
+    r"|Warning: (?:unknown JFIF revision|thumbnail image size)|libpng (?:warning|error):|TIFF\w*: "
+    r"|\[(?:WARNING|WARN|ERROR|FATAL)\] \[[\w .:/-]+\] )"
+)
 
 
 @contextlib.contextmanager
@@ -23,10 +34,13 @@ def captured_native_stderr():
     printed by C code straight to fd 2: they would break the progress bar and could not be told
     apart by image.  Python's own writes go through ``sys.stderr``; ``console()`` gives the code
     that must keep printing meanwhile (the progress bar) a stream that bypasses the capture.
-    Yields a list that holds the captured text (ANSI codes removed) once the block ends.
+    Yields a list that holds, once the block ends, the decoder's messages written meanwhile (lines of
+    the forms of ``DECODER_LINE``, ANSI codes removed) joined into one string, "" if none.  Every other
+    line written to fd 2 meanwhile (by any thread) is passed on to the real stderr (``console()``).
     """
     out: list[str] = []
     with _native_stderr_lock, tempfile.TemporaryFile() as tmp:
+        stream = console()  # first opened (if it is) under the lock, before fd 2 is redirected: the real stderr
         sys.stderr.flush()
         saved = os.dup(2)
         os.dup2(tmp.fileno(), 2)
@@ -36,8 +50,25 @@ def captured_native_stderr():
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
-            text = _ANSI.sub("", tmp.read().decode("utf-8", errors="replace"))
-            out.append(" ".join(line.strip() for line in text.splitlines() if line.strip())[:500])
+            decoder, others = split_decoder_lines(tmp.read().decode("utf-8", errors="replace"))
+            out.append(" ".join(decoder)[:500])
+            if others:
+                stream.write("".join(line + "\n" for line in others))
+                stream.flush()
+
+
+def split_decoder_lines(text: str) -> tuple[list[str], list[str]]:
+    """(the decoder's messages, every other line) of captured fd-2 text; the decoder's without ANSI codes."""
+    decoder, others = [], []
+    for raw in text.splitlines():
+        line = _ANSI.sub("", raw).strip()
+        if not line:
+            continue
+        if DECODER_LINE.match(line):
+            decoder.append(line)
+        else:
+            others.append(raw)  # passed on as written
+    return decoder, others
 
 
 _console = None

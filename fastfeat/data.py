@@ -57,7 +57,9 @@ import pyarrow.parquet as pq
 import torch
 
 from . import storage
+from .errors import FastfeatError
 from .output.layout import MANIFEST
+from .output.schema import ManifestError, validate_manifest
 from .sinks.npy import HEADER_BYTES
 from .sinks.parquet import ROW_GROUP_BYTES
 
@@ -65,7 +67,7 @@ FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 DEFAULT_SHUFFLE_BUFFER = 8192  # rows: 64 MB of relu7 float16, a few row groups of 4096-d features
 
 
-class DataError(ValueError):
+class DataError(FastfeatError):
     """An output directory that cannot be read as asked (missing manifest, unknown layer...)."""
 
 
@@ -86,13 +88,18 @@ def read_manifest(path: str) -> dict:
     file = storage.join(path, MANIFEST)
     try:
         if storage.is_remote(path):
-            return json.loads(storage.read_bytes(file))
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
+            manifest = json.loads(storage.read_bytes(file))
+        else:
+            with open(file, encoding="utf-8") as f:
+                manifest = json.load(f)
     except FileNotFoundError:
         raise DataError(f"{storage.display(path)} holds no {MANIFEST}: not a fastfeat output directory") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {storage.display(file)}: {storage.describe(exc)}") from None
+    try:
+        return validate_manifest(manifest, storage.display(file))
+    except ManifestError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _input(location: str):

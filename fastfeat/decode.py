@@ -166,15 +166,26 @@ class Decoder:
         # DALI and the mean subtraction would queue behind the forward pass of the previous batch.
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.pipe = self._build()
-        self.raw_pipe = None  # built on first use by the Pillow fallback
+        # Built on first use, once, and reused: the one-sample pipeline that decodes a failed batch's
+        # samples one by one (and finds which sample the decoder warned about); the Pillow fallback's.
+        self.single_pipe = None
+        self.raw_pipe = None
+        self._probe = None  # a small valid JPEG and its geometry: is a pipeline usable after a failure?
 
-    def _build(self, raw: bool = False):
+    def _build(self, raw: bool = False, batch_size: int | None = None):
         """The built DALI pipeline; ``raw`` takes already-decoded HWC uint8 pixels (the PIL fallback)."""
-        pipe = self._define(raw)
+        pipe = self._define(raw, batch_size)
         pipe.build()
         return pipe
 
-    def _define(self, raw: bool = False):
+    def close(self) -> None:
+        """Stop the scaled-decode threads and release the pipelines (the decoder is not used again)."""
+        if self._scaled_pool is not None:
+            self._scaled_pool.shutdown(wait=True)
+            self._scaled_pool = None
+        self.pipe = self.single_pipe = self.raw_pipe = None
+
+    def _define(self, raw: bool = False, batch_size: int | None = None):
         """The DALI pipeline, defined but not built (building a GPU pipeline needs the GPU)."""
         from nvidia.dali import fn, pipeline_def, types
 
@@ -183,7 +194,7 @@ class Decoder:
         std = list(map(float, self.pre.std)) if self.per_channel_mean else [1.0, 1.0, 1.0]
 
         @pipeline_def(
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
             num_threads=self.num_threads,
             device_id=(self.device.index or 0) if on_gpu else None,
             prefetch_queue_depth=1,
@@ -280,7 +291,7 @@ class Decoder:
         try:
             (out,) = pipe.run()
         except RuntimeError as exc:  # any other type (MemoryError...) propagates as it is
-            if _is_sample_error(str(exc), raw=pipe is not self.pipe):
+            if _is_sample_error(str(exc), raw=pipe is self.raw_pipe):
                 if self.device.type == "cuda":  # a broken CUDA context raises here: the run fails, as it must
                     torch.cuda.synchronize(self.device)
                 raise SampleError(_dali_message(exc)) from None
@@ -414,11 +425,41 @@ class Decoder:
             return None
         return np.ascontiguousarray(pixels[..., ::-1] if self.pre.channel_order == "BGR" else pixels)
 
+    def _single(self):
+        """The one-sample pipeline, built once."""
+        if self.single_pipe is None:
+            self.single_pipe = self._build(batch_size=1)
+        return self.single_pipe
+
+    def _usable_after_failure(self, pipe) -> bool:
+        """Whether ``pipe`` still decodes after a sample failed in it: a small valid JPEG must go through.
+        DALI 2 keeps a pipeline usable after a sample's failure, so this is one small decode, where a
+        rebuild (per failing batch and per bad sample, before) costs a new pipeline each time, on a GPU
+        the decoder's state and buffers too."""
+        if self._probe is None:
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), (128, 64, 32)).save(buf, format="JPEG")
+            self._probe = (np.frombuffer(buf.getvalue(), np.uint8), geometry(self.pre, 16, 16))
+        sample, geom = self._probe
+        try:
+            self._run([sample], [geom], pipe, dims=[(16, 16)])
+        except (SampleError, RuntimeError):
+            return False
+        return True
+
+    def _after_failure(self, name: str) -> None:
+        """Keep pipeline ``name`` ("pipe" or "single_pipe") after a sample failed in it, unless it no longer
+        decodes a valid image: then (only then) build it anew."""
+        if not self._usable_after_failure(getattr(self, name)):
+            setattr(self, name, self._build(batch_size=1 if name == "single_pipe" else None))
+
     def _warnings_by_sample(self, encoded, geoms, dims) -> dict[int, str]:
         notes = {}
         for i, (sample, geom, dim) in enumerate(zip(encoded, geoms, dims, strict=True)):
             with captured_native_stderr() as said:
-                self._run([sample], [geom], dims=[dim])
+                self._run([sample], [geom], self._single(), dims=[dim])
             if said[0]:
                 notes[i] = said[0]
         return notes
@@ -451,15 +492,15 @@ class Decoder:
         rows: list[torch.Tensor | None] = []
         bad: dict[int, str] = {}
         notes: dict[int, str] = {}
-        self.pipe = self._build()  # the failed pipeline is not guaranteed usable any more
+        self._after_failure("pipe")  # the batch failed in it
         for i, (sample, geom, dim) in enumerate(zip(encoded, geoms, dims, strict=True)):
             try:
                 with captured_native_stderr() as said:
-                    rows.append(self._run([sample], [geom], dims=[dim]))  # [views, crop, crop, 3]
+                    rows.append(self._run([sample], [geom], self._single(), dims=[dim]))  # [views, crop, crop, 3]
                 if said[0]:
                     notes[i] = said[0]
             except SampleError as exc:
-                self.pipe = self._build()
+                self._after_failure("single_pipe")
                 row, message = self._pil_fallback(sample, geom, str(exc))
                 rows.append(row)
                 if row is None:

@@ -1,9 +1,26 @@
-"""The error classes a user sees.  Importing this module imports nothing heavy."""
+"""The error classes a user sees.  Importing this module imports nothing heavy.
+
+Two kinds of failure, told apart by class (``fastfeat.cli.main``):
+
+* :class:`FastfeatError` and its subclasses: something the user can fix (a bad flag, a missing file,
+  a foreign output directory, a damaged manifest).  One line, exit code 2, nothing written.
+* anything else (a ``ValueError`` from pyarrow or numpy, a ``TypeError``...): a bug in fastfeat.  The
+  traceback is printed, with a line saying it is a bug; exit code 1.
+
+``FastfeatError`` derives from ``ValueError`` so that callers of the Python API that catch
+``ValueError`` for bad arguments keep working; the CLI, though, never takes a plain ``ValueError`` for
+the user's mistake.  Code that calls a library whose ``ValueError`` does mean bad input (Pillow on a
+file, ``int()`` on a flag) turns it into a ``FastfeatError`` right there.
+"""
 
 from __future__ import annotations
 
 
-class ConfigError(ValueError):
+class FastfeatError(ValueError):
+    """Something the user can fix: reported as one line, exit code 2 (base of every such error)."""
+
+
+class ConfigError(FastfeatError):
     """A bad argument or environment: reported as one line, exit code 2, nothing written."""
 
 

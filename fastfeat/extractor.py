@@ -120,6 +120,12 @@ class Extractor:
             summary = _read_json(storage.join(self.output.path, SUMMARY))
             return {**summary, "up_to_date": True, "rows": self.output.rows()}
         stages = build_stages(self.stage_options, self.weights.tensors, self.reader())
+        try:
+            return self._run_stages(stages)
+        finally:
+            stages.close()  # the decoder's threads and the reader's files, also when the run fails
+
+    def _run_stages(self, stages) -> dict:
         todo, done_items, total = self.begin()
         # Python's stderr (and the bar) bypass fd 2, where the decoder's native warnings are captured.
         with redirect_stderr(console()):

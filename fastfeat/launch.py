@@ -21,22 +21,24 @@ import subprocess
 import sys
 import threading
 
+from .errors import ConfigError
+
 
 def parse_devices(devices: str) -> list[int]:
     import torch
 
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if available == 0:
-        raise ValueError("--devices needs CUDA GPUs; use --num-shards/--shard-index to split work on CPU")
+        raise ConfigError("--devices needs CUDA GPUs; use --num-shards/--shard-index to split work on CPU")
     if devices == "auto":
         return list(range(available))
     try:
         ids = [int(d) for d in devices.split(",") if d.strip()]
     except ValueError:
-        raise ValueError(f"--devices must be 'auto' or a list like 0,1, got {devices!r}") from None
+        raise ConfigError(f"--devices must be 'auto' or a list like 0,1, got {devices!r}") from None
     bad = [d for d in ids if not 0 <= d < available]
     if not ids or bad or len(set(ids)) != len(ids):
-        raise ValueError(f"--devices {devices!r}: choose distinct GPUs among 0..{available - 1}")
+        raise ConfigError(f"--devices {devices!r}: choose distinct GPUs among 0..{available - 1}")
     return ids
 
 
@@ -85,7 +87,7 @@ def worker_env(device: int, env: dict[str, str] | None = None) -> dict[str, str]
     visible = env.get("CUDA_VISIBLE_DEVICES")
     entries = [e.strip() for e in visible.split(",") if e.strip()] if visible is not None else None
     if entries is not None and not 0 <= device < len(entries):
-        raise ValueError(f"GPU {device} is not among CUDA_VISIBLE_DEVICES={visible!r}")
+        raise ConfigError(f"GPU {device} is not among CUDA_VISIBLE_DEVICES={visible!r}")
     env["CUDA_VISIBLE_DEVICES"] = entries[device] if entries is not None else str(device)
     return env
 

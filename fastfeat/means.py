@@ -15,12 +15,12 @@ import os
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, FastfeatError
 
 MEAN_SHAPES = "(3,), (3,S,S) or (S,S,3)"  # also in the --mean-file help (fastfeat.cli)
 
 
-class PreprocessError(ValueError):
+class PreprocessError(FastfeatError):
     pass
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
 from .layers import LRN, Conv, Layer, Linear, MaxPool, ReLU, Shape
 
 # How much work the decoder may skip (fastfeat.decode explains each and what it costs in fidelity).
@@ -543,7 +544,7 @@ def get_model(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown model {name!r}; choose from {', '.join(MODELS)}, torchvision:NAME or timm:NAME"
         ) from None
 
@@ -561,12 +562,12 @@ def parse_layers(spec: ModelSpec, layers: str | list[str] | tuple[str, ...] | No
     else:
         names = list(layers)
     if not names:
-        raise ValueError("no layers requested")
+        raise ConfigError("no layers requested")
     known = set(spec.layer_names)
     canonical = []
     for n in names:
         name = LAYER_ALIASES.get(n.lower(), n) if isinstance(n, str) else n
         if name not in known:
-            raise ValueError(f"unknown layer {n!r} for model {spec.name!r}; choose from {', '.join(spec.layer_names)}")
+            raise ConfigError(f"unknown layer {n!r} for model {spec.name!r}; choose from {', '.join(spec.layer_names)}")
         canonical.append(name)
     return sorted(set(canonical), key=spec.index)

@@ -15,13 +15,14 @@ import os
 import numpy as np
 
 from .data import DataError, Shards, class_index, label_codes, load
+from .errors import FastfeatError
 
 METHODS = ("tsne", "pca")
 LEGEND_MAX = 30
 PCA_DIMS_BEFORE_TSNE = 50
 
 
-class PlotError(ValueError):
+class PlotError(FastfeatError):
     """A bad argument or an unusable output directory: one line, exit code 2, nothing written."""
 
 

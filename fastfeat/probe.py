@@ -50,6 +50,7 @@ import numpy as np
 
 from .caveats import RANDOM_WEIGHTS_NOTE, is_random_weights
 from .data import DataError, Shards, class_index, label_codes, load
+from .errors import FastfeatError
 from .probe_scaling import STANDARDIZE, l2_normalize_rows, scale_from, threads_for
 
 C_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)  # × 1 / mean squared norm of the rows (see above)
@@ -62,7 +63,7 @@ LOGREG_TOL = 1e-6  # lbfgs gradient tolerance: at weak regularisation (C 1e3) th
 IN_MEMORY_BYTES = 2 << 30  # engine auto: float32 feature rows up to this size go to scikit-learn
 
 
-class ProbeError(ValueError):
+class ProbeError(FastfeatError):
     """A bad argument or a data set the protocol cannot run on: one line, exit code 2."""
 
 

@@ -26,6 +26,7 @@ from .arguments import check_compile_mode
 from .backends import backend_names, make_backend, unavailable_reason
 from .backends.compile_backend import recorded_mode
 from .backends.plan import Op
+from .errors import ConfigError
 from .graphs import GraphForward, resolve_cuda_graphs
 from .model_lookup import resolve_model
 from .models import ModelSpec
@@ -47,7 +48,7 @@ def parse_batch_sizes(batch_sizes: str | int | Iterable[int]) -> list[int]:
     if isinstance(batch_sizes, str):
         parts = [p.strip() for p in batch_sizes.split(",")]
         if not all(p.isdigit() for p in parts):
-            raise ValueError(
+            raise ConfigError(
                 f"batch sizes must be comma-separated positive integers like 1,64,256, got {batch_sizes!r}"
             )
         sizes = [int(p) for p in parts]
@@ -56,7 +57,7 @@ def parse_batch_sizes(batch_sizes: str | int | Iterable[int]) -> list[int]:
     else:
         sizes = list(batch_sizes)
     if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):
-        raise ValueError(f"batch sizes must be positive integers, got {batch_sizes!r}")
+        raise ConfigError(f"batch sizes must be positive integers, got {batch_sizes!r}")
     return list(dict.fromkeys(sizes))
 
 
@@ -65,16 +66,16 @@ def parse_count(text: str | int, what: str, minimum: int) -> int:
     try:
         value = int(text)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be an integer, got {text!r}") from None
+        raise ConfigError(f"{what} must be an integer, got {text!r}") from None
     if value < minimum:
-        raise ValueError(f"{what} must be at least {minimum}, got {value}")
+        raise ConfigError(f"{what} must be at least {minimum}, got {value}")
     return value
 
 
 def backend_unavailable(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run on ``device`` here, or None when it can."""
     if name not in backend_names():
-        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(backend_names())} or all")
+        raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(backend_names())} or all")
     return unavailable_reason(name, device)
 
 
@@ -86,7 +87,7 @@ def resolve_backends(
     Each backend that "all" leaves out is told to ``log``, one line with the reason."""
     names = [n.strip() for n in backends.split(",")] if isinstance(backends, str) else list(backends)
     if not names or not all(names):
-        raise ValueError(f"no backend given; choose from {', '.join(backend_names())} or all")
+        raise ConfigError(f"no backend given; choose from {', '.join(backend_names())} or all")
     resolved: list[str] = []
     for name in names:
         if name == "all":
@@ -99,7 +100,7 @@ def resolve_backends(
             continue
         why = backend_unavailable(name, device)
         if why is not None:
-            raise ValueError(f"backend {name!r} is not available: {why}")
+            raise ConfigError(f"backend {name!r} is not available: {why}")
         resolved.append(name)
     return list(dict.fromkeys(resolved))
 

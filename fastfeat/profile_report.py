@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from .errors import ConfigError
 from .models import get_model
 
 # Layer kinds in the order summaries list them: the arithmetic first, then the memory-bound rest
@@ -21,7 +22,7 @@ def check_outputs(json_path: str | None, plot_path: str | None) -> None:
     """Reject output paths that cannot be written, and --plot without matplotlib, before profiling."""
     for path in (json_path, plot_path):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ValueError(f"cannot write {path}: its directory does not exist")
+            raise ConfigError(f"cannot write {path}: its directory does not exist")
     if plot_path:
         _pyplot()
 
@@ -138,7 +139,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'fastfeat[plot]'") from None
+        raise ConfigError("--plot needs matplotlib: pip install 'fastfeat[plot]'") from None
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
 

@@ -26,14 +26,17 @@ class Registry:
         return cls
 
     def names(self) -> list[str]:
-        """Every plug-in of the package, the default first."""
+        """Every plug-in of the package and every one registered from elsewhere, the default first."""
         path = importlib.import_module(self.package).__path__
         found = [m.name.removesuffix(self.suffix) for m in pkgutil.iter_modules(path)]
-        names = sorted(n for m, n in zip(pkgutil.iter_modules(path), found, strict=True)
-                       if m.name.endswith(self.suffix) and m.name not in self.skip)  # fmt: skip
-        return sorted(names, key=lambda n: n != self.default)
+        modules = {n for m, n in zip(pkgutil.iter_modules(path), found, strict=True)
+                   if m.name.endswith(self.suffix) and m.name not in self.skip}  # fmt: skip
+        # A class registered by code outside the package (a user's plug-in, a test's) is one too.
+        return sorted(sorted(modules | set(self.classes)), key=lambda n: n != self.default)
 
     def get(self, name: str) -> type:
+        if name in self.classes:  # imported already, or registered from outside the package
+            return self.classes[name]
         if name not in self.names():
             raise ConfigError(f"unknown {self.what} {name!r}; choose from {', '.join(self.names())}")
         importlib.import_module(f"{self.package}.{name}{self.suffix}")

@@ -117,6 +117,14 @@ class Stages:
     def metadata(self) -> dict:
         return self.options.metadata()
 
+    def close(self) -> None:
+        """Release what a run holds open: the decoder's threads and pipelines, the reader's open files."""
+        try:
+            self.decoder.close()
+        finally:
+            if self.reader is not None and hasattr(self.reader, "close"):
+                self.reader.close()
+
     @cached_property
     def dims(self) -> dict[str, int]:
         return self.options.dims()

@@ -39,6 +39,8 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
+from .errors import FastfeatError
+
 # Stores whose uploads become visible whole and only when complete: writing to the final key is atomic.
 ATOMIC_PUT_SCHEMES = frozenset({"s3", "gs", "gcs"})
 # Stores whose paths start with the bucket (the URI's host): "s3://bucket/key" is "bucket/key" to pyarrow.
@@ -49,7 +51,7 @@ _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 UPLOAD_CHUNK = 8 << 20
 
 
-class StorageError(ValueError):
+class StorageError(FastfeatError):
     """A URI that cannot be used (unknown scheme, unreachable endpoint, missing bucket): one line, exit 2."""
 
 

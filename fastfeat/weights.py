@@ -22,6 +22,7 @@ import torch
 
 from .caffemodel import CaffeModelError, read_caffemodel
 from .checksum import file_sha256
+from .errors import FastfeatError
 from .matconvnet import MatConvNetError, read_matconvnet
 from .models import ModelSpec
 from .overfeat import RAW_FLOAT32_MODELS, OverFeatError, read_overfeat
@@ -29,7 +30,7 @@ from .published import WEIGHTS_CHOICES
 from .published import resolve as resolve_published
 
 
-class WeightsError(ValueError):
+class WeightsError(FastfeatError):
     pass
 
 
@@ -119,7 +120,10 @@ def _read_state_dict(path: str, spec: ModelSpec) -> dict[str, torch.Tensor]:
     if ext == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as exc:  # safetensors raises SafetensorError, OSError... for a damaged file
+            raise WeightsError(f"cannot read weights {path}: not a whole .safetensors file ({exc})") from None
     if ext == ".caffemodel":
         with open(path, "rb") as f:
             return {k: torch.from_numpy(np.array(v)) for k, v in read_caffemodel(f.read()).items()}

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..layers import LRN, Conv, Layer, Linear, MaxPool, ReLU
 from ..models import ModelSpec
 from .base import Backend, register_backend
@@ -137,7 +138,7 @@ class TritonNet(Backend):
             elif isinstance(layer, LRN):
                 step = _Step((layer,), "norm", layer)
             else:
-                raise ValueError(f"the triton backend has no kernel for layer kind {layer.kind!r} ({layer.name})")
+                raise ConfigError(f"the triton backend has no kernel for layer kind {layer.kind!r} ({layer.name})")
             steps.append(step)
             i += len(step.covers)
         return steps

@@ -45,6 +45,7 @@ from .layout import (
     tmp_name,
 )
 from .manifest import OutputDir, ShardRecord, config_hash, describe_diff, manifest_json
+from .schema import ManifestError, validate_manifest
 from .transaction import ShardTransaction
 from .verification import verify
 
@@ -54,6 +55,7 @@ __all__ = [
     "ITEMS_RE",
     "LOCK",
     "MANIFEST",
+    "ManifestError",
     "SHARD_RE",
     "SUMMARY",
     "TMP_RE",
@@ -72,5 +74,6 @@ __all__ = [
     "remove_tmp_of",
     "shard_tasks",
     "tmp_name",
+    "validate_manifest",
     "verify",
 ]

@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Callable
 
 from .. import storage
+from ..errors import FastfeatError
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"  # flock'd while the manifest is read-merged-written: several processes share one OUT
@@ -23,7 +24,7 @@ TMP_RE = re.compile(r"^part-\d{5,}\..+\.(\d+)(?:@([A-Za-z0-9-]+))?\.tmp$")
 ITEMS_RE = re.compile(r"^items-\d{5,}\.arrow$")  # each generation's (id, label) list, in order (Arrow IPC)
 
 
-class OutputError(ValueError):
+class OutputError(FastfeatError):
     pass
 
 

@@ -30,6 +30,7 @@ from .layout import (
     _remove_orphan_tmp,
     _upload_written,
 )
+from .schema import ManifestError, validate_manifest
 
 
 def config_hash(config: dict) -> str:
@@ -102,9 +103,10 @@ class OutputDir:
             )
         try:
             with open(manifest_path, encoding="utf-8") as f:
-                return json.load(f)
+                manifest = json.load(f)
         except (OSError, ValueError) as exc:
             raise OutputError(f"cannot read {manifest_path}: {exc}") from None
+        return self._checked(manifest, manifest_path)
 
     def _read_remote_manifest_if_any(self) -> dict | None:
         where = storage.display(self.path)
@@ -118,11 +120,23 @@ class OutputDir:
                 raise OutputError(
                     f"output directory {where} is not empty and holds no fastfeat run; choose another --out"
                 )
-            return json.loads(storage.read_bytes(storage.join(self.path, MANIFEST)))
+            manifest = json.loads(storage.read_bytes(storage.join(self.path, MANIFEST)))
         except (OSError, ValueError) as exc:
             if isinstance(exc, OutputError):
                 raise
             raise OutputError(f"cannot read output directory {where}: {storage.describe(exc)}") from None
+        return self._checked(manifest, storage.display(storage.join(self.path, MANIFEST)))
+
+    def _checked(self, manifest: object, where: str) -> dict:
+        """``manifest`` once validated (fastfeat.output.schema; the shards this process holds are not taken
+        from it again, so not checked again).  One that fails the check is refused in one line; under
+        --overwrite it is a foreign run's, replaced like any other (its files go by name)."""
+        try:
+            return validate_manifest(manifest, where, held=self.shards)
+        except ManifestError as exc:
+            if self.overwrite:
+                return {"config_hash": None}  # matches no configuration: cleared by --overwrite
+            raise ManifestError(f"{exc}; use another --out, or --overwrite to replace it") from None
 
     def _check(self, manifest: dict | None) -> None:
         """Same run: take its finished shards.  Different run: refuse, unless --overwrite (done in create)."""
@@ -171,6 +185,8 @@ class OutputDir:
                 on_store = json.loads(storage.read_bytes(storage.join(self.path, MANIFEST)))
             except FileNotFoundError:
                 on_store = {}
+            if on_store:
+                on_store = self._checked(on_store, storage.display(storage.join(self.path, MANIFEST)))
             self._take_on_disk(on_store)
             yield
             return
@@ -182,6 +198,8 @@ class OutputDir:
                         on_disk = json.load(f)
                 except (OSError, ValueError):
                     on_disk = {}
+                if on_disk:  # another part's (or an earlier run's) records are trusted only once checked
+                    on_disk = self._checked(on_disk, os.path.join(self.path, MANIFEST))
                 self._take_on_disk(on_disk)
                 yield
             finally:

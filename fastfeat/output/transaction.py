@@ -38,7 +38,11 @@ class ShardTransaction:
         self.tmp_paths = {name: os.path.join(folder, tmp_name(name)) for name in sink.shard_files(index)}
         self.errors: list[dict] = []
         self.warnings: list[dict] = []
-        self._writer = sink.open(self.tmp_paths)
+        try:
+            self._writer = sink.open(self.tmp_paths)
+        except BaseException:  # no transaction to abort: remove what the sink created before failing
+            self._remove_tmp()
+            raise
 
     def add(self, rows: Rows) -> None:
         self._writer.add(rows)
@@ -79,6 +83,9 @@ class ShardTransaction:
         try:
             self._writer.abort()
         finally:
-            for tmp in self.tmp_paths.values():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+            self._remove_tmp()
+
+    def _remove_tmp(self) -> None:
+        for tmp in self.tmp_paths.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)

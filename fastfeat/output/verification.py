@@ -17,6 +17,7 @@ from ..sinks.base import Layout, Sink
 from .generations import shard_tasks
 from .layout import ERRORS, MANIFEST, SHARD_RE, OutputError
 from .manifest import ShardRecord
+from .schema import validate_manifest
 
 
 def verify(path: str, partial: bool = False) -> list[str]:
@@ -40,6 +41,7 @@ def verify(path: str, partial: bool = False) -> list[str]:
         reason = storage.describe(exc) if remote else exc
         where = storage.display(manifest_path) if remote else manifest_path
         raise OutputError(f"cannot read {where}: {reason}") from None
+    validate_manifest(manifest, storage.display(manifest_path) if remote else manifest_path)
     listing = storage.list_dir(path) if remote else None  # name -> size of every object in OUT/
     config = manifest.get("config", {})
     metadata = config.get("metadata", {})

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..caveats import random_weights_note
+from ..errors import ConfigError
 from ..models import parse_layers
 from ..version import __version__
 from .batching import Batcher, BatcherDead, Job, JobResult
@@ -268,7 +269,7 @@ def create_app(cfg: ServeConfig, engine: Engine, batcher: Batcher, metrics: Metr
             return engine.layers
         try:
             names = parse_layers(engine.spec, layers)
-        except ValueError as exc:
+        except ConfigError as exc:  # an unknown layer name
             raise ApiError(400, "bad_layer", str(exc)) from None
         if extra := [n for n in names if n not in engine.layers]:
             raise ApiError(400, "bad_layer", f"layer {extra[0]} is not served; this server computes {','.join(engine.layers)} (--layers)")  # fmt: skip

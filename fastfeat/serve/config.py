@@ -118,7 +118,7 @@ def check_serve_config(cfg: ServeConfig) -> list[str]:
         if cfg.index_layer is not None:
             try:
                 (name,) = parse_layers(spec, cfg.index_layer)
-            except ValueError as exc:
+            except ConfigError as exc:
                 raise ConfigError(f"--index-layer: {exc}") from None
             if name not in layers:
                 raise ConfigError(f"--index-layer {name} is not one of the served --layers {','.join(layers)}")

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import ConfigError
+from ..output.schema import ManifestError, validate_manifest
 
 CHUNK_ROWS = 4096  # rows read, normalised and added at a time
 HNSW_M = 32  # graph degree: faiss's recommended 16-64; recall@10 measured in benchmarks/index_threshold.py
@@ -34,9 +35,14 @@ def read_manifest(path: str) -> dict:
     try:
         with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
             manifest = json.load(f)
-        manifest["config"]["metadata"]["layers"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"--index {path}: cannot read its manifest.json ({exc})") from None
+    try:
+        validate_manifest(manifest, "manifest.json")
+    except ManifestError as exc:
+        raise ConfigError(f"--index {path}: {exc}") from None
+    if "layers" not in manifest["config"].get("metadata", {}):
+        raise ConfigError(f"--index {path}: its manifest.json records no layers (config.metadata.layers)")
     return manifest
 
 

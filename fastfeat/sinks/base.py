@@ -20,7 +20,12 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..errors import FastfeatError
 from . import register_sink  # noqa: F401  (re-exported: format modules import it from here)
+
+
+class ShardFileError(FastfeatError):
+    """A shard file that is damaged or not one fastfeat wrote (read back by verify or fastfeat.data)."""
 
 
 @dataclass

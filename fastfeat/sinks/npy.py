@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .base import Layout, Rows, ShardWriter, Sink, register_sink
+from .base import Layout, Rows, ShardFileError, ShardWriter, Sink, register_sink
 from .parquet import row_arrays, row_fields
 
 MAGIC = b"\x93NUMPY\x01\x00"  # format version 1.0: header length fits in a uint16
@@ -38,7 +38,7 @@ def read_npy_shape(path: str) -> tuple[np.dtype, tuple[int, ...]]:
     with open(path, "rb") as f:
         head = f.read(HEADER_BYTES)
     if not head.startswith(MAGIC):
-        raise ValueError(f"{os.path.basename(path)}: not a .npy file of format 1.0")
+        raise ShardFileError(f"{os.path.basename(path)}: not a .npy file of format 1.0")
     header = ast.literal_eval(head[len(MAGIC) + 2 :].decode("latin1").strip())
     return np.dtype(header["descr"]), tuple(header["shape"])
 
@@ -51,10 +51,13 @@ class _NpyShardWriter(ShardWriter):
         self.rows = 0
         self._row_columns: list[list[pa.Array]] = []
         self._files = {}
-        for layer, file in layer_names.items():
-            f = open(paths[file], "wb")
-            f.write(npy_header(self.dtype, 0, layout.layer_dims[layer]))
-            self._files[layer] = f
+        try:
+            for layer, file in layer_names.items():
+                self._files[layer] = f = open(paths[file], "wb")
+                f.write(npy_header(self.dtype, 0, layout.layer_dims[layer]))
+        except BaseException:  # no writer is returned, so no abort() comes: close what was opened
+            self.abort()
+            raise
 
     def add(self, rows: Rows) -> None:
         for layer, f in self._files.items():
@@ -66,7 +69,7 @@ class _NpyShardWriter(ShardWriter):
         self.rows += len(rows)
 
     def close(self) -> int:
-        for layer, f in self._files.items():
+        for layer, f in self._files.items():  # a failure here leaves the rest to abort() (closing twice is fine)
             f.seek(0)
             f.write(npy_header(self.dtype, self.rows, self.layout.layer_dims[layer]))
             f.close()
@@ -105,7 +108,7 @@ class NpySink(Sink):
             dtype, shape = read_npy_shape(paths[name])
             expected = os.path.getsize(paths[name]) - HEADER_BYTES
             if len(shape) != 2 or shape[0] != len(ids) or shape[0] * shape[1] * dtype.itemsize != expected:
-                raise ValueError(f"{name}: shape {shape} ({dtype}) does not match {len(ids)} ids and the file size")
+                raise ShardFileError(f"{name}: shape {shape} ({dtype}) does not match {len(ids)} ids and the file size")
         return len(ids), ids
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, overload
 
 from .. import storage
+from ..errors import FastfeatError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pnm", ".ppm", ".pgm", ".jp2", ".gif"}
@@ -20,7 +21,7 @@ PROGRESS_EVERY = 10_000  # ``progress`` is called about every this many entries 
 Progress = Callable[[int], None]
 
 
-class SourceError(ValueError):
+class SourceError(FastfeatError):
     pass
 
 

@@ -114,6 +114,16 @@ class ItemReader:
             raise ImageUnreadable(f"file too large: {size} bytes (limit {MAX_FILE_BYTES}): {what}", TOO_LARGE)
         return data
 
+    def close(self) -> None:
+        """Close the open remote tar shard and Parquet files (the reader can still be used: it reopens)."""
+        self._close_remote_tar()
+        self._files, self._group = {}, None
+
+    def _close_remote_tar(self) -> None:
+        if self._remote_tar is not None:
+            tar, self._remote_tar = self._remote_tar[1], None
+            tar.close()
+
     def _read_remote(self, item: Item) -> bytes:
         """An object: one GET (a tar member: one ranged GET on the shard, kept open while its members come)."""
         where = repr(storage.display(item.path))
@@ -126,6 +136,7 @@ class ItemReader:
                 if item.size > MAX_FILE_BYTES:
                     raise ImageUnreadable(f"file too large: {item.size} bytes (limit {MAX_FILE_BYTES})", TOO_LARGE)
                 if self._remote_tar is None or self._remote_tar[0] != item.path:
+                    self._close_remote_tar()  # the previous shard's: items come shard after shard
                     self._remote_tar = (item.path, storage.open_input_file(item.path))
                 data = self._remote_tar[1].read_at(item.size, item.offset)
                 if len(data) != item.size:
