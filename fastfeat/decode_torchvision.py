@@ -185,6 +185,9 @@ class TorchvisionDecoder:
         return out.flip(-1) if self.pre.channel_order == "BGR" else out
 
     # -- the batch --------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """As ``Decoder.close``: nothing to release here (no thread pool; the CUDA stream goes with the object)."""
+
     def decode(
         self, encoded: list[np.ndarray], sizes: list[tuple[int, int]]
     ) -> tuple[torch.Tensor | None, dict[int, str], dict[int, str]]:
