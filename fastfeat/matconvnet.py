@@ -23,11 +23,12 @@ import math
 
 import numpy as np
 
+from .errors import FastfeatError
 from .layers import Conv, Linear
 from .models import ModelSpec
 
 
-class MatConvNetError(ValueError):
+class MatConvNetError(FastfeatError):
     pass
 
 

@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from .errors import FastfeatError
 from .models import ModelSpec
 
 # The models whose weights come as these raw files; a file named otherwise than .pth/.safetensors/
@@ -22,7 +23,7 @@ from .models import ModelSpec
 RAW_FLOAT32_MODELS = {"overfeat-fast": "net_weight_0", "overfeat-accurate": "net_weight_1"}
 
 
-class OverFeatError(ValueError):
+class OverFeatError(FastfeatError):
     pass
 
 

@@ -27,11 +27,12 @@ import numpy as np
 
 from . import retrieval_gt
 from .data import DataError, Shards, load
+from .errors import FastfeatError
 from .retrieval_gt import GroundTruthError, stem
 from .retrieval_metrics import KAPPAS, mean_average_precision, ns_score, revisited_protocols
 
 
-class RetrievalError(ValueError):
+class RetrievalError(FastfeatError):
     """A bad argument or an output that does not fit the ground truth: one line, exit code 2."""
 
 

@@ -30,12 +30,14 @@ import pickle
 import re
 from dataclasses import dataclass, field
 
+from .errors import FastfeatError
+
 DATASETS = ("holidays", "oxford5k", "paris6k", "roxford5k", "rparis6k", "ukbench")
 NEEDS_GT = ("oxford5k", "paris6k", "roxford5k", "rparis6k")
 MAX_GT_BYTES = 64 << 20  # a revisited gnd file is ~1 MB
 
 
-class GroundTruthError(ValueError):
+class GroundTruthError(FastfeatError):
     """Ground truth that cannot be read or does not match the output: one line, exit code 2."""
 
 
