@@ -111,3 +111,27 @@ def test_user_facing_value_errors_became_fastfeat_errors():
     ):
         with pytest.raises(errors.FastfeatError):
             call()
+
+
+# Exceptions that are not the user's to fix, each with its handling: a sample's decode failure becomes an
+# error record; a Ray run that cannot go on and an HTTP answer are reported by their own code paths.
+NOT_USER_ERRORS = {"SampleError", "RayRunError", "ApiError"}
+
+
+def test_no_error_class_escapes_the_user_or_bug_split():
+    """Every ``class *Error`` defined in fastfeat is a FastfeatError (one line, exit 2) or is named above:
+    a new module's error class cannot fall into the "bug" branch by accident (as RetrievalError once did)."""
+    import ast
+    import importlib
+    import pathlib
+
+    root = pathlib.Path(errors.__file__).parent
+    missed = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error") and node.name not in NOT_USER_ERRORS:
+                name = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+                cls = getattr(importlib.import_module(name), node.name)
+                if not issubclass(cls, errors.FastfeatError):
+                    missed.append(f"{name}.{node.name}")
+    assert not missed, f"error classes outside FastfeatError: {missed}"
