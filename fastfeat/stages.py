@@ -157,10 +157,18 @@ def build_stages(
     )  # fmt: skip
     forward = Forward(
         net, options.layers, forward_dtype or options.dtype, len(views), options.augment_reduce,
-        pad_rows=options.batch_size * len(views) if pad_short_batches else None,
+        pad_rows=options.batch_size * len(views) if pad_short_batches and _bits_depend_on_rows(options) else None,
         graph_rows=options.batch_size * len(views) if options.cuda_graphs else None,
     )  # fmt: skip
     return Stages(options, net, decoder, forward, reader)
+
+
+def _bits_depend_on_rows(options: StageOptions) -> bool:
+    """Whether a row's features can change with the number of rows in its batch: on a CPU, the torch and
+    compile backends call MKL/oneDNN, which pick a GEMM kernel (and so a summation order) by row count.
+    The triton kernels compute each row alone (tests/kernels/test_determinism.py), and on CUDA the graphs
+    pad to their bucket; padding there would only cost time (a whole batch for a short one)."""
+    return options.device.type == "cpu" and options.backend != "triton"
 
 
 def decoder_class(name: str):
