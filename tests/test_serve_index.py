@@ -77,7 +77,12 @@ def test_hnsw_above_the_threshold_agrees_with_exact(outputs):
     assert not approx.exact and approx.kind.startswith("approximate") and exact.kind.startswith("exact")
     _, rows = _rows(outs["npy"], "relu6")
     for a, b in zip(exact.search(rows, 4), approx.search(rows, 4), strict=True):
-        assert [h["id"] for h in a] == [h["id"] for h in b]  # 7 rows: HNSW's graph reaches every one
+        # 7 rows: HNSW's graph reaches every one. The same set, in the same order up to ties (two rows within
+        # 1e-5 may swap: faiss builds the graph with several threads, so its visiting order varies).
+        assert {h["id"] for h in a} == {h["id"] for h in b}
+        assert [h["id"] for h in a] == [h["id"] for h in b] or any(
+            abs(x["score"] - y["score"]) <= 1e-5 for x, y in zip(a, a[1:])
+        )
         assert [h["score"] for h in a] == pytest.approx([h["score"] for h in b], abs=1e-5)
 
 
