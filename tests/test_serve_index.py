@@ -81,7 +81,7 @@ def test_hnsw_above_the_threshold_agrees_with_exact(outputs):
         # 1e-5 may swap: faiss builds the graph with several threads, so its visiting order varies).
         assert {h["id"] for h in a} == {h["id"] for h in b}
         assert [h["id"] for h in a] == [h["id"] for h in b] or any(
-            abs(x["score"] - y["score"]) <= 1e-5 for x, y in zip(a, a[1:])
+            abs(x["score"] - y["score"]) <= 1e-5 for x, y in zip(a, a[1:], strict=False)
         )
         assert [h["score"] for h in a] == pytest.approx([h["score"] for h in b], abs=1e-5)
 
