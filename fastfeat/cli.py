@@ -29,6 +29,22 @@ WEIGHTS_HELP = (
 )
 
 
+def _add_forward_mode_options(p) -> None:
+    """--cuda-graphs and --compile-mode: how the forward pass runs (extract, profile and serve alike)."""
+    p.add_argument(
+        "--cuda-graphs",
+        default="auto",
+        help="auto (default: on for the torch and triton backends on CUDA), on or off: replay the whole forward pass "
+        "as one CUDA graph per batch-size bucket (docs/gpu.md)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="--backend compile: default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs (the default "
+        "on CUDA; on CPU the default is freezing)",
+    )
+
+
 def _compact(names: list[str]) -> str:
     """conv1 conv2 conv3 -> conv1-3; pool1 pool2 pool5 -> pool1,2,5; conv1_1 ... conv5_3 -> conv1_1..conv5_3."""
     import re
@@ -103,18 +119,7 @@ def _add_extract(sub) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--backend", default="torch", help=f"one of {', '.join(backend_names())} (default torch)")
-    p.add_argument(
-        "--cuda-graphs",
-        default="auto",
-        help="auto (default: on for the torch and triton backends on CUDA), on or off: replay the whole forward pass "
-        "as one CUDA graph per batch-size bucket (docs/gpu.md)",
-    )
-    p.add_argument(
-        "--compile-mode",
-        default=None,
-        help="--backend compile: default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs (the default "
-        "on CUDA; on CPU the default is freezing)",
-    )
+    _add_forward_mode_options(p)
     p.add_argument(
         "--format",
         default=DEFAULT_FORMAT,
@@ -361,18 +366,7 @@ def _add_profile(sub) -> None:
         "--backend", default="torch", help=f"{', '.join(backend_names())} or all, comma-separated (default torch)"
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    p.add_argument(
-        "--cuda-graphs",
-        default="auto",
-        help="auto (default: on for the torch and triton backends on CUDA), on or off: replay the whole forward pass "
-        "as one CUDA graph per batch-size bucket (docs/gpu.md)",
-    )
-    p.add_argument(
-        "--compile-mode",
-        default=None,
-        help="--backend compile: default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs (the default "
-        "on CUDA; on CPU the default is freezing)",
-    )
+    _add_forward_mode_options(p)
     p.add_argument("--precision", default=None, help="fp32, bf16 or fp16 (default: bf16 where supported, else fp32)")
     p.add_argument("--batch-size", default="1,64", help="comma-separated batch sizes (default 1,64)")
     p.add_argument("--repeat", default="10", help="timed runs per op; the table shows their median (default 10)")
@@ -438,18 +432,7 @@ def _add_serve(sub) -> None:
         "--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 where supported, else fp32"
     )
     p.add_argument("--backend", default="torch", help=f"one of {', '.join(backend_names())} (default torch)")
-    p.add_argument(
-        "--cuda-graphs",
-        default="auto",
-        help="auto (default: on for the torch and triton backends on CUDA), on or off: replay the whole forward pass "
-        "as one CUDA graph per batch-size bucket (docs/gpu.md)",
-    )
-    p.add_argument(
-        "--compile-mode",
-        default=None,
-        help="--backend compile: default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs (the default "
-        "on CUDA; on CPU the default is freezing)",
-    )
+    _add_forward_mode_options(p)
     p.add_argument(
         "--dtype", choices=("float16", "float32"), default="float32", help="response dtype (default float32)"
     )
