@@ -10,6 +10,10 @@ time (start-up included) is kept too.
     python benchmarks/ab_extract.py --corpus corpus --variant trim= \\
         --variant "notrim=:import fastfeat.forward as f; f.release_freed_memory = lambda: None"
 
+Each variant's first output is compared with the first variant's: the feature columns value for value
+(``features_identical``) and the part files byte for byte (``part_bytes_identical``); where only the
+bytes differ, ``metadata_keys_differing`` names the run-metadata keys (in the Parquet schema) that do.
+
 Writes benchmarks/results/ab_extract.json (appends a record).  Never run two benchmarks at once.
 """
 
@@ -48,6 +52,31 @@ def run_once(corpus: str, out: str, pythonpath: str, prelude: str, extra: list[s
     return {"img_per_s": summary["images_per_s"], "process_wall_s": round(wall, 2)}
 
 
+def output_digests(out: str) -> dict:
+    """Hashes of one extract output: every part file's bytes, and its feature columns' values in row order."""
+    import glob
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    parts = sorted(glob.glob(os.path.join(out, "**", "part-*"), recursive=True))
+    if not parts:
+        raise SystemExit(f"no part files under {out}")
+    file_bytes, features = hashlib.sha256(), hashlib.sha256()
+    metadata: dict = {}
+    for part in parts:
+        with open(part, "rb") as f:
+            file_bytes.update(f.read())
+        if part.endswith(".parquet"):
+            table = pq.read_table(part)
+            metadata = json.loads((table.schema.metadata or {}).get(b"fastfeat", b"{}"))
+            for name in sorted(table.column_names):
+                features.update(name.encode())
+                features.update(repr(table.column(name).to_pylist()).encode())
+    return {"parts": len(parts), "part_bytes": file_bytes.hexdigest(), "features": features.hexdigest(),
+            "metadata": metadata}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", required=True)
@@ -61,12 +90,15 @@ def main() -> None:
         path, _, prelude = rest.partition(":")
         variants.append((label, path, prelude))
     samples: dict[str, list[float]] = {label: [] for label, _, _ in variants}
+    digests: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
             for label, path, prelude in variants:
                 out = os.path.join(tmp, f"{label}-{rep}")
                 r = run_once(args.corpus, out, path, prelude, args.args.split())
                 samples[label].append(r["img_per_s"])
+                if rep == 0:
+                    digests[label] = output_digests(out)
                 print(f"rep {rep} {label}: {r['img_per_s']:.1f} img/s", file=sys.stderr)
     stats = {k: dict(zip(("p20", "p50", "p80"), np.percentile(v, [20, 50, 80]).round(2).tolist(), strict=True))
              for k, v in samples.items()}  # fmt: skip
@@ -80,6 +112,20 @@ def main() -> None:
         "img_per_s": stats,
         "samples": samples,
         f"ratio_vs_{first}_p50": {k: round(v["p50"] / stats[first]["p50"], 3) for k, v in stats.items()},
+        f"outputs_vs_{first}": {
+            label: {
+                "features_identical": d["features"] == digests[first]["features"],
+                "part_bytes_identical": d["part_bytes"] == digests[first]["part_bytes"],
+                "parts": d["parts"],
+                # what makes the bytes differ when the features do not: run metadata keys added or changed
+                "metadata_keys_differing": sorted(
+                    k
+                    for k in set(d["metadata"]) | set(digests[first]["metadata"])
+                    if d["metadata"].get(k) != digests[first]["metadata"].get(k)
+                ),
+            }
+            for label, d in digests.items()
+        },
         "machine": _cpu_model(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -180,7 +180,7 @@ def load_weights(spec: ModelSpec, source: str) -> Weights:
         h = hashlib.sha256()
         for key in sorted(tensors):
             h.update(key.encode())
-            h.update(tensors[key].numpy().tobytes())
+            h.update(tensors[key].numpy())  # the array's buffer, not a 240 MB tobytes() copy (same bytes)
         return Weights(tensors, h.hexdigest(), source)
     name, published = source, resolve_published(source, spec.name)
     if published is not None:  # a registered name: its checked cached file, downloaded first if needed

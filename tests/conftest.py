@@ -104,3 +104,31 @@ def s3_endpoint():
             else:
                 os.environ[k] = v
         s3_server.stop(proc, endpoint)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _random_weights_made_once():
+    """``random:SEED`` weights of a built-in network are a pure function of its parameter shapes and the
+    seed, and cost ~0.8 s for CaffeNet on 2 cores, paid by every in-process extract: each set is made
+    once per session and every caller gets its own copy (a caller may pack or modify its tensors)."""
+    from collections import OrderedDict
+
+    import fastfeat.weights as weights
+
+    made: OrderedDict = OrderedDict()  # the last few sets only: VGG-16's is 550 MB
+    make = weights.random_weights
+
+    def made_once(spec, seed: int):
+        if getattr(spec, "is_zoo", False):  # the library's own initialisation, cheap for the small test models
+            return make(spec, seed)
+        key = (seed, tuple(spec.param_shapes().items()))
+        if key not in made:
+            made[key] = make(spec, seed)
+            while len(made) > 4:
+                made.popitem(last=False)
+        made.move_to_end(key)
+        return {name: t.clone() for name, t in made[key].items()}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(weights, "random_weights", made_once)
+        yield

@@ -49,3 +49,15 @@ class torch_threads:
         import torch
 
         torch.set_num_threads(self.before)
+
+
+def fast_first(values, keep: int = 1, spread: bool = False) -> list:
+    """Parametrize values of which the first ``keep`` run in the fast loop (``-m "not slow"``) and the
+    rest are marked slow: the fast loop keeps one case of a family, the full suite runs them all.
+    ``spread``: each value is a tuple of several argnames' values."""
+    import pytest
+
+    def param(v, *marks):
+        return pytest.param(*(v if spread else (v,)), marks=marks)
+
+    return [param(v) if i < keep else param(v, pytest.mark.slow) for i, v in enumerate(values)]

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fast_first
 from PIL import Image
 from reference import reference_model, rel_err
 
@@ -62,7 +63,7 @@ def _decode_views(model: str, paths: list[str], augment: str = "10crop", mean_im
     return batch
 
 
-@pytest.mark.parametrize("model", ["caffenet", "alexnet"])
+@pytest.mark.parametrize("model", fast_first(["caffenet", "alexnet"]))
 def test_each_view_matches_an_independent_crop(model, photos):
     paths = photos[:4]
     batch = _decode_views(model, paths)
@@ -89,7 +90,7 @@ def test_subsets_are_the_same_crops(photos):
         assert torch.equal(got, want), augment
 
 
-@pytest.mark.parametrize("reduce", ["mean", "max"])
+@pytest.mark.parametrize("reduce", fast_first(["mean", "max"]))
 def test_view_features_and_reduction_match_the_reference_network(reduce, photos):
     """Forward with views: each view through the reference network (fp32) on the same pixels, then
     numpy's mean / max over the views."""
@@ -112,6 +113,7 @@ def test_view_features_and_reduction_match_the_reference_network(reduce, photos)
         assert rel_err(torch.from_numpy(out[name]), torch.from_numpy(want[good])) < FP32_TOL, name
 
 
+@pytest.mark.slow
 def test_extract_10crop_end_to_end(tmp_path, photos):
     src = tmp_path / "src"
     src.mkdir()
@@ -164,6 +166,7 @@ def test_mean_image_is_cropped_with_each_view(tmp_path, photos):
                                rtol=0, atol=1e-4)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_metadata_and_resume_mismatch(tmp_path, photos, capsys):
     src = tmp_path / "src"
     src.mkdir()

@@ -233,6 +233,7 @@ def test_only_manifest_shards_are_read(tmp_path, parquet_out):
     assert parquet_files(str(out)) == [str(out / f"part-0000{k}.parquet") for k in range(5)]
 
 
+@pytest.mark.slow
 def test_class_index_is_stable_under_append(tmp_path, photos):
     src = tmp_path / "src"
     make_crop_classes(str(src), photos[1:3], 2)

@@ -3,6 +3,7 @@ the compile backend against the torch backend."""
 
 import pytest
 import torch
+from helpers import fast_first
 from reference import reference_model, reference_preprocess, rel_err
 
 from fastfeat.backends import make_backend, unavailable_reason
@@ -23,7 +24,7 @@ TAPS = [*CONV_TAPS, "fc6", "relu6", "fc7", "relu7", "fc8"]
 BIG_MODEL_MACS = 2e9
 
 
-@pytest.fixture(scope="module", params=list_models())
+@pytest.fixture(scope="module", params=fast_first(list_models(), keep=2))
 def model_case(request, photos):
     name = request.param
     spec = get_model(name)
@@ -35,7 +36,7 @@ def model_case(request, photos):
     return spec, weights, x, ref
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("precision", fast_first(["fp32", "bf16", "fp16"]))
 def test_torch_backend_matches_reference(model_case, precision):
     spec, weights, x, ref = model_case
     taps = [t for t in TAPS if t in spec.layer_names and t in ref]

@@ -642,6 +642,7 @@ def test_gpu_check_graphs_step_dry_run_without_out(tmp_path):
     assert own["graphs"]["img_per_s"] == step["img_per_s"]
 
 
+@pytest.mark.slow
 def test_gpu_check_caps_the_tests_and_keeps_what_ran(tmp_path):
     """The tests phase ends at its cap, with the outcomes so far kept, and the run goes on."""
     out = tmp_path / "out"

@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import fast_first
 
 from fastfeat.backends import make_backend
 from fastfeat.graphs import GraphForward
@@ -37,7 +38,7 @@ def images(n: int, size: int = 71, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, size, size, 3, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", fast_first(["torch", "triton"]))
 def test_second_forward_makes_no_plan_and_a_new_shape_or_layer_set_does(backend):
     spec = tiny()
     net = make_backend(backend, spec, load_weights(spec, "random:0").tensors, DEVICE, torch.float32)

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from helpers import fast_first
 
 import fastfeat
 from fastfeat.cli import main
@@ -103,6 +104,8 @@ def test_verify_refuses_a_corrupted_manifest_in_one_line(corrupted, capsys):
     assert bait.read_bytes() == b"not yours"
 
 
+# Resume reads the manifest through the same validation as verify (above, every case): three cases here.
+@pytest.mark.parametrize("corrupted", fast_first(sorted(CORRUPTIONS), keep=3), indirect=True)
 def test_resume_refuses_a_corrupted_manifest_in_one_line(corrupted, dataset, capsys):
     out, expected, bait = corrupted
     before = sorted(p.name for p in out.iterdir())

@@ -70,6 +70,7 @@ def test_probe_is_far_above_chance_with_c_chosen_on_held_out_rows(feats):
         assert len(grid) == 7 and s["C"] == best
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("classifier", ["logreg", "svm"])
 def test_defaults_converge_and_the_engines_agree_on_raw_features(feats, classifier):
     """The issue's case: raw relu7 rows of random weights (mean squared norm ~1e7), C auto, no

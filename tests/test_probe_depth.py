@@ -23,6 +23,7 @@ def feats(tmp_path_factory, photos):
     return out
 
 
+@pytest.mark.slow
 def test_depth_table_json_and_chart(feats, tmp_path, capsys):
     chart, report_file = str(tmp_path / "depth.png"), str(tmp_path / "depth.json")
     argv = ["probe", feats, "--layer", ",".join(LAYERS), "--train-per-class", "3", "--splits", "2"]

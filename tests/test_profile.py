@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import fast_first
 
 from fastfeat.backends import make_backend
 from fastfeat.backends.plan import Op
@@ -89,7 +90,7 @@ def check_accounting(result: dict) -> None:
     assert sum(layer["macs"] for layer in result["layers"]) == TOTAL_MACS[spec.name] * batch
 
 
-@pytest.fixture(scope="module", params=sorted(TOTAL_MACS))
+@pytest.fixture(scope="module", params=fast_first(sorted(TOTAL_MACS)))
 def torch_results(request) -> list[dict]:
     return profile(model=request.param, device="cpu", precision="fp32", batch_sizes=BATCH_SIZES, repeat=3, warmup=1)
 

@@ -347,6 +347,7 @@ def test_published_names_are_listed_with_their_source_but_never_downloaded_unche
     assert not list(tmp_path.rglob("*"))  # nothing cached, nothing half-written
 
 
+@pytest.mark.slow
 def test_extract_with_each_mean_file_format_gives_the_same_features(tmp_path, capsys):
     """`--mean-file` as VGG_mean.binaryproto (BGR CHW BlobProto), a MatConvNet .mat (RGB averageImage) and
     the .npy it equals (BGR HWC): one mean image, the same features end to end."""

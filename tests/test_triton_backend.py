@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from helpers import read_features
+from helpers import fast_first, read_features
 from reference import reference_preprocess, rel_err
 
 import fastfeat
@@ -153,7 +153,7 @@ def test_triton_without_cuda_or_interpreter_is_a_clear_error(dataset, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("model", ["caffenet", "alexnet"])
+@pytest.mark.parametrize("model", fast_first(["caffenet", "alexnet"]))
 def test_conv1_space_to_depth_variant(model, monkeypatch):
     """FASTFEAT_CONV_S2D=1: conv1 runs as the 3x3 tap-loop conv over a space-to-depth input (weights
     rearranged once at construction) and matches the torch backend; later convs keep the direct path."""

@@ -188,6 +188,7 @@ def test_local_weights_files(tmp_path):
         load_weights(other, str(pth))
 
 
+@pytest.mark.slow
 def test_models_cli_list_and_show():
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     run = subprocess.run([sys.executable, "-m", "fastfeat", "models", "list"], capture_output=True, text=True, env=env)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fast_first
 
 from fastfeat.kernels import autotune, linear, pack_linear_weight
 from fastfeat.kernels.autotune import FMA_REG_BUDGET, GATHER_B_REG_BUDGET, _tile_regs, gemm_configs, prune_gemm
@@ -45,6 +46,7 @@ def _check(x, packed, w, b, relu, out_dtype, device, nan_like, assert_close, spl
     assert_close(y, _reference(x, w, b, relu), TOLERANCES[out_dtype])
 
 
+@pytest.mark.slow
 def test_fc6_real_size_nhwc_flatten(device, nan_like, assert_close):
     """fc6 at full size, M=2, fed the NHWC flatten of pool5 through the permuted packing."""
     c, h, w_ = POOL5_CHW
@@ -63,7 +65,7 @@ def test_fc6_real_size_nhwc_flatten(device, nan_like, assert_close):
 
 @pytest.mark.parametrize(
     "name, k, n, relu",
-    [("fc7", 4096, 4096, True), ("fc8", 4096, 1000, False)],
+    fast_first([("fc8", 4096, 1000, False), ("fc7", 4096, 4096, True)], spread=True),
 )
 def test_fc_real_sizes(name, k, n, relu, device, nan_like, assert_close):
     x, w, b = _inputs(2, k, n, torch.float16, device)
