@@ -75,6 +75,17 @@ def _layer_names_help() -> str:
     return "; ".join(f"{name}: {_compact(spec.layer_names)}" for name, spec in MODELS.items())
 
 
+def _add_decoder_option(p) -> None:
+    """--decoder, as extract and serve take it (one declaration: same choices, same default)."""
+    p.add_argument(
+        "--decoder",
+        default=None,
+        help="dali (NVIDIA DALI; the default where it is installed) or torchvision (torchvision.io.decode_jpeg, "
+        "nvJPEG on CUDA, with the resize and crop in torch; the default without DALI); same geometry, pixels "
+        "within one grey level (docs/decoders.md)",
+    )
+
+
 def _add_extract(sub) -> None:
     p = sub.add_parser(
         "extract",
@@ -168,13 +179,7 @@ def _add_extract(sub) -> None:
         "whole image, then crop), or dct (fast, and large JPEGs decoded at 1/2-1/8 scale on the CPU: about 2x "
         "less CPU per big photo, features change by 3-7%%)",
     )
-    p.add_argument(
-        "--decoder",
-        default=None,
-        help="dali (NVIDIA DALI; the default where it is installed) or torchvision (torchvision.io.decode_jpeg, "
-        "nvJPEG on CUDA, with the resize and crop in torch; the default without DALI); same geometry, pixels "
-        "within one grey level (docs/decoders.md)",
-    )
+    _add_decoder_option(p)
     p.add_argument(
         "--read-retries",
         type=int,
@@ -452,6 +457,7 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (visible in ps: prefer --token-file)")  # fmt: skip
     p.add_argument("--token-file", default=None, help="read the bearer token from this file (default: no token)")
+    _add_decoder_option(p)
     p.add_argument("--access-log", action="store_true", help="log every request on stderr")
     p.add_argument("--request-timeout", type=float, default=None, metavar="S",
                    help="answer 503 to a request still unanswered after S seconds (default 60)")  # fmt: skip
@@ -472,7 +478,7 @@ def _run_serve(args) -> int:
     cfg = ServeConfig(
         model=args.model, weights=args.weights, layers=args.layers, host=args.host, port=args.port,
         device=args.device, precision=args.precision, backend=args.backend, cuda_graphs=args.cuda_graphs,
-        compile_mode=args.compile_mode, dtype=args.dtype, pool=args.pool,
+        compile_mode=args.compile_mode, dtype=args.dtype, pool=args.pool, decoder=args.decoder,
         max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
         max_body_mb=args.max_body_mb, max_pixels=args.max_pixels, mean_file=args.mean_file, threads=args.threads,
         index=args.index, index_layer=args.index_layer,

@@ -38,7 +38,7 @@ class FeatureMapper:
     Constructor arguments (``fn_constructor_kwargs``) are those of ``fastfeat extract``: ``weights``
     (required: a file, a published name or ``random:SEED``), ``model``, ``layers``, ``image_column``,
     ``device`` (auto: the GPU Ray gave the actor, else CPU), ``precision``, ``backend``, ``dtype``,
-    ``mean_file``, ``max_pixels``, ``augment``, ``augment_reduce``, ``decode``, ``cuda_graphs``, ``compile_mode``; ``num_threads`` defaults to the
+    ``mean_file``, ``max_pixels``, ``augment``, ``augment_reduce``, ``decode``, ``cuda_graphs``, ``compile_mode``, ``decoder``; ``num_threads`` defaults to the
     CPUs Ray granted the actor; ``batch_size`` is the decoder's (the largest batch it is given:
     pass ``map_batches`` the same); ``keep_image`` keeps the bytes column in the output.
     """
@@ -49,12 +49,13 @@ class FeatureMapper:
         dtype: str = "float16", mean_file: str | None = None, max_pixels: int = 100_000_000,
         num_threads: int | None = None, batch_size: int = 64, augment: str = "center",
         augment_reduce: str = "mean", keep_image: bool = False, decode: str = "fast", cuda_graphs: str = "auto",
-        compile_mode: str | None = None,
+        compile_mode: str | None = None, decoder: str | None = None,
     ):  # fmt: skip
         import torch
 
         from .arguments import check_arguments
         from .graphs import resolve_cuda_graphs
+        from .models import default_decoder
         from .runtime import resolve_device, resolve_precision
         from .stages import StageOptions, build_stages, mean_for
         from .weights import load_weights
@@ -64,7 +65,7 @@ class FeatureMapper:
             precision=precision, device=device, backend=backend, format="parquet", max_pixels=max_pixels,
             num_threads=num_threads, num_shards=1, shard_index=0, max_error_rate=None, augment=augment,
             augment_reduce=augment_reduce, decode=decode, mean_file=mean_file, cuda_graphs=cuda_graphs,
-            compile_mode=compile_mode,
+            compile_mode=compile_mode, decoder=decoder,
         )  # fmt: skip
         threads = num_threads or _granted_cpus()
         torch.set_num_threads(threads)
@@ -74,7 +75,7 @@ class FeatureMapper:
             batch_size=batch_size, num_threads=threads, max_pixels=max_pixels, augment=augment,
             augment_reduce=augment_reduce, decode=decode, mean_file=mean_file,
             cuda_graphs=resolve_cuda_graphs(cuda_graphs, device, backend), compile_mode=compile_mode,
-            mean_image=mean_for(mean_file, self.spec.preprocess, augment),
+            mean_image=mean_for(mean_file, self.spec.preprocess, augment), decoder=decoder or default_decoder(),
         )  # fmt: skip
         tensors = load_weights(self.spec, weights).tensors  # a file, a published name (cached) or random:SEED
         self.stages = build_stages(options, tensors)

@@ -10,9 +10,10 @@ import socket
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import column_matrix, read_features
+from helpers import column_matrix, fast_first, read_features
 
 import fastfeat
+from fastfeat.errors import ConfigError
 from fastfeat.serve.app import create_app
 from fastfeat.serve.batching import Batcher
 from fastfeat.serve.config import ServeConfig, check_serve_config
@@ -21,17 +22,20 @@ from fastfeat.serve.metrics import Metrics
 from fastfeat.serve.server import _bind
 
 
-def test_one_image_through_the_app_equals_extract(photos, tmp_path):
+@pytest.mark.parametrize("decoder", fast_first([None, "torchvision"]))
+def test_one_image_through_the_app_equals_extract(decoder, photos, tmp_path):
     photo = next(p for p in photos if p.endswith(".jpg"))
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.jpg").write_bytes(open(photo, "rb").read())
-    run = dict(model="caffenet", weights="random:4", layers="relu7", precision="fp32")
+    run = dict(model="caffenet", weights="random:4", layers="relu7", precision="fp32", decoder=decoder)
     fastfeat.extract(str(src), str(tmp_path / "out"), batch_size=1, dtype="float32", progress=False, **run)
     want = column_matrix(read_features(str(tmp_path / "out")), "relu7")[0].astype(np.float32)
 
     cfg = ServeConfig(**run, device="cpu", max_batch=2)
     engine = Engine(cfg, check_serve_config(cfg))
+    meta = read_features(str(tmp_path / "out")).schema.metadata[b"fastfeat"].decode()
+    assert engine.metadata["preprocessing"]["decoder"] in meta  # what decoded the images, named as extract names it
     batcher = Batcher(engine.decode, engine.forward, cfg.max_batch, cfg.max_delay_ms / 1000, cfg.queue_limit)
     metrics = Metrics(cfg.max_batch, lambda: batcher.waiting, lambda: batcher.admitted)
     batcher.on_batch = metrics.on_batch
@@ -44,6 +48,11 @@ def test_one_image_through_the_app_equals_extract(photos, tmp_path):
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
         assert client.get("/healthz").status_code == 200
         assert "fastfeat_" in client.get("/metrics").text
+
+
+def test_an_unknown_decoder_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="unknown --decoder 'pil'"):
+        check_serve_config(ServeConfig(weights="random:0", decoder="pil"))
 
 
 def test_a_port_in_use_is_a_one_line_error():

@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..arguments import OUTPUT_DTYPE_NAMES, PRECISION_NAMES, check_compile_mode
+from ..arguments import OUTPUT_DTYPE_NAMES, PRECISION_NAMES, check_compile_mode, check_decoder
 from ..backends import backend_names
 from ..errors import ConfigError
 from ..graphs import check_cuda_graphs
@@ -43,6 +43,7 @@ class ServeConfig:
     cuda_graphs: str = "auto"  # auto, on or off (fastfeat.graphs)
     compile_mode: str | None = None  # torch.compile's mode for the compile backend (None: its default)
     pool: str | None = None  # --pool of a torchvision:/timm: model (fastfeat.zoo; None: avg)
+    decoder: str | None = None  # --decoder (fastfeat.models.DECODERS; None: DALI where it is installed)
     dtype: str = "float32"  # the responses' default (``?dtype=`` overrides per request)
     max_batch: int = 64
     max_delay_ms: float = 5.0
@@ -110,6 +111,7 @@ def check_serve_config(cfg: ServeConfig) -> list[str]:
         raise ConfigError(f"unknown backend {cfg.backend!r}; choose from {', '.join(backend_names())}")
     check_cuda_graphs(cfg.cuda_graphs)
     check_compile_mode(cfg.compile_mode, cfg.backend)
+    check_decoder(cfg.decoder)
     if cfg.token is not None and not cfg.token.strip():
         raise ConfigError("--token must not be empty")
     if cfg.index is not None:

@@ -15,6 +15,7 @@ from ..extractor import weights_identity
 from ..graphs import resolve_cuda_graphs
 from ..header import DEFAULT_MAX_PIXELS
 from ..model_lookup import resolve_model
+from ..models import default_decoder
 from ..runtime import resolve_device, resolve_precision
 from ..stages import StageOptions, build_stages, mean_for
 from ..weights import load_weights
@@ -40,7 +41,7 @@ class Engine:
             self.spec, layers, self.device, self.precision, backend=cfg.backend, dtype=cfg.dtype,
             batch_size=cfg.max_batch, num_threads=cfg.threads, max_pixels=self.max_pixels,
             cuda_graphs=self.cuda_graphs, compile_mode=cfg.compile_mode, mean_file=cfg.mean_file, mean_image=mean_for(cfg.mean_file, self.spec.preprocess, "center"),
-            weights_id=self.weights_id,
+            weights_id=self.weights_id, decoder=cfg.decoder or default_decoder(),
         )  # fmt: skip
         # float32 out of the forward stage; a float16 response is cast from it as extract casts its rows.
         self.stages = build_stages(options, weights.tensors, forward_dtype="float32", pad_short_batches=False)
