@@ -137,7 +137,7 @@ def voc(tmp_path_factory, photos):
     ImageSets/Main for 3 classes, one difficult image per class in trainval and in test, and its extract."""
     root = tmp_path_factory.mktemp("voc")
     per_photo = sum(PER_PHOTO.values())
-    names = make_crop_classes(str(root / "crops"), photos[:PHOTOS], per_photo, seed=3)
+    names = make_crop_classes(str(root / "crops"), photos[:PHOTOS], per_photo + 1, seed=3)  # + 1: 999999.jpg
     images = root / "VOC2007" / "JPEGImages"
     images.mkdir(parents=True)
     sets: dict[str, list[str]] = {"train": [], "val": [], "test": []}
