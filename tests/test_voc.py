@@ -126,6 +126,36 @@ def test_devkit_reader(tmp_path):
         read_devkit(root, ("cat",), train_val=False)
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("none", "holds no manifest.json: not a fastfeat output directory"),  # the devkit is fine: DIR is read next
+        ("no-positive", "class cat has no positive image in test"),
+        ("no-devkit", "no ImageSets/Main/trainval.txt"),
+        ("class", "--classes: unknown class kitten"),
+        ("engine", "unknown --engine 'gpu'"),
+    ],
+)
+def test_bad_devkit_or_flags_one_line_exit_2_before_any_output_is_read(tmp_path, capsys, change, message):
+    root, sets, labels = _small_kit(tmp_path)
+    main_dir = os.path.join(root, "ImageSets", "Main")
+    extra = ["--classes", "cat", "--C", "1"]
+    if change == "no-positive":
+        with open(os.path.join(main_dir, "cat_test.txt"), "w") as f:
+            f.write("b1 -1\nb2 0\n")
+    elif change == "no-devkit":
+        os.remove(os.path.join(main_dir, "trainval.txt"))
+    elif change == "class":
+        extra = ["--classes", "cat,kitten"]
+    elif change == "engine":
+        extra += ["--engine", "gpu"]
+    report = tmp_path / "voc.json"
+    assert main(["eval", "voc", str(tmp_path / "no-output"), "--devkit", root, *extra, "--json", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not report.exists()
+
+
 PHOTOS = 4  # photo k < 3 is class VOC_CLASSES[k]'s positives; photo 3's crops are negatives for all
 CLASSES = VOC_CLASSES[:3]
 PER_PHOTO = {"train": 2, "val": 2, "test": 4}
@@ -187,6 +217,7 @@ def _reference_aps(voc, c: float) -> list[float]:
     return aps
 
 
+@pytest.mark.slow  # the fixture's extract (~10 s on a loaded 2-core box)
 def test_eval_voc_end_to_end_with_a_fixed_c(voc, tmp_path, capsys):
     report_file = tmp_path / "voc.json"
     args = ["eval", "voc", voc["out"], "--devkit", voc["devkit"], "--classes", ",".join(CLASSES), "--layer", "relu7"]
@@ -205,6 +236,7 @@ def test_eval_voc_end_to_end_with_a_fixed_c(voc, tmp_path, capsys):
     assert torch_report["engine"] == "torch" and torch_report["mAP"] == pytest.approx(report["mAP"], abs=0.03)
 
 
+@pytest.mark.slow
 def test_eval_voc_chooses_c_per_class_on_train_and_val(voc):
     report = evaluate(voc["out"], voc["devkit"], "relu7", CLASSES)
     for row in report["per_class"]:
@@ -221,10 +253,9 @@ def test_eval_voc_chooses_c_per_class_on_train_and_val(voc):
         ("no-layer", "holds layers fc6, relu7: choose one with --layer"),
         ("missing-image", "lacks 1 image(s) of the devkit's trainval/test, e.g. 123456"),
         ("no-positive", "class bird has no positive image in test"),
-        ("no-devkit", "no ImageSets/Main/trainval.txt"),
-        ("engine", "unknown --engine 'gpu'"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_is_one_line_exit_2_nothing_written(voc, tmp_path, capsys, change, message):
     import shutil
 
@@ -243,10 +274,6 @@ def test_bad_input_is_one_line_exit_2_nothing_written(voc, tmp_path, capsys, cha
     elif change == "no-positive":
         with open(os.path.join(main_dir, "bird_test.txt"), "w") as f:
             f.write("".join(f"{i} -1\n" for i in voc["sets"]["test"]))
-    elif change == "no-devkit":
-        os.remove(os.path.join(main_dir, "trainval.txt"))
-    else:
-        extra += ["--engine", "gpu"]
     report = tmp_path / "voc.json"
     argv = ["eval", "voc", voc["out"], "--devkit", devkit, "--classes", ",".join(CLASSES), "--C", "1"]
     assert main([*argv, *extra, "--json", str(report)]) == 2
