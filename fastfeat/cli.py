@@ -598,7 +598,8 @@ def _run_plot(args) -> int:
 def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval",
-        help="benchmark scores of an output: image-retrieval mAP (Holidays, Oxford, Paris, revisited, UKBench)",
+        help="benchmark scores of an output: image-retrieval mAP (Holidays, Oxford, Paris, revisited, UKBench), "
+        "VOC 2007 classification mAP",
         description="Evaluate the features of an output directory on a published benchmark (see docs/evaluation.md).",
     )
     esub = p.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
@@ -636,6 +637,29 @@ def _add_eval(sub) -> None:
     c.add_argument("--gt", required=True, help="the ground truth, as for eval retrieval")
     c.add_argument("--images", required=True, help="the folder of the dataset's images (<name>.jpg)")
     c.add_argument("--out", required=True, help="the folder to write the crops into")
+    v = esub.add_parser(
+        "voc",
+        help="PASCAL VOC 2007 classification: one-vs-rest linear SVMs, per-class 11-point AP and mAP",
+        description="Chatfield et al. (2014)'s VOC 2007 protocol on an extract of JPEGImages/: for each class a "
+        "linear SVM on the L2-normalised trainval rows (difficult images left out; C chosen on the devkit's "
+        "train -> val split with --C auto), scored on test by the VOC2007 devkit's 11-point AP with difficult "
+        "images ignored; prints per-class AP and mAP. Images are matched by file stem (see docs/evaluation.md).",
+    )
+    v.add_argument("dir", help="an output directory of fastfeat extract holding VOC2007's JPEGImages")
+    v.add_argument("--devkit", required=True, help="the VOCdevkit/VOC2007 folder (ImageSets/Main is read)")
+    v.add_argument("--layer", default=None, help="the feature layer (default: the output's only layer)")
+    v.add_argument("--classes", default=None, help="a comma-separated subset of the 20 VOC classes (default: all 20)")
+    v.add_argument(
+        "--C",
+        dest="c",
+        default="auto",
+        help="SVM regularisation on standardised rows: auto (default: chosen per class on train -> val) or a value",
+    )
+    v.add_argument(
+        "--engine", default="auto", help="sklearn (in memory), torch (streamed, GPU if any) or auto (default)"
+    )
+    v.add_argument("--device", default="auto", help="torch engine: auto, cpu or cuda[:N] (default auto)")
+    v.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
 
 
 def _run_eval(args) -> int:
@@ -647,9 +671,27 @@ def _run_eval(args) -> int:
         return 0
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise RetrievalError(f"folder of --json does not exist: {os.path.dirname(os.path.abspath(args.json))}")
+    if args.eval_command == "voc":
+        return _run_eval_voc(args)
     report = evaluate(
         args.dir, args.dataset, gt=args.gt, layer=args.layer, queries=args.queries, l2=args.l2, pca=args.pca,
         pca_from=args.pca_from, whiten=args.whiten,
+    )  # fmt: skip
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+    return 0
+
+
+def _run_eval_voc(args) -> int:
+    from .voc import parse_classes
+    from .voc_eval import evaluate, format_report
+
+    report = evaluate(
+        args.dir, args.devkit, layer=args.layer, classes=parse_classes(args.classes), c=args.c, engine=args.engine,
+        device=args.device, log=lambda line: print(line, file=sys.stderr),
     )  # fmt: skip
     print(format_report(report))
     if args.json:

@@ -177,6 +177,12 @@ class SklearnEngine:
         with threads_for(len(rows) * self.x.shape[1]):
             return clf.predict((self._rows(rows) - mean) / scale)
 
+    def positive_score(self, model, rows: np.ndarray) -> np.ndarray:
+        """For a fit on labels 0/1: each row's decision value for class 1 (higher: more likely), in the order given."""
+        clf, mean, scale = model
+        with threads_for(len(rows) * self.x.shape[1]):
+            return clf.decision_function((self._rows(rows) - mean) / scale).astype(np.float64)
+
 
 def choose_engine(engine: str, n_rows: int, dim: int) -> str:
     if engine != "auto":
@@ -203,6 +209,12 @@ def run_probe(
         if value is not None and value < 1:
             raise ProbeError(f"--{flag} must be >= 1, got {value}")
     fixed_c = parse_c(c)
+    if fixed_c is None and train_per_class < 2:
+        # C auto holds out at least one training row per class: with one there would be none left to fit on
+        raise ProbeError(
+            f"--C auto chooses C on held-out training rows (at least one per class) and needs --train-per-class "
+            f">= 2, got {train_per_class}; give a fixed --C (e.g. --C 1) to train on one row per class"
+        )
     try:
         shards = Shards(path)
         (layer,) = shards.check_layers(layer)

@@ -44,30 +44,35 @@ class TorchEngine:
         self.device = resolve_device(device)
         self.cache_bytes, self.max_iter = cache_bytes, max_iter
         self.dim = FeatureDataset(path, layer).shards.layer_dims[layer]
-        self._cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}  # rows -> (features, row numbers)
         self.not_converged = 0
         self.refits = 0  # fits continued past max_iter iterations
 
     def _batches(self, rows: np.ndarray):
         """(x float32 [B, dim], y [B]) on the device, over ``rows`` (every row once)."""
         key = rows.tobytes()
-        if key in self._cache:
-            x, y = self._cache[key]
+        if key in self._cache:  # labels looked up again: set_codes may have changed them since
+            x, row_numbers = self._cache[key]
             for i in range(0, len(x), STREAM_BATCH):
-                yield x[i : i + STREAM_BATCH], y[i : i + STREAM_BATCH]
+                yield x[i : i + STREAM_BATCH], self.codes[row_numbers[i : i + STREAM_BATCH]].to(self.device)
             return
         keep = len(rows) * self.dim * 4 <= self.cache_bytes
-        xs, ys = [], []
+        xs, row_parts = [], []
         for batch in FeatureDataset(self.path, self.layer, batch_size=STREAM_BATCH, rows=rows):
             x = batch[self.layer].to(self.device, non_blocking=True).float()
             x = l2_normalize_rows(x) if self.l2 else x
             y = self.codes[batch["row"]].to(self.device)
             if keep:
                 xs.append(x)
-                ys.append(y)
+                row_parts.append(batch["row"])
             yield x, y
-        if keep:
-            self._cache = {key: (torch.cat(xs), torch.cat(ys))}  # one set at a time: bounded memory
+        if keep and xs:
+            self._cache = {key: (torch.cat(xs), torch.cat(row_parts))}  # one set at a time: bounded memory
+
+    def set_codes(self, codes: np.ndarray) -> None:
+        """New labels for every row (class index, -1 unused), e.g. one VOC class after another; cached
+        features stay."""
+        self.codes = torch.from_numpy(np.asarray(codes, dtype=np.int64))
 
     def _loss_sum(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.classifier == "logreg":
@@ -139,4 +144,20 @@ class TorchEngine:
         preds = [(((x - mean) / scale) @ w + b).argmax(1).cpu() for x, _ in self._batches(sorted_rows)]
         out = np.empty(len(rows), np.int64)
         out[order] = torch.cat(preds).numpy() if preds else np.zeros(0, np.int64)
+        return out
+
+    @torch.no_grad()
+    def positive_score(self, model, rows: np.ndarray) -> np.ndarray:
+        """For a fit on codes 0/1: z1 - z0 of each row (higher: class 1 more likely), in the order given.
+
+        For logreg that is the log-odds; for the one-vs-rest svm, whose two problems mirror each other
+        (w0 = -w1 at the optimum), it is twice class 1's decision value: the same ranking."""
+        w, b, mean, scale = model
+        order = np.argsort(rows, kind="stable")
+        parts = []
+        for x, _ in self._batches(rows[order]):
+            z = ((x - mean) / scale) @ w + b
+            parts.append((z[:, 1] - z[:, 0]).double().cpu())
+        out = np.empty(len(rows), np.float64)
+        out[order] = torch.cat(parts).numpy() if parts else np.zeros(0)
         return out

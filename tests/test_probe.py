@@ -139,6 +139,9 @@ def test_cli_table_and_json(feats, tmp_path, capsys):
         (["--layer", "fc6"], "has no layer fc6; it holds relu7"),
         (["--engine", "gpu"], "unknown --engine 'gpu'"),
         (["--splits", "0"], "--splits must be >= 1"),
+        # one training row per class leaves none to fit on once one is held out for C auto: every engine refuses
+        (["--train-per-class", "1", "--engine", "torch"], "--C auto chooses C on held-out training rows"),
+        (["--train-per-class", "1", "--engine", "sklearn"], "needs --train-per-class >= 2, got 1"),
     ],
 )
 def test_bad_arguments_one_line_exit_2_nothing_written(feats, tmp_path, capsys, extra, message):
@@ -147,3 +150,13 @@ def test_bad_arguments_one_line_exit_2_nothing_written(feats, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not report.exists()
+
+
+@pytest.mark.parametrize("engine", ["sklearn", "torch"])
+def test_one_training_row_per_class_with_a_fixed_c(feats, engine):
+    """With a fixed C nothing is held out: one row per class is a valid (if weak) probe on every engine."""
+    report = run_probe(
+        feats, "relu7", train_per_class=1, splits=1, classifier="svm", c=1.0, engine=engine, device="cpu"
+    )
+    assert report["engine"] == engine and report["per_split"][0]["train"] == 7
+    assert 0 <= report["mean_class_accuracy"]["mean"] <= 1
