@@ -373,7 +373,13 @@ def fetch_pinned(entry: PublishedWeights, log=_stderr) -> tuple[str, str, Publis
 
         entry = pin(entry, path, _by_hand(entry, download_url(entry)))
     if os.path.isfile(path):
-        return path, _verified_cached(entry, path), entry
+        sha256 = _verified_cached(entry, path)
+        if entry.hub is not None and not os.path.isfile(path + ".json"):  # saved by hand, now checked
+            from .hub_weights import write_record
+
+            with contextlib.suppress(OSError):
+                write_record(entry, path)
+        return path, sha256, entry
     url = download_url(entry)
     folder = os.path.dirname(path)
     try:
@@ -400,7 +406,13 @@ def fetch_pinned(entry: PublishedWeights, log=_stderr) -> tuple[str, str, Publis
                 raise DownloadError(
                     f"cannot write {path}.json ({exc.strerror or exc}); {_by_hand(entry, url)}"
                 ) from None
-        sha256 = _download(entry, url, path, log)
+        try:
+            sha256 = _download(entry, url, path, log)
+        except DownloadError:
+            if entry.hub is not None:  # nothing cached: no file, no record
+                with contextlib.suppress(OSError):
+                    os.remove(path + ".json")
+            raise
         _CHECKED[path] = (_stamp(path), sha256)
         return path, sha256, entry
 
