@@ -339,7 +339,7 @@ def _add_weights(sub) -> None:
 
 def _run_weights(args) -> int:
     from .errors import ConfigError
-    from .published import describe, fetch, format_list, lookup
+    from .published import describe, fetch_pinned, format_list, lookup
 
     if args.weights_command == "list":
         rows = [describe(entry) for entry in PUBLISHED.values()]
@@ -353,8 +353,9 @@ def _run_weights(args) -> int:
             "name or timm:ARCH.TAG"
         )
     for entry in entries:
-        path, sha256 = fetch(entry)
-        print(f"{entry.name}: {path} (sha256 {sha256})")
+        path, sha256, entry = fetch_pinned(entry)
+        commit = f", {entry.hub[0]} commit {entry.commit}" if entry.hub is not None else ""
+        print(f"{entry.name}: {path} (sha256 {sha256}{commit})")
     return 0
 
 

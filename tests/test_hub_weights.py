@@ -224,3 +224,10 @@ def test_a_repo_without_safetensors_is_refused(hub, monkeypatch):
     )
     with pytest.raises(DownloadError, match="has no x.safetensors at main .*never a pickle"):
         fetch(lookup(NAME), log=lambda line: None)
+
+
+def test_weights_download_prints_the_path_sha256_and_pinned_commit(hub, state_bytes, capsys):
+    assert main(["weights", "download", NAME]) == 0
+    out = capsys.readouterr().out.strip()
+    path, sha256 = cached_path(lookup(NAME)), hashlib.sha256(state_bytes).hexdigest()
+    assert out == f"{NAME}: {path} (sha256 {sha256}, {REPO} commit {COMMIT})"
