@@ -23,7 +23,7 @@ import torch
 from fastfeat import hub_weights, published
 from fastfeat.cli import main
 from fastfeat.extractor import weights_identity
-from fastfeat.models import get_model
+from fastfeat.model_lookup import resolve_model
 from fastfeat.published import DownloadError, cached_path, fetch, lookup, resolve
 from fastfeat.weights import load_weights
 
@@ -96,7 +96,7 @@ class FakeHub:
 
 @pytest.fixture(scope="module")
 def spec():
-    return get_model(MODEL)
+    return resolve_model(MODEL)
 
 
 @pytest.fixture(scope="module")
