@@ -21,19 +21,17 @@ the same mirror.  ``$FASTFEAT_WEIGHTS_MIRROR`` does not apply to hub names.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 from dataclasses import replace
 from functools import lru_cache
 
-from .errors import ConfigError
+from .errors import ConfigError, DownloadError
 
 PREFIX = "timm:"
 ENDPOINT_ENV = "HF_ENDPOINT"
 DEFAULT_ENDPOINT = "https://huggingface.co"
-MAX_ANSWER_BYTES = 1 << 20  # a paths-info answer for one path is a few hundred bytes
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -80,10 +78,10 @@ def _timm_source(name: str) -> tuple[str, str, str, str, str]:
     except RuntimeError:  # timm: "Invalid pretrained tag (TAG) for ARCH."
         cfg = None
     if cfg is None:
-        raise ValueError(f"unknown timm weights {PREFIX}{name} (timm.list_pretrained() lists ARCH.TAG names)")
+        raise ConfigError(f"unknown timm weights {PREFIX}{name} (timm.list_pretrained() lists ARCH.TAG names)")
     tag = tag or getattr(cfg, "tag", "") or ""
     if not cfg.hf_hub_id:
-        raise ValueError(
+        raise ConfigError(
             f"timm weights {PREFIX}{name} are not published on the hub (timm gives only {cfg.url or 'no URL'}): "
             "save a state dict as .safetensors and pass --weights FILE"
         )
@@ -94,7 +92,7 @@ def _timm_source(name: str) -> tuple[str, str, str, str, str]:
 def hub_entry(source: str) -> dict | None:
     """The PublishedWeights fields of ``timm:ARCH.TAG`` (``timm:ARCH``: timm's default tag) before the hub is
     asked (checksum and size still unknown: fastfeat.published.fetch pins them); None for another name;
-    ValueError (one line) for weights timm does not know or does not publish on the hub."""
+    ConfigError (one line) for weights timm does not know or does not publish on the hub."""
     if not is_hub_weights_name(source):
         return None
     arch, tag, repo, revision, file = _timm_source(source[len(PREFIX) :])
@@ -164,29 +162,37 @@ def _pinned(entry, record: dict):
     )
 
 
-def pin(entry, path: str, by_hand: str):
-    """``entry`` with the hub's sha256, size and commit: from the record beside the cached file ``path``
-    when both are there (nothing asked), else from the hub's paths-info; DownloadError (one line) when the
-    hub cannot be asked or publishes no checksum.  ``by_hand``: what to do instead, for messages."""
-    from .published import DownloadError
-
+def recorded(entry, path: str):
+    """``entry`` pinned by the record beside the cached file ``path`` when both are there, else None."""
     if entry.commit is not None:
         return entry
-    cached = os.path.isfile(path)
-    if cached and (record := _read_record(path)) is not None:
+    if os.path.isfile(path) and (record := _read_record(path)) is not None:
         return _pinned(entry, record)
+    return None
+
+
+def paths_info_request(entry) -> tuple[str, dict]:
+    """(the paths-info URL on ``$HF_ENDPOINT``, the form to POST to it) for ``entry``'s file."""
     repo, revision, file = entry.hub
-    api = f"{endpoint()}/api/models/{repo}/paths-info/{revision}"
-    try:
-        answer = _ask(api, file)
-    except DownloadError as exc:
-        if cached:
-            raise DownloadError(
-                f"{path} has no record of the hub's sha256 ({record_path(path)}) and {api} cannot be reached "
-                f"({exc}): connect once to check it, or pass --weights {path} to use it unchecked"
-            ) from None
-        raise DownloadError(f"cannot ask the hub for {entry.name}: {api} ({exc}); {by_hand}") from None
-    item = next((i for i in answer if isinstance(i, dict) and i.get("path") == file and i.get("type") == "file"), None)
+    return f"{endpoint()}/api/models/{repo}/paths-info/{revision}", {"paths": file, "expand": "true"}
+
+
+def unreachable(entry, path: str, api: str, reason: str, by_hand: str) -> DownloadError:
+    """The one line for a hub that cannot be asked (``reason``)."""
+    if os.path.isfile(path):
+        return DownloadError(
+            f"{path} has no record of the hub's sha256 ({record_path(path)}) and {api} cannot be reached "
+            f"({reason}): connect once to check it, or pass --weights {path} to use it unchecked"
+        )
+    return DownloadError(f"cannot ask the hub for {entry.name}: {api} ({reason}); {by_hand}")
+
+
+def pin_from_answer(entry, answer, api: str, by_hand: str):
+    """``entry`` with the sha256, size and commit of the paths-info ``answer``; DownloadError (one line)
+    when it lists no such file, or publishes no sha256, size or commit for it."""
+    repo, revision, file = entry.hub
+    items = answer if isinstance(answer, list) else []
+    item = next((i for i in items if isinstance(i, dict) and i.get("path") == file and i.get("type") == "file"), None)
     if item is None:
         raise DownloadError(
             f"{repo} has no {file} at {revision} ({api}); fastfeat fetches .safetensors only, never a pickle"
@@ -198,30 +204,3 @@ def pin(entry, path: str, by_hand: str):
     if not _COMMIT.match(str(commit)):
         raise DownloadError(f"{api} names no commit for {file} (lastCommit.id); {by_hand}")
     return _pinned(entry, {"sha256": sha256, "size": size, "commit": commit})
-
-
-def _ask(api: str, file: str) -> list:
-    """The JSON list of a paths-info POST; DownloadError carrying the short reason."""
-    import http.client
-    import urllib.parse
-    import urllib.request
-
-    from .published import TIMEOUT_S, DownloadError, _reason
-    from .version import __version__
-
-    data = urllib.parse.urlencode({"paths": file, "expand": "true"}).encode()
-    request = urllib.request.Request(
-        api, data=data, headers={"User-Agent": f"fastfeat/{__version__}", "Accept": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            body = response.read(MAX_ANSWER_BYTES + 1)
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise DownloadError(_reason(exc)) from None
-    answer = None
-    if len(body) <= MAX_ANSWER_BYTES:
-        with contextlib.suppress(ValueError):
-            answer = json.loads(body)
-    if not isinstance(answer, list):
-        raise DownloadError("its answer is not a paths-info JSON list")
-    return answer

@@ -38,7 +38,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import ConfigError, DownloadError
 from .version import __version__
 
 CACHE_ENV = "FASTFEAT_CACHE"
@@ -46,11 +46,6 @@ MIRROR_ENV = "FASTFEAT_WEIGHTS_MIRROR"
 TIMEOUT_S = 60.0  # per socket operation (connect, each read): a stalled server fails, a slow one does not
 CHUNK = 1 << 20
 MIB = 1 << 20
-
-
-class DownloadError(ConfigError):
-    """Published weights that could not be fetched or checked: one line naming the URL to fetch by
-    hand and the exact path to save it as (a ValueError: the CLI prints it, exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -369,9 +364,7 @@ def fetch_pinned(entry: PublishedWeights, log=_stderr) -> tuple[str, str, Publis
         )
     path = cached_path(entry)
     if entry.hub is not None:
-        from .hub_weights import pin
-
-        entry = pin(entry, path, _by_hand(entry, download_url(entry)))
+        entry = _pin_hub(entry, path, _by_hand(entry, download_url(entry)))
     if os.path.isfile(path):
         sha256 = _verified_cached(entry, path)
         if entry.hub is not None and not os.path.isfile(path + ".json"):  # saved by hand, now checked
@@ -415,6 +408,46 @@ def fetch_pinned(entry: PublishedWeights, log=_stderr) -> tuple[str, str, Publis
             raise
         _CHECKED[path] = (_stamp(path), sha256)
         return path, sha256, entry
+
+
+def _pin_hub(entry: PublishedWeights, path: str, by_hand: str) -> PublishedWeights:
+    """A hub entry with its sha256, size and commit (fastfeat.hub_weights): from the record beside the
+    cached file when both are there (nothing asked), else from the hub's paths-info answer."""
+    from . import hub_weights
+
+    if (pinned := hub_weights.recorded(entry, path)) is not None:
+        return pinned
+    api, form = hub_weights.paths_info_request(entry)
+    try:
+        answer = _post_json(api, form)
+    except DownloadError as exc:
+        raise hub_weights.unreachable(entry, path, api, str(exc), by_hand) from None
+    return hub_weights.pin_from_answer(entry, answer, api, by_hand)
+
+
+def _post_json(url: str, form: dict, limit: int = 1 << 20):
+    """The JSON answer to a form POST (at most ``limit`` bytes); DownloadError carrying the short reason."""
+    import http.client
+    import json
+    import urllib.parse
+    import urllib.request
+
+    request = urllib.request.Request(
+        url,
+        data=urllib.parse.urlencode(form).encode(),
+        headers={"User-Agent": f"fastfeat/{__version__}", "Accept": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            body = response.read(limit + 1)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise DownloadError(_reason(exc)) from None
+    if len(body) > limit:
+        raise DownloadError(f"its answer is larger than {limit:,} bytes")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise DownloadError("its answer is not JSON") from None
 
 
 def _download(entry: PublishedWeights, url: str, path: str, log) -> str:
