@@ -16,7 +16,10 @@ import os
 import socket
 import threading
 import urllib.parse
+from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -157,7 +160,7 @@ def test_good_download_is_pinned_cached_and_loads_as_the_local_file(hub, spec, s
     assert [m for m, _ in hub.requests] == ["POST", "GET"]
     with open(path, "rb") as f:
         assert f.read() == state_bytes
-    record = json.loads(open(path + ".json").read())
+    record = json.loads(Path(path + ".json").read_text())
     assert (record["commit"], record["sha256"], record["size"]) == (COMMIT, sha256, len(state_bytes))
     assert _cache_files(tmp_path) == sorted([os.path.basename(path), os.path.basename(path) + ".json",
                                              os.path.basename(path) + ".lock"])  # fmt: skip
@@ -215,7 +218,7 @@ def test_a_cached_file_without_its_record_is_checked_by_the_hub_else_refused_off
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     assert fetch(lookup(NAME), log=lambda line: None) == (path, hashlib.sha256(state_bytes).hexdigest())
     assert [m for m, _ in hub.requests] == ["POST"]  # checked against the hub's answer, not downloaded
-    assert json.loads(open(path + ".json").read())["commit"] == COMMIT  # recorded: offline from now on
+    assert json.loads(Path(path + ".json").read_text())["commit"] == COMMIT  # recorded: offline from now on
 
 
 def test_a_repo_without_safetensors_is_refused(hub, monkeypatch):
@@ -231,3 +234,30 @@ def test_weights_download_prints_the_path_sha256_and_pinned_commit(hub, state_by
     out = capsys.readouterr().out.strip()
     path, sha256 = cached_path(lookup(NAME)), hashlib.sha256(state_bytes).hexdigest()
     assert out == f"{NAME}: {path} (sha256 {sha256}, {REPO} commit {COMMIT})"
+
+
+@pytest.mark.slow
+def test_extract_by_name_equals_the_local_file_and_a_second_run_offline_uses_the_cache(
+    hub, state_bytes, tmp_path, monkeypatch, capsys
+):
+    local = tmp_path / "local.safetensors"
+    local.write_bytes(state_bytes)
+
+    def extract(out, weights):
+        args = ["extract", "--sample", "--out", str(tmp_path / out), "--model", MODEL, "--weights", weights]
+        assert main([*args, "--no-progress"]) == 0
+        table = pq.read_table(str(tmp_path / out / "part-00000.parquet"))
+        meta = json.loads(table.schema.metadata[b"fastfeat"])
+        return np.stack(table.column("pre_logits").to_numpy(zero_copy_only=False)), meta["weights"]
+
+    by_name, weights = extract("by-name", NAME)
+    sha256 = hashlib.sha256(state_bytes).hexdigest()
+    assert weights == {"source": NAME, "sha256": sha256, "random": False, "repo": REPO, "file": FILE,
+                       "revision": COMMIT, "url": f"https://huggingface.co/{REPO}/resolve/{COMMIT}/{FILE}"}  # fmt: skip
+    by_file, _ = extract("by-file", str(local))
+    assert np.array_equal(by_name, by_file)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")  # offline
+    monkeypatch.setattr(published, "_CHECKED", {})
+    asked = len(hub.requests)
+    again, weights_again = extract("offline", NAME)
+    assert np.array_equal(again, by_name) and weights_again == weights and len(hub.requests) == asked
