@@ -24,7 +24,8 @@ MEAN_FILE_HELP = (
 # Every --weights takes the same three kinds of value (fastfeat.weights.load_weights): one help text.
 WEIGHTS_HELP = (
     "a .pth, .safetensors or .caffemodel file; a published name, downloaded once, checked and cached "
-    f"({', '.join(PUBLISHED)}: see `fastfeat weights list`); or random:SEED (meaningless features, "
+    f"({', '.join(PUBLISHED)}: see `fastfeat weights list`; torchvision's ResNet50_Weights.IMAGENET1K_V2; "
+    "timm's timm:ARCH.TAG from the Hugging Face hub); or random:SEED (meaningless features, "
     "for trying the pipeline, tests and benchmarks)"
 )
 
@@ -326,8 +327,8 @@ def _add_weights(sub) -> None:
         "weights",
         help="published weights by name: list them (cached or not), download them ahead of a run",
         description="Weights that --weights takes by name: each is downloaded once from its publisher (or "
-        "$FASTFEAT_WEIGHTS_MIRROR), checked against the published checksum and cached in $FASTFEAT_CACHE "
-        "(default $XDG_CACHE_HOME/fastfeat or ~/.cache/fastfeat).",
+        "$FASTFEAT_WEIGHTS_MIRROR; timm's hub weights: $HF_ENDPOINT), checked against the published checksum "
+        "and cached in $FASTFEAT_CACHE (default $XDG_CACHE_HOME/fastfeat or ~/.cache/fastfeat).",
     )
     wsub = p.add_subparsers(dest="weights_command", required=True, parser_class=_Parser)
     lp = wsub.add_parser("list", help="names, model, size, checksum, source URL, and whether each is cached (where)")
@@ -336,13 +337,14 @@ def _add_weights(sub) -> None:
     dp.add_argument(
         "names",
         nargs="+",
-        help=f"one or more of {', '.join(PUBLISHED)}, or torchvision weights names (ResNet50_Weights.IMAGENET1K_V2)",
+        help=f"one or more of {', '.join(PUBLISHED)}, torchvision weights names (ResNet50_Weights.IMAGENET1K_V2) "
+        "or timm's hub weights (timm:ARCH.TAG, e.g. timm:vit_small_patch16_224.augreg_in21k_ft_in1k)",
     )
 
 
 def _run_weights(args) -> int:
     from .errors import ConfigError
-    from .published import describe, fetch, format_list, lookup
+    from .published import describe, fetch_pinned, format_list, lookup
 
     if args.weights_command == "list":
         rows = [describe(entry) for entry in PUBLISHED.values()]
@@ -351,10 +353,14 @@ def _run_weights(args) -> int:
     entries = [lookup(name) for name in args.names]
     if None in entries:
         unknown = args.names[entries.index(None)]
-        raise ConfigError(f"unknown published weights {unknown!r}; choose from {', '.join(PUBLISHED)}")
+        raise ConfigError(
+            f"unknown published weights {unknown!r}; choose from {', '.join(PUBLISHED)}, a torchvision weights "
+            "name or timm:ARCH.TAG"
+        )
     for entry in entries:
-        path, sha256 = fetch(entry)
-        print(f"{entry.name}: {path} (sha256 {sha256})")
+        path, sha256, entry = fetch_pinned(entry)
+        commit = f", {entry.hub[0]} commit {entry.commit}" if entry.hub is not None else ""
+        print(f"{entry.name}: {path} (sha256 {sha256}{commit})")
     return 0
 
 

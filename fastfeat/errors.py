@@ -24,6 +24,12 @@ class ConfigError(FastfeatError):
     """A bad argument or environment: reported as one line, exit code 2, nothing written."""
 
 
+class DownloadError(ConfigError):
+    """Published weights that could not be fetched or checked: one line naming the URL to fetch by
+    hand and the exact path to save it as (a ValueError: the CLI prints it, exit code 2).  Defined here,
+    not in fastfeat.published, so that fastfeat.hub_weights raises it without importing published."""
+
+
 class ExtractFailed(RuntimeError):
     """A run that ended but must not look like a success (no row written, too many errors): exit code 1.
 

@@ -25,7 +25,6 @@ from .header import DEFAULT_MAX_PIXELS
 from .models import DEFAULT_DECODE, default_decoder
 from .output import SUMMARY, OutputDir, ShardTransaction, plan_items, shard_tasks
 from .published import WEIGHTS_CHOICES
-from .published import lookup as lookup_published
 from .published import resolve as resolve_published
 from .runner import Runner, RunStats, ShardTask
 from .runtime import git_sha, resolve_device, resolve_precision
@@ -211,12 +210,17 @@ def weights_identity(spec, source: str) -> tuple[dict, object]:
     """({"source", "sha256", "random"}, the loaded Weights or None): a file is hashed, not parsed, so a
     finished output is recognised without loading a model (parsing happens once there is work).
     A published name (``caffenet-imagenet``) is its checked cached file, downloaded first if needed;
-    its identity is the name, the sha256 and the publisher's URL (not the cache path: it is machine-specific)."""
+    its identity is the name, the sha256 and the publisher's URL (not the cache path: it is machine-specific);
+    timm's hub weights add the hub repo, file and pinned commit (the URL names the commit too)."""
     if source.startswith("random:"):
         w = load_weights(spec, source)
         return {"source": w.source, "sha256": w.sha256, "random": True}, w
     if (published := resolve_published(source, spec.name)) is not None:
-        return {"source": source, "sha256": published[1], "random": False, "url": lookup_published(source).url}, None
+        entry = published[2]
+        identity = {"source": source, "sha256": published[1], "random": False, "url": entry.url}
+        if entry.hub is not None:
+            identity.update(repo=entry.hub[0], file=entry.hub[2], revision=entry.commit)
+        return identity, None
     if not os.path.isfile(source):
         raise WeightsError(f"weights file not found: {source} ({WEIGHTS_CHOICES})")
     return {"source": os.path.abspath(source), "sha256": file_sha256(source), "random": False}, None

@@ -21,6 +21,8 @@ metadata) each time a process first uses it.
 ``<cache>`` is ``$FASTFEAT_CACHE``, else ``$XDG_CACHE_HOME/fastfeat``, else ``~/.cache/fastfeat``.
 ``$FASTFEAT_WEIGHTS_MIRROR`` (a base URL: ``https://``, ``http://`` or ``file://``) replaces the
 origin: the file is fetched from ``<mirror>/<file>`` and checked against the same published checksum.
+timm's hub weights (``timm:ARCH.TAG``, fastfeat.hub_weights) take their sha256 and size from the hub's API
+at a pinned commit, and ``$HF_ENDPOINT`` replaces the hub instead.
 
 Importing this module imports nothing heavy (the CLI lists names before torch is loaded).
 """
@@ -36,7 +38,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import ConfigError, DownloadError
 from .version import __version__
 
 CACHE_ENV = "FASTFEAT_CACHE"
@@ -44,11 +46,6 @@ MIRROR_ENV = "FASTFEAT_WEIGHTS_MIRROR"
 TIMEOUT_S = 60.0  # per socket operation (connect, each read): a stalled server fails, a slow one does not
 CHUNK = 1 << 20
 MIB = 1 << 20
-
-
-class DownloadError(ConfigError):
-    """Published weights that could not be fetched or checked: one line naming the URL to fetch by
-    hand and the exact path to save it as (a ValueError: the CLI prints it, exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +59,10 @@ class PublishedWeights:
     size: int | None  # exact bytes, where published; checked exactly
     size_mib: float | None  # published size in MiB (torchvision: 3 decimals); checked within SIZE_SLACK_MIB if no size
     published_in: str  # where the URL, checksum and size are published
+    # timm's hub weights (fastfeat.hub_weights): (repo, revision asked, file); checksum, size and commit are
+    # filled in by fetch from the hub's paths-info answer (or the record of it beside the cached file)
+    hub: tuple[str, str, str] | None = None
+    commit: str | None = None  # the pinned hub commit the file is fetched from
 
     def expected_bytes(self) -> tuple[int, int]:
         """The smallest and largest size a good file can have."""
@@ -194,17 +195,21 @@ for _model, _file in (("overfeat-fast", "net_weight_0"), ("overfeat-accurate", "
 # What --weights takes, for messages.
 WEIGHTS_CHOICES = (
     f"--weights takes a .pth, .safetensors, .caffemodel or MatConvNet .mat file (OverFeat: its net_weight_0/1), a published name ({', '.join(PUBLISHED)}), "
-    "or random:SEED"
+    "torchvision's (ResNet50_Weights.IMAGENET1K_V2) or timm's (timm:ARCH.TAG) published weights, or random:SEED"
 )
 
 
 def lookup(source: str | None) -> PublishedWeights | None:
-    """The registered entry named ``source`` (or a torchvision weights name, fastfeat.zoo_weights), or None
-    (a file path or ``random:SEED``)."""
+    """The registered entry named ``source`` (or a torchvision weights name, fastfeat.zoo_weights, or timm's
+    ``timm:ARCH.TAG``, fastfeat.hub_weights: not pinned yet), or None (a file path or ``random:SEED``)."""
     if not source:
         return None
     if source in PUBLISHED:
         return PUBLISHED[source]
+    from .hub_weights import hub_entry, is_hub_weights_name
+
+    if is_hub_weights_name(source):
+        return PublishedWeights(**hub_entry(source))
     from .zoo_weights import is_torchvision_weights_name, torchvision_entry
 
     fields = torchvision_entry(source) if is_torchvision_weights_name(source) else None
@@ -216,6 +221,11 @@ def check_model(entry: PublishedWeights, model: str) -> None:
         import torchvision.models as tvm  # the same weights enum serves e.g. resnet50 under several names
 
         if tvm.get_model_weights(model.split(":", 1)[1]) is type(tvm.get_weight(entry.name)):
+            return
+    if entry.hub is not None:
+        from .hub_weights import same_architecture
+
+        if same_architecture(entry.model, model):
             return
     if entry.model != model:
         raise ConfigError(
@@ -238,7 +248,11 @@ def cached_path(entry: PublishedWeights) -> str:
 
 
 def download_url(entry: PublishedWeights) -> str:
-    """The origin URL, or ``$FASTFEAT_WEIGHTS_MIRROR/<file>``."""
+    """The origin URL, or ``$FASTFEAT_WEIGHTS_MIRROR/<file>`` (a hub entry's URL is already on ``$HF_ENDPOINT``)."""
+    if entry.hub is not None:
+        from .hub_weights import download_url as hub_download_url
+
+        return hub_download_url(entry)
     mirror = os.environ.get(MIRROR_ENV, "").strip()
     if not mirror:
         return entry.url
@@ -296,6 +310,13 @@ def _check_file(entry: PublishedWeights, path: str) -> tuple[str | None, str]:
 
 
 def _by_hand(entry: PublishedWeights, url: str) -> str:
+    if entry.hub is not None:  # the cached file is checked against the hub's answer recorded beside it
+        path = cached_path(entry)
+        return (
+            f"download {url} by hand and save it as {path} (checked once the hub can be asked), or run "
+            f"`fastfeat weights download {entry.name}` where it can and copy {path} and {path}.json here, "
+            "or pass --weights FILE"
+        )
     origin = f" (or {entry.url})" if url != entry.url else ""
     return f"download {url}{origin} by hand and save it as {cached_path(entry)}, or pass --weights FILE"
 
@@ -331,14 +352,27 @@ def _stderr(line: str) -> None:
 
 def fetch(entry: PublishedWeights, log=_stderr) -> tuple[str, str]:
     """(path of the checked cached file, its sha256): downloaded first when it is not cached yet."""
+    return fetch_pinned(entry, log)[:2]
+
+
+def fetch_pinned(entry: PublishedWeights, log=_stderr) -> tuple[str, str, PublishedWeights]:
+    """fetch, and the entry as checked (a hub entry with its sha256, size and commit)."""
     if not entry.verifiable:
         raise DownloadError(
             f"{entry.name}: no checksum or size is published, so fastfeat does not download or cache it; "
             f"download {entry.url} by hand ({entry.published_in.split(' (')[0]}) and pass --weights FILE"
         )
     path = cached_path(entry)
+    if entry.hub is not None:
+        entry = _pin_hub(entry, path, _by_hand(entry, download_url(entry)))
     if os.path.isfile(path):
-        return path, _verified_cached(entry, path)
+        sha256 = _verified_cached(entry, path)
+        if entry.hub is not None and not os.path.isfile(path + ".json"):  # saved by hand, now checked
+            from .hub_weights import write_record
+
+            with contextlib.suppress(OSError):
+                write_record(entry, path)
+        return path, sha256, entry
     url = download_url(entry)
     folder = os.path.dirname(path)
     try:
@@ -352,13 +386,68 @@ def fetch(entry: PublishedWeights, log=_stderr) -> tuple[str, str]:
     with lock:
         _lock(lock, entry, log)
         if os.path.isfile(path):  # another process finished the download while this one waited
-            return path, _verified_cached(entry, path)
+            return path, _verified_cached(entry, path), entry
         for stale in glob.glob(glob.escape(path) + ".*.part"):  # left by a killed download: we hold the lock
             with contextlib.suppress(OSError):
                 os.remove(stale)
-        sha256 = _download(entry, url, path, log)
+        if entry.hub is not None:  # the pinned answer first: a file in the cache always has its record
+            from .hub_weights import write_record
+
+            try:
+                write_record(entry, path)
+            except OSError as exc:
+                raise DownloadError(
+                    f"cannot write {path}.json ({exc.strerror or exc}); {_by_hand(entry, url)}"
+                ) from None
+        try:
+            sha256 = _download(entry, url, path, log)
+        except DownloadError:
+            if entry.hub is not None:  # nothing cached: no file, no record
+                with contextlib.suppress(OSError):
+                    os.remove(path + ".json")
+            raise
         _CHECKED[path] = (_stamp(path), sha256)
-        return path, sha256
+        return path, sha256, entry
+
+
+def _pin_hub(entry: PublishedWeights, path: str, by_hand: str) -> PublishedWeights:
+    """A hub entry with its sha256, size and commit (fastfeat.hub_weights): from the record beside the
+    cached file when both are there (nothing asked), else from the hub's paths-info answer."""
+    from . import hub_weights
+
+    if (pinned := hub_weights.recorded(entry, path)) is not None:
+        return pinned
+    api, form = hub_weights.paths_info_request(entry)
+    try:
+        answer = _post_json(api, form)
+    except DownloadError as exc:
+        raise hub_weights.unreachable(entry, path, api, str(exc), by_hand) from None
+    return hub_weights.pin_from_answer(entry, answer, api, by_hand)
+
+
+def _post_json(url: str, form: dict, limit: int = 1 << 20):
+    """The JSON answer to a form POST (at most ``limit`` bytes); DownloadError carrying the short reason."""
+    import http.client
+    import json
+    import urllib.parse
+    import urllib.request
+
+    request = urllib.request.Request(
+        url,
+        data=urllib.parse.urlencode(form).encode(),
+        headers={"User-Agent": f"fastfeat/{__version__}", "Accept": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            body = response.read(limit + 1)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise DownloadError(_reason(exc)) from None
+    if len(body) > limit:
+        raise DownloadError(f"its answer is larger than {limit:,} bytes")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise DownloadError("its answer is not JSON") from None
 
 
 def _download(entry: PublishedWeights, url: str, path: str, log) -> str:
@@ -440,14 +529,15 @@ def _reason(exc: BaseException) -> str:
     return text
 
 
-def resolve(source: str, model: str, log=_stderr) -> tuple[str, str] | None:
-    """For a registered name: (path of the checked cached file, its sha256), downloading it first if
-    needed; None for anything else (a file path, ``random:SEED``)."""
+def resolve(source: str, model: str, log=_stderr) -> tuple[str, str, PublishedWeights] | None:
+    """For a published name: (path of the checked cached file, its sha256, the entry as checked: a hub
+    entry carries its commit), downloading it first if needed; None for anything else (a file path,
+    ``random:SEED``)."""
     entry = lookup(source)
     if entry is None:
         return None
     check_model(entry, model)
-    return fetch(entry, log)
+    return fetch_pinned(entry, log)
 
 
 def describe(entry: PublishedWeights) -> dict:

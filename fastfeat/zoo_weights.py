@@ -3,8 +3,8 @@ entries of fastfeat.published (which builds its PublishedWeights from the fields
 ``<name>-<first hex digits of its sha256>.pth`` (torch.hub checks that prefix; so does fastfeat) and
 publishes its size in MiB (``meta["_file_size"]``); ``$FASTFEAT_WEIGHTS_MIRROR`` replaces the origin.
 
-timm's hub files are not offered by name: timm's configurations carry no checksum, and fastfeat caches
-no file it cannot check (docs/models.md: save a state dict and pass the file).
+timm's hub files by name (``timm:ARCH.TAG``) are fastfeat.hub_weights: timm's configurations carry no
+checksum, so the sha256 and size come from the hub's own API.
 """
 
 from __future__ import annotations
