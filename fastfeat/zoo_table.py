@@ -5,7 +5,8 @@ ReLU, MaxPool2d, Linear, and of layers that are the identity at inference -- Dro
 ``torch.flatten(x, 1)``, an AdaptiveAvgPool2d whose output size is its input's at the model's input size
 -- becomes a :class:`fastfeat.models.ModelSpec` (torchvision's AlexNet, the VGGs without batch norm).
 Its layers are named by their graph node names (``features.0``, ``classifier.4``), and read their
-weights under torchvision's own state-dict keys.  The identity nodes and the containers (``features``,
+weights under torchvision's own state-dict keys (the module's path: a module called twice is two layers
+with one set of weights).  The identity nodes and the containers (``features``,
 ``classifier``) are taps without a layer of their own: each names the output of the layer before it,
 reshaped to the tap's shape (``flatten`` is ``features.12``'s map, flattened C×H×W).
 
@@ -47,12 +48,12 @@ def _pair(value, what: str, node: str) -> int:
     return int(a)
 
 
-def _conv(name: str, m) -> Conv:
+def _conv(name: str, key: str, m) -> Conv:
     if m.dilation not in (1, (1, 1)) or m.padding_mode != "zeros" or isinstance(m.padding, str):
         raise NotTranslatable(f"Conv2d {name} is dilated, not zero-padded or padded {m.padding!r}")
     if m.bias is None:
         raise NotTranslatable(f"Conv2d {name} has no bias")
-    return Conv(name, key=name, out=m.out_channels, kernel=_pair(m.kernel_size, "kernel", name),
+    return Conv(name, key=key, out=m.out_channels, kernel=_pair(m.kernel_size, "kernel", name),
                 stride=_pair(m.stride, "stride", name), pad=_pair(m.padding, "padding", name),
                 groups=m.groups)  # fmt: skip
 
@@ -106,7 +107,7 @@ def translate(module, name: str, input_size: int) -> ZooTable:
         kind = type(module.get_submodule(node.target)).__name__ if node.op == "call_module" else None
         m = module.get_submodule(node.target) if kind else None
         if kind == "Conv2d" and len(shape) == 3:
-            layer = _conv(qualname, m)
+            layer = _conv(qualname, node.target, m)
         elif kind == "MaxPool2d" and len(shape) == 3:
             layer = _pool(qualname, m)
         elif kind == "ReLU":
@@ -114,7 +115,7 @@ def translate(module, name: str, input_size: int) -> ZooTable:
         elif kind == "Linear" and len(shape) == 1:
             if m.bias is None:
                 raise NotTranslatable(f"Linear {qualname} has no bias")
-            layer = Linear(qualname, key=qualname, out=m.out_features)
+            layer = Linear(qualname, key=node.target, out=m.out_features)
         elif kind == "Linear":
             raise NotTranslatable(f"Linear {qualname} takes an unflattened {'x'.join(map(str, shape))} map")
         elif kind in _IDENTITY_KINDS or (kind == "Flatten" and (m.start_dim, m.end_dim) == (1, -1)):
