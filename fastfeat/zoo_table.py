@@ -184,7 +184,7 @@ def triton_refusal(spec) -> str | None:
     other = [k for k in spec.module_kinds if k not in TABLE_MODULE_KINDS]
     if other:
         kinds = ", ".join(other[:4]) + (" …" if len(other) > 4 else "")
-        return (f"the triton backend runs fastfeat's own networks and torchvision models made of "
+        return (f"the triton backend runs fastfeat's own networks and torchvision models chaining "
                 f"{', '.join(TABLE_MODULE_KINDS)} only ({spec.name} has {kinds}); use --backend torch or compile")  # fmt: skip
     try:
         table_for(spec)
