@@ -45,6 +45,7 @@ def _photo_batch(photos, size: int) -> torch.Tensor:
     return x
 
 
+@pytest.mark.slow  # builds AlexNet (61M parameters) three times: ~7 s on the loaded 2-core box
 def test_alexnet_translates_to_the_builtin_table():
     """The translation of torchvision's AlexNet is the hand-written table of ``--model alexnet`` (which
     loads the same state dict), under torchvision's node names; identity nodes and containers are taps
@@ -111,6 +112,7 @@ def test_zoo_triton_net_refuses_what_check_arguments_refuses():
 
 
 @needs_triton
+@pytest.mark.slow  # interpreter: ~25 s (AlexNet at 67) and ~100 s (VGG-11 at 32) on the loaded 2-core box
 @pytest.mark.parametrize("arch,size", [("alexnet", 67), ("vgg11", 32)])
 def test_translated_features_on_the_kernels_equal_torchvision_at_a_reduced_input(arch, size, photos):
     """The table's conv side on fastfeat's kernels against torchvision's own ``features`` prefix, on a
@@ -173,6 +175,7 @@ def test_vgg11_on_triton_equals_the_torch_backend(photos):
         assert rel_err(got[name].reshape(1, -1).float().cpu(), want[name].reshape(1, -1).float().cpu()) <= TOL, name
 
 
+@pytest.mark.slow  # AlexNet built three times and run at 224: ~6 s on the loaded 2-core box
 def test_a_tapped_pre_activation_is_not_overwritten_by_the_in_place_relu():
     """torchvision's ReLU(inplace=True) writes over the conv output it takes: the torch backend's tap of
     ``features.0`` must still be the conv's, with a deeper tap running that ReLU (fastfeat.taps copies)."""
