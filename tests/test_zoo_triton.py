@@ -6,6 +6,8 @@ Tolerance, fp32: TOL = 1e-4 on ‖triton − torch‖ / ‖torch‖ per tap.  Bo
 the summation order (the triton kernels' tiles against oneDNN's), which the built-in networks measure at
 1.5e-6 (tests/test_triton_backend.py); 1e-4 leaves room for that to grow through eight layers and for the
 small-norm taps, and is still far below any real error (a wrong pad, stride or column order gives > 1e-1).
+Measured: 7.9e-8 (features.0), 2.6e-7 (features), 5.4e-7 (classifier.5), `fastfeat extract` of one photo
+with each backend, AlexNet at random:0, --pool avg, on the 2-core box.
 """
 
 from __future__ import annotations
