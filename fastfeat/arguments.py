@@ -65,8 +65,8 @@ def check_arguments(
         names = parse_layers(spec, layers)
     except (ValueError, KeyError) as exc:
         raise ConfigError(str(exc).strip("'\"")) from None
-    if getattr(spec, "is_zoo", False) and backend == "triton":
-        raise ConfigError(spec.triton_refusal())
+    if getattr(spec, "is_zoo", False) and backend == "triton" and (why := spec.triton_refusal()) is not None:
+        raise ConfigError(why)
     check_mean_file(mean_file, spec.preprocess, spec.name)
     for flag, value in (("batch-size", batch_size), ("shard-size", shard_size), ("threads", num_threads),
                         ("max-pixels", max_pixels)):  # fmt: skip

@@ -59,12 +59,33 @@ def tap_function(library: str, module, names: list[str]) -> Callable:
     # One output per node: create_feature_extractor keeps one name per node, so taps that are the same
     # node (layer4 and layer4.1.relu_1) are copied out under each name.
     extractor = create_feature_extractor(module, return_nodes=sorted(set(nodes.values()))).eval()
+    _copy_taps_before_in_place_ops(extractor)
 
     def run(x):
         out = extractor(x)
         return {name: out[node] for name, node in nodes.items()}
 
     return run
+
+
+def _copy_taps_before_in_place_ops(graph_module) -> None:
+    """Each returned node's output copied right after it is computed.
+
+    torchvision's ReLU(inplace=True) and ``out += identity`` overwrite the tensor they take, so without
+    the copy a tapped conv, batch-norm or linear output comes back as its ReLU's (or the residual sum)
+    whenever a deeper tap runs the in-place op too (``features.0`` with ``features.3`` on AlexNet)."""
+    import torch
+
+    graph = graph_module.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    (returned,) = output.args
+    copies = {}
+    for node in returned.values():
+        if node not in copies:
+            with graph.inserting_after(node):
+                copies[node] = graph.call_function(torch.clone, (node,))
+    output.args = ({name: copies[node] for name, node in returned.items()},)
+    graph_module.recompile()
 
 
 def tap_outputs(library: str, module, names: list[str], x):

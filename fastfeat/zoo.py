@@ -2,7 +2,8 @@
 
 A :class:`ZooSpec` stands where a :class:`fastfeat.models.ModelSpec` stands (name, preprocess, layer
 names, per-image shapes, state-dict shapes), so the decoder, the sinks, resume, Ray and serve take it
-unchanged; its forward pass is the library's own module (fastfeat.zoo_net), not a layer list.
+unchanged; its forward pass is the library's own module (fastfeat.zoo_net), not a layer list, except on
+the triton backend, which runs a torchvision model translated into a layer table (fastfeat.zoo_table).
 
 Taps (``--layers``) are the model's own names: torchvision's graph node names
 (``torchvision.models.feature_extraction.get_graph_node_names``, eval mode, the input node left out);
@@ -32,9 +33,6 @@ POOLS = ("avg", "max", "cls", "none")
 DEFAULT_POOL = "avg"
 # The extra that brings timm (pyproject.toml).
 TIMM_MISSING = "timm is not installed: pip install 'fastfeat[timm]' (or pip install timm)"
-# What the triton backend runs (fastfeat.backends.triton_backend); a model with any other leaf module
-# kind is refused there in one line.
-TRITON_MODULE_KINDS = {"Conv2d", "ReLU", "MaxPool2d", "Linear", "Dropout", "Flatten", "Identity", "Sequential"}
 
 
 def is_zoo_name(name: str) -> bool:
@@ -129,11 +127,12 @@ class ZooSpec:
                                  f"{'x'.join(map(str, self.raw_shapes[n]))}); use avg, max or none")  # fmt: skip
         return sorted(set(names), key=self.index)
 
-    def triton_refusal(self) -> str:
-        other = [k for k in self.module_kinds if k not in TRITON_MODULE_KINDS]
-        kinds = ", ".join(other[:4]) + (" …" if len(other) > 4 else "")
-        return (f"the triton backend runs fastfeat's own networks only ({self.name} has {kinds or 'no layer list'}); "
-                "use --backend torch or compile")  # fmt: skip
+    def triton_refusal(self) -> str | None:
+        """Why ``--backend triton`` cannot run this model (one line), or None where it can: a torchvision
+        model that translates into a layer table (fastfeat.zoo_table)."""
+        from .zoo_table import triton_refusal
+
+        return triton_refusal(self)
 
 
 def _import(library: str):

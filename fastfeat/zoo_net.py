@@ -1,8 +1,10 @@
-"""The forward pass of a torchvision/timm model (fastfeat.zoo) on the torch or compile backend.
+"""The forward pass of a torchvision/timm model (fastfeat.zoo) on the torch, compile or triton backend.
 
-The library's own module, in the run's compute dtype, runs the taps (fastfeat.taps) and each tap is
-reduced by the spec's ``--pool``; the result is what a layer-list backend returns: {name: activation},
-one row per image, C×H×W (or T×C) flatten order.  ``compile`` wraps that function in torch.compile.
+torch and compile (:class:`ZooNet`): the library's own module, in the run's compute dtype, runs the taps
+(fastfeat.taps) and each tap is reduced by the spec's ``--pool``; the result is what a layer-list backend
+returns: {name: activation}, one row per image, C×H×W (or T×C) flatten order.  ``compile`` wraps that
+function in torch.compile.  triton (:class:`ZooTritonNet`): the model's layer table (fastfeat.zoo_table)
+on fastfeat's own kernels, each tap read from its layer's output and pooled the same way.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ class ZooNet(Backend):
 
     def __init__(self, spec, tensors, device, dtype, backend: str = "torch", compile_mode: str | None = None):
         super().__init__(spec, tensors, device, dtype)
-        if backend not in ("torch", "compile"):
-            raise ConfigError(spec.triton_refusal())
+        if backend not in ("torch", "compile"):  # triton: ZooTritonNet (fastfeat.model_lookup picks)
+            raise ConfigError(f"a library module runs on the torch or compile backend, not {backend!r}")
         self.backend, self.compile_mode = backend, compile_mode
         self.compiles_on_first_call = backend == "compile"
         if device.type == "cuda" and dtype == torch.float32:
@@ -69,4 +71,44 @@ class ZooNet(Backend):
         if self.backend == "compile":
             kwargs = {"mode": self.compile_mode} if self.compile_mode else {}
             run = torch.compile(run, dynamic=False, **kwargs)
+        return run
+
+
+class ZooTritonNet(Backend):
+    """A torchvision model translated into a layer table (fastfeat.zoo_table), run by the triton backend
+    (fastfeat.backends.triton_backend.TritonNet) on torchvision's own state dict."""
+
+    name = "triton"
+    compiles_on_first_call = True
+
+    def __init__(self, spec, tensors, device, dtype):
+        from .backends.triton_backend import TritonNet
+        from .zoo_table import NotTranslatable, table_for
+
+        super().__init__(spec, tensors, device, dtype)
+        try:
+            table = table_for(spec)
+        except NotTranslatable:
+            raise ConfigError(spec.triton_refusal()) from None
+        self.sources = table.sources
+        self.net = TritonNet(table.spec, tensors, device, dtype)  # its kernel_source: ahead-of-time or JIT
+
+    def prepare(self, images_nhwc: torch.Tensor) -> torch.Tensor:
+        return self.net.prepare(images_nhwc)
+
+    def plan(self, names: list[str]) -> list[Op]:
+        """One op, as ZooNet's (the table's own ops are TritonNet's ``plan`` of the tapped layers)."""
+        return [Op("forward", "model", tuple(names), lambda x: self.make_forward(names, x)(x))]
+
+    def make_forward(self, names: list[str], x: torch.Tensor):
+        layers = sorted({self.sources[n] for n in names}, key=self.net.spec.index)
+        run_layers = self.net.forward_plan(layers, x)
+        raw, pool, sources = self.spec.raw_shapes, self.spec.pool, self.sources
+
+        def run(t: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = run_layers(t)
+            # A conv-side layer comes out as an NCHW view of an NHWC buffer: the reshape to the tap's own
+            # shape (flatten's C×H×W row) and contiguous() copy it in the torch backend's order.
+            return {n: pool_tap(out[sources[n]].reshape(t.shape[0], *raw[n]), pool).contiguous() for n in names}
+
         return run

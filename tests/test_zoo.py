@@ -158,7 +158,7 @@ def test_bad_arguments_one_line():
     common = dict(weights="random:0", batch_size=4, shard_size=10, dtype="float16", precision=None, device="cpu",
                   format="parquet", max_pixels=10**8, num_threads=None, num_shards=1, shard_index=0,
                   max_error_rate=None)  # fmt: skip
-    with pytest.raises(ConfigError, match="triton backend runs fastfeat's own networks only .*BatchNorm2d"):
+    with pytest.raises(ConfigError, match="own networks and torchvision models chaining .* only .*BatchNorm2d"):
         check_arguments(model="torchvision:resnet18", layers=None, backend="triton", **common)
     with pytest.raises(ConfigError, match="unknown layer 'nope'"):
         check_arguments(model="torchvision:resnet18", layers="nope", backend="torch", **common)

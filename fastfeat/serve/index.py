@@ -50,6 +50,9 @@ def check_compatible(path: str, stored: dict, served: dict, layer: str) -> None:
     """ConfigError naming the first difference that makes stored and served features incomparable."""
     if stored.get("model") != served["model"]:
         raise ConfigError(f"--index {path} holds {stored.get('model')} features; the server runs {served['model']}")
+    pool_s, pool_v = ((m.get("model_config") or {}).get("pool") for m in (stored, served))
+    if pool_s != pool_v:  # a torchvision/timm model's --pool: same layer names, other features
+        raise ConfigError(f"--index {path} holds features pooled with --pool {pool_s}; the server pools with --pool {pool_v}")  # fmt: skip
     if stored.get("weights", {}).get("sha256") != served["weights"]["sha256"]:
         raise ConfigError(
             f"--index {path} was extracted with other weights ({stored.get('weights', {}).get('source')}); "
