@@ -68,14 +68,20 @@ def tap_function(library: str, module, names: list[str]) -> Callable:
     return run
 
 
+def _copy_if_tensor(value):
+    """A tap's value, copied if it is a tensor: a graph node may also be a size or a tuple (a ViT's
+    ``x.shape``, which every-tap listings such as ``fastfeat models show`` evaluate)."""
+    import torch
+
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
 def _copy_taps_before_in_place_ops(graph_module) -> None:
     """Each returned node's output copied right after it is computed.
 
     torchvision's ReLU(inplace=True) and ``out += identity`` overwrite the tensor they take, so without
     the copy a tapped conv, batch-norm or linear output comes back as its ReLU's (or the residual sum)
     whenever a deeper tap runs the in-place op too (``features.0`` with ``features.3`` on AlexNet)."""
-    import torch
-
     graph = graph_module.graph
     output = next(n for n in graph.nodes if n.op == "output")
     (returned,) = output.args
@@ -83,7 +89,7 @@ def _copy_taps_before_in_place_ops(graph_module) -> None:
     for node in returned.values():
         if node not in copies:
             with graph.inserting_after(node):
-                copies[node] = graph.call_function(torch.clone, (node,))
+                copies[node] = graph.call_function(_copy_if_tensor, (node,))
     output.args = ({name: copies[node] for name, node in returned.items()},)
     graph_module.recompile()
 

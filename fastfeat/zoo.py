@@ -221,8 +221,11 @@ def zoo_spec(name: str, pool: str | None = None) -> ZooSpec:
         k = type(m).__name__
         if not list(m.children()) and k not in kinds:
             kinds.append(k)
-    taps = list(raw)
-    default = ("pre_logits",) if library == "timm" else (taps[-2],)
+    # The default tap is the classifier's input: the node before the last one, containers left out (a
+    # container names its last node's output, so `classifier` would be the logits again).
+    containers = {n for n, m in module.named_modules() if n and next(m.children(), None) is not None}
+    nodes = [t for t in raw if t not in containers] or list(raw)
+    default = ("pre_logits",) if library == "timm" else (nodes[-2] if len(nodes) > 1 else nodes[-1],)
     return ZooSpec(
         name=name, library=library, arch=arch, pool=pool, input_size=pre.crop, preprocess=pre,
         preprocess_source=source, raw_shapes=raw, default_layers=default,

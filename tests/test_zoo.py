@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import column_matrix, read_features
+from helpers import column_matrix, fast_first, read_features
 
 from fastfeat.errors import ConfigError
 from fastfeat.model_lookup import resolve_model as get_model
@@ -67,6 +67,19 @@ def test_network_part_equals_library_forward(name):
     ref_final, ref_pooled = _library_reference(spec, module, nhwc.permute(0, 3, 1, 2).contiguous())
     assert _rel(got[final], ref_final) < 1e-5
     assert _rel(got[pooled], ref_pooled) < 1e-5
+
+
+# The default tap is the classifier's input, whatever the head looks like: a Linear after a ReLU and a
+# Dropout (AlexNet), after flatten (ResNet), a class token picked by indexing (ViT), a Hardswish head.
+@pytest.mark.parametrize(
+    "name", fast_first(["torchvision:alexnet", "torchvision:vit_b_16", "torchvision:resnet18",
+                        "torchvision:mobilenet_v3_small", "torchvision:efficientnet_b0"], keep=2)
+)  # fmt: skip
+def test_default_tap_is_the_classifiers_input(name):
+    spec = get_model(name)
+    last_linear = [m for m in spec.build_module().modules() if isinstance(m, torch.nn.Linear)][-1]
+    (default,) = spec.default_layers
+    assert spec.raw_shapes[default] == (last_linear.in_features,), (default, spec.raw_shapes[default])
 
 
 def test_pools_on_a_token_tap():
