@@ -54,7 +54,11 @@ TARGETS = {
 MINOR_SPILL_BYTES = 16
 # Kernels the JIT launchers run that the AOT library (native/generate.py) does not ship: recorded and
 # compiled by the compile check, never part of the library's families or its kernel hash.
-JIT_ONLY_KERNELS = (("gemm", "_linear_splitk_fused_kernel"), ("pool_rows", "_maxpool_rows_nhwc_kernel"))
+JIT_ONLY_KERNELS = (
+    ("gemm", "_linear_splitk_fused_kernel"),
+    ("pool_rows", "_maxpool_rows_nhwc_kernel"),
+    ("conv_splitk", "_conv2d_nhwc_segmented_kernel"),
+)
 # Unlimited shared memory, to ask a prune hook which configs it keeps for reasons other than fit.
 NO_SMEM_LIMIT = 1 << 40
 # ptxas's per-thread register ceiling; a kernel at it is one change away from spilling.
@@ -74,6 +78,8 @@ REPRESENTATIVE = (
     ("caffenet/fc6+relu6 {dtype} b1", "_splitk_reduce_kernel"),
     ("caffenet/fc6+relu6 {dtype} b1", "_linear_splitk_fused_kernel"),  # split-K, reduce folded in
     ("caffenet/conv1 s2d {dtype} b256", "_conv2d_nhwc_kernel"),  # conv1 as a space-to-depth 3x3 tap loop
+    ("caffenet/conv3 splitk {dtype} b1", "_conv2d_nhwc_segmented_kernel"),  # one program per (tile, segment)
+    ("caffenet/conv3 splitk {dtype} b256", "_conv2d_nhwc_segmented_kernel"),  # segments summed in one program
     ("caffenet/pool1+norm1 rows {dtype} b256", "_maxpool_rows_nhwc_kernel"),  # row-walking pool + LRN
     ("caffenet/pool5 rows {dtype} b256", "_maxpool_rows_nhwc_kernel"),  # the same, no LRN, fitted BLOCK_C
     ("caffenet/relu1+pool1+norm1 {dtype} b256", "_maxpool_nhwc_kernel"),  # ReLU + pool + LRN in one kernel
@@ -180,7 +186,7 @@ def recording(sm_count: int, split_k_reduce: str = "separate"):
     with tensors replaced by their dtype. Everything is restored on exit.
     """
     package = importlib.import_module(__package__)
-    from . import autotune, gemm, launch_args
+    from . import autotune, conv, conv_splitk, gemm, launch_args
 
     sink: list = []
     saved = []
@@ -197,7 +203,8 @@ def recording(sm_count: int, split_k_reduce: str = "separate"):
         patch(package, "interpreter_active", lambda: True)
         patch(autotune, "interpreter_active", lambda: True)
         patch(launch_args, "interpreter_active", lambda: True)
-        patch(gemm, "sm_count", lambda device: sm_count)
+        for module in (gemm, conv, conv_splitk):
+            patch(module, "sm_count", lambda device: sm_count)
         patch(gemm, "DEFAULT_SPLIT_K_REDUCE", split_k_reduce)
         yield sink
     finally:
