@@ -9,12 +9,14 @@ one batch size, say) and writes the JSON after it, so a run cut short keeps ever
               far kept; skipped, saying so, where pytest is not installed;
 2. agreement  the triton backend against torch eager (cuDNN/cuBLAS, TF32 off) on the GPU, caffenet and
               alexnet, fp32 and bf16, every tap to fc8 against the tests' tolerances (needs no pytest);
+              the same with FASTFEAT_CONV_SPLITK=1 (``splitk``), and for both whether image 0 alone
+              (batch 1, where the segmented convs split) gives the bits of its row in the batch;
 3. layers     per-layer times, triton vs torch eager, both networks, each batch size (bf16, CUDA
               events, fastfeat.profile);
 4. forward    whole forward pass img/s, torch eager and triton, both networks, each batch size;
 4b. roofline  per-kernel table (benchmarks/layer_roofline.py): every conv, pool(+LRN) and fc layer on
               random inputs of its shape, each fastfeat kernel variant (conv1 direct and space-to-depth,
-              split-K reduce folded or separate) against torch eager (cuDNN/cuBLAS) and torch.compile
+              tap-segmented split-K convs, split-K reduce folded or separate) against torch eager (cuDNN/cuBLAS) and torch.compile
               (max-autotune), in ms, TFLOP/s or GB/s and share of the roofline, with each output's error
               against torch eager; one row saved to the JSON as soon as it is measured; on its own
               (``--steps roofline``) it fits one 8-minute call;
@@ -68,6 +70,7 @@ each conv <= 1.1x cuDNN's time; fc layers at least as fast as cuBLAS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -105,11 +108,14 @@ GRACE_S = 30
 # ‖triton − torch‖ / ‖torch‖ allowed per tap, as tests/test_triton_backend.py (which explains them).
 TOLERANCES = {"fp32": 1e-5, "fp16": 3e-3, "bf16": 2e-2}
 # Taps compared by the agreement step (those the model has): each stage of the network, fc8 last.
+# FASTFEAT_CONV_SPLITK (kernels/conv_splitk.py), not imported here: the agreement step switches it per variant.
+SPLITK_ENV = "FASTFEAT_CONV_SPLITK"
 AGREEMENT_TAPS = ("conv1", "pool1", "norm1", "pool2", "relu3", "relu5", "pool5", "relu6", "relu7", "fc8")
 # The kernel and triton-backend tests, most valuable first (test_compile_sm90 is CPU-side: CI runs it).
 TEST_FILES = (
     "tests/test_triton_backend.py",
     "tests/kernels/test_conv.py",
+    "tests/kernels/test_conv_splitk.py",
     "tests/kernels/test_gemm.py",
     "tests/kernels/test_pool_lrn.py",
 )
@@ -368,21 +374,54 @@ def agreement(rec: dict, cfg: Settings, budget: Budget, report: Report, names: d
             if out_of_budget(rec, budget, f"{model} {precision}"):
                 continue
             dtype = PRECISIONS[precision]
-            outs = {}
-            for backend in ("triton", "torch"):  # the torch backend turns TF32 off for fp32 on CUDA
-                net = make_backend(backend, spec, weights(model), dev, dtype)
+            outs, alone_equal = {}, {}
+            # "triton-splitk": the same backend with the tap-segmented convs (kernels/conv_splitk.py).
+            for variant in ("triton", "triton-splitk", "torch"):  # torch turns TF32 off for fp32 on CUDA
+                backend = "torch" if variant == "torch" else "triton"
+                with _env(SPLITK_ENV, "1" if variant == "triton-splitk" else "0"):
+                    net = make_backend(backend, spec, weights(model), dev, dtype)
                 acts = net.forward_intermediates(net.prepare(x), taps)
-                outs[backend] = {t: acts[t].reshape(len(x), -1).double().cpu() for t in taps}
+                outs[variant] = {t: acts[t].reshape(len(x), -1).double().cpu() for t in taps}
+                if variant != "torch":
+                    # Image 0 alone (batch 1, where segmented convs split) against its row in the batch.
+                    first = {t: acts[t][0].clone() for t in taps}
+                    alone = net.forward_intermediates(net.prepare(x[:1]), taps)
+                    alone_equal[variant] = {t: bool(torch.equal(alone[t][0], first[t])) for t in taps}
                 del net, acts
             errors = {t: ((outs["triton"][t] - outs["torch"][t]).norm() / outs["torch"][t].norm()).item() for t in taps}
             worst = max(errors, key=errors.get)
             ok = errors[worst] <= TOLERANCES[precision]
+            split_errors = {t: ((outs["triton-splitk"][t] - outs["torch"][t]).norm() / outs["torch"][t].norm()).item()
+                            for t in taps}  # fmt: skip
+            split_worst = max(split_errors, key=split_errors.get)
+            split = {
+                "rel_err": split_errors,
+                "worst": split_worst,
+                "ok": split_errors[split_worst] <= TOLERANCES[precision],
+            }
             rec["results"].append({"model": model, "precision": precision, "batch": cfg.agreement_batch,
-                                   "rel_err": errors, "worst": worst, "tolerance": TOLERANCES[precision], "ok": ok})  # fmt: skip
-            if not ok:
+                                   "rel_err": errors, "worst": worst, "tolerance": TOLERANCES[precision], "ok": ok,
+                                   "splitk": split, "row0_batch1_bit_identical": alone_equal})  # fmt: skip
+            if not (ok and split["ok"]):
                 rec["status"] = "failed"
-            print(f"agreement {model} {precision}: worst {worst} {errors[worst]:.2e} ({'ok' if ok else 'FAIL'})")
+            print(f"agreement {model} {precision}: worst {worst} {errors[worst]:.2e} ({'ok' if ok else 'FAIL'}); "
+                  f"splitk worst {split_worst} {split_errors[split_worst]:.2e} ({'ok' if split['ok'] else 'FAIL'}); "
+                  f"batch-1 row bit-identical: {({v: all(e.values()) for v, e in alone_equal.items()})}")  # fmt: skip
             report.save()
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """``name=value`` in the environment for the block, the old value (or none) back afterwards."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 # -- steps 3, 4 and 7: timings -------------------------------------------------------------------------------
