@@ -54,6 +54,24 @@ TARGETS = {
 MINOR_SPILL_BYTES = 16
 # Kernels the JIT launchers run that the AOT library (native/generate.py) does not ship: recorded and
 # compiled by the compile check, never part of the library's families or its kernel hash.
+#
+# Why the library still ships the two-launch split-K reduce (``recording(split_k_reduce="separate")``)
+# and not ``_linear_splitk_fused_kernel``. Nothing in the AOT launcher forbids the fused kernel: its only
+# extra need is an int32 arrival counter per output tile that is zero before the launch, and the kernel
+# leaves it zero after a completed launch. The move is a C ABI change, not a flag:
+#   * the counters would live at the end of the caller's workspace (``fastfeat_gemm_workspace_bytes`` grows
+#     by 4 * cdiv(M, 16) * cdiv(N, 16) bytes), and the API must then require a workspace that is zeroed
+#     once before its first use and used by one stream at a time (kernels/native.py allocates it with
+#     torch.zeros; native/layer_bench.cpp must memset it); or the library memsets the counters before each
+#     launch, which is again a second stream operation, the thing the fusion removes;
+#   * native/generate.py needs a new family (key: SPLIT_K, HAS_BIAS, APPLY_RELU, IEEE and the GEMM's
+#     alignment classes; grid as ``linear``'s; M batch-generic), fastfeat_kernels.c's gemm_plan a lookup
+#     of it in place of FF_REDUCE, and kernel_list.KERNELS the kernel (which changes the kernel hash, so
+#     every built library is refused until rebuilt).
+# Not done in the session of issue 25 that wrote this: the rebuild compiles a few hundred kernels (minutes
+# of every core) and the result -- above all the acq_rel ordering through a cubin launched by the AOT
+# dispatcher -- can only be checked by ctest and gpu_check's native step on a GPU, which that session did
+# not have. Until then the library and the JIT path stay bit-identical, as the two reduces are.
 JIT_ONLY_KERNELS = (
     ("gemm", "_linear_splitk_fused_kernel"),
     ("pool_rows", "_maxpool_rows_nhwc_kernel"),
