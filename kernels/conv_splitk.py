@@ -22,8 +22,8 @@ Determinism (an image's features must not depend on its batch-mates or the batch
 
 Cost at large batch, hence the gate. The non-split mode keeps two fp32 tiles live (the running total and
 the segment partial; ``prune_segmented`` drops the configs whose two tiles would not fit in registers)
-and restarts the software pipeline at every segment. A layer whose single image already fills the GPU
-(``tiles_per_image >= SM count``: VGG's early layers) never segments and runs ``conv._conv2d_nhwc_kernel``
+and restarts the software pipeline at every segment. A layer whose single image makes more than half a
+wave of tiles (VGG's 224 and 112 pixel layers) never segments and runs ``conv._conv2d_nhwc_kernel``
 unchanged; segments hold at least ``SEGMENT_MIN_K`` of K, so a pipeline restart is amortised over at least
 eight 64-wide slabs. Which way the trade falls at batch 256 is for a GPU to measure (the ``layers`` step
 of benchmarks/gpu_check.py times both); until then the triton backend segments only when
@@ -52,6 +52,9 @@ SPLITK_ENV = "FASTFEAT_CONV_SPLITK"
 SEGMENT_MIN_K = 512
 # Upper bound on segments: the workspace and the in-order re-read grow with them.
 MAX_SEGMENTS = 8
+# A layer segments only if one image makes at most 1/this of a wave of tiles: above that a split buys less
+# than 2x the programs at batch 1, while the in-kernel mode's cost is paid at every batch size.
+MIN_WAVE_SHARE_INVERSE = 2
 # Nominal tile for counting tiles before the autotuner picks one (the conv configs' largest).
 NOMINAL_BLOCK_M = 128
 NOMINAL_BLOCK_N = 128
@@ -73,12 +76,13 @@ def conv_k_segments(
     """(segments, taps per segment) of a tap-loop conv, from its per-image shape and the SM count only.
 
     (1, taps): not segmented, because the layer has the flattened loop or one tap, one image already makes
-    ``sms`` tiles, or K is too short for two ``SEGMENT_MIN_K`` segments.
+    more than half a wave of tiles (``MIN_WAVE_SHARE_INVERSE``), or K is too short for two
+    ``SEGMENT_MIN_K`` segments.
     """
     if not tap_loop or taps < 2:
         return 1, taps
     tiles = triton.cdiv(out_pixels_per_image, NOMINAL_BLOCK_M) * triton.cdiv(cout_g, NOMINAL_BLOCK_N) * groups
-    if tiles >= sms:
+    if tiles * MIN_WAVE_SHARE_INVERSE > sms:
         return 1, taps
     want = triton.cdiv(TARGET_PROGRAMS_PER_SM * sms, tiles)
     segments = min(want, taps * cin_g // SEGMENT_MIN_K, taps, MAX_SEGMENTS)
