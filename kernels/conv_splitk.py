@@ -60,8 +60,10 @@ NOMINAL_BLOCK_M = 128
 NOMINAL_BLOCK_N = 128
 # Programs per SM a split aims for (as gemm's split-K heuristic).
 TARGET_PROGRAMS_PER_SM = 2
-# Register budget of the non-split mode's two live fp32 tiles: 2 * BLOCK_M * BLOCK_N / threads words.
-# 128 x 128 with 4 warps (256 words) would spill; 128 x 64 (128 words) leaves room for the operands.
+# Registers per thread of ONE fp32 tile (BLOCK_M * BLOCK_N / threads) allowed in the non-split mode, where
+# two are live (the total and the segment partial): 128 x 64 with 4 warps keeps both in 128 registers;
+# 128 x 128 with 4 warps would need 256, past ptxas's 255, and spill. An estimate, not a ptxas count:
+# benchmarks/compile_check.py compiles the kept configs.
 TWO_ACC_REG_BUDGET = 64
 
 
