@@ -9,8 +9,8 @@ one batch size, say) and writes the JSON after it, so a run cut short keeps ever
               far kept; skipped, saying so, where pytest is not installed;
 2. agreement  the triton backend against torch eager (cuDNN/cuBLAS, TF32 off) on the GPU, caffenet and
               alexnet, fp32 and bf16, every tap to fc8 against the tests' tolerances (needs no pytest);
-              the same with FASTFEAT_CONV_SPLITK=1 (``splitk``), and for both whether image 0 alone
-              (batch 1, where the segmented convs split) gives the bits of its row in the batch;
+              in fp32 also with FASTFEAT_CONV_SPLITK=1 (``splitk``, one config per launch), and for both
+              whether image 0 alone (batch 1, where the segmented convs split) gives its row's bits;
 3. layers     per-layer times, triton vs torch eager, both networks, each batch size (bf16, CUDA
               events, fastfeat.profile);
 4. forward    whole forward pass img/s, torch eager and triton, both networks, each batch size;
@@ -110,6 +110,7 @@ TOLERANCES = {"fp32": 1e-5, "fp16": 3e-3, "bf16": 2e-2}
 # Taps compared by the agreement step (those the model has): each stage of the network, fc8 last.
 # FASTFEAT_CONV_SPLITK (kernels/conv_splitk.py), not imported here: the agreement step switches it per variant.
 SPLITK_ENV = "FASTFEAT_CONV_SPLITK"
+AUTOTUNE_ENV = "FASTFEAT_AUTOTUNE"  # fastfeat.kernels.autotune.AUTOTUNE_ENV (not imported here either)
 AGREEMENT_TAPS = ("conv1", "pool1", "norm1", "pool2", "relu3", "relu5", "pool5", "relu6", "relu7", "fc8")
 # The kernel and triton-backend tests, most valuable first (test_compile_sm90 is CPU-side: CI runs it).
 TEST_FILES = (
@@ -375,46 +376,52 @@ def agreement(rec: dict, cfg: Settings, budget: Budget, report: Report, names: d
                 continue
             dtype = PRECISIONS[precision]
             outs, alone_equal = {}, {}
-            # "triton-splitk": the same backend with the tap-segmented convs (kernels/conv_splitk.py).
-            for variant in ("triton", "triton-splitk", "torch"):  # torch turns TF32 off for fp32 on CUDA
+            # fp32 only: "triton-splitk", the backend with the tap-segmented convs (kernels/conv_splitk.py),
+            # one config per launch (numerics only; its fp32 keys are none the timing steps reuse), and for
+            # both triton variants whether image 0 alone (batch 1, where segmented convs split) gives the
+            # bits of its row in the batch.
+            variants = ("triton", "torch") + (("triton-splitk",) if precision == "fp32" else ())
+            for variant in variants:  # the torch backend turns TF32 off for fp32 on CUDA
                 backend = "torch" if variant == "torch" else "triton"
-                with _env(SPLITK_ENV, "1" if variant == "triton-splitk" else "0"):
+                splitk = variant == "triton-splitk"
+                with _env(SPLITK_ENV, "1" if splitk else "0"), _env(AUTOTUNE_ENV, "0" if splitk else None):
                     net = make_backend(backend, spec, weights(model), dev, dtype)
-                acts = net.forward_intermediates(net.prepare(x), taps)
-                outs[variant] = {t: acts[t].reshape(len(x), -1).double().cpu() for t in taps}
-                if variant != "torch":
-                    # Image 0 alone (batch 1, where segmented convs split) against its row in the batch.
-                    first = {t: acts[t][0].clone() for t in taps}
-                    alone = net.forward_intermediates(net.prepare(x[:1]), taps)
-                    alone_equal[variant] = {t: bool(torch.equal(alone[t][0], first[t])) for t in taps}
+                    acts = net.forward_intermediates(net.prepare(x), taps)
+                    outs[variant] = {t: acts[t].reshape(len(x), -1).double().cpu() for t in taps}
+                    if variant != "torch" and precision == "fp32":
+                        first = {t: acts[t][0].clone() for t in taps}
+                        alone = net.forward_intermediates(net.prepare(x[:1]), taps)
+                        alone_equal[variant] = {t: bool(torch.equal(alone[t][0], first[t])) for t in taps}
                 del net, acts
-            errors = {t: ((outs["triton"][t] - outs["torch"][t]).norm() / outs["torch"][t].norm()).item() for t in taps}
-            worst = max(errors, key=errors.get)
-            ok = errors[worst] <= TOLERANCES[precision]
-            split_errors = {t: ((outs["triton-splitk"][t] - outs["torch"][t]).norm() / outs["torch"][t].norm()).item()
-                            for t in taps}  # fmt: skip
-            split_worst = max(split_errors, key=split_errors.get)
-            split = {
-                "rel_err": split_errors,
-                "worst": split_worst,
-                "ok": split_errors[split_worst] <= TOLERANCES[precision],
-            }
-            rec["results"].append({"model": model, "precision": precision, "batch": cfg.agreement_batch,
-                                   "rel_err": errors, "worst": worst, "tolerance": TOLERANCES[precision], "ok": ok,
-                                   "splitk": split, "row0_batch1_bit_identical": alone_equal})  # fmt: skip
-            if not (ok and split["ok"]):
-                rec["status"] = "failed"
-            print(f"agreement {model} {precision}: worst {worst} {errors[worst]:.2e} ({'ok' if ok else 'FAIL'}); "
-                  f"splitk worst {split_worst} {split_errors[split_worst]:.2e} ({'ok' if split['ok'] else 'FAIL'}); "
-                  f"batch-1 row bit-identical: {({v: all(e.values()) for v, e in alone_equal.items()})}")  # fmt: skip
+            result = {"model": model, "precision": precision, "batch": cfg.agreement_batch}
+            for variant in variants[:1] + variants[2:]:
+                errors = {t: ((outs[variant][t] - outs["torch"][t]).norm() / outs["torch"][t].norm()).item()
+                          for t in taps}  # fmt: skip
+                worst = max(errors, key=errors.get)
+                ok = errors[worst] <= TOLERANCES[precision]
+                if not ok:
+                    rec["status"] = "failed"
+                verdict = {"rel_err": errors, "worst": worst, "tolerance": TOLERANCES[precision], "ok": ok}
+                if variant == "triton":
+                    result.update(verdict)
+                else:
+                    result["splitk"] = verdict
+                print(f"agreement {model} {precision} {variant}: worst {worst} {errors[worst]:.2e} "
+                      f"({'ok' if ok else 'FAIL'})")  # fmt: skip
+            if alone_equal:
+                result["row0_batch1_bit_identical"] = alone_equal
+                print(f"agreement {model} {precision}: image 0 at batch 1 bit-identical to its row: "
+                      f"{ {v: all(e.values()) for v, e in alone_equal.items()} }")  # fmt: skip
+            rec["results"].append(result)
             report.save()
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str):
-    """``name=value`` in the environment for the block, the old value (or none) back afterwards."""
+def _env(name: str, value: str | None):
+    """``name=value`` in the environment for the block (None: left as it is), the old value back afterwards."""
     saved = os.environ.get(name)
-    os.environ[name] = value
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
