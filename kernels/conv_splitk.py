@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotune
 from .autotune import conv_configs, prune_by_registers, prune_conv, sm_count
 from .gemm import arrival_counters, grouped_tile
 from .indexing import nhwc_window_origin
@@ -102,11 +103,41 @@ def split_pays(m_gemm: int, cout_g: int, groups: int, sms: int) -> bool:
 
 
 def prune_segmented(configs, named_args, **kwargs):
-    """``autotune.prune_conv`` over the configs whose fp32 tile fits ``TWO_ACC_REG_BUDGET``: two tiles are
-    live in both modes (the in-kernel mode's total and partial; the split mode's last arrival sums the
-    re-read partials while the tile's own may still be held), and 128 x 128 with 4 warps spills in both
-    at sm_80 and sm_90 (benchmarks/compile_check.py)."""
-    return prune_conv(prune_by_registers(configs, TWO_ACC_REG_BUDGET, 0.0, 0.0), named_args, **kwargs)
+    """``autotune.prune_conv`` over the configs that hold a second fp32 tile without spilling.
+
+    Two tiles are live in both modes (the in-kernel mode's total and partial; the split mode's last
+    arrival sums re-read partials while the tile's own may still be held): every config keeps one tile
+    within ``TWO_ACC_REG_BUDGET``, and where the operand fragments sit in registers too (mma.sync before
+    Hopper, and the exact-fp32 FMA dot) the conv's own estimate plus the second tile must stay within
+    ``autotune.MMA_SYNC_REG_BUDGET``. Calibrated with benchmarks/compile_check.py (sm_80: 128 x 64 x 64
+    spilled 64-216 bytes at 254 registers; sm_90's wgmma reads its operands from shared memory)."""
+    args = {**named_args, **kwargs}
+    configs = prune_by_registers(configs, TWO_ACC_REG_BUDGET, 0.0, 0.0)
+    x = args["x_ptr"]
+    ieee = args.get("DOT_PRECISION") == "ieee"
+    if ieee or (x.is_cuda and autotune._device_capability(autotune._device_index(x)) < autotune.HOPPER_CAPABILITY):
+        words = 1.0 if ieee else x.element_size() / 4  # 32-bit registers per operand element
+        budget = autotune.FMA_REG_BUDGET if ieee else autotune.MMA_SYNC_REG_BUDGET
+
+        def estimate(c):
+            tile = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / (32 * c.num_warps)
+            return autotune._tile_regs(c, words, words) + tile
+
+        configs = [c for c in configs if estimate(c) <= budget] or [min(configs, key=estimate)]
+    return prune_conv(configs, named_args, **kwargs)
+
+
+def segmented_configs() -> list:
+    """``autotune.conv_configs`` plus small tiles: with exact fp32 (FMA dot, both operands in registers)
+    and a second fp32 tile, every conv config spills at sm_80 and sm_90 (benchmarks/compile_check.py)."""
+    configs = conv_configs()
+    if autotune.interpreter_active():
+        return configs
+    small = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_stages=3, num_warps=4),
+    ]
+    return configs + small
 
 
 @triton.jit
@@ -153,7 +184,7 @@ def _epilogue(total, b_ptr, y_ptr, channels, c_ok, y_off, y_mask, HAS_BIAS: tl.c
 
 # Keyed as the conv kernel, plus the segmentation and the mode (they change the loop and the registers).
 @triton.autotune(
-    configs=conv_configs(),
+    configs=segmented_configs(),
     key=["M_BUCKET", "BATCH_BUCKET", "COUT_G", "CIN_G", "KH", "KW", "SEGMENTS", "SPLIT"],
     prune_configs_by={"early_config_prune": prune_segmented},
     cache_results=True,
@@ -234,7 +265,8 @@ def _conv2d_nhwc_segmented_kernel(
         tile = g * (num_pid_m * num_pid_n) + pid
         arrived_before = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived_before == SEGMENTS - 1:
-            for s in tl.static_range(SEGMENTS):
+            # A loop, not static_range: unrolled, the compiler issued all SEGMENTS loads at once and spilled.
+            for s in range(SEGMENTS):
                 # .cg: from L2, never from a line this SM's L1 may hold from before the other stores.
                 total += tl.load(ws_ptr + s * seg_stride + y_off, mask=y_mask, other=0.0, cache_modifier=".cg")
             _epilogue(total, b_ptr, y_ptr, g * COUT_G + offs_n, n_ok, y_off, y_mask, HAS_BIAS, APPLY_RELU)
