@@ -109,10 +109,11 @@ def record_variant_launches(spec, model: str, dtype, dtype_name: str, batches, t
     """{target: [(label, launch)]} of the kernel variants the backend does not launch by default: the
     row-walking pool(+LRN) for every pool layer (ReLU fused, LRN fused where it follows), labelled
     "<model>/<pool>[+<norm>] rows <dtype> b<batch>"; the space-to-depth conv of eligible convs runs the
-    tap-loop kernel, labelled "<model>/<conv> s2d <dtype> b<batch>"."""
+    tap-loop kernel, labelled "<model>/<conv> s2d <dtype> b<batch>"; a conv that segments its K
+    (kernels/conv_splitk.py) runs the segmented kernel, labelled "<model>/<conv> splitk <dtype> b<batch>"."""
     import torch
 
-    from fastfeat.kernels import LRNParams
+    from fastfeat.kernels import LRNParams, conv2d_nhwc, pack_conv_weight
     from fastfeat.kernels.conv_s2d import conv2d_nhwc_s2d, pack_conv_weight_s2d, s2d_eligible
     from fastfeat.kernels.pool_rows import maxpool2d_nhwc_rows
     from fastfeat.layers import LRN, Conv, MaxPool
@@ -140,6 +141,15 @@ def record_variant_launches(spec, model: str, dtype, dtype_name: str, batches, t
                         conv2d_nhwc_s2d(x, packed, bias, kernel_size=layer.kernel, stride=layer.stride,
                                         padding=layer.pad, relu=True)  # fmt: skip
                         op = f"{layer.name} s2d"
+                    elif isinstance(layer, Conv):
+                        weight = torch.empty((layer.out, c // layer.groups, layer.kernel, layer.kernel), dtype=dtype)
+                        packed = pack_conv_weight(weight, groups=layer.groups)
+                        bias = torch.empty((layer.out,), dtype=torch.float32)
+                        conv2d_nhwc(x, packed, bias, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad,
+                                    groups=layer.groups, relu=True, k_split=True)  # fmt: skip
+                        if not any(launch[1] == "_conv2d_nhwc_segmented_kernel" for launch in sink):
+                            continue  # the layer does not segment: the plain kernel, recorded already
+                        op = f"{layer.name} splitk"
                     else:
                         continue
                 out[target] += [(aot.label(model, op, dtype_name, batch), c) for c in sink]

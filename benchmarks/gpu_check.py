@@ -9,12 +9,14 @@ one batch size, say) and writes the JSON after it, so a run cut short keeps ever
               far kept; skipped, saying so, where pytest is not installed;
 2. agreement  the triton backend against torch eager (cuDNN/cuBLAS, TF32 off) on the GPU, caffenet and
               alexnet, fp32 and bf16, every tap to fc8 against the tests' tolerances (needs no pytest);
+              in fp32 also with FASTFEAT_CONV_SPLITK=1 (``splitk``, one config per launch), and for both
+              whether image 0 alone (batch 1, where the segmented convs split) gives its row's bits;
 3. layers     per-layer times, triton vs torch eager, both networks, each batch size (bf16, CUDA
               events, fastfeat.profile);
 4. forward    whole forward pass img/s, torch eager and triton, both networks, each batch size;
 4b. roofline  per-kernel table (benchmarks/layer_roofline.py): every conv, pool(+LRN) and fc layer on
               random inputs of its shape, each fastfeat kernel variant (conv1 direct and space-to-depth,
-              split-K reduce folded or separate) against torch eager (cuDNN/cuBLAS) and torch.compile
+              tap-segmented split-K convs, split-K reduce folded or separate) against torch eager (cuDNN/cuBLAS) and torch.compile
               (max-autotune), in ms, TFLOP/s or GB/s and share of the roofline, with each output's error
               against torch eager; one row saved to the JSON as soon as it is measured; on its own
               (``--steps roofline``) it fits one 8-minute call;
@@ -68,6 +70,7 @@ each conv <= 1.1x cuDNN's time; fc layers at least as fast as cuBLAS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -105,11 +108,15 @@ GRACE_S = 30
 # ‖triton − torch‖ / ‖torch‖ allowed per tap, as tests/test_triton_backend.py (which explains them).
 TOLERANCES = {"fp32": 1e-5, "fp16": 3e-3, "bf16": 2e-2}
 # Taps compared by the agreement step (those the model has): each stage of the network, fc8 last.
+# FASTFEAT_CONV_SPLITK (kernels/conv_splitk.py), not imported here: the agreement step switches it per variant.
+SPLITK_ENV = "FASTFEAT_CONV_SPLITK"
+AUTOTUNE_ENV = "FASTFEAT_AUTOTUNE"  # fastfeat.kernels.autotune.AUTOTUNE_ENV (not imported here either)
 AGREEMENT_TAPS = ("conv1", "pool1", "norm1", "pool2", "relu3", "relu5", "pool5", "relu6", "relu7", "fc8")
 # The kernel and triton-backend tests, most valuable first (test_compile_sm90 is CPU-side: CI runs it).
 TEST_FILES = (
     "tests/test_triton_backend.py",
     "tests/kernels/test_conv.py",
+    "tests/kernels/test_conv_splitk.py",
     "tests/kernels/test_gemm.py",
     "tests/kernels/test_pool_lrn.py",
 )
@@ -368,21 +375,60 @@ def agreement(rec: dict, cfg: Settings, budget: Budget, report: Report, names: d
             if out_of_budget(rec, budget, f"{model} {precision}"):
                 continue
             dtype = PRECISIONS[precision]
-            outs = {}
-            for backend in ("triton", "torch"):  # the torch backend turns TF32 off for fp32 on CUDA
-                net = make_backend(backend, spec, weights(model), dev, dtype)
-                acts = net.forward_intermediates(net.prepare(x), taps)
-                outs[backend] = {t: acts[t].reshape(len(x), -1).double().cpu() for t in taps}
+            outs, alone_equal = {}, {}
+            # fp32 only: "triton-splitk", the backend with the tap-segmented convs (kernels/conv_splitk.py),
+            # one config per launch (numerics only; its fp32 keys are none the timing steps reuse), and for
+            # both triton variants whether image 0 alone (batch 1, where segmented convs split) gives the
+            # bits of its row in the batch.
+            variants = ("triton", "torch") + (("triton-splitk",) if precision == "fp32" else ())
+            for variant in variants:  # the torch backend turns TF32 off for fp32 on CUDA
+                backend = "torch" if variant == "torch" else "triton"
+                splitk = variant == "triton-splitk"
+                with _env(SPLITK_ENV, "1" if splitk else "0"), _env(AUTOTUNE_ENV, "0" if splitk else None):
+                    net = make_backend(backend, spec, weights(model), dev, dtype)
+                    acts = net.forward_intermediates(net.prepare(x), taps)
+                    outs[variant] = {t: acts[t].reshape(len(x), -1).double().cpu() for t in taps}
+                    if variant != "torch" and precision == "fp32":
+                        first = {t: acts[t][0].clone() for t in taps}
+                        alone = net.forward_intermediates(net.prepare(x[:1]), taps)
+                        alone_equal[variant] = {t: bool(torch.equal(alone[t][0], first[t])) for t in taps}
                 del net, acts
-            errors = {t: ((outs["triton"][t] - outs["torch"][t]).norm() / outs["torch"][t].norm()).item() for t in taps}
-            worst = max(errors, key=errors.get)
-            ok = errors[worst] <= TOLERANCES[precision]
-            rec["results"].append({"model": model, "precision": precision, "batch": cfg.agreement_batch,
-                                   "rel_err": errors, "worst": worst, "tolerance": TOLERANCES[precision], "ok": ok})  # fmt: skip
-            if not ok:
-                rec["status"] = "failed"
-            print(f"agreement {model} {precision}: worst {worst} {errors[worst]:.2e} ({'ok' if ok else 'FAIL'})")
+            result = {"model": model, "precision": precision, "batch": cfg.agreement_batch}
+            for variant in variants[:1] + variants[2:]:
+                errors = {t: ((outs[variant][t] - outs["torch"][t]).norm() / outs["torch"][t].norm()).item()
+                          for t in taps}  # fmt: skip
+                worst = max(errors, key=errors.get)
+                ok = errors[worst] <= TOLERANCES[precision]
+                if not ok:
+                    rec["status"] = "failed"
+                verdict = {"rel_err": errors, "worst": worst, "tolerance": TOLERANCES[precision], "ok": ok}
+                if variant == "triton":
+                    result.update(verdict)
+                else:
+                    result["splitk"] = verdict
+                print(f"agreement {model} {precision} {variant}: worst {worst} {errors[worst]:.2e} "
+                      f"({'ok' if ok else 'FAIL'})")  # fmt: skip
+            if alone_equal:
+                result["row0_batch1_bit_identical"] = alone_equal
+                print(f"agreement {model} {precision}: image 0 at batch 1 bit-identical to its row: "
+                      f"{ {v: all(e.values()) for v, e in alone_equal.items()} }")  # fmt: skip
+            rec["results"].append(result)
             report.save()
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    """``name=value`` in the environment for the block (None: left as it is), the old value back afterwards."""
+    saved = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 # -- steps 3, 4 and 7: timings -------------------------------------------------------------------------------

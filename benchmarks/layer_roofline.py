@@ -9,6 +9,9 @@ relative error of the kernel's output against torch eager's. Providers:
   folded into the GEMM, maxpool2d_nhwc with ReLU and the CaffeNet LRN fused);
 * ``triton-s2d`` (conv1): the space-to-depth tap-loop variant (kernels/conv_s2d.py);
 * ``triton-rows`` (pools): the row-walking 2-D tile pool(+LRN) variant (kernels/pool_rows.py);
+* ``triton-splitk`` (convs whose K the per-image shape segments, ``k_segments`` in the row): the tap-segmented
+  conv (kernels/conv_splitk.py): split into (tile, segment) programs at small batch, summed in one program
+  per tile at large batch (what it costs there is what this row measures);
 * ``triton-splitk-separate`` (fc layers that split K): the same split, reduced by a second launch;
 * ``torch``: torch eager, channels_last (cuDNN, cuBLAS, torch's pool and LRN);
 * ``compile``: torch.compile of the same torch function (Inductor; ``COMPILE_MODE``).
@@ -78,7 +81,10 @@ def layer_units(spec, batch: int, dtype: torch.dtype, device: torch.device, tens
     """
     from fastfeat import kernels
     from fastfeat.kernels import gemm
+    from fastfeat.kernels.autotune import sm_count
+    from fastfeat.kernels.conv import TAP_LOOP_MIN_CIN
     from fastfeat.kernels.conv_s2d import conv2d_nhwc_s2d, pack_conv_weight_s2d, s2d_eligible
+    from fastfeat.kernels.conv_splitk import conv_k_segments
     from fastfeat.kernels.pool_rows import maxpool2d_nhwc_rows
     from fastfeat.layers import LRN, Conv, Linear, MaxPool
 
@@ -108,16 +114,22 @@ def layer_units(spec, batch: int, dtype: torch.dtype, device: torch.device, tens
                     x, packed, bias, groups=g, relu=True, **geo
                 )
             }
+            out_c, oh, ow = layer.out_shape(in_shape)
+            segments, _ = conv_k_segments(oh * ow, c // layer.groups, out_c // layer.groups, layer.groups,
+                                          layer.kernel**2, c // layer.groups >= TAP_LOOP_MIN_CIN, sm_count(device))  # fmt: skip
+            if segments > 1:  # split into (tile, segment) programs at small batch, summed in-kernel at large
+                providers["triton-splitk"] = lambda x=x, packed=packed, bias=bias, geo=geo, g=layer.groups: (
+                    kernels.conv2d_nhwc(x, packed, bias, groups=g, relu=True, k_split=True, **geo)
+                )
             if s2d_eligible(c, layer.groups, layer.kernel, layer.stride):
                 s2d = pack_conv_weight_s2d(weight, stride=layer.stride, dtype=dtype)
                 providers["triton-s2d"] = lambda x=x, s2d=s2d, bias=bias, geo=geo: conv2d_nhwc_s2d(
                     x, s2d, bias, relu=True, **geo
                 )
-            out_c, oh, ow = layer.out_shape(in_shape)
             macs = batch * oh * ow * out_c * (c // layer.groups) * layer.kernel**2
             nbytes = (x.numel() + weight.numel() + batch * oh * ow * out_c) * esize
             units.append(dict(name=layer.name, kind="conv", flops=2 * macs, bytes=nbytes, providers=providers,
-                              torch=torch_fn, to_nhwc=lambda y: y.permute(0, 2, 3, 1)))  # fmt: skip
+                              torch=torch_fn, to_nhwc=lambda y: y.permute(0, 2, 3, 1), k_segments=segments))  # fmt: skip
         elif isinstance(layer, MaxPool):
             c, h, w = in_shape
             norm = layers[i + 1] if i + 1 < len(layers) and isinstance(layers[i + 1], LRN) else None
@@ -183,6 +195,8 @@ def _row(unit: dict, provider: str, ms: float, err: float | None, peaks) -> dict
         row["rel_err_vs_torch"] = float(f"{err:.3e}")
     if "split_k" in unit:
         row["split_k"] = unit["split_k"]
+    if unit.get("k_segments", 1) > 1:
+        row["k_segments"] = unit["k_segments"]
     return row
 
 

@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import batch_bucket, conv_configs, m_bucket, prune_conv
+from .autotune import batch_bucket, conv_configs, m_bucket, prune_conv, sm_count
+from .conv_splitk import conv_k_segments, segmented_run
 from .gemm import grouped_tile
 from .indexing import nhwc_window_origin
 from .launch_args import (
@@ -223,18 +224,22 @@ def conv2d_nhwc(
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     allow_tf32: bool = False,
+    k_split: bool = False,
 ) -> torch.Tensor:
     """y = relu?(conv2d(x, w, bias)) with NHWC input and output.
 
     x: [N, H, W, Cin] contiguous (NHWC), fp32/fp16/bf16. packed: from ``pack_conv_weight``, same dtype
     as x. bias: [Cout] fp32 or None. Accumulation, bias and ReLU are fp32; the result is rounded once
     to ``out_dtype`` (default: x.dtype). ``out``: optional preallocated [N, OH, OW, Cout] buffer.
-    fp32 inputs use exact fp32 products unless ``allow_tf32``.
+    fp32 inputs use exact fp32 products unless ``allow_tf32``. ``k_split``: sum K by tap segments fixed
+    by the layer's per-image shape, split across programs when the output has few tiles (conv_splitk.py;
+    bit-identical at every batch size, but other bits than ``k_split=False``); a layer that does not
+    segment runs as without it.
     """
     check_kernel_tensor("x", x, ndim=4)
     launch = plan_conv2d_nhwc(
         tuple(x.shape), x.dtype, x.device, packed, bias, kernel_size=kernel_size, stride=stride, padding=padding,
-        groups=groups, relu=relu, out_dtype=out_dtype, out=out, allow_tf32=allow_tf32,
+        groups=groups, relu=relu, out_dtype=out_dtype, out=out, allow_tf32=allow_tf32, k_split=k_split,
     )  # fmt: skip
     # Triton launches on the current device and stream: make that x's device (see on_tensor_device).
     with on_tensor_device(x):
@@ -256,6 +261,7 @@ def plan_conv2d_nhwc(
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     allow_tf32: bool = False,
+    k_split: bool = False,
 ) -> Launch:
     """``conv2d_nhwc`` planned for inputs of ``x_shape``/``dtype`` on ``device``: the checks, the output
     buffer, the grid, the kernel arguments and the AOT library's descriptor, all made here, once.
@@ -302,6 +308,22 @@ def plan_conv2d_nhwc(
     if m_gemm == 0:
         return Launch(out, nothing)
 
+    # bias or a dummy pointer, never read when HAS_BIAS is False
+    args = (packed, bias if bias is not None else packed, out, h, w, cin, oh, ow, cout, m_gemm, cout_g,
+            m_bucket(m_gemm), batch_bucket(n))  # fmt: skip
+    tap_loop = cin_g >= TAP_LOOP_MIN_CIN
+    consts = dict(
+        CIN_G=cin_g, KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw, PAD_H=ph, PAD_W=pw, TAP_LOOP=tap_loop,
+        HAS_BIAS=bias is not None, APPLY_RELU=bool(relu), DOT_PRECISION=dot_precision(dtype, allow_tf32),
+    )  # fmt: skip
+    if k_split:
+        segments, per = conv_k_segments(oh * ow, cin_g, cout_g, groups, kh * kw, tap_loop, sm_count(device))
+        if segments > 1:
+            # Always JIT: the AOT library holds only the unsegmented kernel, whose bits differ.
+            run = segmented_run(args, consts, m_gemm=m_gemm, cout_g=cout_g, groups=groups, segments=segments,
+                                taps_per_segment=per, device=device)  # fmt: skip
+            return Launch(out, run)
+
     def grid(meta):
         return (triton.cdiv(m_gemm, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups)
 
@@ -313,13 +335,6 @@ def plan_conv2d_nhwc(
         relu=relu, allow_tf32=allow_tf32,
     )  # fmt: skip
     jit = _conv2d_nhwc_kernel[grid]
-    # bias or a dummy pointer, never read when HAS_BIAS is False
-    args = (packed, bias if bias is not None else packed, out, h, w, cin, oh, ow, cout, m_gemm, cout_g,
-            m_bucket(m_gemm), batch_bucket(n))  # fmt: skip
-    consts = dict(
-        CIN_G=cin_g, KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw, PAD_H=ph, PAD_W=pw, TAP_LOOP=cin_g >= TAP_LOOP_MIN_CIN,
-        HAS_BIAS=bias is not None, APPLY_RELU=bool(relu), DOT_PRECISION=dot_precision(dtype, allow_tf32),
-    )  # fmt: skip
 
     def run(x):
         if aot is None or not aot(x):

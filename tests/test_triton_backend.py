@@ -168,3 +168,32 @@ def test_conv1_space_to_depth_variant(model, monkeypatch):
     want = ref.forward_intermediates(ref.prepare(x), ["conv1"])["conv1"]
     assert got.shape == want.shape
     assert rel_err(got.reshape(1, -1).float().cpu(), want.reshape(1, -1).float().cpu()) < TOLERANCES[torch.float32]
+
+
+def test_conv_split_k_variant(monkeypatch):
+    """FASTFEAT_CONV_SPLITK=1: CaffeNet's conv3 (13x13, 2304 of K) is planned as the tap-segmented conv
+    (kernels/conv_splitk.py) and matches F.conv2d at batch 1, where it splits; conv1 does not segment."""
+    from fastfeat.kernels import conv as conv_module
+
+    monkeypatch.setenv("FASTFEAT_CONV_SPLITK", "1")
+    spec = get_model("caffenet")
+    weights = load_weights(spec, "random:7")
+    tri = make_backend("triton", spec, weights.tensors, DEVICE, torch.float32)
+    assert tri.conv_k_split
+    planned = []
+    real = conv_module.segmented_run
+    monkeypatch.setattr(conv_module, "segmented_run", lambda *a, **k: planned.append(k) or real(*a, **k))
+    steps = {step.layer.name: step for step in tri._fuse(["conv3"])}
+    c, h, w = spec.input_shapes()["conv3"]
+    x = torch.randn(1, h, w, c, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    tri._launch(steps["conv1"], (1, spec.input_size, spec.input_size, 3), DEVICE)
+    assert planned == []
+    run, shape = tri._launch(steps["conv3"], tuple(x.shape), DEVICE)
+    assert [(p["segments"], p["taps_per_segment"]) for p in planned] == [(3, 3)]
+    got = run(x)
+    key = steps["conv3"].layer.param_key
+    weight, bias = weights.tensors[f"{key}.weight"].to(DEVICE), weights.tensors[f"{key}.bias"].to(DEVICE)
+    want = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=1).permute(0, 2, 3, 1)
+    want = torch.relu(want) if steps["conv3"].relu else want
+    assert tuple(got.shape) == shape == tuple(want.shape)
+    assert rel_err(got.reshape(1, -1).float().cpu(), want.reshape(1, -1).float().cpu()) < TOLERANCES[torch.float32]

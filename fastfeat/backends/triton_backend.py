@@ -67,6 +67,11 @@ class TritonNet(Backend):
         self.packed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # Conv layers run as space-to-depth + tap loop (kernels/conv_s2d.py), decided once with the packing.
         self.s2d_layers: set[str] = set()
+        # Few-tile convs sum K by tap segments, split at small batch (kernels/conv_splitk.py): one switch
+        # for the whole net, so an image's bits never depend on its batch.
+        from fastfeat.kernels.conv_splitk import use_conv_split_k
+
+        self.conv_k_split = use_conv_split_k()
         for layer in spec.layers:
             if layer.param_key is None:
                 continue
@@ -158,7 +163,7 @@ class TritonNet(Backend):
                 )
             return lambda x: k.conv2d_nhwc(
                 x, w, b, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad, groups=layer.groups,
-                relu=step.relu,
+                relu=step.relu, k_split=self.conv_k_split,
             )  # fmt: skip
         if step.kind == "fc":
             w, b = self.packed[layer.name]
@@ -185,7 +190,7 @@ class TritonNet(Backend):
             w, b = self.packed[layer.name]
             launch = k.plan_conv2d_nhwc(
                 shape, dtype, device, w, b, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad,
-                groups=layer.groups, relu=step.relu,
+                groups=layer.groups, relu=step.relu, k_split=self.conv_k_split,
             )  # fmt: skip
         elif step.kind == "fc":
             w, b = self.packed[layer.name]

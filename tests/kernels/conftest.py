@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from triton_interpreter import _bf16_bits_to_f32
 
-from fastfeat.kernels import backend_available
+from fastfeat.kernels import backend_available, interpreter_active
 
 
 @pytest.fixture(autouse=True)
@@ -83,3 +85,26 @@ def assert_close():
         return err
 
     return check
+
+
+@pytest.fixture
+def position_invariant_dot(monkeypatch):
+    """Under the interpreter, ``tl.dot`` as a k-ordered sum of outer products (see test_determinism.py):
+    numpy's BLAS sums an element in an order that depends on its place in the tile, which no GPU MMA does,
+    so without this a row's bits would move with its position in the batch. No-op on a GPU."""
+    if not interpreter_active():
+        return
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    def as_f32(h):
+        return _bf16_bits_to_f32(h.data) if h.dtype.scalar == tl.bfloat16 else h.data.astype(np.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a32, b32 = as_f32(a), as_f32(b)
+        acc = d.data.astype(np.float32).copy()
+        for k in range(a32.shape[-1]):
+            acc += np.multiply.outer(a32[:, k], b32[k, :])
+        return TensorHandle(acc, d.dtype.scalar)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", create_dot)

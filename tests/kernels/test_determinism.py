@@ -12,20 +12,18 @@ interpreter x's fp32 bits would move with its position in the batch for reasons 
 every output element of a tile in the same k order). ``position_invariant_dot`` therefore replaces the
 interpreter's dot, for this module only, by a k-ordered sum of outer products: the same fp32 math with
 every element accumulated in k order wherever it sits, which is what the kernels rely on. On a GPU the
-fixture does nothing and the real MMAs are checked.
+fixture does nothing and the real MMAs are checked. (The fixture lives in tests/kernels/conftest.py:
+test_conv_splitk.py uses it too.)
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from triton_interpreter import _bf16_bits_to_f32
 
 from fastfeat.kernels import (
     LRNParams,
     conv2d_nhwc,
-    interpreter_active,
     linear,
     maxpool2d_nhwc,
     pack_conv_weight,
@@ -36,24 +34,8 @@ from fastfeat.kernels.conv_s2d import conv2d_nhwc_s2d, pack_conv_weight_s2d
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def position_invariant_dot(monkeypatch):
-    if not interpreter_active():
-        return
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
-
-    def as_f32(h):
-        return _bf16_bits_to_f32(h.data) if h.dtype.scalar == tl.bfloat16 else h.data.astype(np.float32)
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        a32, b32 = as_f32(a), as_f32(b)
-        acc = d.data.astype(np.float32).copy()
-        for k in range(a32.shape[-1]):
-            acc += np.multiply.outer(a32[:, k], b32[k, :])
-        return TensorHandle(acc, d.dtype.scalar)
-
-    monkeypatch.setattr(InterpreterBuilder, "create_dot", create_dot)
+# Every test here runs with the k-ordered interpreter dot (tests/kernels/conftest.py; see above).
+pytestmark = pytest.mark.usefixtures("position_invariant_dot")
 
 
 def _batches(shape, dtype, device, seed=0):
