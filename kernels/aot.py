@@ -54,7 +54,11 @@ TARGETS = {
 MINOR_SPILL_BYTES = 16
 # Kernels the JIT launchers run that the AOT library (native/generate.py) does not ship: recorded and
 # compiled by the compile check, never part of the library's families or its kernel hash.
-JIT_ONLY_KERNELS = (("gemm", "_linear_splitk_fused_kernel"), ("pool_rows", "_maxpool_rows_nhwc_kernel"))
+JIT_ONLY_KERNELS = (
+    ("gemm", "_linear_splitk_fused_kernel"),
+    ("pool_rows", "_maxpool_rows_nhwc_kernel"),
+    ("lrn", "_lrn_nhwc_fitted_kernel"),
+)
 # Unlimited shared memory, to ask a prune hook which configs it keeps for reasons other than fit.
 NO_SMEM_LIMIT = 1 << 40
 # ptxas's per-thread register ceiling; a kernel at it is one change away from spilling.
@@ -75,9 +79,11 @@ REPRESENTATIVE = (
     ("caffenet/fc6+relu6 {dtype} b1", "_linear_splitk_fused_kernel"),  # split-K, reduce folded in
     ("caffenet/conv1 s2d {dtype} b256", "_conv2d_nhwc_kernel"),  # conv1 as a space-to-depth 3x3 tap loop
     ("caffenet/pool1+norm1 rows {dtype} b256", "_maxpool_rows_nhwc_kernel"),  # row-walking pool + LRN
+    ("caffenet/pool1+norm1 rows-halo {dtype} b256", "_maxpool_rows_nhwc_kernel"),  # fitted BLOCK_C + LRN halo
     ("caffenet/pool5 rows {dtype} b256", "_maxpool_rows_nhwc_kernel"),  # the same, no LRN, fitted BLOCK_C
     ("caffenet/relu1+pool1+norm1 {dtype} b256", "_maxpool_nhwc_kernel"),  # ReLU + pool + LRN in one kernel
     ("caffenet/norm1 {dtype} b256", "_lrn_nhwc_kernel"),
+    ("caffenet/norm1 fitted {dtype} b256", "_lrn_nhwc_fitted_kernel"),  # fitted BLOCK_C + channel halo
 )
 # Batch sizes the representative launches need (b1: M=1 and split-K; b2048: SPLIT_K=1).
 REPRESENTATIVE_BATCHES = (1, 256, 2048)
