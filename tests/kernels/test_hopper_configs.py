@@ -123,3 +123,14 @@ def test_gemm_8_warp_hopper_configs_only_on_sm90(launch, on_device):
     assert not any(is_hopper_only(c) for c in kept["sm80"])
     added = [c for c in kept["sm90"] if is_hopper_only(c)]
     assert added and any(c.num_warps == 8 for c in added)
+
+
+def test_split_k_launches_keep_no_full_hopper_only_tile(on_device):
+    """The full Hopper-only tiles spill in the split-K kernels on sm_90 (compile check): a launch with
+    SPLIT_K > 1 keeps none of them; the thin small-M ones stay."""
+    on_device("sm90")
+    table = gemm_config_table()
+    for m_bucket in (1, 256):
+        args = {"x_ptr": _FakeCudaTensor(), **GEMM_LAUNCHES["fc6_b256"], "M_BUCKET": m_bucket, "SPLIT_K": 4}
+        kept = prune_gemm(table, args, DOT_PRECISION="tf32")
+        assert kept and not any(is_hopper_only(c) and c.kwargs["BLOCK_M"] > 32 for c in kept)
