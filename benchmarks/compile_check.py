@@ -108,13 +108,16 @@ def record_model_launches(model: str, dtype_name: str, batches, targets) -> dict
 def record_variant_launches(spec, model: str, dtype, dtype_name: str, batches, targets) -> dict[str, list]:
     """{target: [(label, launch)]} of the kernel variants the backend does not launch by default: the
     row-walking pool(+LRN) for every pool layer (ReLU fused, LRN fused where it follows), labelled
-    "<model>/<pool>[+<norm>] rows <dtype> b<batch>"; the space-to-depth conv of eligible convs runs the
-    tap-loop kernel, labelled "<model>/<conv> s2d <dtype> b<batch>"; a conv that segments its K
+    "<model>/<pool>[+<norm>] rows <dtype> b<batch>" (with the LRN: one block of every channel) and
+    "... rows-halo ..." (with the LRN: fitted channel blocks plus a halo); the fitted stand-alone LRN of
+    every LRN layer, "<model>/<norm> fitted <dtype> b<batch>"; the space-to-depth conv of eligible convs
+    runs the tap-loop kernel, labelled "<model>/<conv> s2d <dtype> b<batch>"; a conv that segments its K
     (kernels/conv_splitk.py) runs the segmented kernel, labelled "<model>/<conv> splitk <dtype> b<batch>"."""
     import torch
 
     from fastfeat.kernels import LRNParams, conv2d_nhwc, pack_conv_weight
     from fastfeat.kernels.conv_s2d import conv2d_nhwc_s2d, pack_conv_weight_s2d, s2d_eligible
+    from fastfeat.kernels.lrn import lrn_nhwc_fitted
     from fastfeat.kernels.pool_rows import maxpool2d_nhwc_rows
     from fastfeat.layers import LRN, Conv, MaxPool
 
@@ -125,34 +128,43 @@ def record_variant_launches(spec, model: str, dtype, dtype_name: str, batches, t
             for i, layer in enumerate(spec.layers):
                 c, h, w = shapes[layer.name] if len(shapes[layer.name]) == 3 else (0, 0, 0)
                 x = torch.empty((batch, h, w, c), dtype=dtype)
-                with aot.recording(aot.TARGETS[target].sm_count) as sink, torch.inference_mode():
-                    if isinstance(layer, MaxPool):
-                        norm = spec.layers[i + 1] if i + 1 < len(spec.layers) else None
-                        norm = norm if isinstance(norm, LRN) else None
-                        lrn = None if norm is None else LRNParams(norm.size, norm.alpha, norm.beta, norm.k)
-                        maxpool2d_nhwc_rows(x, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad,
-                                            ceil_mode=layer.ceil, relu=True, lrn=lrn)  # fmt: skip
-                        name = layer.name if norm is None else f"{layer.name}+{norm.name}"
-                        op = f"{name} rows"
-                    elif isinstance(layer, Conv) and s2d_eligible(c, layer.groups, layer.kernel, layer.stride):
-                        weight = torch.empty((layer.out, c, layer.kernel, layer.kernel), dtype=dtype)
-                        packed = pack_conv_weight_s2d(weight, stride=layer.stride)
-                        bias = torch.empty((layer.out,), dtype=torch.float32)
-                        conv2d_nhwc_s2d(x, packed, bias, kernel_size=layer.kernel, stride=layer.stride,
-                                        padding=layer.pad, relu=True)  # fmt: skip
-                        op = f"{layer.name} s2d"
-                    elif isinstance(layer, Conv):
-                        weight = torch.empty((layer.out, c // layer.groups, layer.kernel, layer.kernel), dtype=dtype)
-                        packed = pack_conv_weight(weight, groups=layer.groups)
-                        bias = torch.empty((layer.out,), dtype=torch.float32)
-                        conv2d_nhwc(x, packed, bias, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad,
-                                    groups=layer.groups, relu=True, k_split=True)  # fmt: skip
-                        if not any(launch[1] == "_conv2d_nhwc_segmented_kernel" for launch in sink):
-                            continue  # the layer does not segment: the plain kernel, recorded already
-                        op = f"{layer.name} splitk"
-                    else:
-                        continue
-                out[target] += [(aot.label(model, op, dtype_name, batch), c) for c in sink]
+                runs = []  # (op label, launcher)
+                if isinstance(layer, MaxPool):
+                    norm = spec.layers[i + 1] if i + 1 < len(spec.layers) else None
+                    norm = norm if isinstance(norm, LRN) else None
+                    lrn = None if norm is None else LRNParams(norm.size, norm.alpha, norm.beta, norm.k)
+                    geo = dict(kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad, ceil_mode=layer.ceil)
+                    name = layer.name if norm is None else f"{layer.name}+{norm.name}"
+                    runs.append((f"{name} rows", lambda x=x, lrn=lrn, geo=geo: maxpool2d_nhwc_rows(
+                        x, relu=True, lrn=lrn, lrn_halo=False, **geo)))  # fmt: skip
+                    if lrn is not None:
+                        runs.append((f"{name} rows-halo", lambda x=x, lrn=lrn, geo=geo: maxpool2d_nhwc_rows(
+                            x, relu=True, lrn=lrn, lrn_halo=True, **geo)))  # fmt: skip
+                elif isinstance(layer, LRN):
+                    runs.append((f"{layer.name} fitted", lambda x=x, n=layer: lrn_nhwc_fitted(
+                        x, size=n.size, alpha=n.alpha, beta=n.beta, k=n.k)))  # fmt: skip
+                elif isinstance(layer, Conv) and s2d_eligible(c, layer.groups, layer.kernel, layer.stride):
+                    weight = torch.empty((layer.out, c, layer.kernel, layer.kernel), dtype=dtype)
+                    packed = pack_conv_weight_s2d(weight, stride=layer.stride)
+                    bias = torch.empty((layer.out,), dtype=torch.float32)
+                    runs.append((f"{layer.name} s2d", lambda x=x, layer=layer, packed=packed, bias=bias: conv2d_nhwc_s2d(
+                        x, packed, bias, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad,
+                        relu=True)))  # fmt: skip
+                elif isinstance(layer, Conv):
+                    weight = torch.empty((layer.out, c // layer.groups, layer.kernel, layer.kernel), dtype=dtype)
+                    packed = pack_conv_weight(weight, groups=layer.groups)
+                    bias = torch.empty((layer.out,), dtype=torch.float32)
+                    runs.append((f"{layer.name} splitk", lambda x=x, layer=layer, packed=packed, bias=bias: conv2d_nhwc(
+                        x, packed, bias, kernel_size=layer.kernel, stride=layer.stride, padding=layer.pad,
+                        groups=layer.groups, relu=True, k_split=True)))  # fmt: skip
+                for op, run in runs:
+                    with aot.recording(aot.TARGETS[target].sm_count) as sink, torch.inference_mode():
+                        run()
+                    if op.endswith(" splitk") and not any(
+                        launch[1] == "_conv2d_nhwc_segmented_kernel" for launch in sink
+                    ):
+                        continue  # the layer does not segment: the plain kernel, recorded already
+                    out[target] += [(aot.label(model, op, dtype_name, batch), c) for c in sink]
     return out
 
 

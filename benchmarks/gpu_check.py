@@ -16,7 +16,8 @@ one batch size, say) and writes the JSON after it, so a run cut short keeps ever
 4. forward    whole forward pass img/s, torch eager and triton, both networks, each batch size;
 4b. roofline  per-kernel table (benchmarks/layer_roofline.py): every conv, pool(+LRN) and fc layer on
               random inputs of its shape, each fastfeat kernel variant (conv1 direct and space-to-depth,
-              tap-segmented split-K convs, split-K reduce folded or separate) against torch eager (cuDNN/cuBLAS) and torch.compile
+              tap-segmented split-K convs, split-K reduce folded or separate, pool+LRN flat, row-walking, and
+              row-walking with fitted channel blocks + LRN halo) against torch eager (cuDNN/cuBLAS) and torch.compile
               (max-autotune), in ms, TFLOP/s or GB/s and share of the roofline, with each output's error
               against torch eager; one row saved to the JSON as soon as it is measured; on its own
               (``--steps roofline``) it fits one 8-minute call;

@@ -8,7 +8,12 @@ relative error of the kernel's output against torch eager's. Providers:
 * ``triton``: the launcher the backend uses (conv2d_nhwc, linear with its split-K choice and the reduce
   folded into the GEMM, maxpool2d_nhwc with ReLU and the CaffeNet LRN fused);
 * ``triton-s2d`` (conv1): the space-to-depth tap-loop variant (kernels/conv_s2d.py);
-* ``triton-rows`` (pools): the row-walking 2-D tile pool(+LRN) variant (kernels/pool_rows.py);
+* ``triton-rows`` (pools): the row-walking 2-D tile pool(+LRN) variant (kernels/pool_rows.py), with
+  the LRN one channel block of next_pow2(C) lanes per pixel;
+* ``triton-rows-halo`` (pools with the LRN fused): the same with channel blocks fitted to C (96 -> 32)
+  and a channel halo for the LRN window (``lrn_halo=True``);
+* ``triton-fitted`` (an LRN that no pool precedes, e.g. CNN-F/M/S): ``lrn_nhwc_fitted``, fitted
+  channel blocks and a halo, against ``lrn_nhwc`` (``triton``);
 * ``triton-splitk`` (convs whose K the per-image shape segments, ``k_segments`` in the row): the tap-segmented
   conv (kernels/conv_splitk.py): split into (tile, segment) programs at small batch, summed in one program
   per tile at large batch (what it costs there is what this row measures);
@@ -85,6 +90,7 @@ def layer_units(spec, batch: int, dtype: torch.dtype, device: torch.device, tens
     from fastfeat.kernels.conv import TAP_LOOP_MIN_CIN
     from fastfeat.kernels.conv_s2d import conv2d_nhwc_s2d, pack_conv_weight_s2d, s2d_eligible
     from fastfeat.kernels.conv_splitk import conv_k_segments
+    from fastfeat.kernels.lrn import lrn_nhwc_fitted
     from fastfeat.kernels.pool_rows import maxpool2d_nhwc_rows
     from fastfeat.layers import LRN, Conv, Linear, MaxPool
 
@@ -144,13 +150,32 @@ def layer_units(spec, batch: int, dtype: torch.dtype, device: torch.device, tens
 
             providers = {
                 "triton": lambda x=x, lrn=lrn, geo=geo: kernels.maxpool2d_nhwc(x, relu=True, lrn=lrn, **geo),
-                "triton-rows": lambda x=x, lrn=lrn, geo=geo: maxpool2d_nhwc_rows(x, relu=True, lrn=lrn, **geo),
+                "triton-rows": lambda x=x, lrn=lrn, geo=geo: maxpool2d_nhwc_rows(
+                    x, relu=True, lrn=lrn, lrn_halo=False, **geo
+                ),
             }
+            if lrn is not None:
+                providers["triton-rows-halo"] = lambda x=x, lrn=lrn, geo=geo: maxpool2d_nhwc_rows(
+                    x, relu=True, lrn=lrn, lrn_halo=True, **geo
+                )
             _, oh, ow = layer.out_shape(in_shape)
             nbytes = (x.numel() + batch * oh * ow * c) * esize
             name = layer.name if norm is None else f"{layer.name}+{norm.name}"
             units.append(dict(name=name, kind="pool", flops=0, bytes=nbytes, providers=providers, torch=torch_fn,
                               to_nhwc=lambda y: y.permute(0, 2, 3, 1)))  # fmt: skip
+        elif isinstance(layer, LRN) and not (i > 0 and isinstance(layers[i - 1], MaxPool)):
+            # An LRN after a pool is timed fused into it (above); this one runs on its own.
+            c, h, w = in_shape
+            x = torch.randn(batch, h, w, c, generator=gen).to(device=device, dtype=dtype)
+            params = dict(size=layer.size, alpha=layer.alpha, beta=layer.beta, k=layer.k)
+            x_cl = x.to(tdt).permute(0, 3, 1, 2)
+            torch_fn = lambda x_cl=x_cl, p=params: F.local_response_norm(x_cl, **p)
+            providers = {
+                "triton": lambda x=x, p=params: kernels.lrn_nhwc(x, **p),
+                "triton-fitted": lambda x=x, p=params: lrn_nhwc_fitted(x, **p),
+            }
+            units.append(dict(name=layer.name, kind="lrn", flops=0, bytes=2 * x.numel() * esize, providers=providers,
+                              torch=torch_fn, to_nhwc=lambda y: y.permute(0, 2, 3, 1)))  # fmt: skip
         elif isinstance(layer, Linear):
             k = 1
             for d in in_shape:

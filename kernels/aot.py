@@ -76,6 +76,7 @@ JIT_ONLY_KERNELS = (
     ("gemm", "_linear_splitk_fused_kernel"),
     ("pool_rows", "_maxpool_rows_nhwc_kernel"),
     ("conv_splitk", "_conv2d_nhwc_segmented_kernel"),
+    ("lrn", "_lrn_nhwc_fitted_kernel"),
 )
 # Unlimited shared memory, to ask a prune hook which configs it keeps for reasons other than fit.
 NO_SMEM_LIMIT = 1 << 40
@@ -99,9 +100,11 @@ REPRESENTATIVE = (
     ("caffenet/conv3 splitk {dtype} b1", "_conv2d_nhwc_segmented_kernel"),  # one program per (tile, segment)
     ("caffenet/conv3 splitk {dtype} b256", "_conv2d_nhwc_segmented_kernel"),  # segments summed in one program
     ("caffenet/pool1+norm1 rows {dtype} b256", "_maxpool_rows_nhwc_kernel"),  # row-walking pool + LRN
+    ("caffenet/pool1+norm1 rows-halo {dtype} b256", "_maxpool_rows_nhwc_kernel"),  # fitted BLOCK_C + LRN halo
     ("caffenet/pool5 rows {dtype} b256", "_maxpool_rows_nhwc_kernel"),  # the same, no LRN, fitted BLOCK_C
     ("caffenet/relu1+pool1+norm1 {dtype} b256", "_maxpool_nhwc_kernel"),  # ReLU + pool + LRN in one kernel
     ("caffenet/norm1 {dtype} b256", "_lrn_nhwc_kernel"),
+    ("caffenet/norm1 fitted {dtype} b256", "_lrn_nhwc_fitted_kernel"),  # fitted BLOCK_C + channel halo
 )
 # Batch sizes the representative launches need (b1: M=1 and split-K; b2048: SPLIT_K=1).
 REPRESENTATIVE_BATCHES = (1, 256, 2048)

@@ -4,7 +4,10 @@ The config factories return one list per kernel family that covers both Ampere (
 shared memory per block) and Hopper (sm90: H100/H200, 227 KiB). Which GPU the process will use is not
 known at import time (and asking would initialise CUDA before DALI forks its workers), so the lists are
 the union and ``prune_by_shared_memory`` drops, on the first launch, the configs whose pipelined
-operand tiles cannot fit the actual device. ``prune_by_registers`` drops the configs that would spill
+operand tiles cannot fit the actual device. The configs in ``HOPPER_ONLY_*`` (8-warp GEMM tiles, deeper
+pipelines) are kept only on compute capability 9.x (``keep_for_capability``), so an A100 tunes over
+exactly the configs it had before they were added; they come last in each list, so the first config a
+prune hook keeps, the one ``FASTFEAT_AUTOTUNE=0`` and the AOT library use, is unchanged. ``prune_by_registers`` drops the configs that would spill
 registers for the launch at hand (budgets measured with ``benchmarks/compile_check.py``, which compiles
 every kernel and config for sm80 and sm90 without a GPU). Under ``TRITON_INTERPRET=1`` each factory
 returns exactly one small config: the numpy interpreter gains nothing from tuning and every extra
@@ -104,14 +107,55 @@ def _dedup(configs: list[triton.Config]) -> list[triton.Config]:
     return out
 
 
-def conv_configs() -> list[triton.Config]:
-    """Configs for the implicit-GEMM convolution (M = output pixels, N = Cout/groups, K = KH*KW*Cin/g).
+def _signature(config: triton.Config) -> tuple:
+    return (tuple(sorted(config.kwargs.items())), config.num_stages, config.num_warps)
 
-    Every conv config uses at most 4 warps: with num_warps >= 8 Triton miscompiles the flattened
-    (kh, kw, cin) K loop of a non-1x1 convolution and returns wrong results (pytorch#173068).
-    """
-    if interpreter_active():
-        return [_cfg(128, 64, 64, stages=1, warps=4)]
+
+# Most warps of any conv config: with num_warps >= 8 Triton miscompiles a conv K loop that walks
+# (kh, kw, channel slab) as one flat counter split by integer division (pytorch#173068, fixed there by
+# capping non-1x1 convs at 4 warps, pytorch#177823 / #183989). Both loop shapes of conv.py are that
+# form: the tap loop divides its counter by NUM_CB and KW (even for a 1x1 kernel, and for the
+# space-to-depth conv1, which runs it), the flattened loop divides k by KW*CIN_G and CIN_G.
+CONV_MAX_WARPS = 4
+
+# Hopper-only conv configs: 4 warps (see CONV_MAX_WARPS), deeper pipelines that fit 227 KiB but were not
+# in the Ampere-era list (wgmma keeps num_stages A/B buffers in shared memory).
+HOPPER_ONLY_CONV = [
+    _cfg(128, 128, 64, 4, 4),
+    _cfg(128, 64, 64, 5, 4),
+    _cfg(64, 128, 64, 5, 4),
+]
+# Hopper-only GEMM configs: 8 warps (two warpgroups) with 4-stage pipelines, and 128-wide K slabs; the
+# GEMM's K loop has no index division, so 8 warps are safe. Small-M (weight-streaming) tiles with more
+# loads in flight: 8 warps, 4-5 stages.
+# (32 x 256 x 128 at 8 warps, 4 stages, spilled 60 bytes for fc8 at batch 1 on sm_90: not listed.)
+HOPPER_ONLY_GEMM_SMALL_M = [
+    _cfg(16, 128, 256, 4, 8),
+]
+HOPPER_ONLY_GEMM = [
+    _cfg(128, 256, 64, 4, 8),
+    _cfg(256, 128, 64, 4, 8),
+    _cfg(128, 128, 128, 3, 8),
+    _cfg(128, 128, 64, 5, 8),
+]
+_HOPPER_ONLY = {_signature(c) for c in HOPPER_ONLY_CONV + HOPPER_ONLY_GEMM_SMALL_M + HOPPER_ONLY_GEMM}
+
+
+def is_hopper_only(config: triton.Config) -> bool:
+    """True for a config that only compute capability 9.x keeps (``HOPPER_ONLY_*``)."""
+    return _signature(config) in _HOPPER_ONLY
+
+
+def keep_for_capability(configs: list, capability: int | None) -> list:
+    """The configs a device of major compute ``capability`` may run: all on 9.x (Hopper), else all but
+    the Hopper-only ones. None (not a CUDA tensor: the interpreter) counts as not Hopper."""
+    if capability == HOPPER_CAPABILITY:
+        return list(configs)
+    return [c for c in configs if not is_hopper_only(c)]
+
+
+def conv_config_table() -> list[triton.Config]:
+    """Every conv config a GPU can be tuned over (before pruning), whatever the process runs on."""
     ampere = [
         _cfg(128, 128, 32, 3, 4),
         _cfg(128, 64, 32, 4, 4),
@@ -127,16 +171,22 @@ def conv_configs() -> list[triton.Config]:
         _cfg(128, 64, 64, 4, 4),
         _cfg(64, 128, 64, 4, 4),
     ]
-    return _dedup(ampere + hopper)
+    return _dedup(ampere + hopper + HOPPER_ONLY_CONV)
 
 
-def gemm_configs() -> list[triton.Config]:
-    """Configs for ``linear``: BLOCK_M=16 weight-streaming tiles for small M, square-ish tiles for large M.
+def conv_configs() -> list[triton.Config]:
+    """Configs for the implicit-GEMM convolution (M = output pixels, N = Cout/groups, K = KH*KW*Cin/g).
 
-    ``prune_gemm`` keeps only the family that matches the call's M bucket.
+    Every conv config uses at most CONV_MAX_WARPS = 4 warps (see there): with num_warps >= 8 Triton
+    miscompiles the flattened (kh, kw, cin) K loop of a non-1x1 convolution (pytorch#173068).
     """
     if interpreter_active():
-        return [_cfg(16, 128, 256, stages=1, warps=4)]
+        return [_cfg(128, 64, 64, stages=1, warps=4)]
+    return conv_config_table()
+
+
+def gemm_config_table() -> list[triton.Config]:
+    """Every GEMM config a GPU can be tuned over (before pruning), whatever the process runs on."""
     # Small M (1..32 rows): the kernel is bound by streaming the weight, so tiles are thin in M and
     # long in K to keep many bytes of W in flight per program; split-K (chosen by the launcher) adds
     # the parallelism that the few N tiles lack.
@@ -165,7 +215,17 @@ def gemm_configs() -> list[triton.Config]:
         _cfg(128, 128, 64, 4, 8),
         _cfg(128, 128, 64, 5, 4),
     ]
-    return _dedup(small_m + ampere + hopper)
+    return _dedup(small_m + ampere + hopper + HOPPER_ONLY_GEMM_SMALL_M + HOPPER_ONLY_GEMM)
+
+
+def gemm_configs() -> list[triton.Config]:
+    """Configs for ``linear``: BLOCK_M=16 weight-streaming tiles for small M, square-ish tiles for large M.
+
+    ``prune_gemm`` keeps only the family that matches the call's M bucket.
+    """
+    if interpreter_active():
+        return [_cfg(16, 128, 256, stages=1, warps=4)]
+    return gemm_config_table()
 
 
 @functools.lru_cache(maxsize=16)
@@ -181,6 +241,11 @@ def _device_capability(device_index: int) -> int:
 
 def _device_index(t) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+def tensor_capability(t) -> int | None:
+    """Major compute capability of the device holding ``t``; None for a tensor not on a CUDA device."""
+    return _device_capability(_device_index(t)) if t.is_cuda else None
 
 
 def _tile_smem_bytes(config: triton.Config, elem_bytes: int, capability: int) -> int:
@@ -230,6 +295,8 @@ def prune_conv(configs, named_args, **kwargs):
     """Conv pruning: shared-memory fit, no K slab wider than the channel group in the tap loop, and the
     register budgets (flattened-loop gathers, exact-fp32 FMA dot, pre-Hopper mma.sync fragments)."""
     args = {**named_args, **kwargs}
+    configs = keep_for_capability(configs, tensor_capability(args["x_ptr"]))
+    configs = [c for c in configs if c.num_warps <= CONV_MAX_WARPS] or configs[:1]
     configs = prune_by_shared_memory(configs, args, "x_ptr")
     if args.get("TAP_LOOP", False):
         widest = max(16, triton.next_power_of_2(int(args["CIN_G"])))
@@ -255,6 +322,11 @@ def prune_gemm(configs, named_args, **kwargs):
     a weight packed some other way (a contiguous [K, N] with N = 1000, say) takes the scalar-load rule."""
     args = {**named_args, **kwargs}
     small = int(args["M_BUCKET"]) <= 32
+    configs = keep_for_capability(configs, tensor_capability(args["x_ptr"]))
+    if int(args.get("SPLIT_K", 1)) > 1:
+        # The split-K launches (the fused reduce re-reads the partials beside the accumulator) spill in
+        # every full Hopper-only tile on sm_90 (benchmarks/compile_check.py): keep them to SPLIT_K == 1.
+        configs = [c for c in configs if not (is_hopper_only(c) and c.kwargs["BLOCK_M"] > 32)] or configs[:1]
     family = [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == small]
     configs = prune_by_shared_memory(family or configs, args, "x_ptr")
     unaligned_loads = any(name in args and int(args[name]) % ALIGN_ELEMS != 0 for name in ("STRIDE_WK", "N_LOAD"))

@@ -7,6 +7,14 @@ The window is centred and zero-padded at the channel edges; this is exactly
 n. In NHWC the channels of one pixel are contiguous, so a program loads whole channel rows and forms
 the window sums in registers with ``tl.gather`` (no second pass over memory). The helper
 ``lrn_across_channels`` is shared with the fused max-pool + LRN kernel in ``pool.py``.
+
+Those kernels hold every channel of a pixel in one program, so the channel block is next_pow2(C):
+conv1's 96 channels fill 96 of 128 lanes. The fitted variant (``lrn_nhwc_fitted``, and the fused pool in
+``pool_rows.py``) splits the channels into blocks of ``fitted_channel_block(C)`` (96 -> 32, 256 and 384
+-> 64) and loads a halo of ``lrn_halo_width(n)`` channels on each side (2 for n = 5) for the window sums
+at the block's edges. Its window sum is a running sum: an inclusive ``tl.cumsum`` over the block and two
+gathers (prefix at c + n/2 minus prefix at c - n/2 - 1) instead of n - 1 gathers, plus the halo's
+squares added to the edge lanes. Which variant is faster is unmeasured (no GPU was lent to write it).
 """
 
 from __future__ import annotations
@@ -33,6 +41,10 @@ MAX_LRN_CHANNELS = 2048
 LRN_TILE_ELEMS = 4096
 # Memory-bound elementwise-style kernel: 4 warps saturate bandwidth without spilling.
 LRN_NUM_WARPS = 4
+# Channel blocks of the fitted variants: the largest power of two in [MIN, MAX] that divides C (64 fp16
+# channels = 128-byte rows); when none does, next_pow2(C) capped at MAX, with a masked tail.
+MAX_FITTED_BLOCK_C = 64
+MIN_FITTED_BLOCK_C = 16
 
 
 class LRNParams(NamedTuple):
@@ -79,6 +91,46 @@ def lrn_across_channels(
 
 
 @triton.jit
+def lrn_block_window_sums(sq, HALF: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Window sums of a [ROWS, BLOCK_C] tile of squares over channels |c' - c| <= HALF, counting only the
+    channels inside the tile: an inclusive prefix sum and two gathers (prefix[c + HALF] - prefix[c -
+    HALF - 1]). The squares are non-negative, so the difference loses at most one rounding of the
+    running total, relative to a scale that is >= k."""
+    lanes = tl.arange(0, BLOCK_C)
+    prefix = tl.cumsum(sq, axis=1)
+    hi = tl.minimum(lanes + HALF, BLOCK_C - 1)  # past the tile's end: the halo adds those channels
+    lo = lanes - HALF - 1
+    upper = tl.gather(prefix, tl.broadcast_to(hi[None, :], (ROWS, BLOCK_C)), axis=1)
+    lower = tl.gather(prefix, tl.broadcast_to(tl.maximum(lo, 0)[None, :], (ROWS, BLOCK_C)), axis=1)
+    return upper - tl.where((lo >= 0)[None, :], lower, 0.0)
+
+
+@triton.jit
+def lrn_add_halo(window, left_sq, right_sq, HALF: tl.constexpr, HALO_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Add the squares of the halo channels to the window sums of the edge lanes that reach them.
+
+    left_sq[:, i] is channel c0 - HALO_W + i, right_sq[:, i] channel c0 + BLOCK_C + i (c0: the block's
+    first channel); both [ROWS, HALO_W], 0 for channels outside [0, C). Lane j's window holds left column
+    i when i >= HALO_W - HALF + j, and right column i when j >= BLOCK_C - HALF + i.
+    """
+    lanes = tl.arange(0, BLOCK_C)
+    cols = tl.arange(0, HALO_W)
+    for i in tl.static_range(HALO_W):
+        pick = (cols == i)[None, :]
+        left = tl.sum(tl.where(pick, left_sq, 0.0), axis=1)  # column i as a [ROWS] vector
+        right = tl.sum(tl.where(pick, right_sq, 0.0), axis=1)
+        window += tl.where((lanes <= i - (HALO_W - HALF))[None, :], left[:, None], 0.0)
+        window += tl.where((lanes >= BLOCK_C - HALF + i)[None, :], right[:, None], 0.0)
+    return window
+
+
+@triton.jit
+def lrn_scale(v, window, alpha_over_n, beta, k):
+    """v / (k + alpha/n * window)^beta; the base is >= k > 0, so 2^(-beta * log2(base)) is defined."""
+    return v * tl.exp2(-beta * tl.log2(k + alpha_over_n * window))
+
+
+@triton.jit
 def _lrn_nhwc_kernel(
     x_ptr,
     y_ptr,
@@ -102,6 +154,69 @@ def _lrn_nhwc_kernel(
     v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     y = lrn_across_channels(v, offs_c, C, alpha_over_n, beta, k, SIZE, BLOCK_P, BLOCK_C)
     tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lrn_nhwc_fitted_kernel(
+    x_ptr,
+    y_ptr,
+    P_TOTAL,
+    C,
+    alpha_over_n,
+    beta,
+    k,
+    SIZE: tl.constexpr,
+    HAS_HALO: tl.constexpr,
+    HALO_W: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """x_ptr, y_ptr: [P_TOTAL, C] contiguous (NHWC viewed as pixels x channels).
+
+    Grid: (cdiv(P_TOTAL, BLOCK_P), cdiv(C, BLOCK_C)). HAS_HALO: more than one channel block and SIZE > 1;
+    then HALO_W >= SIZE // 2 channels on each side of the block are loaded for the edge lanes' windows.
+    """
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c0 = tl.program_id(1) * BLOCK_C
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    p_ok = offs_p < P_TOTAL
+    rows = offs_p.to(tl.int64)[:, None] * C
+    mask = p_ok[:, None] & (offs_c < C)[None, :]
+    v = tl.load(x_ptr + rows + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    HALF: tl.constexpr = (SIZE - 1) // 2
+    window = lrn_block_window_sums(v * v, HALF, BLOCK_P, BLOCK_C)
+    if HAS_HALO:
+        offs_l = c0 - HALO_W + tl.arange(0, HALO_W)
+        offs_r = c0 + BLOCK_C + tl.arange(0, HALO_W)
+        left = tl.load(x_ptr + rows + offs_l[None, :], mask=p_ok[:, None] & (offs_l >= 0)[None, :], other=0.0)
+        right = tl.load(x_ptr + rows + offs_r[None, :], mask=p_ok[:, None] & (offs_r < C)[None, :], other=0.0)
+        left = left.to(tl.float32)
+        right = right.to(tl.float32)
+        window = lrn_add_halo(window, left * left, right * right, HALF, HALO_W, BLOCK_C)
+    y = lrn_scale(v, window, alpha_over_n, beta, k)
+    tl.store(y_ptr + rows + offs_c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def fitted_channel_block(channels: int) -> int:
+    """Channel block of the fitted variants: the largest power of two in [MIN_FITTED_BLOCK_C,
+    MAX_FITTED_BLOCK_C] dividing ``channels`` (96 -> 32, 256 and 384 -> 64, 64 -> 64), else
+    next_pow2(channels) capped at MAX_FITTED_BLOCK_C (100 -> 64 with a masked tail, 3 -> 4)."""
+    block = MAX_FITTED_BLOCK_C
+    while block > MIN_FITTED_BLOCK_C and channels % block:
+        block //= 2
+    if channels % block:
+        block = min(MAX_FITTED_BLOCK_C, triton.next_power_of_2(max(channels, 1)))
+    return block
+
+
+def lrn_halo_width(size: int) -> int:
+    """Channels loaded on each side of a block for an LRN window of ``size``: next_pow2(size // 2)."""
+    return triton.next_power_of_2(max(size // 2, 1))
+
+
+def lrn_needs_halo(channels: int, block_c: int, size: int) -> bool:
+    """True when a block's window reaches channels of another block (several blocks, size > 1)."""
+    return block_c < channels and size > 1
 
 
 def check_lrn_params(size, alpha, beta, k, channels: int) -> None:
@@ -180,3 +295,44 @@ def plan_lrn_nhwc(
             jit(x, *args, **consts)
 
     return Launch(out, run)
+
+
+def lrn_nhwc_fitted(
+    x: torch.Tensor,
+    *,
+    size: int = 5,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``lrn_nhwc`` (same arguments, same results within rounding) with channel blocks fitted to C and a
+    channel halo (see the module docstring). JIT only: the AOT library ships ``lrn_nhwc``'s kernel."""
+    check_kernel_tensor("x", x, ndim=4)
+    n, h, w, c = x.shape
+    check_lrn_params(size, alpha, beta, k, c)
+    out = output_buffer(out, shape=tuple(x.shape), dtype=resolve_out_dtype(out_dtype, x.dtype), device=x.device)
+    p_total = n * h * w
+    if p_total == 0 or c == 0:
+        return out
+    block_c = fitted_channel_block(c)
+    block_p = max(1, LRN_TILE_ELEMS // block_c)
+    grid = (triton.cdiv(p_total, block_p), triton.cdiv(c, block_c))
+    with on_tensor_device(x):
+        _lrn_nhwc_fitted_kernel[grid](
+            x,
+            out,
+            p_total,
+            c,
+            float(alpha) / size,
+            float(beta),
+            float(k),
+            SIZE=size,
+            HAS_HALO=lrn_needs_halo(c, block_c, size),
+            HALO_W=lrn_halo_width(size),
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+            num_warps=LRN_NUM_WARPS,
+        )
+    return out

@@ -12,10 +12,12 @@ inclusive ``tl.cumsum`` over the channels and two gathers (the prefix at c + n/2
 c - n/2 - 1) instead of n - 1 gathers. The squares are non-negative, so the prefix difference loses at
 most one rounding of the running total, relative to a scale that is >= k.
 
-``BLOCK_C`` is fitted to the channel count where it can be: without the LRN the channel block is the
-largest power of two up to 64 that divides C (96 channels: three blocks of 32, no masked lanes). The
-fused LRN still needs every channel of a pixel in one program, so its block is next_pow2(C) (96 -> 128):
-fitting it would need tiles of two widths (64 + 32) joined across the seam, not done.
+``BLOCK_C`` is fitted to the channel count (``lrn.fitted_channel_block``: the largest power of two up to
+64 that divides C; 96 channels: three blocks of 32, no masked lanes; 256 and 384: blocks of 64). With
+the LRN fused (``lrn_halo=True``, the default) a block also pools ``lrn_halo_width(n)`` channels on each
+side (2 for n = 5: 4 extra channels per 32, 12.5 %), whose squares complete the window sums of the
+block's edge lanes. ``lrn_halo=False`` keeps the earlier layout: one block of next_pow2(C) channels per
+pixel (96 -> 128 lanes, a quarter of them masked), no halo.
 
 Which variant is faster is unmeasured (no GPU here); ``gpu_check.py``'s roofline step times both.
 """
@@ -26,7 +28,17 @@ import triton
 import triton.language as tl
 
 from .launch_args import check_kernel_tensor, int_pair, on_tensor_device, output_buffer, resolve_out_dtype
-from .lrn import LRN_NUM_WARPS, LRNParams, check_lrn_params
+from .lrn import (
+    LRN_NUM_WARPS,
+    LRNParams,
+    check_lrn_params,
+    fitted_channel_block,
+    lrn_add_halo,
+    lrn_block_window_sums,
+    lrn_halo_width,
+    lrn_needs_halo,
+    lrn_scale,
+)
 from .sizes import pool_output_size
 
 # Output rows per program: long enough that the carried row saves most of the shared loads, short enough
@@ -34,21 +46,14 @@ from .sizes import pool_output_size
 POOL_ROWS = 8
 # Output columns per program: the pooled maps are 6..56 wide; 16 columns x 64 channels = 1024 elements.
 POOL_BLOCK_W = 16
-# Widest channel block without the LRN (64 fp16 channels = 128-byte rows).
-MAX_POOL_BLOCK_C = 64
 
 
-def fitted_block_c(channels: int, fuse_lrn: bool) -> int:
-    """The channel block: all channels (rounded up to a power of two) with the LRN, else the largest power
-    of two <= MAX_POOL_BLOCK_C dividing ``channels`` (>= 16 when possible, else next_pow2 up to 64)."""
-    if fuse_lrn:
+def fitted_block_c(channels: int, fuse_lrn: bool, lrn_halo: bool = True) -> int:
+    """The channel block: ``lrn.fitted_channel_block(channels)`` (96 -> 32, 256 -> 64), except with the
+    LRN fused and ``lrn_halo=False``: every channel of a pixel in one block, next_pow2(channels)."""
+    if fuse_lrn and not lrn_halo:
         return triton.next_power_of_2(max(channels, 1))
-    block = MAX_POOL_BLOCK_C
-    while block > 16 and channels % block:
-        block //= 2
-    if channels % block:  # no power of two >= 16 divides it: mask the tail of the last block
-        block = min(MAX_POOL_BLOCK_C, triton.next_power_of_2(max(channels, 1)))
-    return block
+    return fitted_channel_block(channels)
 
 
 @triton.jit
@@ -64,6 +69,26 @@ def _row_max(x_ptr, img_base, ih, iw0, H, W, C, offs_c, c_ok, w_ok, KW: tl.const
         v = tl.load(x_ptr + off[:, None] + offs_c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
         best = tl.maximum(best, tl.where(ok[:, None], v.to(tl.float32), float("-inf")))
     return best
+
+
+@triton.jit
+def _window_max(x_ptr, img_base, ih0, carried, iw0, H, W, C, offs_c, c_ok, w_ok, KH: tl.constexpr,
+                KW: tl.constexpr, CARRY: tl.constexpr):  # fmt: skip
+    """(max over the KH x KW windows whose top input row is ``ih0``, the horizontal max of their last row).
+
+    With CARRY (KH == STRIDE_H + 1) ``carried`` is the horizontal max of row ``ih0``, from the previous
+    output row (or the strip's first load); without it ``carried`` is ignored and passed back unchanged."""
+    if CARRY:
+        best = carried
+        for kh in tl.static_range(1, KH):
+            row = _row_max(x_ptr, img_base, ih0 + kh, iw0, H, W, C, offs_c, c_ok, w_ok, KW)
+            best = tl.maximum(best, row)
+        carried = row
+    else:
+        best = tl.full((iw0.shape[0], offs_c.shape[0]), float("-inf"), dtype=tl.float32)
+        for kh in tl.static_range(KH):
+            best = tl.maximum(best, _row_max(x_ptr, img_base, ih0 + kh, iw0, H, W, C, offs_c, c_ok, w_ok, KW))
+    return best, carried
 
 
 @triton.jit
@@ -87,54 +112,69 @@ def _maxpool_rows_nhwc_kernel(
     APPLY_RELU: tl.constexpr,
     FUSE_LRN: tl.constexpr,
     LRN_SIZE: tl.constexpr,
+    HAS_HALO: tl.constexpr,
+    HALO_W: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """x_ptr: [N, H, W, C] NHWC contiguous; y_ptr: [N, OH, OW, C] NHWC contiguous.
 
-    Grid: (N * cdiv(OH, ROWS), cdiv(OW, BLOCK_W), cdiv(C, BLOCK_C)); with FUSE_LRN, BLOCK_C >= C.
+    Grid: (N * cdiv(OH, ROWS), cdiv(OW, BLOCK_W), cdiv(C, BLOCK_C)). With FUSE_LRN, either BLOCK_C >= C
+    or HAS_HALO: HALO_W >= LRN_SIZE // 2 channels each side of the block are pooled too (never stored).
     """
     strips = tl.cdiv(OH, ROWS)
     img = tl.program_id(0) // strips
     oh0 = (tl.program_id(0) - img * strips) * ROWS
     offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c0 = tl.program_id(2) * BLOCK_C
+    offs_c = c0 + tl.arange(0, BLOCK_C)
     w_ok = offs_w < OW
     c_ok = offs_c < C
     iw0 = offs_w * STRIDE_W - PAD_W
     x_img = img.to(tl.int64) * H * W * C
     y_img = img.to(tl.int64) * OH * OW * C
     CARRY: tl.constexpr = KH == STRIDE_H + 1  # windows share exactly one row: carry its horizontal max
+    HALF: tl.constexpr = (LRN_SIZE - 1) // 2
+    first = oh0 * STRIDE_H - PAD_H
+    carried = tl.full((BLOCK_W, BLOCK_C), float("-inf"), dtype=tl.float32)
     if CARRY:
-        carried = _row_max(x_ptr, x_img, oh0 * STRIDE_H - PAD_H, iw0, H, W, C, offs_c, c_ok, w_ok, KW)
+        carried = _row_max(x_ptr, x_img, first, iw0, H, W, C, offs_c, c_ok, w_ok, KW)
+    if HAS_HALO:
+        offs_l = c0 - HALO_W + tl.arange(0, HALO_W)  # always < C
+        offs_r = c0 + BLOCK_C + tl.arange(0, HALO_W)
+        l_ok = offs_l >= 0
+        r_ok = offs_r < C
+        carried_l = tl.full((BLOCK_W, HALO_W), float("-inf"), dtype=tl.float32)
+        carried_r = tl.full((BLOCK_W, HALO_W), float("-inf"), dtype=tl.float32)
+        if CARRY:
+            carried_l = _row_max(x_ptr, x_img, first, iw0, H, W, C, offs_l, l_ok, w_ok, KW)
+            carried_r = _row_max(x_ptr, x_img, first, iw0, H, W, C, offs_r, r_ok, w_ok, KW)
     for r in range(ROWS):
         oh = oh0 + r
         ih0 = oh * STRIDE_H - PAD_H
-        if CARRY:
-            best = carried
-            for kh in tl.static_range(1, KH):
-                row = _row_max(x_ptr, x_img, ih0 + kh, iw0, H, W, C, offs_c, c_ok, w_ok, KW)
-                best = tl.maximum(best, row)
-            carried = row
-        else:
-            best = tl.full((BLOCK_W, BLOCK_C), float("-inf"), dtype=tl.float32)
-            for kh in tl.static_range(KH):
-                best = tl.maximum(best, _row_max(x_ptr, x_img, ih0 + kh, iw0, H, W, C, offs_c, c_ok, w_ok, KW))
+        best, carried = _window_max(x_ptr, x_img, ih0, carried, iw0, H, W, C, offs_c, c_ok, w_ok, KH, KW, CARRY)
         if APPLY_RELU:
             best = tl.maximum(best, 0.0)
-        ok = w_ok[:, None] & c_ok[None, :] & (oh < OH)
+        row_ok = w_ok & (oh < OH)
+        ok = row_ok[:, None] & c_ok[None, :]
         if FUSE_LRN:
             # Lanes past C and dead columns are exactly 0: the zero padding of the channel window.
             best = tl.where(ok, best, 0.0)
-            HALF: tl.constexpr = (LRN_SIZE - 1) // 2
-            prefix = tl.cumsum(best * best, axis=1)  # prefix[c] = sum of squares of channels 0..c
-            hi = tl.minimum(offs_c + HALF, BLOCK_C - 1)  # lanes past C hold 0: clamping to the end is exact
-            lo = offs_c - HALF - 1
-            upper = tl.gather(prefix, tl.broadcast_to(hi[None, :], (BLOCK_W, BLOCK_C)), axis=1)
-            lower = tl.gather(prefix, tl.broadcast_to(tl.maximum(lo, 0)[None, :], (BLOCK_W, BLOCK_C)), axis=1)
-            window = upper - tl.where((lo >= 0)[None, :], lower, 0.0)
-            best = best * tl.exp2(-beta * tl.log2(lrn_k + alpha_over_n * window))
+            window = lrn_block_window_sums(best * best, HALF, BLOCK_W, BLOCK_C)
+            if HAS_HALO:
+                best_l, carried_l = _window_max(x_ptr, x_img, ih0, carried_l, iw0, H, W, C, offs_l, l_ok, w_ok,
+                                                KH, KW, CARRY)  # fmt: skip
+                best_r, carried_r = _window_max(x_ptr, x_img, ih0, carried_r, iw0, H, W, C, offs_r, r_ok, w_ok,
+                                                KH, KW, CARRY)  # fmt: skip
+                if APPLY_RELU:
+                    best_l = tl.maximum(best_l, 0.0)
+                    best_r = tl.maximum(best_r, 0.0)
+                # Channels outside [0, C) (and dead columns, never stored) add nothing.
+                best_l = tl.where(row_ok[:, None] & l_ok[None, :], best_l, 0.0)
+                best_r = tl.where(row_ok[:, None] & r_ok[None, :], best_r, 0.0)
+                window = lrn_add_halo(window, best_l * best_l, best_r * best_r, HALF, HALO_W, BLOCK_C)
+            best = lrn_scale(best, window, alpha_over_n, beta, lrn_k)
         y_off = y_img + (oh * OW + offs_w).to(tl.int64)[:, None] * C + offs_c[None, :]
         tl.store(y_ptr + y_off, best.to(y_ptr.dtype.element_ty), mask=ok)
 
@@ -150,8 +190,12 @@ def maxpool2d_nhwc_rows(
     lrn: LRNParams | tuple | None = None,
     out_dtype=None,
     out=None,
+    lrn_halo: bool = True,
 ):
-    """``pool.maxpool2d_nhwc`` (same arguments, same results) with the row-walking 2-D tiles above."""
+    """``pool.maxpool2d_nhwc`` (same arguments, same results) with the row-walking 2-D tiles above.
+
+    ``lrn_halo``: with the LRN fused, fitted channel blocks plus a channel halo (True) or one block of
+    next_pow2(C) channels per pixel (False); without the LRN both are the same launch."""
     check_kernel_tensor("x", x, ndim=4)
     kh, kw = int_pair("kernel_size", kernel_size)
     sh, sw = int_pair("stride", stride)
@@ -173,8 +217,9 @@ def maxpool2d_nhwc_rows(
     out = output_buffer(out, shape=(n, oh, ow, c), dtype=resolve_out_dtype(out_dtype, x.dtype), device=x.device)
     if n * oh * ow == 0 or c == 0:
         return out
-    block_c = fitted_block_c(c, lrn is not None)
+    block_c = fitted_block_c(c, lrn is not None, lrn_halo)
     params = lrn if lrn is not None else LRNParams()
+    has_halo = lrn is not None and lrn_needs_halo(c, block_c, params.size)
     grid = (n * triton.cdiv(oh, POOL_ROWS), triton.cdiv(ow, POOL_BLOCK_W), triton.cdiv(c, block_c))
     with on_tensor_device(x):
         _maxpool_rows_nhwc_kernel[grid](
@@ -197,6 +242,8 @@ def maxpool2d_nhwc_rows(
             APPLY_RELU=bool(relu),
             FUSE_LRN=lrn is not None,
             LRN_SIZE=params.size,
+            HAS_HALO=has_halo,
+            HALO_W=lrn_halo_width(params.size),
             ROWS=POOL_ROWS,
             BLOCK_W=POOL_BLOCK_W,
             BLOCK_C=block_c,

@@ -229,7 +229,8 @@ def test_gpu_config_lists(monkeypatch):
         assert a100 == unaligned
         monkeypatch.setattr(autotune, "_device_capability", lambda index: 9)
         h100 = prune_gemm(configs, {"x_ptr": _FakeCudaTensor(), "M_BUCKET": m_bucket, "N": 1000, "STRIDE_WK": 1008})
-        assert h100 == family
+        # Hopper also gets its own configs (autotune.HOPPER_ONLY_GEMM*), after every other one.
+        assert h100[: len(family)] == family and all(autotune.is_hopper_only(c) for c in h100[len(family) :])
         ieee = prune_gemm(configs, {"x_ptr": x, "M_BUCKET": m_bucket, "STRIDE_WK": 4096, "DOT_PRECISION": "ieee"})
         assert ieee and all(_tile_regs(c, 1.0, 1.0) <= FMA_REG_BUDGET for c in ieee)
 
