@@ -65,7 +65,7 @@ def check_arguments(
         names = parse_layers(spec, layers)
     except (ValueError, KeyError) as exc:
         raise ConfigError(str(exc).strip("'\"")) from None
-    if getattr(spec, "is_zoo", False) and backend == "triton" and (why := spec.triton_refusal()) is not None:
+    if getattr(spec, "is_zoo", False) and backend == "triton" and (why := _zoo_triton_refusal(spec)) is not None:
         raise ConfigError(why)
     check_mean_file(mean_file, spec.preprocess, spec.name)
     for flag, value in (("batch-size", batch_size), ("shard-size", shard_size), ("threads", num_threads),
@@ -110,3 +110,9 @@ def check_decoder(decoder: str | None, decode: str = DEFAULT_DECODE) -> None:
         raise ConfigError(
             "--decode dct is DALI's (libjpeg-turbo scaled decoding): use --decoder dali, or --decode fast"
         )
+
+
+def _zoo_triton_refusal(spec) -> str | None:
+    from .zoo_table import triton_refusal  # on use: it builds the torchvision module
+
+    return triton_refusal(spec)

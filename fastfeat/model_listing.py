@@ -51,7 +51,9 @@ def format_show(name: str, rows: list[dict], pool: str | None, dtype: str) -> st
         head.append(f"preprocessing ({spec.preprocess_source}): shorter side {pre.resize}, centre {pre.crop}², "
                     f"{pre.interpolation}, mean {[round(m / 255, 4) for m in pre.mean]}, "
                     f"std {[round(s / 255, 4) for s in pre.std]}")  # fmt: skip
-        why = spec.triton_refusal()  # None: a layer table the triton kernels run (fastfeat.zoo_table)
+        from .zoo_table import triton_refusal
+
+        why = triton_refusal(spec)  # None: a layer table the triton kernels run (fastfeat.zoo_table)
         head.append("backends: torch, compile, triton" if why is None else f"backends: torch, compile ({why})")
     width = max(len(r["name"]) for r in rows)
     body = []

@@ -127,13 +127,6 @@ class ZooSpec:
                                  f"{'x'.join(map(str, self.raw_shapes[n]))}); use avg, max or none")  # fmt: skip
         return sorted(set(names), key=self.index)
 
-    def triton_refusal(self) -> str | None:
-        """Why ``--backend triton`` cannot run this model (one line), or None where it can: a torchvision
-        model that translates into a layer table (fastfeat.zoo_table)."""
-        from .zoo_table import triton_refusal
-
-        return triton_refusal(self)
-
 
 def _import(library: str):
     if library == "timm":

@@ -83,13 +83,13 @@ class ZooTritonNet(Backend):
 
     def __init__(self, spec, tensors, device, dtype):
         from .backends.triton_backend import TritonNet
-        from .zoo_table import NotTranslatable, table_for
+        from .zoo_table import NotTranslatable, table_for, triton_refusal
 
         super().__init__(spec, tensors, device, dtype)
         try:
             table = table_for(spec)
         except NotTranslatable:
-            raise ConfigError(spec.triton_refusal()) from None
+            raise ConfigError(triton_refusal(spec)) from None
         self.sources = table.sources
         self.net = TritonNet(table.spec, tensors, device, dtype)  # its kernel_source: ahead-of-time or JIT
 

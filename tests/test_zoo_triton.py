@@ -25,7 +25,7 @@ from fastfeat.layers import Conv, Linear, MaxPool, ReLU
 from fastfeat.model_lookup import make_model_backend, resolve_model
 from fastfeat.models import ALEXNET
 from fastfeat.weights import load_weights
-from fastfeat.zoo_table import NotTranslatable, table_for, translate
+from fastfeat.zoo_table import NotTranslatable, table_for, translate, triton_refusal
 
 TOL = 1e-4
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -72,9 +72,9 @@ def test_alexnet_translates_to_the_builtin_table():
 def test_what_cannot_be_a_table_is_refused_in_one_line():
     from torch import nn
 
-    resnet = resolve_model("torchvision:resnet18").triton_refusal()
+    resnet = triton_refusal(resolve_model("torchvision:resnet18"))
     assert "BatchNorm2d" in resnet and "\n" not in resnet and "use --backend torch or compile" in resnet
-    assert resolve_model("torchvision:alexnet").triton_refusal() is None
+    assert triton_refusal(resolve_model("torchvision:alexnet")) is None
 
     def refusal(*layers, size=8):
         with pytest.raises(NotTranslatable) as refused:
