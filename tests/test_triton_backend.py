@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from helpers import fast_first, read_features
+from helpers import read_features
 from reference import reference_preprocess, rel_err
 
 import fastfeat
@@ -153,7 +153,8 @@ def test_triton_without_cuda_or_interpreter_is_a_clear_error(dataset, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("model", fast_first(["caffenet", "alexnet"]))
+@pytest.mark.slow  # the backend's switch; the kernel itself is in the fast loop (tests/kernels/test_conv_s2d.py)
+@pytest.mark.parametrize("model", ["caffenet", "alexnet"])
 def test_conv1_space_to_depth_variant(model, monkeypatch):
     """FASTFEAT_CONV_S2D=1: conv1 runs as the 3x3 tap-loop conv over a space-to-depth input (weights
     rearranged once at construction) and matches the torch backend; later convs keep the direct path."""
@@ -170,6 +171,7 @@ def test_conv1_space_to_depth_variant(model, monkeypatch):
     assert rel_err(got.reshape(1, -1).float().cpu(), want.reshape(1, -1).float().cpu()) < TOLERANCES[torch.float32]
 
 
+@pytest.mark.slow  # the backend's switch; the kernel itself is in the fast loop (tests/kernels/test_conv_splitk.py)
 def test_conv_split_k_variant(monkeypatch):
     """FASTFEAT_CONV_SPLITK=1: CaffeNet's conv3 (13x13, 2304 of K) is planned as the tap-segmented conv
     (kernels/conv_splitk.py) and matches F.conv2d at batch 1, where it splits; conv1 does not segment."""

@@ -73,7 +73,7 @@ def test_network_part_equals_library_forward(name):
 # Dropout (AlexNet), after flatten (ResNet), a class token picked by indexing (ViT), a Hardswish head.
 @pytest.mark.parametrize(
     "name", fast_first(["torchvision:alexnet", "torchvision:vit_b_16", "torchvision:resnet18",
-                        "torchvision:mobilenet_v3_small", "torchvision:efficientnet_b0"], keep=2)
+                        "torchvision:mobilenet_v3_small", "torchvision:efficientnet_b0"])
 )  # fmt: skip
 def test_default_tap_is_the_classifiers_input(name):
     spec = get_model(name)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import fast_first
 
 from fastfeat.kernels import autotune, conv2d_nhwc, conv_output_size, interpreter_active, pack_conv_weight
 from fastfeat.kernels.autotune import (
@@ -127,7 +126,8 @@ def _run(case: ConvCase, dtype, out_dtype, relu, device, nan_like, assert_close)
     assert_close(y, ref, TOLERANCES[out_dtype])
 
 
-@pytest.mark.parametrize("case", fast_first(REAL_LAYERS), ids=str)
+@pytest.mark.slow  # real sizes; the same geometries on small images run in every dtype in the fast loop
+@pytest.mark.parametrize("case", REAL_LAYERS, ids=str)
 def test_real_layers_fp16(case, device, nan_like, assert_close):
     _run(case, torch.float16, torch.float16, True, device, nan_like, assert_close)
 
