@@ -825,25 +825,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args, argv: list[str]) -> int:
-    if args.command == "extract":
+    if args.command == "extract":  # the only one that needs its command line (--devices relaunches it)
         return _run_extract(args, argv)
-    if args.command == "verify":
-        return _run_verify(args)
-    if args.command == "profile":
-        return _run_profile(args)
-    if args.command == "probe":
-        return _run_probe(args)
-    if args.command == "eval":
-        return _run_eval(args)
-    if args.command == "plot":
-        return _run_plot(args)
-    if args.command == "serve":
-        return _run_serve(args)
-    if args.command == "weights":
-        return _run_weights(args)
-    if args.command == "models":
-        return _run_models(args)
-    return 2
+    run = {
+        "verify": _run_verify, "profile": _run_profile, "probe": _run_probe, "eval": _run_eval,
+        "plot": _run_plot, "serve": _run_serve, "weights": _run_weights, "models": _run_models,
+    }.get(args.command)  # fmt: skip
+    return 2 if run is None else run(args)
 
 
 def report_bug(argv: list[str]) -> None:

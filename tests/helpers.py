@@ -61,3 +61,21 @@ def fast_first(values, keep: int = 1, spread: bool = False) -> list:
         return pytest.param(*(v if spread else (v,)), marks=marks)
 
     return [param(v) if i < keep else param(v, pytest.mark.slow) for i, v in enumerate(values)]
+
+
+def cut_after_shards(out, n: int) -> None:
+    """Make a finished output look like a run killed after its first ``n`` shards: the manifest lists only
+    those (and is incomplete), and every later shard's files are gone."""
+    import json
+    import re
+
+    path = os.path.join(out, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest["shards"], manifest["complete"] = manifest["shards"][:n], False
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    for name in os.listdir(out):
+        shard = re.match(r"part-(\d{5,})\.", name)
+        if shard and int(shard.group(1)) >= n:
+            os.unlink(os.path.join(out, name))

@@ -139,7 +139,23 @@ class _CaffeStyleNet(nn.Module):
         return out
 
 
-class RefCNNF(_CaffeStyleNet):
+class _TwoNormNet(_CaffeStyleNet):
+    """CNN-F's and CNN-M's shared wiring (their deploy prototxts): conv→ReLU→LRN→pool twice, conv3-5 with
+    ReLUs, pool5; every pool 3/2 in Caffe's ceil mode.  The subclasses give the layers' sizes."""
+
+    def forward(self, x):
+        out = {}
+        pool = lambda t: F.max_pool2d(t, 3, 2, ceil_mode=True)
+        out["norm1"] = self.lrn(F.relu(self.conv1(x)))
+        out["pool1"] = pool(out["norm1"])
+        out["norm2"] = self.lrn(F.relu(self.conv2(out["pool1"])))
+        out["pool2"] = pool(out["norm2"])
+        h = F.relu(self.conv4(F.relu(self.conv3(out["pool2"]))))
+        out["pool5"] = pool(F.relu(self.conv5(h)))
+        return self._fc_head(out, out["pool5"])
+
+
+class RefCNNF(_TwoNormNet):
     """VGG_CNN_F deploy.prototxt (ksimonyan gist a32c9063ec8e1118221a): conv→ReLU→LRN→pool, LRN local_size 5,
     alpha 0.0005, beta 0.75, k 2; max-pools 3/2 in Caffe's ceil mode."""
 
@@ -155,19 +171,8 @@ class RefCNNF(_CaffeStyleNet):
         self.fc8 = nn.Linear(4096, 1000)
         self.lrn = CaffeLRN(n=5, alpha=0.0005, beta=0.75, k=2.0)
 
-    def forward(self, x):
-        out = {}
-        pool = lambda t: F.max_pool2d(t, 3, 2, ceil_mode=True)
-        out["norm1"] = self.lrn(F.relu(self.conv1(x)))
-        out["pool1"] = pool(out["norm1"])
-        out["norm2"] = self.lrn(F.relu(self.conv2(out["pool1"])))
-        out["pool2"] = pool(out["norm2"])
-        h = F.relu(self.conv4(F.relu(self.conv3(out["pool2"]))))
-        out["pool5"] = pool(F.relu(self.conv5(h)))
-        return self._fc_head(out, out["pool5"])
 
-
-class RefCNNM(_CaffeStyleNet):
+class RefCNNM(_TwoNormNet):
     """VGG_CNN_M deploy.prototxt (ksimonyan gist f194575702fae63b2829): conv1 96×7×7/2, conv2 256×5×5/2 pad 1,
     conv3-5 512×3×3 pad 1; LRN after relu1 and relu2; 3/2 ceil-mode pools.  ``fc7`` 2048 is CNN-M-2048."""
 
@@ -182,17 +187,6 @@ class RefCNNM(_CaffeStyleNet):
         self.fc7 = nn.Linear(4096, fc7)
         self.fc8 = nn.Linear(fc7, 1000)
         self.lrn = CaffeLRN(n=5, alpha=0.0005, beta=0.75, k=2.0)
-
-    def forward(self, x):
-        out = {}
-        pool = lambda t: F.max_pool2d(t, 3, 2, ceil_mode=True)
-        out["norm1"] = self.lrn(F.relu(self.conv1(x)))
-        out["pool1"] = pool(out["norm1"])
-        out["norm2"] = self.lrn(F.relu(self.conv2(out["pool1"])))
-        out["pool2"] = pool(out["norm2"])
-        h = F.relu(self.conv4(F.relu(self.conv3(out["pool2"]))))
-        out["pool5"] = pool(F.relu(self.conv5(h)))
-        return self._fc_head(out, out["pool5"])
 
 
 class RefCNNM2048(RefCNNM):

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import column_matrix, read_features
+from helpers import column_matrix, cut_after_shards, read_features
 from reference import reference_model, reference_preprocess, rel_err
 
 import fastfeat
@@ -152,12 +152,7 @@ def test_resume_after_interruption_equals_clean_run(dataset, tmp_path):
     # Simulate a crash during shard 2: its file never got renamed, the manifest does not list it or later shards.
     part = tmp_path / "part"
     fastfeat.extract(dataset, str(part), **kw)
-    manifest = json.load(open(part / "manifest.json"))
-    manifest["shards"], manifest["complete"] = manifest["shards"][:2], False
-    (part / "manifest.json").write_text(json.dumps(manifest))
-    for f in os.listdir(part):
-        if f.startswith("part-") and f not in ("part-00000.parquet", "part-00001.parquet"):
-            os.unlink(part / f)
+    cut_after_shards(part, 2)
     killed = subprocess.Popen(["true"])
     killed.wait()  # a process id that no longer runs: its temp file is an orphan
     (part / f"part-00002.parquet.{killed.pid}.tmp").write_bytes(b"half a shard")

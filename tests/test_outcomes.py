@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import column_matrix, jpeg_bytes, read_features
+from helpers import column_matrix, cut_after_shards, jpeg_bytes, read_features
 from PIL import Image
 
 import fastfeat
@@ -50,12 +50,8 @@ def _verify(out, capsys, *flags) -> tuple[int, str]:
 
 def test_verify_refuses_an_interrupted_run_unless_partial(finished, tmp_path, capsys):
     out = _copy(finished, tmp_path)
-    manifest = json.loads((out / "manifest.json").read_text())
-    n = len(manifest["shards"])
-    manifest["shards"], manifest["complete"] = manifest["shards"][:2], False  # as a run killed after 2 shards
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    for i in range(2, n):
-        (out / f"part-{i:05d}.parquet").unlink()
+    n = len(json.loads((out / "manifest.json").read_text())["shards"])
+    cut_after_shards(out, 2)  # as a run killed after 2 shards
     code, err = _verify(out, capsys)
     assert code == 1 and f"incomplete: 2 of {n} shards finished, missing 2-{n - 1}" in err, err
     assert "--partial" in err

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import column_matrix, fast_first, read_features
+from helpers import column_matrix, cut_after_shards, fast_first, read_features
 
 import fastfeat
 from fastfeat.backends import backend_names, make_backend, unavailable_reason
@@ -133,11 +133,7 @@ def test_npy_run_resumes_after_a_lost_shard(parquet_and_npy_runs, dataset, tmp_p
     _, npy_out = parquet_and_npy_runs
     out = tmp_path / "npy"
     shutil.copytree(npy_out, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["shards"], manifest["complete"] = manifest["shards"][:1], False
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    for f in out.glob("part-00001.*"):
-        f.unlink()
+    cut_after_shards(out, 1)
     summary = fastfeat.extract(dataset, str(out), format="npy", progress=False, **RUN)
     assert summary["skipped_already_done"] == 4 and summary["complete"]
     for f in npy_out.glob("part-*"):
