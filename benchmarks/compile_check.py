@@ -45,6 +45,7 @@ was checked against; another version draws a warning).
     python benchmarks/compile_check.py --representative --targets sm90   # the CI subset (~6 s)
     python benchmarks/compile_check.py --all-configs --jobs 2    # also the pruned configs (~6 min)
     python benchmarks/compile_check.py --dry-run            # count the compiles only
+    python benchmarks/compile_check.py --kernels _linear_splitk_fused_kernel --jobs 2   # one kernel's compiles
 """
 
 from __future__ import annotations
@@ -221,6 +222,8 @@ def main(argv=None) -> int:
                     help=f"do not merge launches that differ only in {', '.join(aot.MERGED_FLAGS)}")  # fmt: skip
     ap.add_argument("--all-configs", action="store_true",
                     help="compile every config of the lists, also those the prune hooks drop (marked pruned)")  # fmt: skip
+    ap.add_argument("--kernels", nargs="+", metavar="NAME",
+                    help="compile only these kernels (e.g. _linear_splitk_fused_kernel); default every one")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true", help="count the compiles per kernel and target, compile none")
     ap.add_argument("--jobs", type=int, default=1, help="compiler processes (default 1)")
     ap.add_argument("--json", help="write every result to this path")
@@ -261,6 +264,10 @@ def run_check(args, cache_dir: str, started: float) -> int:
         for dtype in [d for d in args.extra_dtypes if d not in args.dtypes]:
             record("caffenet", dtype, aot.REPRESENTATIVE_BATCHES, representative=True)
     jobs = aot.build_jobs(launches, args.targets, args.quick or args.representative, args.exhaustive, args.all_configs)
+    if args.kernels:
+        if unknown := sorted(set(args.kernels) - {job["kernel"] for job in jobs}):
+            raise SystemExit(f"compile_check: no launch of {', '.join(unknown)} in this selection")
+        jobs = [job for job in jobs if job["kernel"] in args.kernels]
     print(f"{sum(len(v) for v in launches.values())} launches -> {len(jobs)} distinct compiles", flush=True)
     if args.dry_run:
         for (kernel, target), n in sorted(aot.count_compiles(jobs).items()):

@@ -47,6 +47,9 @@ TARGET_PROGRAMS_PER_SM = 2
 NOMINAL_BLOCK_N = 128
 # Elements per program in the split-K reduction (a pure streaming kernel).
 REDUCE_BLOCK = 1024
+# Rows the fused split-K kernel's last arrival sums at a time: 16 x BLOCK_N <= 4096 fp32 values, at most 32
+# per thread at 4 warps, next to the offsets; it divides every BLOCK_M (16, 32, ..., 256).
+REDUCE_ROWS = tl.constexpr(16)
 # Packed weight rows start at multiples of this many elements: what Triton's divisibility-by-16
 # specialisation of the row stride needs to vectorise the weight loads.
 WEIGHT_ROW_ALIGN = ALIGN_ELEMS
@@ -224,15 +227,27 @@ def _linear_splitk_fused_kernel(
     # arrival counts, and the last arrival acquires every other program's partial before reading it.
     arrived_before = tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel", scope="gpu")
     if arrived_before == SPLIT_K - 1:
-        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            # .cg: read from L2, never from a line this SM's L1 might hold from before the other stores.
-            total += tl.load(ws_ptr + s * split_stride + out_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+        # The tile is summed REDUCE_ROWS rows at a time with offsets made afresh: the whole tile's sum and
+        # its int64 offsets, live together in the accumulator's layout, spilled hundreds of bytes to 25 KB
+        # per thread in every full tile (benchmarks/compile_check.py, sm_80 and sm_90).
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols_ok = cols < N
         if HAS_BIAS:
-            total += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-        if APPLY_RELU:
-            total = tl.maximum(total, 0.0)
-        tl.store(y_ptr + out_off, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+            bias = tl.load(b_ptr + cols, mask=cols_ok, other=0.0)
+        for r0 in range(0, BLOCK_M, REDUCE_ROWS):
+            rows = pid_m * BLOCK_M + r0 + tl.arange(0, REDUCE_ROWS)
+            chunk_off = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            chunk_mask = (rows < M)[:, None] & cols_ok[None, :]
+            total = tl.zeros((REDUCE_ROWS, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                # .cg: read from L2, never from a line this SM's L1 might hold from before the other stores.
+                part = tl.load(ws_ptr + s * split_stride + chunk_off, mask=chunk_mask, other=0.0, cache_modifier=".cg")
+                total += part
+            if HAS_BIAS:
+                total += bias[None, :]
+            if APPLY_RELU:
+                total = tl.maximum(total, 0.0)
+            tl.store(y_ptr + chunk_off, total.to(y_ptr.dtype.element_ty), mask=chunk_mask)
         tl.atomic_xchg(arrivals_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fastfeat.kernels import autotune, conv2d_nhwc, conv_output_size, interpreter_active, pack_conv_weight
 from fastfeat.kernels.autotune import (
-    FMA_REG_BUDGET,
+    FMA_CONV_REG_BUDGET,
     GATHER_A_REG_BUDGET,
     MMA_SYNC_REG_BUDGET,
     _tile_regs,
@@ -249,7 +249,7 @@ def test_gpu_config_lists(monkeypatch):
     # Exact fp32 products run on FMA units with both operands in registers: small tiles only, both loops.
     for tap_loop, cin_g in ((True, 256), (False, 3)):
         ieee = prune_conv(configs, {"x_ptr": x}, TAP_LOOP=tap_loop, CIN_G=cin_g, DOT_PRECISION="ieee")
-        assert ieee and all(_tile_regs(c, 1.0, 1.0) <= FMA_REG_BUDGET for c in ieee)
+        assert ieee and all(_tile_regs(c, 1.0, 1.0) <= FMA_CONV_REG_BUDGET for c in ieee)
 
 
 class _FakeCudaTensor:

@@ -231,6 +231,11 @@ def test_gpu_config_lists(monkeypatch):
         h100 = prune_gemm(configs, {"x_ptr": _FakeCudaTensor(), "M_BUCKET": m_bucket, "N": 1000, "STRIDE_WK": 1008})
         # Hopper also gets its own configs (autotune.HOPPER_ONLY_GEMM*), after every other one.
         assert h100[: len(family)] == family and all(autotune.is_hopper_only(c) for c in h100[len(family) :])
+        # ... except the fused split-K kernel (arrival counters among its arguments), which spills there too.
+        fused = {"x_ptr": _FakeCudaTensor(), "arrivals_ptr": None, "M_BUCKET": m_bucket, "N": 1000, "STRIDE_WK": 1008}
+        h100_fused = prune_gemm(configs, {**fused, "SPLIT_K": 2})
+        assert h100_fused and all(_tile_regs(c, 0.0, 1.0) <= GATHER_B_REG_BUDGET for c in h100_fused)
+        assert prune_gemm(configs, {**fused, "N": 1024, "SPLIT_K": 2}) != h100_fused  # an aligned N: no such rule
         ieee = prune_gemm(configs, {"x_ptr": x, "M_BUCKET": m_bucket, "STRIDE_WK": 4096, "DOT_PRECISION": "ieee"})
         assert ieee and all(_tile_regs(c, 1.0, 1.0) <= FMA_REG_BUDGET for c in ieee)
 
@@ -264,6 +269,26 @@ def test_fused_split_k_matches_reference_and_separate_reduce(m, k, n, split_k, d
     assert torch.equal(fused, separate)
     # Every tile's last arrival re-zeroed its counter: the shared buffer is ready for the next launch.
     assert not arrival_counters(device, 1).any()
+
+
+def test_fused_split_k_sums_a_tall_tile_in_row_chunks(device, nan_like, assert_close, monkeypatch):
+    """A tile taller than gemm.REDUCE_ROWS is summed chunk by chunk (the interpreter's own config is 16 rows
+    tall, one chunk): 64-row tiles, 37 rows (a short last chunk), the same bits as the two-launch reduce."""
+    from fastfeat.kernels import gemm
+
+    tall = [autotune._cfg(64, 32, 32, stages=1, warps=4)]
+    for kernel in (gemm._linear_splitk_fused_kernel, gemm._linear_kernel):  # the same partials in both paths
+        monkeypatch.setattr(kernel, "configs", tall)
+    dtype = DTYPES[0]
+    x, w, b = _inputs(37, 600, 45, dtype, device, seed=7)
+    packed = pack_linear_weight(w)
+    fused = nan_like((37, 45), dtype, device)
+    linear(x, packed, b, True, out=fused, split_k=3, split_k_reduce="fused")
+    assert not torch.isnan(fused).any(), "some rows of a tile were never summed"
+    assert_close(fused, _reference(x, w, b, True), TOLERANCES[dtype])
+    separate = nan_like((37, 45), dtype, device)
+    linear(x, packed, b, True, out=separate, split_k=3, split_k_reduce="separate")
+    assert torch.equal(fused, separate)
 
 
 def test_fused_split_k_last_arrival_sums_every_split(device, monkeypatch):
