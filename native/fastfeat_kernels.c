@@ -222,7 +222,7 @@ static void gemm_split(int sm_count, const fastfeat_gemm_desc *d, gemm_sizes *g)
   int64_t tiles = cdiv(d->m, bm) * cdiv(d->n, FF_NOMINAL_BLOCK_N);
   int64_t want = (int64_t)FF_TARGET_PROGRAMS_PER_SM * sm_count;
   int64_t splits = 1;
-  if (tiles < want) {
+  if (tiles > 0 && tiles < want) { /* tiles == 0: an empty output, nothing to split */
     splits = cdiv(want, tiles);
     if (splits > d->k / FF_SPLIT_K_MIN_CHUNK) splits = d->k / FF_SPLIT_K_MIN_CHUNK;
     if (splits > FF_MAX_SPLIT_K) splits = FF_MAX_SPLIT_K;
