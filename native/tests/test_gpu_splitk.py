@@ -56,7 +56,7 @@ def main() -> int:
     codes = {"float32": 0, "float16": 1, "bfloat16": 2}
     failures: list[str] = []
     checked = 0
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = torch.Generator(device=dev).manual_seed(0)
 
     def ptr(t):
         return ctypes.c_void_p(t.data_ptr()) if t is not None else None
@@ -81,13 +81,13 @@ def main() -> int:
         for precision in PRECISIONS:
             dtype = DTYPES[precision]
             code = codes[str(dtype).replace("torch.", "")]
-            weight = torch.randn(n, k, generator=gen) * (2.0 / k) ** 0.5
-            w = gemm.pack_linear_weight(weight.to(dev), dtype=dtype)
+            weight = torch.randn(n, k, generator=gen, device=dev) * (2.0 / k) ** 0.5
+            w = gemm.pack_linear_weight(weight, dtype=dtype)
             readable = gemm._readable_columns(w)
-            b = (torch.randn(n, generator=gen) * 0.01).to(dev)
+            b = torch.randn(n, generator=gen, device=dev) * 0.01
             for m in BATCHES:
                 where = f"N={n} K={k} relu={int(relu)} {precision} b{m}"
-                x = torch.randn(m, k, generator=gen).to(dev, dtype)
+                x = torch.randn(m, k, generator=gen, device=dev).to(dtype)
                 descs, sizes = {}, {}
                 for form, reduce in native.SPLIT_K_REDUCE_CODES.items():
                     descs[form] = native.GemmDesc(m, n, k, w.stride(0), readable, int(relu), 1, 0, reduce)
@@ -147,10 +147,10 @@ def main() -> int:
 
     # The Python launcher: the env switch picks the fused form; it matches the JIT kernel bit for bit.
     n, k = 4096, 9216
-    weight = torch.randn(n, k, generator=gen) * (2.0 / k) ** 0.5
-    w = gemm.pack_linear_weight(weight.to(dev), dtype=torch.bfloat16)
-    b = (torch.randn(n, generator=gen) * 0.01).to(dev)
-    x = torch.randn(1, k, generator=gen).to(dev, torch.bfloat16)
+    weight = torch.randn(n, k, generator=gen, device=dev) * (2.0 / k) ** 0.5
+    w = gemm.pack_linear_weight(weight, dtype=torch.bfloat16)
+    b = torch.randn(n, generator=gen, device=dev) * 0.01
+    x = torch.randn(1, k, generator=gen, device=dev).to(torch.bfloat16)
     outs = {}
     for label, enable, form in (
         ("jit", "0", "separate"),
