@@ -23,10 +23,14 @@ one batch size, say) and writes the JSON after it, so a run cut short keeps ever
               (``--steps roofline``) it fits one 8-minute call;
 5. native     the prebuilt AOT kernel library (libfastfeat_kernels.so, CMakeLists.txt): its GPU tests
               (every kernel bit-identical to the JIT-compiled Python kernel, the whole forward against
-              torch), fastfeat-layer-bench, and the triton backend's start-up time with and without it;
+              torch, the fused split-K reduce bit-identical to the separate one and close to torch),
+              fastfeat-layer-bench, then per batch size the bench with both split-K reduces (each fc op
+              that splits K timed both ways, and whether the outputs are bit-identical; one row each,
+              saved per batch size), and the triton backend's start-up time with and without it;
               skipped, saying why, where the library was not built and carried here (build it on any
-              machine, e.g. -DFASTFEAT_AOT_TARGETS=sm90, and carry kernels/libfastfeat_kernels.so,
-              build/libfastfeat_kernels.so, build/fastfeat-layer-bench, build/native-gen/entries.json);
+              machine, e.g. -DFASTFEAT_AOT_TARGETS=sm90, and carry build/libfastfeat_kernels.so (used
+              when kernels/libfastfeat_kernels.so is absent: one copy of the sm_90 library, ~40 MB, fits
+              the 64 MiB carry limit, two do not), build/fastfeat-layer-bench, build/native-gen/entries.json);
               never in a dry run (the library needs a GPU);
 6. decode     DALI: decode img/s and pixels against the CPU decoder, mixed decoder at hw_decoder_load
               0 (fastfeat's), 0.65 (DALI's default) and 1; only where DALI is installed;
@@ -100,9 +104,12 @@ DRY_OPT_IN_STEPS = ("graphs", "e2e", "paths")
 # the benchmark stays in the build directory, beside its own copy of the library).
 NATIVE_LIB = os.path.join(ROOT, "kernels", "libfastfeat_kernels.so")
 NATIVE_BENCH = os.path.join(ROOT, "build", "fastfeat-layer-bench")
+# The benchmark's copy of the library, used when the package's is not there: with the fused split-K family
+# the sm_90 library is ~40 MB, so two copies no longer fit the 64 MiB a lent machine's command carries.
+NATIVE_BUILD_LIB = os.path.join(ROOT, "build", "libfastfeat_kernels.so")
 # Per-unit time caps of the native step, seconds (each JIT-compiles kernels: the start-up time without
 # the library, the bit-identity test).
-NATIVE_CAPS = {"startup": 150, "kernels": 240, "forward": 120, "bench": 90}
+NATIVE_CAPS = {"startup": 150, "kernels": 240, "splitk": 90, "forward": 120, "bench": 90}
 MODELS = ("caffenet", "alexnet")
 # The watchdog's margin past --budget-s: a unit that starts just before the budget runs out may finish.
 GRACE_S = 30
@@ -724,7 +731,9 @@ def native_step(rec: dict, cfg: Settings, budget: Budget, report: Report) -> Non
     Runs carried binaries and scripts only (no cmake, no compiler needed here): the library is built on
     any machine (``cmake --build build``, sm_80 and sm_90) and travels with the checkout.
     """
-    lib = os.environ.get("FASTFEAT_NATIVE_LIB") or NATIVE_LIB
+    lib = os.environ.get("FASTFEAT_NATIVE_LIB") or next(
+        (p for p in (NATIVE_LIB, NATIVE_BUILD_LIB) if os.path.isfile(p)), NATIVE_LIB
+    )
     bench = os.environ.get("FASTFEAT_LAYER_BENCH") or NATIVE_BENCH
     if cfg.dry_run:
         rec.update(status="skipped", reason="dry run: the native library runs on a GPU only")
@@ -769,6 +778,7 @@ def native_step(rec: dict, cfg: Settings, budget: Budget, report: Report) -> Non
         if res and res["exit_code"] == 0:
             res["result"] = json.loads(res["output_tail"].strip().splitlines()[-1])
     run("kernels", in_checkout(os.path.join(tests, "test_gpu_kernels.py")))
+    run("splitk test", in_checkout(os.path.join(tests, "test_gpu_splitk.py")))
     run("forward", in_checkout(os.path.join(tests, "test_gpu_forward.py")))
     if os.path.isfile(bench):
         with tempfile.TemporaryDirectory(prefix="fastfeat-bench-") as tmp:
@@ -779,8 +789,30 @@ def native_step(rec: dict, cfg: Settings, budget: Budget, report: Report) -> Non
             if res and res["exit_code"] == 0 and os.path.isfile(out):
                 with open(out) as f:
                     res["profile"] = json.load(f)
+        splitk_rows(rec, cfg, report, bench, run)
     else:
         rec["results"]["bench"] = {"skipped": f"no {bench} (carry build/fastfeat-layer-bench with the library)"}
+
+
+def splitk_rows(rec: dict, cfg: Settings, report: Report, bench: str, run) -> None:
+    """The bench with both split-K reduces, one batch size per call: each fc op that splits K timed with the
+    separate and the fused reduce, and whether their outputs are bit-identical (the bench exits 1 if not).
+    The rows go to ``rec["splitk"]`` and the JSON is saved after each batch size."""
+    rows = rec.setdefault("splitk", [])
+    for batch in cfg.batch_sizes:
+        with tempfile.TemporaryDirectory(prefix="fastfeat-splitk-") as tmp:
+            out = os.path.join(tmp, "bench.json")
+            res = run(f"splitk b{batch}", [bench, "--model", "caffenet", "--batch-sizes", str(batch), "--precision",
+                                           cfg.precision, "--repeat", str(cfg.repeat), "--warmup", str(cfg.warmup),
+                                           "--splitk-reduce", "both", "--json", out])  # fmt: skip
+            if res is None:
+                return
+            if os.path.isfile(out):  # written before a mismatch ends the bench with exit 1
+                with open(out) as f:
+                    for result in json.load(f):
+                        rows += [{"model": result["model"], "precision": result["precision"], **row}
+                                 for row in result.get("splitk", [])]  # fmt: skip
+        report.save()
 
 
 def in_checkout(script: str) -> list[str]:
@@ -1255,7 +1287,8 @@ def plan(cfg: Settings, names: dict) -> dict:
             for k in ("triton jit", "triton native", "torch")
         ]
         + [f"compile {mode}" for mode in GRAPH_COMPILE_MODES],
-        "native": ["startup aot", "startup jit", "kernels", "forward", "bench"],
+        "native": ["startup aot", "startup jit", "kernels", "splitk test", "forward", "bench"]
+        + [f"splitk b{b}" for b in cfg.batch_sizes],
         "decode": [f"cpu, mixed hw_decoder_load={load}" for load in DECODE_LOADS],
         "compile": [f"{m} compile b{b}" for b in cfg.batch_sizes for m in cfg.models],
         "paths": [u for u, _ in PATH_UNITS],

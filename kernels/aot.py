@@ -55,25 +55,25 @@ MINOR_SPILL_BYTES = 16
 # Kernels the JIT launchers run that the AOT library (native/generate.py) does not ship: recorded and
 # compiled by the compile check, never part of the library's families or its kernel hash.
 #
-# Why the library still ships the two-launch split-K reduce (``recording(split_k_reduce="separate")``)
-# and not ``_linear_splitk_fused_kernel``. Nothing in the AOT launcher forbids the fused kernel: its only
-# extra need is an int32 arrival counter per output tile that is zero before the launch, and the kernel
-# leaves it zero after a completed launch. The move is a C ABI change, not a flag:
-#   * the counters would live at the end of the caller's workspace (``fastfeat_gemm_workspace_bytes`` grows
-#     by 4 * cdiv(M, 16) * cdiv(N, 16) bytes), and the API must then require a workspace that is zeroed
-#     once before its first use and used by one stream at a time (kernels/native.py allocates it with
-#     torch.zeros; native/layer_bench.cpp must memset it); or the library memsets the counters before each
-#     launch, which is again a second stream operation, the thing the fusion removes;
-#   * native/generate.py needs a new family (key: SPLIT_K, HAS_BIAS, APPLY_RELU, IEEE and the GEMM's
-#     alignment classes; grid as ``linear``'s; M batch-generic), fastfeat_kernels.c's gemm_plan a lookup
-#     of it in place of FF_REDUCE, and kernel_list.KERNELS the kernel (which changes the kernel hash, so
-#     every built library is refused until rebuilt).
-# Not done in the session of issue 25 that wrote this: the rebuild compiles a few hundred kernels (minutes
-# of every core) and the result -- above all the acq_rel ordering through a cubin launched by the AOT
-# dispatcher -- can only be checked by ctest and gpu_check's native step on a GPU, which that session did
-# not have. Until then the library and the JIT path stay bit-identical, as the two reduces are.
+# The split-K reduce: the library ships both forms, ``_splitk_reduce_kernel`` (a second launch) and
+# ``_linear_splitk_fused_kernel`` (the reduce folded into the GEMM), and runs the separate one unless the
+# caller asks otherwise (fastfeat_gemm_desc.split_k_reduce; kernels/native.py: FASTFEAT_NATIVE_SPLITK_REDUCE).
+# What the fused form took, for the record (ABI version 2):
+#   * its int32 arrival counters (one per 16x16 output tile, zero before a launch and left zero after)
+#     live at the end of the caller's workspace (``fastfeat_gemm_workspace_bytes`` grows by
+#     4 * cdiv(M, 16) * cdiv(N, 16) bytes after the partials, 16-byte aligned), and the API requires that
+#     workspace to be zeroed once before its first fused use and used by one stream at a time (the header
+#     states the contract; kernels/native.py allocates it with torch.zeros per stream, layer_bench.cpp
+#     memsets it once): a memset before each launch would be the second stream operation the fusion removes;
+#   * native/generate.py's family ``linear_fused`` (key: the GEMM's M class and alignment classes, the exact
+#     SPLIT_K, HAS_BIAS, APPLY_RELU, IEEE; grid as ``linear``'s with SPLIT_K splits; M batch-generic),
+#     recorded under ``split_k_reduce_mode("fused")``; fastfeat_kernels.c's gemm_plan looks it up in place
+#     of the ``linear`` + ``reduce`` pair when the descriptor asks for the fused reduce;
+#   * kernel_list.KERNELS holds the kernel, which changed the kernel hash (libraries built before are refused).
+# Still unmeasured: the acq_rel ordering through a cubin launched by the AOT dispatcher, and which form is
+# faster, need a GPU (native/tests/test_gpu_splitk.py, gpu_check's native step); the two forms give the
+# same bits, so the default can change without changing any result.
 JIT_ONLY_KERNELS = (
-    ("gemm", "_linear_splitk_fused_kernel"),
     ("pool_rows", "_maxpool_rows_nhwc_kernel"),
     ("conv_splitk", "_conv2d_nhwc_segmented_kernel"),
     ("lrn", "_lrn_nhwc_fitted_kernel"),
@@ -144,6 +144,7 @@ __all__ = [
     "recording",
     "select_representative",
     "specialise",
+    "split_k_reduce_mode",
     "summarise",
     "to_json",
     "worker_init",
@@ -200,8 +201,9 @@ class _Recorder:
 def recording(sm_count: int, split_k_reduce: str = "separate"):
     """Replace every kernel by a recorder; let the launchers accept CPU tensors; fix the SM count.
 
-    ``split_k_reduce``: how ``linear`` sums split-K partials while recording: "separate" (the default)
-    is what the AOT library ships (a GEMM and a reduce launch); "fused" records the JIT path's one launch.
+    ``split_k_reduce``: how ``linear`` sums split-K partials while recording: "separate" (the default:
+    what the AOT library runs unless told otherwise; a GEMM and a reduce launch) or "fused" (one launch;
+    the JIT path's default). ``split_k_reduce_mode`` switches it inside a recording.
 
     Yields the list the launches are appended to, as ``(module, kernel name, kernel, args, kwargs)``
     with tensors replaced by their dtype. Everything is restored on exit.
@@ -231,6 +233,21 @@ def recording(sm_count: int, split_k_reduce: str = "separate"):
     finally:
         for obj, attr, value in reversed(saved):
             setattr(obj, attr, value)
+
+
+@contextlib.contextmanager
+def split_k_reduce_mode(mode: str):
+    """Inside ``recording``: record ``linear``'s split-K launches with reduce ``mode`` ("fused" or "separate")."""
+    from . import gemm
+
+    if mode not in gemm.SPLIT_K_REDUCES:
+        raise ValueError(f"split-K reduce must be one of {gemm.SPLIT_K_REDUCES}, got {mode!r}")
+    saved = gemm.DEFAULT_SPLIT_K_REDUCE
+    gemm.DEFAULT_SPLIT_K_REDUCE = mode
+    try:
+        yield
+    finally:
+        gemm.DEFAULT_SPLIT_K_REDUCE = saved
 
 
 # -- specialisation and pruning ------------------------------------------------------------------

@@ -50,6 +50,10 @@ REDUCE_BLOCK = 1024
 # Rows the fused split-K kernel's last arrival sums at a time: 16 x BLOCK_N <= 4096 fp32 values, at most 32
 # per thread at 4 warps, next to the offsets; it divides every BLOCK_M (16, 32, ..., 256).
 REDUCE_ROWS = tl.constexpr(16)
+# The fused reduce's arrival counters are sized for tiles of ARRIVAL_TILE x ARRIVAL_TILE, the smallest
+# BLOCK_M and BLOCK_N of any config, so one count covers whichever config runs (the AOT library sizes the
+# counters in its workspace the same way; native/generate.py checks that no compiled tile is smaller).
+ARRIVAL_TILE = 16
 # Packed weight rows start at multiples of this many elements: what Triton's divisibility-by-16
 # specialisation of the row stride needs to vectorise the weight loads.
 WEIGHT_ROW_ALIGN = ALIGN_ELEMS
@@ -321,7 +325,8 @@ def pack_linear_weight(
 
 
 # How the JIT path sums split-K partials: "fused" (the last program of a tile, one launch) or "separate"
-# (``_splitk_reduce_kernel``, a second launch; what the AOT library still runs). Both give the same bits.
+# (``_splitk_reduce_kernel``, a second launch). Both give the same bits. The AOT library ships both and runs
+# the separate one unless FASTFEAT_NATIVE_SPLITK_REDUCE=fused (kernels/native.py ``split_k_reduce``).
 SPLIT_K_REDUCES = ("fused", "separate")
 # What ``linear(split_k_reduce=None)`` runs; the AOT tooling switches it (see ``aot.recording``).
 DEFAULT_SPLIT_K_REDUCE = "fused"
@@ -468,8 +473,8 @@ def plan_linear(
     )
     if splits > 1 and split_k_reduce == "fused":
         # Taken when the plan is made, so never allocated inside a CUDA graph capture; every launch leaves
-        # them at zero. Sized for the most tiles a config can make (BLOCK_M, BLOCK_N >= 16).
-        arrivals = arrival_counters(device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
+        # them at zero. Sized for the most tiles a config can make (BLOCK_M, BLOCK_N >= ARRIVAL_TILE).
+        arrivals = arrival_counters(device, triton.cdiv(m, ARRIVAL_TILE) * triton.cdiv(n, ARRIVAL_TILE))
         fused = _linear_splitk_fused_kernel[grid]
         fused_args = (
             w_packed,

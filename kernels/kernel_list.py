@@ -9,6 +9,7 @@ KERNELS = (
     ("conv", "_conv2d_nhwc_kernel"),
     ("gemm", "_linear_kernel"),
     ("gemm", "_splitk_reduce_kernel"),
+    ("gemm", "_linear_splitk_fused_kernel"),
     ("pool", "_maxpool_nhwc_kernel"),
     ("lrn", "_lrn_nhwc_kernel"),
 )

@@ -11,8 +11,14 @@ Where the library is looked for, first hit wins:
 * ``$FASTFEAT_NATIVE_LIB`` (a path; ``FASTFEAT_NATIVE=0`` disables the library altogether);
 * ``libfastfeat_kernels.so`` next to this module (the CMake build copies it there);
 
-A library built from other kernel sources than these (``kernel_hash`` differs) is not used: its cubins
-would silently run old code. ``describe()`` says which path the launchers take, and why.
+A library built from other kernel sources than these (``kernel_hash`` differs), or for another C ABI
+(``ABI_VERSION``), is not used: its cubins would silently run old code. ``describe()`` says which path the
+launchers take, and why.
+
+Split-K GEMMs: ``$FASTFEAT_NATIVE_SPLITK_REDUCE`` picks how the library sums the partials, "separate"
+(default: a second launch) or "fused" (folded into the GEMM launch; its workspace, with the arrival
+counters, is allocated zeroed once per (plan, stream), as the header's contract asks). Both give the same
+bits; see ``split_k_reduce``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ LIB_NAME = "libfastfeat_kernels.so"
 ENV_LIB = "FASTFEAT_NATIVE_LIB"
 ENV_ENABLE = "FASTFEAT_NATIVE"
 # fastfeat_kernels.h: FASTFEAT_KERNELS_ABI_VERSION and the status codes the launchers act on.
-ABI_VERSION = 1
+ABI_VERSION = 2
 OK = 0
 ERR_UNSUPPORTED_SHAPE = 3
 ERR_NO_DRIVER = 4
@@ -39,6 +45,10 @@ ERR_LAUNCH = 8
 ERR_OTHER_CONTEXT = 10
 # Statuses after which this process stops asking the library (the answer will not change).
 _FINAL = (ERR_NO_DRIVER, ERR_NO_DEVICE, ERR_WRONG_ARCH, ERR_OTHER_CONTEXT)
+# fastfeat_splitk_reduce: the library's split-K reduces, and the switch that picks one.
+SPLIT_K_REDUCE_CODES = {"separate": 0, "fused": 1}
+ENV_SPLIT_K_REDUCE = "FASTFEAT_NATIVE_SPLITK_REDUCE"
+DEFAULT_SPLIT_K_REDUCE = "separate"
 # Bump with the AOT cache format (native/generate.py writes it into the hash).
 AOT_FORMAT_VERSION = 1
 
@@ -90,12 +100,13 @@ class LrnDesc(ctypes.Structure):
 
 
 class GemmDesc(ctypes.Structure):
-    _fields_ = _ints("m", "n", "k", "w_row_stride", "w_readable_cols", "relu", "has_bias", "allow_tf32")
+    _fields_ = _ints("m", "n", "k", "w_row_stride", "w_readable_cols", "relu", "has_bias", "allow_tf32",
+                     "split_k_reduce")  # fmt: skip
 
 
 class Plan(ctypes.Structure):
     _fields_ = [("num_launches", ctypes.c_int), ("entry", ctypes.c_int * 2), ("split_k", ctypes.c_int),
-                ("workspace_bytes", ctypes.c_size_t)]  # fmt: skip
+                ("workspace_bytes", ctypes.c_size_t), ("counter_bytes", ctypes.c_size_t)]  # fmt: skip
 
 
 _P = ctypes.c_void_p
@@ -347,27 +358,58 @@ def lrn_launcher(x_shape, dtype, out, *, size, alpha, beta, k):
     return lambda x: _launch("lrn_nhwc", device, lambda lib, s: lib.fastfeat_lrn(s, code, d, _ptr(x), op))
 
 
+def split_k_reduce() -> str:
+    """The split-K reduce the library runs: ``$FASTFEAT_NATIVE_SPLITK_REDUCE``, "separate" (default) or
+    "fused"; ValueError (one line) for anything else. Read when a GEMM is planned."""
+    value = os.environ.get(ENV_SPLIT_K_REDUCE, "").strip() or DEFAULT_SPLIT_K_REDUCE
+    if value not in SPLIT_K_REDUCE_CODES:
+        raise ValueError(f"{ENV_SPLIT_K_REDUCE} must be one of {', '.join(SPLIT_K_REDUCE_CODES)}, got {value!r}")
+    return value
+
+
 def linear_launcher(x_shape, dtype, w_packed, bias, out, *, readable_cols, relu, allow_tf32):
-    """``run(x) -> bool`` launching linear through the library (its own split-K choice, its workspace
-    allocated here, once), or None."""
+    """``run(x) -> bool`` launching linear through the library (its own split-K choice and the reduce of
+    ``split_k_reduce()``), or None.
+
+    The workspace is allocated here for the current stream, and on first use for any other stream: one per
+    (plan, stream), so that launches sharing one are ordered. The fused reduce's is allocated zeroed
+    (torch.zeros, on the stream that uses it) and never zeroed again: every fused launch leaves its
+    counters at zero, and only launches of this plan, on that stream, touch it (the header's contract).
+    """
     import torch
 
+    reduce = split_k_reduce()  # a bad value is an error whether or not the library is there
     lib = _library_for(out.device, dtype) if out.dtype == dtype == w_packed.dtype else None
     if lib is None:
         return None
     m, k = x_shape
     d = GemmDesc(m, w_packed.shape[1], k, w_packed.stride(0), readable_cols, int(relu), int(bias is not None),
-                 int(allow_tf32))  # fmt: skip
+                 int(allow_tf32), SPLIT_K_REDUCE_CODES[reduce])  # fmt: skip
     need = ctypes.c_size_t(0)
     sized = lib.fastfeat_gemm_workspace_bytes(d, ctypes.byref(need))
-    ws = torch.empty(need.value // 4, dtype=torch.float32, device=out.device) if sized == OK and need.value else None
     code, wp, bp, op = _DTYPE_CODES[str(dtype).replace("torch.", "")], _ptr(w_packed), _optional_ptr(bias), _ptr(out)
-    wsp, device = _optional_ptr(ws), out.device
+    device = out.device
+    fill = torch.zeros if reduce == "fused" else torch.empty
+    workspaces: dict[int, ctypes.c_void_p | None] = {}
+    keep: list = []  # the workspace tensors, alive as long as this plan
+
+    def workspace(stream: int) -> ctypes.c_void_p | None:
+        """This plan's workspace for ``stream``, the current stream (its handle), allocated on first use
+        there: the caching allocator ties it to that stream, and the zeroing is ordered before its launches."""
+        ptr = workspaces.get(stream)
+        if ptr is None and sized == OK and need.value:
+            ws = fill(need.value, dtype=torch.uint8, device=device)
+            keep.append(ws)
+            ptr = workspaces.setdefault(stream, _ptr(ws))
+        return ptr
+
+    if sized == OK and need.value:
+        workspace(torch.cuda.current_stream(device).cuda_stream)  # now, not later inside a graph capture
 
     def gemm(lib, s, x):
         if sized != OK:  # the workspace query's status, reported (and counted) as a launch's would be
             return sized
-        return lib.fastfeat_gemm_bias_relu(s, code, d, _ptr(x), wp, bp, op, wsp, need.value)
+        return lib.fastfeat_gemm_bias_relu(s, code, d, _ptr(x), wp, bp, op, workspace(s.value or 0), need.value)
 
     return lambda x: _launch("linear", device, lambda lib, s: gemm(lib, s, x))
 

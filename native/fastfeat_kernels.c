@@ -149,6 +149,7 @@ static void plan_init(fastfeat_plan *plan) {
   plan->entry[0] = plan->entry[1] = -1;
   plan->split_k = 1;
   plan->workspace_bytes = 0;
+  plan->counter_bytes = 0;
 }
 
 /* conv.py: conv2d_nhwc */
@@ -200,7 +201,7 @@ static int conv_plan(int target, int dtype, const fastfeat_conv_desc *d, conv_si
   return FASTFEAT_OK;
 }
 
-/* gemm.py: linear and _pick_split_k */
+/* gemm.py: linear, _pick_split_k and the fused reduce's arrival counters */
 typedef struct {
   int splits, k_per_split;
 } gemm_sizes;
@@ -210,7 +211,43 @@ static int gemm_check(const fastfeat_gemm_desc *d) {
   if (d->m < 0 || d->n < 0 || d->k < 1) return FASTFEAT_ERR_INVALID_ARGUMENT;
   if (d->w_row_stride < d->n || d->w_readable_cols < d->n || d->w_readable_cols > d->w_row_stride)
     return FASTFEAT_ERR_INVALID_ARGUMENT;
+  if (d->split_k_reduce != FASTFEAT_SPLITK_SEPARATE && d->split_k_reduce != FASTFEAT_SPLITK_FUSED)
+    return FASTFEAT_ERR_INVALID_ARGUMENT;
   return FASTFEAT_OK;
+}
+
+/* The split-K choice (gemm.py _pick_split_k and the chunk rounding of plan_linear). */
+static void gemm_split(int sm_count, const fastfeat_gemm_desc *d, gemm_sizes *g) {
+  int64_t bm = d->m <= 32 ? 16 : 128;
+  int64_t tiles = cdiv(d->m, bm) * cdiv(d->n, FF_NOMINAL_BLOCK_N);
+  int64_t want = (int64_t)FF_TARGET_PROGRAMS_PER_SM * sm_count;
+  int64_t splits = 1;
+  if (tiles > 0 && tiles < want) { /* tiles == 0: an empty output, nothing to split */
+    splits = cdiv(want, tiles);
+    if (splits > d->k / FF_SPLIT_K_MIN_CHUNK) splits = d->k / FF_SPLIT_K_MIN_CHUNK;
+    if (splits > FF_MAX_SPLIT_K) splits = FF_MAX_SPLIT_K;
+    if (splits < 1) splits = 1;
+  }
+  int64_t k_per_split = cdiv(cdiv(d->k, splits), FF_SPLIT_K_GRANULE) * FF_SPLIT_K_GRANULE;
+  splits = cdiv(d->k, k_per_split); /* rounding the chunk up may leave fewer, never empty, splits */
+  g->splits = (int)splits;
+  g->k_per_split = (int)k_per_split;
+}
+
+/* The workspace of a split-K GEMM: the fp32 partials, then (fused reduce) the int32 arrival counters at a
+   16-byte aligned offset (the kernel was compiled for a 16-byte aligned counter pointer). One counter per
+   tile of the smallest tile (FF_ARRIVAL_TILE square; native/generate.py checks that no entry's tile is
+   smaller), so the size does not depend on the dtype's config. */
+static void gemm_workspace(const fastfeat_gemm_desc *d, int splits, size_t *workspace, size_t *counters) {
+  *workspace = *counters = 0;
+  if (splits <= 1 || d->m == 0 || d->n == 0) return;
+  size_t partials = (size_t)splits * (size_t)d->m * (size_t)d->n * sizeof(float);
+  if (d->split_k_reduce != FASTFEAT_SPLITK_FUSED) {
+    *workspace = partials;
+    return;
+  }
+  *counters = (size_t)cdiv(d->m, FF_ARRIVAL_TILE) * (size_t)cdiv(d->n, FF_ARRIVAL_TILE) * sizeof(int32_t);
+  *workspace = (partials + 15) / 16 * 16 + *counters;
 }
 
 static int gemm_plan(int target, int sm_count, int dtype, const fastfeat_gemm_desc *d, gemm_sizes *g,
@@ -221,35 +258,34 @@ static int gemm_plan(int target, int sm_count, int dtype, const fastfeat_gemm_de
   if (sm_count < 1) return FASTFEAT_ERR_INVALID_ARGUMENT;
   plan_init(plan);
   if (d->m == 0 || d->n == 0) return FASTFEAT_OK;
-  int64_t bm = d->m <= 32 ? 16 : 128;
-  int64_t tiles = cdiv(d->m, bm) * cdiv(d->n, FF_NOMINAL_BLOCK_N);
-  int64_t want = (int64_t)FF_TARGET_PROGRAMS_PER_SM * sm_count;
-  int64_t splits = 1;
-  if (tiles < want) {
-    splits = cdiv(want, tiles);
-    if (splits > d->k / FF_SPLIT_K_MIN_CHUNK) splits = d->k / FF_SPLIT_K_MIN_CHUNK;
-    if (splits > FF_MAX_SPLIT_K) splits = FF_MAX_SPLIT_K;
-    if (splits < 1) splits = 1;
-  }
-  int64_t k_per_split = cdiv(cdiv(d->k, splits), FF_SPLIT_K_GRANULE) * FF_SPLIT_K_GRANULE;
-  splits = cdiv(d->k, k_per_split); /* rounding the chunk up may leave fewer, never empty, splits */
-  g->splits = (int)splits;
-  g->k_per_split = (int)k_per_split;
+  gemm_split(sm_count, d, g);
+  int splits = g->splits;
   int ieee = dtype == FASTFEAT_FP32 && !d->allow_tf32;
-  int key[] = {m_bucket(d->m) <= 32, d->w_row_stride % FF_ALIGN_ELEMS != 0 || d->w_readable_cols % FF_ALIGN_ELEMS != 0,
-               d->n % FF_ALIGN_ELEMS != 0, splits > 1, !!d->has_bias, !!d->relu, ieee};
+  int small_m = m_bucket(d->m) <= 32;
+  int unaligned_loads = d->w_row_stride % FF_ALIGN_ELEMS != 0 || d->w_readable_cols % FF_ALIGN_ELEMS != 0;
+  int unaligned_n = d->n % FF_ALIGN_ELEMS != 0;
+  plan->split_k = splits;
+  gemm_workspace(d, splits, &plan->workspace_bytes, &plan->counter_bytes);
+  if (splits > 1 && d->split_k_reduce == FASTFEAT_SPLITK_FUSED) {
+    /* One launch; its code depends on the exact split count (the arrival test and the unrolled sum). */
+    int fkey[] = {small_m, unaligned_loads, unaligned_n, splits, !!d->has_bias, !!d->relu, ieee};
+    int f = lookup(FF_LINEAR_FUSED, dtype, target, fkey, (int)(sizeof fkey / sizeof fkey[0]));
+    if (f < 0) return FASTFEAT_ERR_UNSUPPORTED_SHAPE;
+    plan->entry[0] = f;
+    plan->num_launches = 1;
+    return FASTFEAT_OK;
+  }
+  int key[] = {small_m, unaligned_loads, unaligned_n, splits > 1, !!d->has_bias, !!d->relu, ieee};
   int e = lookup(FF_LINEAR, dtype, target, key, (int)(sizeof key / sizeof key[0]));
   if (e < 0) return FASTFEAT_ERR_UNSUPPORTED_SHAPE;
   plan->entry[0] = e;
   plan->num_launches = 1;
-  plan->split_k = (int)splits;
   if (splits > 1) {
-    int rkey[] = {(int)splits, !!d->has_bias, !!d->relu};
+    int rkey[] = {splits, !!d->has_bias, !!d->relu};
     int r = lookup(FF_REDUCE, dtype, target, rkey, 3);
     if (r < 0) return FASTFEAT_ERR_UNSUPPORTED_SHAPE;
     plan->entry[1] = r;
     plan->num_launches = 2;
-    plan->workspace_bytes = (size_t)splits * (size_t)d->m * (size_t)d->n * sizeof(float);
   }
   return FASTFEAT_OK;
 }
@@ -415,13 +451,15 @@ int fastfeat_conv2d_bias_relu(void *stream, int dtype, const fastfeat_conv_desc 
 
 int fastfeat_gemm_workspace_bytes(const fastfeat_gemm_desc *d, size_t *bytes) {
   int target, sms;
-  fastfeat_plan plan;
+  size_t counters;
   gemm_sizes g;
   if (!bytes) return FASTFEAT_ERR_INVALID_ARGUMENT;
-  int status = current_device(&target, &sms, NULL);
-  if (status == FASTFEAT_OK) status = gemm_plan(target, sms, FASTFEAT_FP32, d, &g, &plan);
-  if (status == FASTFEAT_OK) *bytes = plan.workspace_bytes;
-  return status;
+  int status = gemm_check(d);
+  if (status == FASTFEAT_OK) status = current_device(&target, &sms, NULL);
+  if (status != FASTFEAT_OK) return status;
+  gemm_split(sms, d, &g);
+  gemm_workspace(d, g.splits, bytes, &counters);
+  return FASTFEAT_OK;
 }
 
 int fastfeat_gemm_bias_relu(void *stream, int dtype, const fastfeat_gemm_desc *d, const void *x, const void *weight,
@@ -433,18 +471,27 @@ int fastfeat_gemm_bias_relu(void *stream, int dtype, const fastfeat_gemm_desc *d
   if (!d || !aligned(x) || !aligned(weight) || !aligned(y) || (d->has_bias && !aligned(bias)) ||
       (!d->has_bias && bias != NULL) || (workspace != NULL && !aligned(workspace)))
     return FASTFEAT_ERR_INVALID_ARGUMENT;
-  int status = current_device(&target, &sms, NULL);
+  int status = gemm_check(d);
+  if (status == FASTFEAT_OK) status = current_device(&target, &sms, NULL);
   if (status == FASTFEAT_OK) status = gemm_plan(target, sms, dtype, d, &g, &plan);
   if (status != FASTFEAT_OK || plan.num_launches == 0) return status;
   if (plan.workspace_bytes && (workspace == NULL || workspace_bytes < plan.workspace_bytes))
     return FASTFEAT_ERR_WORKSPACE;
+  CUdeviceptr b = DEV(d->has_bias ? bias : x); /* a dummy pointer when there is no bias: never read */
+  int algo = ff_entries[plan.entry[0]].algo;
+  if (plan.split_k > 1 && d->split_k_reduce == FASTFEAT_SPLITK_FUSED) {
+    ff_linear_fused_unit_fn fused = ff_linear_fused_units[dtype][target];
+    if (!fused) return FASTFEAT_ERR_UNSUPPORTED_SHAPE;
+    CUdeviceptr arrivals = DEV(workspace) + (CUdeviceptr)(plan.workspace_bytes - plan.counter_bytes);
+    return launched(fused((CUstream)stream, DEV(x), DEV(weight), b, DEV(y), DEV(workspace), arrivals, d->m, d->n,
+                          d->k, d->w_row_stride, d->w_readable_cols, m_bucket(d->m), g.k_per_split, algo));
+  }
   ff_linear_unit_fn fn = ff_linear_units[dtype][target];
   ff_reduce_unit_fn reduce = ff_reduce_units[dtype][target];
   if (!fn || (plan.num_launches == 2 && !reduce)) return FASTFEAT_ERR_UNSUPPORTED_SHAPE;
-  CUdeviceptr b = DEV(d->has_bias ? bias : x); /* a dummy pointer when there is no bias: never read */
   CUdeviceptr ws = plan.num_launches == 2 ? DEV(workspace) : DEV(y);
   status = launched(fn((CUstream)stream, DEV(x), DEV(weight), b, DEV(y), ws, d->m, d->n, d->k, d->w_row_stride,
-                       d->w_readable_cols, m_bucket(d->m), g.k_per_split, ff_entries[plan.entry[0]].algo));
+                       d->w_readable_cols, m_bucket(d->m), g.k_per_split, algo));
   if (status != FASTFEAT_OK || plan.num_launches == 1) return status;
   return launched(reduce((CUstream)stream, ws, b, DEV(y), d->m, d->n, ff_entries[plan.entry[1]].algo));
 }

@@ -31,7 +31,8 @@ extern "C" {
 #define FASTFEAT_API
 #endif
 
-#define FASTFEAT_KERNELS_ABI_VERSION 1
+/* 2: fastfeat_gemm_desc.split_k_reduce and fastfeat_plan.counter_bytes (the fused split-K reduce). */
+#define FASTFEAT_KERNELS_ABI_VERSION 2
 
 typedef enum fastfeat_status {
   FASTFEAT_OK = 0,
@@ -48,6 +49,22 @@ typedef enum fastfeat_status {
 } fastfeat_status;
 
 typedef enum fastfeat_dtype { FASTFEAT_FP32 = 0, FASTFEAT_FP16 = 1, FASTFEAT_BF16 = 2 } fastfeat_dtype;
+
+/* How a GEMM that splits K sums its fp32 partials (fastfeat_gemm_desc.split_k_reduce). Both sum them in
+   split order 0, 1, ..., split_k - 1 and give bit-identical outputs.
+   SEPARATE: the GEMM writes the partials to the workspace, a second launch sums them (2 launches).
+   FUSED: one launch; the last program to finish an output tile sums that tile's partials. Its workspace
+   holds, after the partials, one int32 arrival counter per output tile (the last
+   fastfeat_plan.counter_bytes bytes of fastfeat_gemm_workspace_bytes), with this contract:
+     * the counters must be zero when a fused launch starts. Every completed fused launch leaves them zero,
+       so: zero the workspace (e.g. cuMemsetD8Async) once before its first fused use, then reuse it;
+     * the launches that use one workspace must be ordered one after another (one stream at a time, or
+       ordered by events): two launches in flight on the same counters corrupt each other's sums;
+     * the layout follows the descriptor (m, n, k) and the GPU: a workspace whose bytes were used by a
+       call with another descriptor, by the separate reduce, or by anything else, must be zeroed again
+       before its next fused use; so must one whose fused launch did not complete (an error, a reset).
+   Unused when the plan does not split K (fastfeat_plan.split_k == 1). */
+typedef enum fastfeat_splitk_reduce { FASTFEAT_SPLITK_SEPARATE = 0, FASTFEAT_SPLITK_FUSED = 1 } fastfeat_splitk_reduce;
 
 /* Caffe across-channel LRN: y = x / (k + alpha / size * sum of x^2 over size channels)^beta (odd size). */
 typedef struct fastfeat_lrn_params {
@@ -83,15 +100,19 @@ typedef struct fastfeat_gemm_desc {
   int m, n, k;
   int w_row_stride, w_readable_cols;
   int relu, has_bias, allow_tf32;
+  int split_k_reduce; /* fastfeat_splitk_reduce; 0 (a zeroed descriptor) is FASTFEAT_SPLITK_SEPARATE */
 } fastfeat_gemm_desc;
 
 /* What a call would launch on a GPU of compute capability `arch` (80 or 90) with `sm_count` SMs;
    filled by the *_plan functions, which need no GPU. */
 typedef struct fastfeat_plan {
-  int num_launches;       /* 0 (empty output), 1, or 2 (split-K GEMM + its reduction) */
-  int entry[2];           /* index in the build's entries.json */
+  int num_launches;       /* 0 (empty output), 1, or 2 (split-K GEMM + its separate reduction) */
+  int entry[2];           /* index in the build's entries.json (-1: none) */
   int split_k;            /* GEMM: number of K splits (1: none) */
-  size_t workspace_bytes; /* GEMM: fp32 partial sums the caller provides (0 without split-K) */
+  size_t workspace_bytes; /* GEMM: the workspace the caller provides (0 without split-K): split_k * m * n fp32
+                             partial sums, then for the fused reduce, at a 16-byte aligned offset, the counters */
+  size_t counter_bytes;   /* GEMM, fused reduce: the int32 arrival counters, the last counter_bytes of
+                             workspace_bytes (one per output tile of the smallest tile; 0 otherwise) */
 } fastfeat_plan;
 
 FASTFEAT_API const char *fastfeat_status_string(int status);
@@ -129,11 +150,15 @@ FASTFEAT_API int fastfeat_maxpool_relu_lrn(void *stream, int dtype, const fastfe
                                            void *y);
 /* LRN. */
 FASTFEAT_API int fastfeat_lrn(void *stream, int dtype, const fastfeat_lrn_desc *d, const void *x, void *y);
-/* GEMM + bias + ReLU; `workspace` (fp32, fastfeat_gemm_workspace_bytes) may be NULL when it needs none. */
+/* GEMM + bias + ReLU; `workspace` (fastfeat_gemm_workspace_bytes; for d->split_k_reduce ==
+   FASTFEAT_SPLITK_FUSED see the contract at fastfeat_splitk_reduce: zeroed before its first use, one stream
+   at a time) may be NULL when it needs none; one smaller than needed returns FASTFEAT_ERR_WORKSPACE. */
 FASTFEAT_API int fastfeat_gemm_bias_relu(void *stream, int dtype, const fastfeat_gemm_desc *d, const void *x,
                                          const void *weight, const void *bias, void *y, void *workspace,
                                          size_t workspace_bytes);
-/* The split-K workspace a GEMM needs on the current GPU (0 when none). */
+/* The split-K workspace a GEMM needs on the current GPU (0 when none), for d->split_k_reduce (the fused
+   reduce's includes its counters). Arithmetic only: the same for every dtype, and also answered for a
+   shape the library holds no kernel for (launching it returns FASTFEAT_ERR_UNSUPPORTED_SHAPE). */
 FASTFEAT_API int fastfeat_gemm_workspace_bytes(const fastfeat_gemm_desc *d, size_t *bytes);
 
 #ifdef __cplusplus

@@ -12,7 +12,8 @@ Steps:
    gives both divisibility-by-16 classes of their pixel counts (their configs do not depend on the
    batch). fc layers are recorded at every batch size class that changes the GEMM's specialisation:
    M == 1 (folded to a constant), M < 16 / M % 16 == 0 / neither, the thin-tile family (M <= 32) or not,
-   and every split-K count up to the batch at which split-K stops (``fc_batches``).
+   and every split-K count up to the batch at which split-K stops (``fc_batches``), with both split-K
+   reduces (``SPLIT_K_REDUCES``: the GEMM + reduce pair and the GEMM with the reduce folded in).
 2. **Choose one config** per specialisation and target: the first config the autotuner's prune hook
    keeps on that target (``aot.build_jobs(one_config=True)``): exactly what ``FASTFEAT_AUTOTUNE=0``
    launches, so the AOT kernels and the Python kernels run the same code on the same inputs.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -61,6 +63,7 @@ FAMILIES = {
     "_splitk_reduce_kernel": "reduce",
     "_maxpool_nhwc_kernel": "pool",
     "_lrn_nhwc_kernel": "lrn",
+    "_linear_splitk_fused_kernel": "linear_fused",
 }
 # Kernel -> the fastfeat.kernels module that defines it.
 KERNEL_MODULES = {
@@ -69,6 +72,7 @@ KERNEL_MODULES = {
     "_splitk_reduce_kernel": "gemm",
     "_maxpool_nhwc_kernel": "pool",
     "_lrn_nhwc_kernel": "lrn",
+    "_linear_splitk_fused_kernel": "gemm",
 }
 # Order = the C enum fastfeat_dtype; the names are aot.DTYPES' keys.
 DTYPES = ("fp32", "fp16", "bf16")
@@ -84,6 +88,8 @@ KEY_FIELDS = {
     "pool": ("KH", "KW", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "APPLY_RELU", "FUSE_LRN", "LRN_SIZE", "BLOCK_P",
              "BLOCK_C"),
     "lrn": ("SIZE", "BLOCK_P", "BLOCK_C"),
+    # The exact SPLIT_K: the fused kernel's arrival test and its unrolled sum are compiled for it.
+    "linear_fused": ("SMALL_M", "UNALIGNED_LOADS", "UNALIGNED_N", "SPLIT_K", "HAS_BIAS", "APPLY_RELU", "IEEE"),
 }  # fmt: skip
 MAX_KEY = 12
 TILE_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "BLOCK_P", "BLOCK_C", "BLOCK")
@@ -98,6 +104,7 @@ BATCH_ARGS = {
     "_splitk_reduce_kernel": "M",
     "_maxpool_nhwc_kernel": "P_TOTAL",
     "_lrn_nhwc_kernel": "P_TOTAL",
+    "_linear_splitk_fused_kernel": "M",
 }
 # A value that is neither 1 nor a multiple of 16: what the batch arguments are specialised as.
 GENERIC_BATCH_VALUE = 3
@@ -108,7 +115,11 @@ GRIDS = {
     "reduce": ("CDIV((uint64_t)M * N, BLOCK)", "1", "1"),
     "pool": ("CDIV(P_TOTAL, BLOCK_P)", "CDIV(C, BLOCK_C)", "1"),
     "lrn": ("CDIV(P_TOTAL, BLOCK_P)", "1", "1"),
+    # SPLIT_K, the compiled constant: the last arrival of a tile waits for exactly that many programs.
+    "linear_fused": ("CDIV(M, BLOCK_M) * CDIV(N, BLOCK_N)", "SPLIT_K", "1"),
 }
+# The split-K reduces the library ships (gemm.SPLIT_K_REDUCES; fc launches are recorded with each).
+SPLIT_K_REDUCES = ("separate", "fused")
 
 
 def fc_batches(max_tile_rows: int = 40) -> list[int]:
@@ -154,8 +165,9 @@ def record_launches(
                                     continue
                                 start = len(sink)
                                 if op.kind == "fc" and batch == conv_batches[0]:
-                                    for m in fc_sizes:
-                                        op.run(torch.empty((m, *x.shape[1:]), dtype=dtype))
+                                    for reduce, m in itertools.product(SPLIT_K_REDUCES, fc_sizes):
+                                        with aot.split_k_reduce_mode(reduce):
+                                            op.run(torch.empty((m, *x.shape[1:]), dtype=dtype))
                                         out[target] += [
                                             (aot.label(model, op.name, dtype_name, m), c) for c in sink[start:]
                                         ]
@@ -173,7 +185,7 @@ def launch_key(family: str, named: dict, constexprs: dict) -> tuple[int, ...]:
     v = {**named, **constexprs}
     if family == "conv":
         v["IEEE"] = constexprs["DOT_PRECISION"] == "ieee"
-    elif family == "linear":
+    elif family in ("linear", "linear_fused"):
         v["IEEE"] = constexprs["DOT_PRECISION"] == "ieee"
         v["SMALL_M"] = int(named["M_BUCKET"]) <= 32
         v["UNALIGNED_LOADS"] = int(named["STRIDE_WK"]) % ALIGN_ELEMS != 0 or int(named["N_LOAD"]) % ALIGN_ELEMS != 0
@@ -185,6 +197,8 @@ def launch_key(family: str, named: dict, constexprs: dict) -> tuple[int, ...]:
 def specialisations(launches: dict[str, list]):
     """(variants, entries): every distinct compile (``aot.build_jobs`` with one config, exact epilogue
     flags) with its algo, and every (family, dtype, target, key) with the algo it dispatches to."""
+    from fastfeat.kernels.gemm import ARRIVAL_TILE
+
     variants: dict[tuple, dict] = {}
     algos: dict[tuple, int] = {}  # (unit, algo identity) -> algo index within the unit
     unit_algos: dict[tuple, int] = {}
@@ -223,7 +237,14 @@ def specialisations(launches: dict[str, list]):
                     f"lookup key {key} of {label} maps to two configs ({entry['job']['config']} and {job['config']}): "
                     "KEY_FIELDS misses an input of the config choice"
                 )
-            entry["launches"].append(label)
+            if label not in entry["launches"]:  # a GEMM without split-K is recorded under both reduces
+                entry["launches"].append(label)
+            tile = job["constexprs"]
+            if family == "linear_fused" and min(tile["BLOCK_M"], tile["BLOCK_N"]) < ARRIVAL_TILE:
+                raise RuntimeError(
+                    f"{label}: fused split-K tile {job['config']} is smaller than the {ARRIVAL_TILE}x{ARRIVAL_TILE} "
+                    "tiles its arrival counters are sized for (gemm.ARRIVAL_TILE, fastfeat_kernels.c)"
+                )
     return list(variants.values()), entries
 
 
@@ -520,6 +541,7 @@ def constants_header() -> str:
         "FF_TARGET_PROGRAMS_PER_SM": gemm.TARGET_PROGRAMS_PER_SM,
         "FF_NOMINAL_BLOCK_N": gemm.NOMINAL_BLOCK_N,
         "FF_REDUCE_BLOCK": gemm.REDUCE_BLOCK,
+        "FF_ARRIVAL_TILE": gemm.ARRIVAL_TILE,
         "FF_POOL_BLOCK_P": pool.POOL_BLOCK_P,
         "FF_POOL_BLOCK_C": pool.POOL_BLOCK_C,
         "FF_LRN_TILE_ELEMS": lrn.LRN_TILE_ELEMS,

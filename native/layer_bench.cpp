@@ -7,8 +7,14 @@
 //
 //   fastfeat-layer-bench --model caffenet --batch-sizes 1,64 --precision bf16 --json out.json
 //
-// Exit status: 0 done, 1 a kernel or CUDA call failed, 2 no usable GPU here (no CUDA driver, no
-// device, wrong architecture), 64 bad command line.
+// --splitk-reduce picks how fc layers that split K sum their partials: separate (default: a second
+// launch), fused (in the GEMM launch; each (op, batch) gets its own workspace, zeroed once, as the header's
+// contract asks), or both: the table is the separate form's, and every fc op that splits K is also timed
+// fused, right after, on the same input, and the two outputs compared byte for byte (they must be
+// identical: same partials, summed in the same order). The JSON then lists those pairs under "splitk".
+//
+// Exit status: 0 done, 1 a kernel or CUDA call failed or the two split-K reduces' outputs differ, 2 no
+// usable GPU here (no CUDA driver, no device, wrong architecture), 64 bad command line.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -17,6 +23,7 @@
 #include <cstring>
 #include <ctime>
 #include <map>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
@@ -61,7 +68,7 @@ const char *kTypeOrder[] = {"conv", "fc", "pool", "norm", "relu"};
 constexpr int kExitFailed = 1, kExitNoGpu = 2, kExitUsage = 64;
 
 struct Options {
-  std::string model = "caffenet", precision = "bf16", json;
+  std::string model = "caffenet", precision = "bf16", json, splitk_reduce = "separate";
   std::vector<int> batches = {1, 64};
   int repeat = 10, warmup = 2, device = 0;
 };
@@ -70,7 +77,8 @@ struct Options {
   std::fprintf(stderr,
                "fastfeat-layer-bench: %s\n"
                "usage: fastfeat-layer-bench [--model NAME] [--batch-sizes 1,64] [--precision bf16|fp16|fp32]\n"
-               "                            [--repeat N] [--warmup N] [--device ORDINAL] [--json PATH]\n",
+               "                            [--repeat N] [--warmup N] [--device ORDINAL] [--json PATH]\n"
+               "                            [--splitk-reduce separate|fused|both]\n",
                why.c_str());
   std::exit(kExitUsage);
 }
@@ -94,6 +102,7 @@ Options parse(int argc, char **argv) {
     if (a == "--model") o.model = value();
     else if (a == "--precision") o.precision = value();
     else if (a == "--json") o.json = value();
+    else if (a == "--splitk-reduce") o.splitk_reduce = value();
     else if (a == "--repeat") o.repeat = parse_int(value(), "--repeat", 1);
     else if (a == "--warmup") o.warmup = parse_int(value(), "--warmup", 0);
     else if (a == "--device") o.device = parse_int(value(), "--device", 0);
@@ -112,6 +121,8 @@ Options parse(int argc, char **argv) {
   }
   if (o.precision != "bf16" && o.precision != "fp16" && o.precision != "fp32")
     usage("--precision must be bf16, fp16 or fp32, got '" + o.precision + "'");
+  if (o.splitk_reduce != "separate" && o.splitk_reduce != "fused" && o.splitk_reduce != "both")
+    usage("--splitk-reduce must be separate, fused or both, got '" + o.splitk_reduce + "'");
   return o;
 }
 
@@ -206,14 +217,22 @@ long long prod(const int *d, int rank) {
 // -- the network's ops as library calls ---------------------------------------------------------
 struct BoundOp {
   const OpDesc *op;
-  Buffer weight, bias, workspace;
+  Buffer weight, bias, workspace;  // workspace: the separate reduce's, for the largest batch
   int w_row_stride = 0;
+  std::map<int, Buffer> fused_workspace;  // the fused reduce's, per batch: its counters' layout follows m
 };
 
 int dtype_of(const std::string &p) { return p == "fp32" ? FASTFEAT_FP32 : p == "fp16" ? FASTFEAT_FP16 : FASTFEAT_BF16; }
 
-// Runs one op at batch n from x to y. Shapes are per image: conv-side (C, H, W), fc (F,).
-int run_op(const BoundOp &b, int dtype, int n, const void *x, void *y, CUstream stream) {
+fastfeat_gemm_desc fc_desc(const OpDesc &o, int n, int w_row_stride, int reduce) {
+  int k = static_cast<int>(prod(o.in, o.in_rank));
+  return fastfeat_gemm_desc{n, o.p[0], k, w_row_stride, w_row_stride, o.p[1], 1, 0, reduce};
+}
+
+// Runs one op at batch n from x to y (fc: with split-K reduce `reduce`). Shapes are per image:
+// conv-side (C, H, W), fc (F,).
+int run_op(const BoundOp &b, int dtype, int n, const void *x, void *y, CUstream stream,
+           int reduce = FASTFEAT_SPLITK_SEPARATE) {
   const OpDesc &o = *b.op;
   switch (o.family) {
     case FF_OP_CONV: {
@@ -231,10 +250,14 @@ int run_op(const BoundOp &b, int dtype, int n, const void *x, void *y, CUstream 
       return fastfeat_lrn(stream, dtype, &d, x, y);
     }
     default: {
-      int k = static_cast<int>(prod(o.in, o.in_rank));
-      fastfeat_gemm_desc d{n, o.p[0], k, b.w_row_stride, b.w_row_stride, o.p[1], 1, 0};
-      return fastfeat_gemm_bias_relu(stream, dtype, &d, x, b.weight.get(), b.bias.get(), y, b.workspace.get(),
-                                     b.workspace.bytes);
+      fastfeat_gemm_desc d = fc_desc(o, n, b.w_row_stride, reduce);
+      const Buffer *ws = &b.workspace;
+      if (reduce == FASTFEAT_SPLITK_FUSED) {
+        auto it = b.fused_workspace.find(n);
+        if (it == b.fused_workspace.end()) return FASTFEAT_ERR_WORKSPACE;
+        ws = &it->second;
+      }
+      return fastfeat_gemm_bias_relu(stream, dtype, &d, x, b.weight.get(), b.bias.get(), y, ws->get(), ws->bytes);
     }
   }
 }
@@ -275,11 +298,19 @@ struct LayerRecord {
   double median, p20, p80, percent, ms_per_image, gflops;  // gflops NaN = null
   std::vector<int> shape;
 };
+// --splitk-reduce both: one fc op that splits K, timed with each reduce on the same input.
+struct SplitKRecord {
+  std::string op;
+  int split_k;
+  double separate[3], fused[3];  // median, p20, p80 (ms)
+  bool bit_identical;
+};
 struct Result {
   int batch;
   double total_ms, forward_ms;
   long long total_macs;
   std::vector<LayerRecord> layers;
+  std::vector<SplitKRecord> splitk;
 };
 
 double gflops(long long macs, double ms) { return macs == 0 || ms <= 0 ? NAN : 2.0 * macs / (ms * 1e6); }
@@ -429,9 +460,59 @@ std::string to_json(const NetDesc &net, const std::vector<Result> &results, cons
          "},\n  \"repeat\": " + std::to_string(o.repeat) + ",\n  \"warmup\": " + std::to_string(o.warmup) +
          ",\n  \"timer\": \"cuda_events\",\n  \"weights\": \"random\",\n  \"torch_version\": null,\n  \"date\": " +
          jstr(date) + ",\n  \"forward_ms\": " + jnum(r.forward_ms) + ",\n  \"library\": " +
-         jstr(fastfeat_build_info()) + "\n }" + (i + 1 < results.size() ? "," : "") + "\n";
+         jstr(fastfeat_build_info()) + ",\n  \"splitk_reduce\": " + jstr(o.splitk_reduce) + ",\n  \"splitk\": [";
+    for (size_t j = 0; j < r.splitk.size(); j++) {
+      const SplitKRecord &k = r.splitk[j];
+      auto times = [](const double *t) {
+        return "{\"ms_median\": " + jnum(t[0]) + ", \"ms_p20\": " + jnum(t[1]) + ", \"ms_p80\": " + jnum(t[2]) + "}";
+      };
+      s += std::string(j ? "," : "") + "\n   {\"op\": " + jstr(k.op) + ", \"batch\": " + std::to_string(r.batch) +
+           ", \"split_k\": " + std::to_string(k.split_k) + ", \"separate\": " + times(k.separate) +
+           ", \"fused\": " + times(k.fused) + ", \"bit_identical\": " + (k.bit_identical ? "true" : "false") + "}";
+    }
+    s += std::string(r.splitk.empty() ? "" : "\n  ") + "]\n }" + (i + 1 < results.size() ? "," : "") + "\n";
   }
   return s + "]\n";
+}
+
+// -- the split-K reduces side by side (--splitk-reduce both) ----------------------------------------
+// The op's output bytes after one call with `reduce`, its output first filled with 0xFF bytes (NaN in every
+// float format), so that a launch that writes nothing cannot match.
+std::vector<unsigned char> output_of(const BoundOp &b, int dtype, int batch, const Buffer &x, const Buffer &y,
+                                     CUstream stream, int reduce, size_t bytes) {
+  check_cu(cuStreamSynchronize(stream), "cuStreamSynchronize");
+  check_cu(cuMemsetD8(y.ptr, 0xFF, bytes), "cuMemsetD8");
+  check_ff(run_op(b, dtype, batch, x.get(), y.get(), stream, reduce), std::string(b.op->name));
+  check_cu(cuStreamSynchronize(stream), "cuStreamSynchronize");
+  std::vector<unsigned char> host(bytes);
+  check_cu(cuMemcpyDtoH(host.data(), y.ptr, bytes), "cuMemcpyDtoH");
+  return host;
+}
+
+// For an fc op that splits K at `batch`: the fused form timed as the separate one was (`separate_times`),
+// and both outputs compared; nothing for an op that does not split K.
+template <class TimeOp>
+std::unique_ptr<SplitKRecord> compare_splitk(const BoundOp &b, int dtype, int batch, const Buffer &x, const Buffer &y,
+                                             CUstream stream, int arch, int sms,
+                                             const std::vector<double> &separate_times, TimeOp time_op) {
+  fastfeat_gemm_desc d = fc_desc(*b.op, batch, b.w_row_stride, FASTFEAT_SPLITK_FUSED);
+  fastfeat_plan plan;
+  check_ff(fastfeat_gemm_plan(arch, sms, dtype, &d, &plan), std::string(b.op->name) + " fused plan");
+  if (plan.split_k < 2) return nullptr;
+  auto rec = std::make_unique<SplitKRecord>();
+  rec->op = b.op->name;
+  rec->split_k = plan.split_k;
+  std::vector<double> fused_times = time_op(FASTFEAT_SPLITK_FUSED);
+  const std::vector<double> *sets[] = {&separate_times, &fused_times};
+  double *outs[] = {rec->separate, rec->fused};
+  for (int f = 0; f < 2; f++) {
+    outs[f][0] = percentile(*sets[f], 50), outs[f][1] = percentile(*sets[f], 20), outs[f][2] = percentile(*sets[f], 80);
+  }
+  size_t elem = dtype == FASTFEAT_FP32 ? 4 : 2;
+  size_t bytes = static_cast<size_t>(batch) * static_cast<size_t>(b.op->p[0]) * elem;
+  rec->bit_identical = output_of(b, dtype, batch, x, y, stream, FASTFEAT_SPLITK_SEPARATE, bytes) ==
+                       output_of(b, dtype, batch, x, y, stream, FASTFEAT_SPLITK_FUSED, bytes);
+  return rec;
 }
 
 // -- the benchmark ---------------------------------------------------------------------------------
@@ -442,6 +523,10 @@ int run(const Options &o) {
     for (const auto &n : kNetworks) names += std::string(names.empty() ? "" : ", ") + n.name;
     usage("unknown model '" + o.model + "'; choose from " + names);
   }
+  if (fastfeat_abi_version() != FASTFEAT_KERNELS_ABI_VERSION)  // a library from an older build beside this one
+    throw Failure{"libfastfeat_kernels has ABI version " + std::to_string(fastfeat_abi_version()) +
+                      ", this benchmark was built for " + std::to_string(FASTFEAT_KERNELS_ABI_VERSION) + ": rebuild",
+                  kExitFailed};
   CUresult r = ff_cuda_load();
   if (r != CUDA_SUCCESS) {
     int status = r == CUDA_ERROR_SHARED_OBJECT_INIT_FAILED ? FASTFEAT_ERR_NO_DRIVER : FASTFEAT_ERR_NO_DEVICE;
@@ -488,13 +573,19 @@ int run(const Options &o) {
       } else {
         b.w_row_stride = (op.p[0] + 15) / 16 * 16;  // pack_linear_weight's padding
         b.weight = random_buffer(static_cast<size_t>(fan_in) * b.w_row_stride, o.precision, scale, rng);
-        fastfeat_gemm_desc d{max_batch, op.p[0], static_cast<int>(fan_in), b.w_row_stride, b.w_row_stride, op.p[1], 1, 0};
         size_t ws = 0;
         for (int batch : o.batches) {
-          d.m = batch;
+          fastfeat_gemm_desc d = fc_desc(op, batch, b.w_row_stride, FASTFEAT_SPLITK_SEPARATE);
           size_t need = 0;
           check_ff(fastfeat_gemm_workspace_bytes(&d, &need), std::string(op.name) + " workspace");
           ws = std::max(ws, need);
+          if (o.splitk_reduce == "separate") continue;
+          d.split_k_reduce = FASTFEAT_SPLITK_FUSED;
+          check_ff(fastfeat_gemm_workspace_bytes(&d, &need), std::string(op.name) + " fused workspace");
+          if (!need) continue;
+          Buffer fused(need);
+          check_cu(cuMemsetD8(fused.ptr, 0, need), "cuMemsetD8");  // once: every fused launch leaves it zero
+          b.fused_workspace.emplace(batch, std::move(fused));
         }
         if (ws) b.workspace = Buffer(ws);
       }
@@ -519,26 +610,40 @@ int run(const Options &o) {
   std::map<std::string, std::string> layer_shape;
   for (const auto &l : net->layers) layer_macs[l.name] = l.macs, layer_shape[l.name] = l.shape;
 
+  // The reduce of the table and the whole forward; "both" adds the fused form beside it.
+  int reduce = o.splitk_reduce == "fused" ? FASTFEAT_SPLITK_FUSED : FASTFEAT_SPLITK_SEPARATE;
+  bool mismatch = false;
   std::vector<Result> results;
   for (int batch : o.batches) {
     std::fprintf(stderr, "profiling %s native batch %d on %s (%s, repeat %d)\n", net->name, batch, device.c_str(),
                  o.precision.c_str(), o.repeat);
-    Result res{batch, 0, 0, 0, {}};
+    Result res{batch, 0, 0, 0, {}, {}};
     for (size_t i = 0; i < ops.size(); i++) {
       const OpDesc &op = *ops[i].op;
-      auto call = [&]() {
-        check_ff(run_op(ops[i], dtype, batch, acts[i].get(), acts[i + 1].get(), stream), std::string(op.name));
+      auto time_op = [&](int form) {
+        auto call = [&]() {
+          check_ff(run_op(ops[i], dtype, batch, acts[i].get(), acts[i + 1].get(), stream, form), std::string(op.name));
+        };
+        for (int w = 0; w < o.warmup; w++) call();
+        std::vector<double> times;
+        for (int rep = 0; rep < o.repeat; rep++) {
+          // Nothing else may be queued before `start`, or its time would be charged to this op.
+          check_cu(cuStreamSynchronize(stream), "cuStreamSynchronize");
+          check_cu(cuEventRecord(start, stream), "cuEventRecord");
+          call();
+          check_cu(cuEventRecord(end, stream), "cuEventRecord");
+          times.push_back(elapsed());
+        }
+        return times;
       };
-      for (int w = 0; w < o.warmup; w++) call();
-      std::vector<double> times;
-      for (int rep = 0; rep < o.repeat; rep++) {
-        // Nothing else may be queued before `start`, or its time would be charged to this op.
-        check_cu(cuStreamSynchronize(stream), "cuStreamSynchronize");
-        check_cu(cuEventRecord(start, stream), "cuEventRecord");
-        call();
-        check_cu(cuEventRecord(end, stream), "cuEventRecord");
-        times.push_back(elapsed());
-      }
+      std::vector<double> times = time_op(reduce);
+      if (op.family == FF_OP_FC && o.splitk_reduce == "both")
+        if (auto k = compare_splitk(ops[i], dtype, batch, acts[i], acts[i + 1], stream, arch, sms, times, time_op)) {
+          mismatch = mismatch || !k->bit_identical;
+          std::printf("%s b=%d split-K %d: separate %.4f ms, fused %.4f ms (median), outputs %s\n", op.name, batch,
+                      k->split_k, k->separate[0], k->fused[0], k->bit_identical ? "bit-identical" : "DIFFER");
+          res.splitk.push_back(*k);
+        }
       LayerRecord l;
       l.name = op.name;
       l.type = op.kind;
@@ -563,7 +668,7 @@ int run(const Options &o) {
       check_cu(cuStreamSynchronize(stream), "cuStreamSynchronize");
       check_cu(cuEventRecord(start, stream), "cuEventRecord");
       for (size_t i = 0; i < ops.size(); i++)
-        check_ff(run_op(ops[i], dtype, batch, acts[i].get(), acts[i + 1].get(), stream), ops[i].op->name);
+        check_ff(run_op(ops[i], dtype, batch, acts[i].get(), acts[i + 1].get(), stream, reduce), ops[i].op->name);
       check_cu(cuEventRecord(end, stream), "cuEventRecord");
       fwd.push_back(elapsed());
     }
@@ -584,6 +689,7 @@ int run(const Options &o) {
   cuEventDestroy(start);
   cuEventDestroy(end);
   cuStreamDestroy(stream);
+  if (mismatch) throw Failure{"the fused and the separate split-K reduce gave different outputs", kExitFailed};
   return 0;
 }
 

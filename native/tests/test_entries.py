@@ -43,9 +43,12 @@ def desc_and_plan(lib, family: str, v: dict, arch: int, sm_count: int, dtype: in
                             v["STRIDE_H"], v["STRIDE_W"], v["PAD_H"], v["PAD_W"], int(v["APPLY_RELU"]),
                             int(v["HAS_BIAS"]), tf32)  # fmt: skip
         status = lib.fastfeat_conv2d_plan(arch, sm_count, dtype, d, ctypes.byref(plan))
-    elif family == "linear":
+    elif family in ("linear", "linear_fused"):
+        # A _linear_kernel launch is either half of the separate reduce's pair or a GEMM without split-K
+        # (the same entry whichever reduce recorded it); the fused kernel is the fused reduce's one launch.
+        reduce = native.SPLIT_K_REDUCE_CODES["fused" if family == "linear_fused" else "separate"]
         d = native.GemmDesc(v["M"], v["N"], v["K"], v["STRIDE_WK"], v["N_LOAD"], int(v["APPLY_RELU"]),
-                            int(v["HAS_BIAS"]), tf32)  # fmt: skip
+                            int(v["HAS_BIAS"]), tf32, reduce)  # fmt: skip
         status = lib.fastfeat_gemm_plan(arch, sm_count, dtype, d, ctypes.byref(plan))
     elif family == "pool":
         n = v["P_TOTAL"] // (v["OH"] * v["OW"])
@@ -69,6 +72,19 @@ def desc_and_plan(lib, family: str, v: dict, arch: int, sm_count: int, dtype: in
         )
         status = lib.fastfeat_lrn_plan(arch, sm_count, dtype, d, ctypes.byref(plan))
     return status, plan
+
+
+def check_fused_workspace(plan, v: dict, where: str, failures: list) -> None:
+    """The fused reduce's workspace: the launcher's fp32 partials, then its arrival counters (one int32 per
+    ARRIVAL_TILE-square tile, as many as the launcher's buffer holds at least) at a 16-byte aligned offset."""
+    from fastfeat.kernels.gemm import ARRIVAL_TILE
+
+    partials = int(v["SPLIT_K"]) * int(v["M"]) * int(v["N"]) * 4
+    counters = -(-int(v["M"]) // ARRIVAL_TILE) * -(-int(v["N"]) // ARRIVAL_TILE) * 4
+    want = (-(-partials // 16) * 16 + counters, counters)
+    if (plan.workspace_bytes, plan.counter_bytes) != want:
+        failures.append(f"{where}: fused workspace {plan.workspace_bytes} B with {plan.counter_bytes} B of counters, "
+                        f"expected {want[0]} B with {want[1]} B")  # fmt: skip
 
 
 def main() -> int:
@@ -110,12 +126,15 @@ def main() -> int:
                     failures.append(f"{where}: no entry ({native.status_string(lib, status)})")
                     continue
                 entry_index = plan.entry[0]
-                if family == "linear":
+                if family in ("linear", "linear_fused"):
                     split = int(values["SPLIT_K"])
                     if plan.split_k != split:
                         failures.append(f"{where}: library splits K {plan.split_k} ways, the launcher {split}")
-                    if (plan.num_launches == 2) != (split > 1):
+                    launches = 2 if family == "linear" and split > 1 else 1
+                    if plan.num_launches != launches:
                         failures.append(f"{where}: library plans {plan.num_launches} launches for SPLIT_K={split}")
+                    if family == "linear_fused":
+                        check_fused_workspace(plan, values, where, failures)
                     if plan.num_launches == 2:
                         pending_reduce = plan.entry[1]
             e = listing[entry_index]

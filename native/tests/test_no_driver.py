@@ -41,6 +41,11 @@ def main() -> int:
     expect("lrn", lib.fastfeat_lrn(None, BF16, lrn, FAKE, FAKE), NO_DRIVER)
     expect("gemm", lib.fastfeat_gemm_bias_relu(None, BF16, gemm, FAKE, FAKE, FAKE, FAKE, FAKE, 1 << 30), NO_DRIVER)
     expect("gemm_workspace_bytes", lib.fastfeat_gemm_workspace_bytes(gemm, ctypes.byref(size)), NO_DRIVER)
+    fused = native.GemmDesc(2, 4096, 9216, 4096, 4096, 1, 1, 0, native.SPLIT_K_REDUCE_CODES["fused"])
+    expect(
+        "gemm fused", lib.fastfeat_gemm_bias_relu(None, BF16, fused, FAKE, FAKE, FAKE, FAKE, FAKE, 1 << 30), NO_DRIVER
+    )
+    expect("gemm_workspace_bytes fused", lib.fastfeat_gemm_workspace_bytes(fused, ctypes.byref(size)), NO_DRIVER)
     expect("check_device", lib.fastfeat_check_device(ctypes.byref(arch), ctypes.byref(sms)), NO_DRIVER)
     if "/nonexistent/" not in lib.fastfeat_driver_error().decode():
         failures.append(f"driver error does not name the library tried: {lib.fastfeat_driver_error().decode()!r}")
@@ -54,6 +59,9 @@ def main() -> int:
     expect("lrn NULL desc", lib.fastfeat_lrn(None, BF16, None, FAKE, FAKE), INVALID)
     expect("gemm NULL y", lib.fastfeat_gemm_bias_relu(None, BF16, gemm, FAKE, FAKE, FAKE, None, None, 0), INVALID)
     expect("gemm_workspace_bytes NULL out", lib.fastfeat_gemm_workspace_bytes(gemm, None), INVALID)
+    bad_reduce = native.GemmDesc(2, 4096, 9216, 4096, 4096, 1, 1, 0, 7)  # neither separate (0) nor fused (1)
+    expect("gemm split_k_reduce 7", lib.fastfeat_gemm_bias_relu(None, BF16, bad_reduce, FAKE, FAKE, FAKE, FAKE, FAKE, 1 << 30), INVALID)  # fmt: skip
+    expect("gemm_workspace_bytes split_k_reduce 7", lib.fastfeat_gemm_workspace_bytes(bad_reduce, ctypes.byref(size)), INVALID)  # fmt: skip
 
     # Plans need no GPU: a shipped layer resolves, others are refused with a reason.
     plan = native.Plan()
@@ -65,6 +73,14 @@ def main() -> int:
     expect("plan inconsistent groups", lib.fastfeat_conv2d_plan(90, 132, BF16, bad, ctypes.byref(plan)), INVALID)
     tiny = native.PoolDesc(2, 2, 2, 96, 3, 3, 2, 2, 2, 2, 1, 1, 0, native.LrnParams(5, 1e-4, 0.75, 1.0))
     expect("plan pool padding > kernel/2", lib.fastfeat_maxpool_plan(90, 132, BF16, tiny, ctypes.byref(plan)), INVALID)
+    expect("plan gemm split_k_reduce 7", lib.fastfeat_gemm_plan(90, 132, BF16, bad_reduce, ctypes.byref(plan)), INVALID)  # fmt: skip
+    # fc6 at batch 2 splits K on 132 SMs: the separate reduce is a second launch, the fused one is not.
+    expect("plan gemm separate", lib.fastfeat_gemm_plan(90, 132, BF16, gemm, ctypes.byref(plan)), 0)
+    if (plan.num_launches, plan.counter_bytes) != (2, 0) or plan.split_k < 2:
+        failures.append(f"separate split-K plan: {plan.num_launches} launches, split {plan.split_k}, {plan.counter_bytes} counter bytes")  # fmt: skip
+    expect("plan gemm fused", lib.fastfeat_gemm_plan(90, 132, BF16, fused, ctypes.byref(plan)), 0)
+    if (plan.num_launches, plan.entry[1]) != (1, -1) or plan.split_k < 2 or plan.counter_bytes == 0:
+        failures.append(f"fused split-K plan: {plan.num_launches} launches, entries {list(plan.entry)}, split {plan.split_k}, {plan.counter_bytes} counter bytes")  # fmt: skip
     expect("plan gemm K=0", lib.fastfeat_gemm_plan(90, 132, BF16, native.GemmDesc(2, 16, 0, 16, 16, 0, 0, 0), ctypes.byref(plan)), INVALID)  # fmt: skip
 
     # Every status has its own readable message.
