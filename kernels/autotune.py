@@ -326,7 +326,8 @@ def prune_gemm(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     small = int(args["M_BUCKET"]) <= 32
     configs = keep_for_capability(configs, tensor_capability(args["x_ptr"]))
-    if int(args.get("SPLIT_K", 1)) > 1:
+    split_k = int(args.get("SPLIT_K", 1))
+    if split_k > 1:
         # The split-K launches (the fused reduce re-reads the partials beside the accumulator) spill in
         # every full Hopper-only tile on sm_90 (benchmarks/compile_check.py): keep them to SPLIT_K == 1.
         configs = [c for c in configs if not (is_hopper_only(c) and c.kwargs["BLOCK_M"] > 32)] or configs[:1]
@@ -336,14 +337,15 @@ def prune_gemm(configs, named_args, **kwargs):
     # Pre-Hopper (mma.sync), an output row of unaligned N (fc8: 1000) is stored element by element from
     # the accumulator fragments, and the large tiles spill at sm_80 (benchmarks/compile_check.py); the
     # budget of the scalar-load rule keeps exactly the tiles that do not.  Hopper's wgmma path does not
-    # spill there, except in the fused split-K kernel (its arrival counters are an argument): its full tiles
-    # spilled 100-400 bytes on sm_90 for fc8 at batch 256 and 2048, and the same budget keeps the clean ones.
+    # spill there, except in the fused split-K kernel: its full tiles spilled 100-400 bytes on sm_90 for
+    # fc8 at batch 256 and 2048, and the same budget keeps the clean ones. The rule follows SPLIT_K, not
+    # the kernel, so both split-K reduces run one config and give the same bits.
     x = args["x_ptr"]
     unaligned_store = (
         "N" in args
         and int(args["N"]) % ALIGN_ELEMS != 0
         and x.is_cuda
-        and ("arrivals_ptr" in args or _device_capability(_device_index(x)) < HOPPER_CAPABILITY)
+        and (split_k > 1 or _device_capability(_device_index(x)) < HOPPER_CAPABILITY)
     )
     if unaligned_loads or unaligned_store:
         configs = prune_by_registers(configs, GATHER_B_REG_BUDGET, 0.0, 1.0)
