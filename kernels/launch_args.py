@@ -71,6 +71,17 @@ def nothing(x) -> None:
     """The run of a launch with nothing to compute (an empty output)."""
 
 
+def aot_or_jit(out: torch.Tensor, aot, jit, args: tuple, consts: dict) -> Launch:
+    """The launch of a one-kernel op: the AOT library's launcher ``aot`` (None when the library is not
+    built or lacks the specialisation) where it takes the call, else ``jit(x, *args, **consts)``."""
+
+    def run(x):
+        if aot is None or not aot(x):
+            jit(x, *args, **consts)
+
+    return Launch(out, run)
+
+
 def check_row_major(name: str, t, *, cols: int) -> None:
     """Validate a 2-D operand whose rows may be padded: unit column stride, row stride >= ``cols``.
 
