@@ -270,6 +270,8 @@ def run_check(args, cache_dir: str, started: float) -> int:
         print(why)
         return aot.EXIT_UNAVAILABLE
 
+    if args.ptx_digest:  # which checkout's kernels these digests are of
+        print(f"kernel sources: {os.path.dirname(os.path.abspath(aot.__file__))}", flush=True)
     launches: dict[str, list] = {t: [] for t in args.targets}
 
     def record(model, dtype, batches, representative=False):
