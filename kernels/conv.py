@@ -49,9 +49,9 @@ from .launch_args import (
     dot_precision,
     int_pair,
     nothing,
-    on_tensor_device,
     output_buffer,
     resolve_out_dtype,
+    run_on_device,
 )
 from .sizes import conv_output_size
 from .tiles import bias_relu, conv_tile, grouped_tile, tap_range_dot
@@ -212,9 +212,7 @@ def conv2d_nhwc(
         tuple(x.shape), x.dtype, x.device, packed, bias, kernel_size=kernel_size, stride=stride, padding=padding,
         groups=groups, relu=relu, out_dtype=out_dtype, out=out, allow_tf32=allow_tf32, k_split=k_split,
     )  # fmt: skip
-    # Triton launches on the current device and stream: make that x's device (see on_tensor_device).
-    with on_tensor_device(x):
-        return launch(x)
+    return run_on_device(launch, x)
 
 
 def plan_conv2d_nhwc(

@@ -30,9 +30,9 @@ from .launch_args import (
     check_same_device,
     dot_precision,
     nothing,
-    on_tensor_device,
     output_buffer,
     resolve_out_dtype,
+    run_on_device,
 )
 from .tiles import bias_relu, grouped_tile
 
@@ -359,9 +359,7 @@ def linear(
         tuple(x.shape), x.dtype, x.device, w_packed, bias, relu=relu, out_dtype=out_dtype, out=out, split_k=split_k,
         split_k_reduce=split_k_reduce, allow_tf32=allow_tf32,
     )  # fmt: skip
-    # Triton launches on the current device and stream: make that x's device (see on_tensor_device).
-    with on_tensor_device(x):
-        return launch(x)
+    return run_on_device(launch, x)
 
 
 def plan_linear(

@@ -67,6 +67,13 @@ class Launch:
         return self.out
 
 
+def run_on_device(launch: Launch, x: torch.Tensor) -> torch.Tensor:
+    """``launch(x)`` with x's GPU as the current device: Triton launches on the current device and stream
+    (see ``on_tensor_device``). For the one-call launchers; a planned forward pass sets the device once."""
+    with on_tensor_device(x):
+        return launch(x)
+
+
 def nothing(x) -> None:
     """The run of a launch with nothing to compute (an empty output)."""
 

@@ -34,6 +34,7 @@ from .launch_args import (
     on_tensor_device,
     output_buffer,
     resolve_out_dtype,
+    run_on_device,
 )
 
 # A program holds every channel of its pixels in registers; beyond this the tile would spill.
@@ -265,8 +266,7 @@ def lrn_nhwc(
     launch = plan_lrn_nhwc(
         tuple(x.shape), x.dtype, x.device, size=size, alpha=alpha, beta=beta, k=k, out_dtype=out_dtype, out=out
     )
-    with on_tensor_device(x):  # Triton launches on the current device: make it x's
-        return launch(x)
+    return run_on_device(launch, x)
 
 
 def plan_lrn_nhwc(

@@ -25,9 +25,9 @@ from .launch_args import (
     check_kernel_tensor,
     int_pair,
     nothing,
-    on_tensor_device,
     output_buffer,
     resolve_out_dtype,
+    run_on_device,
 )
 from .lrn import LRN_NUM_WARPS, LRNParams, check_lrn_params, lrn_across_channels, lrn_tile
 from .sizes import pool_output_size
@@ -147,8 +147,7 @@ def maxpool2d_nhwc(
         tuple(x.shape), x.dtype, x.device, kernel_size=kernel_size, stride=stride, padding=padding,
         ceil_mode=ceil_mode, relu=relu, lrn=lrn, out_dtype=out_dtype, out=out,
     )  # fmt: skip
-    with on_tensor_device(x):  # Triton launches on the current device: make it x's
-        return launch(x)
+    return run_on_device(launch, x)
 
 
 def plan_maxpool2d_nhwc(
