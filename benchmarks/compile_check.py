@@ -46,6 +46,18 @@ was checked against; another version draws a warning).
     python benchmarks/compile_check.py --all-configs --jobs 2    # also the pruned configs (~6 min)
     python benchmarks/compile_check.py --dry-run            # count the compiles only
     python benchmarks/compile_check.py --kernels _linear_splitk_fused_kernel --jobs 2   # one kernel's compiles
+
+Same machine code before and after a change of the kernel sources (a refactor that should not change
+what compiles): ``--ptx-digest`` records per job the sha256 of its PTX without debug information
+(``aot.normalise_ptx``: no ``.loc``/``.file`` lines, DWARF sections or comments), ``--compare-digests
+BEFORE.json`` compares this run's digests with those of an earlier ``--ptx-digest --json`` run (jobs
+matched by kernel, target, config, signature, constexprs and attributes) and lists the jobs whose digest
+changed with their registers, spills and shared memory before and after; exit status 1 if any changed
+or a job is on one side only. ``--compare-digests A.json B.json`` compares two such files, compiling
+nothing. ``--ptx-dir DIR`` keeps each job's normalised PTX for a diff.
+
+    python benchmarks/compile_check.py --quick --jobs 2 --ptx-digest --json before.json
+    python benchmarks/compile_check.py --quick --jobs 2 --ptx-digest --json after.json --compare-digests before.json
 """
 
 from __future__ import annotations
@@ -228,7 +240,19 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="compiler processes (default 1)")
     ap.add_argument("--json", help="write every result to this path")
     ap.add_argument("--verbose", "-v", action="store_true", help="one row per specialisation, with its layers")
+    ap.add_argument("--ptx-digest", action="store_true",
+                    help="record per job the sha256 of its PTX without debug information (ptx_sha256 in the JSON)")  # fmt: skip
+    ap.add_argument("--ptx-dir", help="also write each job's normalised PTX to this folder (implies --ptx-digest)")
+    ap.add_argument("--compare-digests", nargs="+", metavar="JSON",
+                    help="BEFORE.json: compare this run's digests with it (implies --ptx-digest); "
+                         "A.json B.json: compare two files, compile nothing")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.compare_digests and len(args.compare_digests) > 2:
+        ap.error("--compare-digests takes BEFORE.json, or two files A.json B.json")
+    if args.compare_digests and len(args.compare_digests) == 2:
+        before, after = (read_jobs(path) for path in args.compare_digests)
+        return report_digests(before, after, *args.compare_digests)
+    args.ptx_digest = args.ptx_digest or bool(args.ptx_dir) or bool(args.compare_digests)
 
     started = time.perf_counter()
     # Before triton is imported: with TRITON_INTERPRET=1, @triton.jit builds interpreter functions (which
@@ -249,6 +273,8 @@ def run_check(args, cache_dir: str, started: float) -> int:
         print(why)
         return aot.EXIT_UNAVAILABLE
 
+    if args.ptx_digest:  # which checkout's kernels these digests are of
+        print(f"kernel sources: {os.path.dirname(os.path.abspath(aot.__file__))}", flush=True)
     launches: dict[str, list] = {t: [] for t in args.targets}
 
     def record(model, dtype, batches, representative=False):
@@ -274,14 +300,50 @@ def run_check(args, cache_dir: str, started: float) -> int:
             print(f"  {kernel:<22} {target}: {n}")
         return 0
 
-    aot.compile_jobs(jobs, args.jobs, cache_dir)
+    if args.ptx_dir:
+        os.makedirs(args.ptx_dir, exist_ok=True)
+    aot.compile_jobs(jobs, args.jobs, cache_dir, ptx_digest=args.ptx_digest, ptx_dir=args.ptx_dir)
     print_table(jobs, args.verbose)
     summary = aot.summarise(jobs, time.perf_counter() - started)
     print(json.dumps(summary, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(aot.to_json(jobs, summary), f, indent=1, default=str)
-    return 1 if summary["problems"] else 0
+    status = 1 if summary["problems"] else 0
+    if args.compare_digests:
+        # Compared as read back from JSON, like the earlier run's jobs (attrs keyed by argument index).
+        after = json.loads(json.dumps(aot.to_json(jobs, summary)["jobs"], default=str))
+        status = max(
+            status, report_digests(read_jobs(args.compare_digests[0]), after, args.compare_digests[0], "this run")
+        )
+    return status
+
+
+def read_jobs(path: str) -> list[dict]:
+    with open(path) as f:
+        return json.load(f)["jobs"]
+
+
+def _numbers(job: dict) -> str:
+    return f"regs {job.get('n_regs')} spill {job.get('n_spills')} smem {job.get('shared_bytes')}"
+
+
+def report_digests(before: list[dict], after: list[dict], before_name: str, after_name: str) -> int:
+    """Print which jobs' PTX digests differ between two checks; 0 when every job matches, else 1."""
+    result = aot.compare_digests(before, after)
+    print(
+        f"PTX digests, {before_name} -> {after_name}: {result['compared']} jobs compared, {result['identical']} "
+        f"identical, {len(result['changed'])} changed, {len(result['only_before'])} only before, "
+        f"{len(result['only_after'])} only after, {len(result['undigested'])} without a digest"
+    )
+    for old, new in result["changed"]:
+        print(f"  changed {old['kernel']} [{old['config']}] {old['target']}: {_numbers(old)} -> {_numbers(new)}")
+        print(f"     launches: {', '.join(old['launches'][:3])}{' ...' if len(old['launches']) > 3 else ''}")
+    for side in ("only_before", "only_after"):
+        for job in result[side]:
+            print(f"  {side.replace('_', ' ')}: {job['kernel']} [{job['config']}] {job['target']}")
+    clean = not (result["changed"] or result["only_before"] or result["only_after"] or result["undigested"])
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ The pieces, in the order a check uses them (``benchmarks/compile_check.py`` is t
   the hook keeps it at the target's real shared-memory limit), and deduplicates the compiles;
 * ``compile_jobs`` / ``compile_job``: compiles them (in worker processes), reading registers and
   spills from ptxas -v and shared memory from the compiled kernel;
-* ``assess`` / ``is_problem`` / ``summarise``: the flags and totals (see ``assess``).
+* ``assess`` / ``is_problem`` / ``summarise``: the flags and totals (see ``assess``);
+* ``normalise_ptx`` / ``compare_digests``: with ``ptx_digest=True`` each job also records the sha256 of
+  its PTX without debug information (``ptx_sha256``), so that two checks (e.g. before and after a
+  refactor of the kernel sources) can show which compiles changed their machine code.
 
 Every private Triton API is reached through ``triton_compat`` (which names the Triton versions it was
 checked against). This module imports neither triton nor torch at import time: a process that has
@@ -25,7 +28,10 @@ triton, since ``@triton.jit`` under the interpreter builds kernels that cannot b
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import importlib
+import json
 import os
 import re
 import time
@@ -131,6 +137,7 @@ __all__ = [
     "Target",
     "assess",
     "build_jobs",
+    "compare_digests",
     "compile_job",
     "compile_jobs",
     "compiler_unavailable",
@@ -138,8 +145,10 @@ __all__ = [
     "count_compiles",
     "is_problem",
     "job_dtype",
+    "job_key",
     "label",
     "merge_key",
+    "normalise_ptx",
     "prune",
     "recording",
     "select_representative",
@@ -428,13 +437,16 @@ def preflight(targets) -> str | None:
     return None
 
 
-def compile_job(job: dict) -> dict:
-    """Compile one job; returns its result fields (never raises for a compile error)."""
+def compile_job(job: dict, ptx_digest: bool = False, ptx_dir: str | None = None) -> dict:
+    """Compile one job; returns its result fields (never raises for a compile error).
+
+    ``ptx_digest``: also ``ptx_sha256``, the sha256 of ``normalise_ptx(ptx)``; ``ptx_dir``: also write that
+    normalised PTX to ``<ptx_dir>/<ptx_file_name(job)>`` (to diff the jobs whose digest changed)."""
     fn = triton_compat.jit_function(getattr(importlib.import_module(job["module"]), job["kernel"]))
     options = {"num_warps": job["num_warps"], "num_stages": job["num_stages"]}
     start = time.perf_counter()
     try:
-        shared, ptxas = triton_compat.compile_for_cuda(
+        shared, ptxas, ptx = triton_compat.compile_for_cuda(
             fn, job["signature"], job["constexprs"], job["attrs"], job["arch"], options
         )
     except Exception as e:  # noqa: BLE001 - every compiler error is a result to report
@@ -442,7 +454,7 @@ def compile_job(job: dict) -> dict:
         return {"ok": False, "error": text[:MAX_ERROR_CHARS], "reason": _reason(text), "compile_s": _since(start)}
     regs = [int(r) for r in _REGS.findall(ptxas)]
     spills = [tuple(int(v) for v in m) for m in _SPILLS.findall(ptxas)]
-    return {
+    result = {
         "ok": True,
         "n_regs": max(regs) if regs else None,
         "stack_bytes": sum(s[0] for s in spills),
@@ -452,12 +464,23 @@ def compile_job(job: dict) -> dict:
         "shared_bytes": shared,
         "compile_s": _since(start),
     }
+    if ptx_digest or ptx_dir:
+        code = normalise_ptx(ptx)
+        result["ptx_sha256"] = hashlib.sha256(code.encode()).hexdigest()
+        if ptx_dir:
+            with open(os.path.join(ptx_dir, ptx_file_name(job)), "w") as f:
+                f.write(code)
+    return result
 
 
-def compile_jobs(jobs: list[dict], processes: int, cache_dir: str) -> list[dict]:
-    """Compile every job in ``processes`` worker processes; adds the results, ``smem_limit`` and ``flags``."""
+def compile_jobs(
+    jobs: list[dict], processes: int, cache_dir: str, ptx_digest: bool = False, ptx_dir: str | None = None
+) -> list[dict]:
+    """Compile every job in ``processes`` worker processes; adds the results, ``smem_limit`` and ``flags``
+    (and ``ptx_sha256`` with ``ptx_digest``; see ``compile_job``)."""
+    work = functools.partial(compile_job, ptx_digest=ptx_digest, ptx_dir=ptx_dir)
     with ProcessPoolExecutor(max_workers=max(1, processes), initializer=worker_init, initargs=(cache_dir,)) as ex:
-        results = list(ex.map(compile_job, jobs))
+        results = list(ex.map(work, jobs))
     for job, res in zip(jobs, results, strict=True):
         job.update(res)
         job["smem_limit"] = TARGETS[job["target"]].smem_limit
@@ -554,3 +577,85 @@ def to_json(jobs: list[dict], summary: dict) -> dict:
     """The JSON document of a check: summary, targets, and every job (attrs keyed by argument index)."""
     serialisable = [{**j, "attrs": {str(k[0]): v for k, v in j["attrs"].items()}} for j in jobs]
     return {"summary": summary, "targets": {k: vars(v) for k, v in TARGETS.items()}, "jobs": serialisable}
+
+
+# -- PTX digests ---------------------------------------------------------------------------------------
+# What ``normalise_ptx`` drops, besides comments and blank lines: line-table directives, DWARF sections
+# (file paths, function and inlined-helper names, source ranges), and label definitions nothing refers to.
+_PTX_SOURCE_DIRECTIVES = (".loc", ".file")
+_PTX_DEBUG_SECTION = re.compile(r"^\s*\.section\s+\.debug_")
+_PTX_LABEL_DEFINITION = re.compile(r"^\s*(\$L__\w+):$")
+_PTX_LABEL = re.compile(r"\$L__\w+")
+
+
+def normalise_ptx(ptx: str) -> str:
+    """``ptx`` without what only encodes source positions or names, so that two compiles of the same code
+    from sources that differ in layout (a helper moved, lines added, another checkout path) compare equal.
+
+    Drops: ``//`` comments (LLVM's block and function notes), blank lines and trailing blanks, the ``.loc``
+    and ``.file`` directives, every ``.section .debug_*`` block (the DWARF data: file paths, the names of
+    the kernel and of each inlined ``@triton.jit`` helper, their address ranges), and the definitions of
+    labels that nothing left refers to (``$L__func_begin0``, ``$L__tmp3``: the marks those ranges used).
+    Kept: everything else, instructions and branch labels included, in order.
+    """
+    kept: list[str] = []
+    section = None  # inside a debug section: [seen its opening brace, brace depth]
+    for raw in ptx.splitlines():
+        line = raw.split("//", 1)[0].rstrip()
+        body = line.strip()
+        if section is not None and body:
+            if not section[0] and not body.startswith("{"):
+                section = None  # a section with no body: this line is code again
+            else:
+                section[0] = section[0] or "{" in body
+                section[1] += body.count("{") - body.count("}")
+                if section[1] <= 0:
+                    section = None
+                continue
+        if _PTX_DEBUG_SECTION.match(line):
+            depth = body.count("{") - body.count("}")
+            section = None if "{" in body and depth <= 0 else ["{" in body, depth]
+            continue
+        if not body or body.split(None, 1)[0] in _PTX_SOURCE_DIRECTIVES:
+            continue
+        kept.append(line)
+    referenced = {name for line in kept if not _PTX_LABEL_DEFINITION.match(line) for name in _PTX_LABEL.findall(line)}
+    kept = [ln for ln in kept if not (m := _PTX_LABEL_DEFINITION.match(ln)) or m.group(1) in referenced]
+    return "\n".join(kept) + "\n"
+
+
+def job_key(job: dict) -> str:
+    """What identifies a compile across two checks (of two checkouts): kernel, target, config, signature,
+    constexprs and divisibility attributes, as text (the same for a job in memory and read from JSON)."""
+    attrs = {str(k[0]) if isinstance(k, tuple) else str(k): v for k, v in job["attrs"].items()}
+    fields = [job["kernel"], job["target"], job["config"], job["num_warps"], job["num_stages"],
+              job["signature"], job["constexprs"], attrs]  # fmt: skip
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def ptx_file_name(job: dict) -> str:
+    """``<kernel>-<target>-<12 hex digits of the job key>.ptx``: one file per job in a ``ptx_dir``."""
+    return f"{job['kernel']}-{job['target']}-{hashlib.sha256(job_key(job).encode()).hexdigest()[:12]}.ptx"
+
+
+def compare_digests(before: list[dict], after: list[dict]) -> dict:
+    """Match the jobs of two checks by ``job_key`` and compare their ``ptx_sha256``.
+
+    Returns {"compared", "identical", "changed": [(before job, after job)], "only_before": [jobs],
+    "only_after": [jobs], "undigested": [job keys]}; a job without a digest on either side (failed, or
+    compiled without ``ptx_digest``) is "undigested", never "identical"."""
+    old = {job_key(j): j for j in before}
+    new = {job_key(j): j for j in after}
+    out = {"compared": 0, "identical": 0, "changed": [], "undigested": [],
+           "only_before": [old[k] for k in old if k not in new], "only_after": [new[k] for k in new if k not in old]}  # fmt: skip
+    for key in old.keys() & new.keys():
+        a, b = old[key].get("ptx_sha256"), new[key].get("ptx_sha256")
+        if a is None or b is None:
+            out["undigested"].append(key)
+            continue
+        out["compared"] += 1
+        if a == b:
+            out["identical"] += 1
+        else:
+            out["changed"].append((old[key], new[key]))
+    return out

@@ -40,21 +40,21 @@ import triton.language as tl
 
 from .autotune import batch_bucket, conv_configs, m_bucket, prune_conv, sm_count
 from .conv_splitk import conv_k_segments, segmented_run
-from .gemm import grouped_tile
-from .indexing import nhwc_window_origin
 from .launch_args import (
     Launch,
+    aot_or_jit,
     check_input,
     check_kernel_tensor,
     check_same_device,
     dot_precision,
     int_pair,
     nothing,
-    on_tensor_device,
     output_buffer,
     resolve_out_dtype,
+    run_on_device,
 )
 from .sizes import conv_output_size
+from .tiles import bias_relu, conv_tile, grouped_tile, tap_range_dot
 
 # Cin/g at or above which the tap loop is used; below it a channel slab would be mostly padding.
 TAP_LOOP_MIN_CIN = 16
@@ -115,46 +115,20 @@ def _conv2d_nhwc_kernel(
     autotune keys.
     """
     K_GEMM: tl.constexpr = KH * KW * CIN_G
-    NUM_CB: tl.constexpr = (CIN_G + BLOCK_K - 1) // BLOCK_K  # channel slabs per tap (tap loop)
     pid = tl.program_id(0)
     g = tl.program_id(1)
     pid_m, pid_n = grouped_tile(pid, tl.cdiv(M_GEMM, BLOCK_M), tl.cdiv(COUT_G, BLOCK_N), GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M_GEMM
-    n_ok = offs_n < COUT_G
-
-    # Window corners (int64 offsets; corners in the padding are masked below), then group g's channels.
-    ih0, iw0, row_base = nhwc_window_origin(offs_m, H, W, C_IN, OH, OW, STRIDE_H, STRIDE_W, PAD_H, PAD_W)
-    row_base += g * CIN_G
-
-    w_group = w_ptr + g.to(tl.int64) * COUT_G * K_GEMM
-    w_cols = offs_n * K_GEMM  # int32 is enough: the whole packed weight is far below 2^31 elements
+    offs_m, offs_n, m_ok, n_ok, ih0, iw0, row_base, w_group, w_cols = conv_tile(
+        pid_m, pid_n, g, w_ptr, H, W, C_IN, OH, OW, M_GEMM, COUT_G,
+        CIN_G, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if TAP_LOOP:
-        # One loop over (tap, channel slab) pairs rather than two nested loops: Triton software-pipelines
-        # only the innermost loop, and a nested slab loop has just 1-6 trips per tap here. The (tap, slab)
-        # split is scalar arithmetic on the loop counter, not per-element work.
-        for it in range(KH * KW * NUM_CB):
-            tap = it // NUM_CB
-            c0 = (it - tap * NUM_CB) * BLOCK_K
-            kh = tap // KW
-            kw = tap - kh * KW
-            ih = ih0 + kh
-            iw = iw0 + kw
-            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            offs_c = c0 + tl.arange(0, BLOCK_K)
-            c_ok = offs_c < CIN_G  # Cin/g need not be a multiple of BLOCK_K (e.g. 48 for conv2)
-            a_rows = row_base + (kh * W + kw) * C_IN
-            a = tl.load(x_ptr + a_rows[:, None] + offs_c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            b = tl.load(
-                w_group + w_cols[None, :] + (tap * CIN_G + offs_c)[:, None],
-                mask=c_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tap_range_dot(
+            acc, x_ptr, w_group, w_cols, row_base, ih0, iw0, m_ok, n_ok, H, W, C_IN, 0, KH * KW,
+            CIN_G, KW, DOT_PRECISION, BLOCK_K,
+        )  # fmt: skip
     else:
         # Computed transposed, acc^T = W_g x A^T, so that the gathered tile is [BLOCK_K, BLOCK_M]: with
         # no contiguous axis to coalesce, Triton spreads the threads over the last axis, the pixels, and
@@ -180,10 +154,7 @@ def _conv2d_nhwc_kernel(
         acc = tl.trans(acc_t)  # once per tile, into the epilogue's [BLOCK_M, BLOCK_N] orientation
 
     # Epilogue in fp32, one rounding to the output dtype at the very end.
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + g * COUT_G + offs_n, mask=n_ok, other=0.0)[None, :]
-    if APPLY_RELU:
-        acc = tl.maximum(acc, 0.0)
+    acc = bias_relu(acc, b_ptr + g * COUT_G + offs_n, n_ok, HAS_BIAS, APPLY_RELU)
     y_off = offs_m.to(tl.int64)[:, None] * C_OUT + (g * COUT_G + offs_n)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -241,9 +212,7 @@ def conv2d_nhwc(
         tuple(x.shape), x.dtype, x.device, packed, bias, kernel_size=kernel_size, stride=stride, padding=padding,
         groups=groups, relu=relu, out_dtype=out_dtype, out=out, allow_tf32=allow_tf32, k_split=k_split,
     )  # fmt: skip
-    # Triton launches on the current device and stream: make that x's device (see on_tensor_device).
-    with on_tensor_device(x):
-        return launch(x)
+    return run_on_device(launch, x)
 
 
 def plan_conv2d_nhwc(
@@ -335,9 +304,4 @@ def plan_conv2d_nhwc(
         relu=relu, allow_tf32=allow_tf32,
     )  # fmt: skip
     jit = _conv2d_nhwc_kernel[grid]
-
-    def run(x):
-        if aot is None or not aot(x):
-            jit(x, *args, **consts)
-
-    return Launch(out, run)
+    return aot_or_jit(out, aot, jit, args, consts)

@@ -43,8 +43,8 @@ import triton.language as tl
 
 from . import autotune
 from .autotune import conv_configs, prune_by_registers, prune_conv, sm_count
-from .gemm import arrival_counters, grouped_tile
-from .indexing import nhwc_window_origin
+from .gemm import arrival_counters
+from .tiles import bias_relu, conv_tile, grouped_tile, tap_range_dot
 
 # FASTFEAT_CONV_SPLITK=1 makes the triton backend run segmentable convs through this module's kernel;
 # 0 or unset keeps conv._conv2d_nhwc_kernel (what the AOT library ships) until a GPU measurement decides.
@@ -147,38 +147,19 @@ def _segment_partial(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """fp32 sum over taps [segment * TAPS_PER_SEGMENT, ...) of one tile: conv.py's tap loop on a tap range."""
-    NUM_CB: tl.constexpr = (CIN_G + BLOCK_K - 1) // BLOCK_K
     first_tap = segment * TAPS_PER_SEGMENT
     end_tap = tl.minimum(first_tap + TAPS_PER_SEGMENT, KH * KW)
     part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for it in range(first_tap * NUM_CB, end_tap * NUM_CB):
-        tap = it // NUM_CB
-        c0 = (it - tap * NUM_CB) * BLOCK_K
-        kh = tap // KW
-        kw = tap - kh * KW
-        ih = ih0 + kh
-        iw = iw0 + kw
-        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        offs_c = c0 + tl.arange(0, BLOCK_K)
-        c_ok = offs_c < CIN_G
-        a_rows = row_base + (kh * W + kw) * C_IN
-        a = tl.load(x_ptr + a_rows[:, None] + offs_c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(
-            w_group + w_cols[None, :] + (tap * CIN_G + offs_c)[:, None],
-            mask=c_ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )
-        part = tl.dot(a, b, part, input_precision=DOT_PRECISION)
-    return part
+    return tap_range_dot(
+        part, x_ptr, w_group, w_cols, row_base, ih0, iw0, m_ok, n_ok, H, W, C_IN, first_tap, end_tap,
+        CIN_G, KW, DOT_PRECISION, BLOCK_K,
+    )  # fmt: skip
 
 
 @triton.jit
 def _epilogue(total, b_ptr, y_ptr, channels, c_ok, y_off, y_mask, HAS_BIAS: tl.constexpr, APPLY_RELU: tl.constexpr):
     """conv.py's epilogue: fp32 bias and ReLU, one rounding to the output dtype, the store."""
-    if HAS_BIAS:
-        total += tl.load(b_ptr + channels, mask=c_ok, other=0.0)[None, :]
-    if APPLY_RELU:
-        total = tl.maximum(total, 0.0)
+    total = bias_relu(total, b_ptr + channels, c_ok, HAS_BIAS, APPLY_RELU)
     tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
@@ -238,15 +219,10 @@ def _conv2d_nhwc_segmented_kernel(
     num_pid_n = tl.cdiv(COUT_G, BLOCK_N)
     pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M_GEMM
-    n_ok = offs_n < COUT_G
-    ih0, iw0, row_base = nhwc_window_origin(offs_m, H, W, C_IN, OH, OW, STRIDE_H, STRIDE_W, PAD_H, PAD_W)
-    row_base += g * CIN_G
-    K_GEMM: tl.constexpr = KH * KW * CIN_G
-    w_group = w_ptr + g.to(tl.int64) * COUT_G * K_GEMM
-    w_cols = offs_n * K_GEMM
+    offs_m, offs_n, m_ok, n_ok, ih0, iw0, row_base, w_group, w_cols = conv_tile(
+        pid_m, pid_n, g, w_ptr, H, W, C_IN, OH, OW, M_GEMM, COUT_G,
+        CIN_G, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
     y_off = offs_m.to(tl.int64)[:, None] * C_OUT + (g * COUT_G + offs_n)[None, :]
     y_mask = m_ok[:, None] & n_ok[None, :]
 

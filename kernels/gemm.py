@@ -30,10 +30,11 @@ from .launch_args import (
     check_same_device,
     dot_precision,
     nothing,
-    on_tensor_device,
     output_buffer,
     resolve_out_dtype,
+    run_on_device,
 )
+from .tiles import bias_relu, grouped_tile
 
 # Split-K boundaries are multiples of this, a multiple of every BLOCK_K, so no slab straddles splits.
 SPLIT_K_GRANULE = 256
@@ -60,16 +61,53 @@ WEIGHT_ROW_ALIGN = ALIGN_ELEMS
 
 
 @triton.jit
-def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Map a linear program id to (pid_m, pid_n), walking GROUP_M row-tiles per column so that
-    concurrently running programs share B tiles in L2."""
-    width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    return pid_m, pid_n
+def _linear_tile(
+    x_ptr,
+    w_ptr,
+    M,
+    N,
+    K,
+    STRIDE_WK,
+    N_LOAD,
+    K_PER_SPLIT,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """The fp32 sum of this program's (BLOCK_M x BLOCK_N) output tile over its K split, as both GEMM
+    kernels form it (arguments as ``_linear_kernel``'s). Returns (acc, pid, pid_k, offs_n, n_ok, out_off,
+    out_mask): the tile, the program ids, its columns and where its [M, N] outputs go."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    n_load = offs_n < N_LOAD
+    # Row offsets in int64: M*K and K*N pass 2^31 for large batches or wide layers.
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
+
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_end
+        a = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(
+            w_ptr + offs_k.to(tl.int64)[:, None] * STRIDE_WK + offs_n[None, :],
+            mask=k_ok[:, None] & n_load[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    out_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    return acc, pid, pid_k, offs_n, n_ok, out_off, out_mask
 
 
 # Tuned configs are cached on disk (see the conv kernel); the row stride is keyed (it decides the
@@ -115,39 +153,11 @@ def _linear_kernel(
     ws_ptr: [SPLIT_K, M, N] fp32 partial sums, written only when SPLIT_K > 1.
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K). M_BUCKET is only an autotune key.
     """
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    n_load = offs_n < N_LOAD
-    # Row offsets in int64: M*K and K*N pass 2^31 for large batches or wide layers.
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
-
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_end
-        a = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(
-            w_ptr + offs_k.to(tl.int64)[:, None] * STRIDE_WK + offs_n[None, :],
-            mask=k_ok[:, None] & n_load[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-    out_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    out_mask = m_ok[:, None] & n_ok[None, :]
+    acc, pid, pid_k, offs_n, n_ok, out_off, out_mask = _linear_tile(
+        x_ptr, w_ptr, M, N, K, STRIDE_WK, N_LOAD, K_PER_SPLIT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
+    )
     if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-        if APPLY_RELU:
-            acc = tl.maximum(acc, 0.0)
+        acc = bias_relu(acc, b_ptr + offs_n, n_ok, HAS_BIAS, APPLY_RELU)
         tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + out_off, acc, mask=out_mask)
@@ -195,33 +205,9 @@ def _linear_splitk_fused_kernel(
     program finished last, and equals the separate reduce kernel's bit for bit. Bias, ReLU and the one
     downcast follow. Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K).
     """
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    n_load = offs_n < N_LOAD
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
-
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_end
-        a = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(
-            w_ptr + offs_k.to(tl.int64)[:, None] * STRIDE_WK + offs_n[None, :],
-            mask=k_ok[:, None] & n_load[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-    out_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    out_mask = m_ok[:, None] & n_ok[None, :]
+    acc, pid, pid_k, offs_n, n_ok, out_off, out_mask = _linear_tile(
+        x_ptr, w_ptr, M, N, K, STRIDE_WK, N_LOAD, K_PER_SPLIT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
+    )
     split_stride = tl.cast(M, tl.int64) * N  # tl.cast: an int argument equal to 1 arrives as a constexpr
     tl.store(ws_ptr + pid_k * split_stride + out_off, acc, mask=out_mask)
     # The counter is bumped by one thread: the CTA barrier orders every thread's partial stores before it
@@ -234,10 +220,9 @@ def _linear_splitk_fused_kernel(
         # The tile is summed REDUCE_ROWS rows at a time with offsets made afresh: the whole tile's sum and
         # its int64 offsets, live together in the accumulator's layout, spilled hundreds of bytes to 25 KB
         # per thread in every full tile (benchmarks/compile_check.py, sm_80 and sm_90).
+        pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ok = cols < N
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + cols, mask=cols_ok, other=0.0)
         for r0 in range(0, BLOCK_M, REDUCE_ROWS):
             rows = pid_m * BLOCK_M + r0 + tl.arange(0, REDUCE_ROWS)
             chunk_off = rows.to(tl.int64)[:, None] * N + cols[None, :]
@@ -245,12 +230,10 @@ def _linear_splitk_fused_kernel(
             total = tl.zeros((REDUCE_ROWS, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 # .cg: read from L2, never from a line this SM's L1 might hold from before the other stores.
-                part = tl.load(ws_ptr + s * split_stride + chunk_off, mask=chunk_mask, other=0.0, cache_modifier=".cg")
-                total += part
-            if HAS_BIAS:
-                total += bias[None, :]
-            if APPLY_RELU:
-                total = tl.maximum(total, 0.0)
+                total += tl.load(
+                    ws_ptr + s * split_stride + chunk_off, mask=chunk_mask, other=0.0, cache_modifier=".cg"
+                )
+            total = bias_relu(total, b_ptr + cols, cols_ok, HAS_BIAS, APPLY_RELU)
             tl.store(y_ptr + chunk_off, total.to(y_ptr.dtype.element_ty), mask=chunk_mask)
         tl.atomic_xchg(arrivals_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
@@ -396,9 +379,7 @@ def linear(
         tuple(x.shape), x.dtype, x.device, w_packed, bias, relu=relu, out_dtype=out_dtype, out=out, split_k=split_k,
         split_k_reduce=split_k_reduce, allow_tf32=allow_tf32,
     )  # fmt: skip
-    # Triton launches on the current device and stream: make that x's device (see on_tensor_device).
-    with on_tensor_device(x):
-        return launch(x)
+    return run_on_device(launch, x)
 
 
 def plan_linear(

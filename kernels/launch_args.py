@@ -67,8 +67,26 @@ class Launch:
         return self.out
 
 
+def run_on_device(launch: Launch, x: torch.Tensor) -> torch.Tensor:
+    """``launch(x)`` with x's GPU as the current device: Triton launches on the current device and stream
+    (see ``on_tensor_device``). For the one-call launchers; a planned forward pass sets the device once."""
+    with on_tensor_device(x):
+        return launch(x)
+
+
 def nothing(x) -> None:
     """The run of a launch with nothing to compute (an empty output)."""
+
+
+def aot_or_jit(out: torch.Tensor, aot, jit, args: tuple, consts: dict) -> Launch:
+    """The launch of a one-kernel op: the AOT library's launcher ``aot`` (None when the library is not
+    built or lacks the specialisation) where it takes the call, else ``jit(x, *args, **consts)``."""
+
+    def run(x):
+        if aot is None or not aot(x):
+            jit(x, *args, **consts)
+
+    return Launch(out, run)
 
 
 def check_row_major(name: str, t, *, cols: int) -> None:

@@ -27,12 +27,14 @@ import triton.language as tl
 
 from .launch_args import (
     Launch,
+    aot_or_jit,
     check_input,
     check_kernel_tensor,
     nothing,
     on_tensor_device,
     output_buffer,
     resolve_out_dtype,
+    run_on_device,
 )
 
 # A program holds every channel of its pixels in registers; beyond this the tile would spill.
@@ -237,6 +239,14 @@ def lrn_tile(channels: int) -> tuple[int, int]:
     return max(1, LRN_TILE_ELEMS // block_c), block_c
 
 
+def _checked_output(x_shape: tuple, dtype, device, size, alpha, beta, k, out_dtype, out) -> tuple:
+    """The LRN launchers' parameter checks and output buffer for an NHWC input: (out, pixels, channels)."""
+    n, h, w, c = x_shape
+    check_lrn_params(size, alpha, beta, k, c)
+    out = output_buffer(out, shape=tuple(x_shape), dtype=resolve_out_dtype(out_dtype, dtype), device=device)
+    return out, n * h * w, c
+
+
 def lrn_nhwc(
     x: torch.Tensor,
     *,
@@ -256,8 +266,7 @@ def lrn_nhwc(
     launch = plan_lrn_nhwc(
         tuple(x.shape), x.dtype, x.device, size=size, alpha=alpha, beta=beta, k=k, out_dtype=out_dtype, out=out
     )
-    with on_tensor_device(x):  # Triton launches on the current device: make it x's
-        return launch(x)
+    return run_on_device(launch, x)
 
 
 def plan_lrn_nhwc(
@@ -274,11 +283,7 @@ def plan_lrn_nhwc(
 ) -> Launch:
     """``lrn_nhwc`` planned for inputs of ``x_shape``/``dtype`` on ``device`` (see ``conv.plan_conv2d_nhwc``)."""
     check_input("x", x_shape, dtype, device, ndim=4)
-    n, h, w, c = x_shape
-    check_lrn_params(size, alpha, beta, k, c)
-    y_dtype = resolve_out_dtype(out_dtype, dtype)
-    out = output_buffer(out, shape=tuple(x_shape), dtype=y_dtype, device=device)
-    p_total = n * h * w
+    out, p_total, c = _checked_output(x_shape, dtype, device, size, alpha, beta, k, out_dtype, out)
     if p_total == 0 or c == 0:
         return Launch(out, nothing)
     block_p, block_c = lrn_tile(c)
@@ -289,12 +294,7 @@ def plan_lrn_nhwc(
     jit = _lrn_nhwc_kernel[(triton.cdiv(p_total, block_p),)]
     args = (out, p_total, c, float(alpha) / size, float(beta), float(k))
     consts = dict(SIZE=size, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=LRN_NUM_WARPS)
-
-    def run(x):
-        if aot is None or not aot(x):
-            jit(x, *args, **consts)
-
-    return Launch(out, run)
+    return aot_or_jit(out, aot, jit, args, consts)
 
 
 def lrn_nhwc_fitted(
@@ -310,10 +310,7 @@ def lrn_nhwc_fitted(
     """``lrn_nhwc`` (same arguments, same results within rounding) with channel blocks fitted to C and a
     channel halo (see the module docstring). JIT only: the AOT library ships ``lrn_nhwc``'s kernel."""
     check_kernel_tensor("x", x, ndim=4)
-    n, h, w, c = x.shape
-    check_lrn_params(size, alpha, beta, k, c)
-    out = output_buffer(out, shape=tuple(x.shape), dtype=resolve_out_dtype(out_dtype, x.dtype), device=x.device)
-    p_total = n * h * w
+    out, p_total, c = _checked_output(tuple(x.shape), x.dtype, x.device, size, alpha, beta, k, out_dtype, out)
     if p_total == 0 or c == 0:
         return out
     block_c = fitted_channel_block(c)

@@ -20,13 +20,14 @@ import triton.language as tl
 from .indexing import nhwc_window_origin
 from .launch_args import (
     Launch,
+    aot_or_jit,
     check_input,
     check_kernel_tensor,
     int_pair,
     nothing,
-    on_tensor_device,
     output_buffer,
     resolve_out_dtype,
+    run_on_device,
 )
 from .lrn import LRN_NUM_WARPS, LRNParams, check_lrn_params, lrn_across_channels, lrn_tile
 from .sizes import pool_output_size
@@ -98,6 +99,29 @@ def _maxpool_nhwc_kernel(
     tl.store(y_ptr + y_off, best.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
 
 
+def checked_pool_args(x_shape: tuple, kernel_size, stride, padding, ceil_mode: bool, lrn) -> tuple:
+    """The max-pool launchers' argument checks for an NHWC input of ``x_shape``: (kh, kw, sh, sw, ph, pw,
+    oh, ow, lrn) with ``lrn`` as ``LRNParams`` or None; ValueError for what the kernels do not take."""
+    kh, kw = int_pair("kernel_size", kernel_size)
+    sh, sw = int_pair("stride", stride)
+    ph, pw = int_pair("padding", padding)
+    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"invalid geometry kernel_size={kernel_size} stride={stride} padding={padding}")
+    if 2 * ph > kh or 2 * pw > kw:
+        raise ValueError(f"padding {padding} must be at most half the kernel {kernel_size}")
+    _, h, w, c = x_shape
+    if lrn is not None:
+        if not isinstance(lrn, (tuple, list)) or len(lrn) != 4:
+            raise ValueError(f"lrn must be LRNParams(size, alpha, beta, k) or None, got {lrn!r}")
+        lrn = LRNParams(*lrn)
+        check_lrn_params(lrn.size, lrn.alpha, lrn.beta, lrn.k, c)
+    oh = pool_output_size(h, kh, sh, ph, ceil_mode)
+    ow = pool_output_size(w, kw, sw, pw, ceil_mode)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"input {h}x{w} is too small for a {kh}x{kw} pool with padding {padding}")
+    return kh, kw, sh, sw, ph, pw, oh, ow, lrn
+
+
 def maxpool2d_nhwc(
     x: torch.Tensor,
     *,
@@ -123,8 +147,7 @@ def maxpool2d_nhwc(
         tuple(x.shape), x.dtype, x.device, kernel_size=kernel_size, stride=stride, padding=padding,
         ceil_mode=ceil_mode, relu=relu, lrn=lrn, out_dtype=out_dtype, out=out,
     )  # fmt: skip
-    with on_tensor_device(x):  # Triton launches on the current device: make it x's
-        return launch(x)
+    return run_on_device(launch, x)
 
 
 def plan_maxpool2d_nhwc(
@@ -144,23 +167,8 @@ def plan_maxpool2d_nhwc(
     """``maxpool2d_nhwc`` planned for inputs of ``x_shape``/``dtype`` on ``device`` (checks, output, grid,
     arguments and the AOT descriptor made once; see ``conv.plan_conv2d_nhwc``)."""
     check_input("x", x_shape, dtype, device, ndim=4)
-    kh, kw = int_pair("kernel_size", kernel_size)
-    sh, sw = int_pair("stride", stride)
-    ph, pw = int_pair("padding", padding)
-    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
-        raise ValueError(f"invalid geometry kernel_size={kernel_size} stride={stride} padding={padding}")
-    if 2 * ph > kh or 2 * pw > kw:
-        raise ValueError(f"padding {padding} must be at most half the kernel {kernel_size}")
     n, h, w, c = x_shape
-    if lrn is not None:
-        if not isinstance(lrn, (tuple, list)) or len(lrn) != 4:
-            raise ValueError(f"lrn must be LRNParams(size, alpha, beta, k) or None, got {lrn!r}")
-        lrn = LRNParams(*lrn)
-        check_lrn_params(lrn.size, lrn.alpha, lrn.beta, lrn.k, c)
-    oh = pool_output_size(h, kh, sh, ph, ceil_mode)
-    ow = pool_output_size(w, kw, sw, pw, ceil_mode)
-    if oh < 1 or ow < 1:
-        raise ValueError(f"input {h}x{w} is too small for a {kh}x{kw} pool with padding {padding}")
+    kh, kw, sh, sw, ph, pw, oh, ow, lrn = checked_pool_args(x_shape, kernel_size, stride, padding, ceil_mode, lrn)
     y_dtype = resolve_out_dtype(out_dtype, dtype)
     out = output_buffer(out, shape=(n, oh, ow, c), dtype=y_dtype, device=device)
     p_total = n * oh * ow
@@ -185,9 +193,4 @@ def plan_maxpool2d_nhwc(
         KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw, PAD_H=ph, PAD_W=pw, APPLY_RELU=bool(relu), FUSE_LRN=lrn is not None,
         LRN_SIZE=params.size, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=LRN_NUM_WARPS,
     )  # fmt: skip
-
-    def run(x):
-        if aot is None or not aot(x):
-            jit(x, *args, **consts)
-
-    return Launch(out, run)
+    return aot_or_jit(out, aot, jit, args, consts)

@@ -27,11 +27,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .launch_args import check_kernel_tensor, int_pair, on_tensor_device, output_buffer, resolve_out_dtype
+from .launch_args import check_kernel_tensor, on_tensor_device, output_buffer, resolve_out_dtype
 from .lrn import (
     LRN_NUM_WARPS,
     LRNParams,
-    check_lrn_params,
     fitted_channel_block,
     lrn_add_halo,
     lrn_block_window_sums,
@@ -39,7 +38,7 @@ from .lrn import (
     lrn_needs_halo,
     lrn_scale,
 )
-from .sizes import pool_output_size
+from .pool import checked_pool_args
 
 # Output rows per program: long enough that the carried row saves most of the shared loads, short enough
 # that a batch-1 pool still has a few hundred programs (conv1's 27 output rows: 4 strips).
@@ -197,23 +196,10 @@ def maxpool2d_nhwc_rows(
     ``lrn_halo``: with the LRN fused, fitted channel blocks plus a channel halo (True) or one block of
     next_pow2(C) channels per pixel (False); without the LRN both are the same launch."""
     check_kernel_tensor("x", x, ndim=4)
-    kh, kw = int_pair("kernel_size", kernel_size)
-    sh, sw = int_pair("stride", stride)
-    ph, pw = int_pair("padding", padding)
-    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
-        raise ValueError(f"invalid geometry kernel_size={kernel_size} stride={stride} padding={padding}")
-    if 2 * ph > kh or 2 * pw > kw:
-        raise ValueError(f"padding {padding} must be at most half the kernel {kernel_size}")
     n, h, w, c = x.shape
-    if lrn is not None:
-        if not isinstance(lrn, (tuple, list)) or len(lrn) != 4:
-            raise ValueError(f"lrn must be LRNParams(size, alpha, beta, k) or None, got {lrn!r}")
-        lrn = LRNParams(*lrn)
-        check_lrn_params(lrn.size, lrn.alpha, lrn.beta, lrn.k, c)
-    oh = pool_output_size(h, kh, sh, ph, ceil_mode)
-    ow = pool_output_size(w, kw, sw, pw, ceil_mode)
-    if oh < 1 or ow < 1:
-        raise ValueError(f"input {h}x{w} is too small for a {kh}x{kw} pool with padding {padding}")
+    kh, kw, sh, sw, ph, pw, oh, ow, lrn = checked_pool_args(
+        tuple(x.shape), kernel_size, stride, padding, ceil_mode, lrn
+    )
     out = output_buffer(out, shape=(n, oh, ow, c), dtype=resolve_out_dtype(out_dtype, x.dtype), device=x.device)
     if n * oh * ow == 0 or c == 0:
         return out

@@ -17,7 +17,7 @@ used here are:
   ``num_stages``);
 * ``triton.compiler.ASTSource(fn, signature, constexprs, attrs)``,
   ``triton.backends.compiler.GPUTarget("cuda", arch, warp_size)``, ``triton.compile(src, target=,
-  options=)`` and the compiled kernel's ``metadata.shared``;
+  options=)`` and the compiled kernel's ``metadata.shared`` and ``asm["ptx"]``;
 * ``triton.knobs``: ``cache.dir``, ``nvidia.dump_ptxas_log`` (ptxas -v output printed to stdout),
   ``compilation.always_compile``;
 * the defaults of ``triton.backends.nvidia.compiler.CUDAOptions`` (``DEFAULT_NUM_WARPS``,
@@ -174,8 +174,9 @@ def configure_compiler(cache_dir: str) -> None:
 
 def compile_for_cuda(
     fn, signature: dict, constexprs: dict, attrs: dict, arch: int, options: dict[str, Any] | None = None
-) -> tuple[int, str]:
-    """Compile ``fn`` for ``sm_<arch>`` with triton's bundled ptxas; (shared memory bytes, captured stdout).
+) -> tuple[int, str, str]:
+    """Compile ``fn`` for ``sm_<arch>`` with triton's bundled ptxas; (shared memory bytes, captured stdout,
+    the PTX text).
 
     The captured stdout holds the ptxas -v report once ``configure_compiler`` ran (and, when ptxas
     fails, the PTX it printed). Compiler errors propagate.
@@ -188,7 +189,7 @@ def compile_for_cuda(
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, CUDA_WARP_SIZE), options=options)
-    return int(compiled.metadata.shared), log.getvalue()
+    return int(compiled.metadata.shared), log.getvalue(), compiled.asm["ptx"]
 
 
 # -- ahead-of-time C sources (the native library, native/generate.py) -------------------------------
