@@ -49,8 +49,11 @@ NOMINAL_BLOCK_N = 128
 # Elements per program in the split-K reduction (a pure streaming kernel).
 REDUCE_BLOCK = 1024
 # Rows the fused split-K kernel's last arrival sums at a time: 16 x BLOCK_N <= 4096 fp32 values, at most 32
-# per thread at 4 warps, next to the offsets; it divides every BLOCK_M (16, 32, ..., 256).
+# per thread at 4 warps for each split's load; it divides every BLOCK_M (16, 32, ..., 256). The unrolled sum
+# keeps several splits' loads in flight, so above REDUCE_ROWS_MAX_SPLITS splits half as many rows: 16 rows
+# spilled at 11 splits (128 x 128 tile, sm_90), 8 rows at every split count spilled on sm_80 (128 x 128 x 64).
 REDUCE_ROWS = tl.constexpr(16)
+REDUCE_ROWS_MAX_SPLITS = tl.constexpr(8)
 # The fused reduce's arrival counters are sized for tiles of ARRIVAL_TILE x ARRIVAL_TILE, the smallest
 # BLOCK_M and BLOCK_N of any config, so one count covers whichever config runs (the AOT library sizes the
 # counters in its workspace the same way; native/generate.py checks that no compiled tile is smaller).
@@ -217,7 +220,7 @@ def _linear_splitk_fused_kernel(
     # arrival counts, and the last arrival acquires every other program's partial before reading it.
     arrived_before = tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel", scope="gpu")
     if arrived_before == SPLIT_K - 1:
-        # The tile is summed REDUCE_ROWS rows at a time with offsets made afresh: the whole tile's sum and
+        # The tile is summed ROWS rows at a time with offsets made afresh: the whole tile's sum and
         # its int64 offsets, live together in the accumulator's layout, spilled hundreds of bytes to 25 KB
         # per thread in every full tile (benchmarks/compile_check.py, sm_80 and sm_90).
         pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -227,11 +230,12 @@ def _linear_splitk_fused_kernel(
         # sm_80 (fc8, 64 x 128 tile), this 16.
         if HAS_BIAS:
             bias = tl.load(b_ptr + cols, mask=cols_ok, other=0.0)
-        for r0 in range(0, BLOCK_M, REDUCE_ROWS):
-            rows = pid_m * BLOCK_M + r0 + tl.arange(0, REDUCE_ROWS)
+        ROWS: tl.constexpr = REDUCE_ROWS if SPLIT_K <= REDUCE_ROWS_MAX_SPLITS else REDUCE_ROWS // 2
+        for r0 in range(0, BLOCK_M, ROWS):
+            rows = pid_m * BLOCK_M + r0 + tl.arange(0, ROWS)
             chunk_off = rows.to(tl.int64)[:, None] * N + cols[None, :]
             chunk_mask = (rows < M)[:, None] & cols_ok[None, :]
-            total = tl.zeros((REDUCE_ROWS, BLOCK_N), dtype=tl.float32)
+            total = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 # .cg: read from L2, never from a line this SM's L1 might hold from before the other stores.
                 total += tl.load(

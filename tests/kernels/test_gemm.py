@@ -272,23 +272,24 @@ def test_fused_split_k_matches_reference_and_separate_reduce(m, k, n, split_k, d
     assert not arrival_counters(device, 1).any()
 
 
-def test_fused_split_k_sums_a_tall_tile_in_row_chunks(device, nan_like, assert_close, monkeypatch):
-    """A tile taller than gemm.REDUCE_ROWS is summed chunk by chunk (the interpreter's own config is 16 rows
-    tall, one chunk): 64-row tiles, 37 rows (a short last chunk), the same bits as the two-launch reduce."""
+@pytest.mark.parametrize("split_k", [3, 9])
+def test_fused_split_k_sums_a_tall_tile_in_row_chunks(split_k, device, nan_like, assert_close, monkeypatch):
+    """A tile is summed in row chunks (gemm.REDUCE_ROWS rows; half as many above REDUCE_ROWS_MAX_SPLITS
+    splits): 64-row tiles, 37 rows (a short chunk, then empty ones), the same bits as the two-launch reduce."""
     from fastfeat.kernels import gemm
 
     tall = [autotune._cfg(64, 32, 32, stages=1, warps=4)]
     for kernel in (gemm._linear_splitk_fused_kernel, gemm._linear_kernel):  # the same partials in both paths
         monkeypatch.setattr(kernel, "configs", tall)
     dtype = DTYPES[0]
-    x, w, b = _inputs(37, 600, 45, dtype, device, seed=7)
+    x, w, b = _inputs(37, 2300, 45, dtype, device, seed=7)  # 9 splits of 256 (gemm.SPLIT_K_GRANULE)
     packed = pack_linear_weight(w)
     fused = nan_like((37, 45), dtype, device)
-    linear(x, packed, b, True, out=fused, split_k=3, split_k_reduce="fused")
+    linear(x, packed, b, True, out=fused, split_k=split_k, split_k_reduce="fused")
     assert not torch.isnan(fused).any(), "some rows of a tile were never summed"
     assert_close(fused, _reference(x, w, b, True), TOLERANCES[dtype])
     separate = nan_like((37, 45), dtype, device)
-    linear(x, packed, b, True, out=separate, split_k=3, split_k_reduce="separate")
+    linear(x, packed, b, True, out=separate, split_k=split_k, split_k_reduce="separate")
     assert torch.equal(fused, separate)
 
 
