@@ -23,3 +23,28 @@ def entries() -> dict:
         sys.exit(f"FASTFEAT_NATIVE_ENTRIES={path!r} is not a file: run through ctest (CMakeLists.txt sets it)")
     with open(path) as f:
         return json.load(f)
+
+
+def open_on_gpu(arch=None, sms=None):
+    """``(device, library)`` for a GPU test: the built library made the triton backend's (ENV_LIB), loaded
+    in a current CUDA context, its device check passed (``arch``/``sms``: optional ``ctypes.c_int`` the
+    check fills). None, after printing why, where there is no CUDA GPU or the library refuses it."""
+    import ctypes
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA GPU")
+        return None
+    from fastfeat.kernels import native
+
+    os.environ[native.ENV_LIB] = library_path()
+    dev = torch.device("cuda")
+    torch.zeros(1, device=dev)  # a current context for the library
+    lib = native.load(library_path())
+    refs = [ctypes.byref(v) if v is not None else None for v in (arch, sms)]
+    status = lib.fastfeat_check_device(*refs)
+    if status != native.OK:
+        print(f"skipped: {native.status_string(lib, status)}")
+        return None
+    return dev, lib

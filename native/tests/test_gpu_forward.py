@@ -9,7 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import EXIT_SKIP, library_path  # noqa: E402
+from _common import EXIT_SKIP, open_on_gpu  # noqa: E402
 
 os.environ.pop("TRITON_INTERPRET", None)
 # Relative L2 error per tap allowed against torch (benchmarks/gpu_check.py TOLERANCES).
@@ -19,23 +19,16 @@ TOLERANCES = {"fp32": 1e-5, "fp16": 3e-3, "bf16": 2e-2}
 def main() -> int:
     import torch
 
-    if not torch.cuda.is_available():
-        print("skipped: no CUDA GPU")
-        return EXIT_SKIP
     from fastfeat.backends import make_backend
     from fastfeat.kernels import native
     from fastfeat.models import get_model, list_models
     from fastfeat.runtime import PRECISIONS
     from fastfeat.weights import load_weights
 
-    os.environ[native.ENV_LIB] = library_path()
-    dev = torch.device("cuda")
-    torch.zeros(1, device=dev)
-    lib = native.load(library_path())
-    status = lib.fastfeat_check_device(None, None)
-    if status != native.OK:
-        print(f"skipped: {native.status_string(lib, status)}")
+    opened = open_on_gpu()
+    if opened is None:
         return EXIT_SKIP
+    dev, lib = opened
     failures = []
     for model in list_models():
         spec = get_model(model)

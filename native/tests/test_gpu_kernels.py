@@ -17,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import EXIT_SKIP, library_path  # noqa: E402
+from _common import EXIT_SKIP, open_on_gpu  # noqa: E402
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["FASTFEAT_AUTOTUNE"] = "0"  # the JIT side runs the build's config
@@ -26,23 +26,16 @@ os.environ["FASTFEAT_AUTOTUNE"] = "0"  # the JIT side runs the build's config
 def main() -> int:
     import torch
 
-    if not torch.cuda.is_available():
-        print("skipped: no CUDA GPU")
-        return EXIT_SKIP
     from fastfeat.backends.triton_backend import TritonNet
     from fastfeat.kernels import native
     from fastfeat.models import get_model
     from fastfeat.runtime import PRECISIONS
     from fastfeat.weights import load_weights
 
-    os.environ[native.ENV_LIB] = library_path()
-    dev = torch.device("cuda")
-    torch.zeros(1, device=dev)  # a current context for the library
-    lib = native.load(library_path())
-    status = lib.fastfeat_check_device(None, None)
-    if status != native.OK:
-        print(f"skipped: {native.status_string(lib, status)}")
+    opened = open_on_gpu()
+    if opened is None:
         return EXIT_SKIP
+    dev, lib = opened
     cases = os.environ.get("FASTFEAT_NATIVE_GPU_CASES", "caffenet:bf16,fp16,fp32;alexnet:bf16;vgg16:bf16")
     failures, checked = [], 0
     for case in cases.split(";"):

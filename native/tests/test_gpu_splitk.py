@@ -21,7 +21,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import EXIT_SKIP, library_path  # noqa: E402
+from _common import EXIT_SKIP, open_on_gpu  # noqa: E402
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["FASTFEAT_AUTOTUNE"] = "0"  # the JIT side runs the build's config
@@ -36,22 +36,15 @@ ERR_WORKSPACE = 9
 def main() -> int:
     import torch
 
-    if not torch.cuda.is_available():
-        print("skipped: no CUDA GPU")
-        return EXIT_SKIP
     from fastfeat.kernels import gemm, native
     from fastfeat.models import get_model, list_models
     from fastfeat.runtime import PRECISIONS as DTYPES
 
-    os.environ[native.ENV_LIB] = library_path()
-    dev = torch.device("cuda")
-    torch.zeros(1, device=dev)  # a current context for the library
-    lib = native.load(library_path())
     arch, sms = ctypes.c_int(0), ctypes.c_int(0)
-    status = lib.fastfeat_check_device(ctypes.byref(arch), ctypes.byref(sms))
-    if status != native.OK:
-        print(f"skipped: {native.status_string(lib, status)}")
+    opened = open_on_gpu(arch, sms)
+    if opened is None:
         return EXIT_SKIP
+    dev, lib = opened
     stream = ctypes.c_void_p(torch.cuda.current_stream(dev).cuda_stream)
     codes = {"float32": 0, "float16": 1, "bfloat16": 2}
     failures: list[str] = []
