@@ -28,6 +28,11 @@ FLAGS = ["--model", "caffenet", "--weights", "random:4", "--layers", "relu7", "-
 KW = dict(model="caffenet", weights="random:4", layers="relu7", batch_size=2, shard_size=3, progress=False)
 RUN_FILES = ["errors.parquet", "items-00000.arrow", "manifest.json", "summary.json"]
 WAIT_S = 300  # bound on every hold and process below
+# ``python -m fastfeat ARGS`` with Python's default SIGINT handler installed first.
+SIGINT_DEFAULT = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from fastfeat.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def _nth(n: int, match):
@@ -98,9 +103,12 @@ def test_killed_upload_then_resume_equals_a_clean_run_and_leaves_no_stray_object
     prefix = s3_endpoint.prefix()
     out = s3_endpoint.uri(prefix, "out")
     cmd = [sys.executable, "-m", "fastfeat", "extract", dataset, "--out", out, *FLAGS, "--no-progress"]
+    # Ctrl-C as a terminal delivers it: Python's own SIGINT handler in the child, whatever disposition the
+    # test process would hand down (a child started while SIGINT is ignored ignores it too).
+    interruptible = [sys.executable, "-c", SIGINT_DEFAULT, *cmd[3:]]
     with s3_endpoint.faults() as proxy:
         hold = proxy.hold(POINTS[point]())
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(interruptible, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             assert hold.reached.wait(WAIT_S), f"never reached: {point}"
             proc.send_signal(signum)
